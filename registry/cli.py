@@ -1,0 +1,187 @@
+"""The `registry` command line: one subcommand per pipeline stage, errors as one clear line."""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import __version__
+from .errors import RecipeError, RegistryError, UsageError
+
+app = typer.Typer(
+    name="registry",
+    help="Turn declarative merge recipes into published, documented, smoke-tested models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class Format(str, enum.Enum):
+    text = "text"
+    json = "json"
+
+
+FormatOption = Annotated[Format, typer.Option("--format", help="text for people, json for machines and CI.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"registry {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = None,
+) -> None:
+    """Turn declarative merge recipes into published, documented, smoke-tested models."""
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def emit_json(data: Any) -> None:
+    """Print `data` as JSON on stdout (the --format json contract)."""
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def recipe_files(paths: list[Path]) -> list[Path]:
+    """The recipe files named by `paths`: files as given, folders searched for *.yaml/*.yml."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not found:
+                raise UsageError(f"no recipes (*.yaml, *.yml) under {path}")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UsageError(f"{path}: no such file or directory")
+    return files
+
+
+@app.command()
+def validate(
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Recipe files or folders [default: recipes/].")] = None,
+    format: FormatOption = Format.text,
+) -> None:
+    """Check recipes statically: no network, no torch, no merge."""
+    from .recipe import load_recipe
+
+    results = []
+    for file in recipe_files(paths or [Path("recipes")]):
+        try:
+            recipe = load_recipe(file)
+        except RecipeError as exc:
+            results.append({"file": str(file), "valid": False, "problems": [p.to_dict() for p in exc.problems]})
+        else:
+            results.append({"file": str(file), "valid": True, "repo_id": recipe.repo_id, "sha256": recipe.sha256, "problems": []})
+    invalid = [r for r in results if not r["valid"]]
+    if format is Format.json:
+        emit_json({"valid": not invalid, "recipes": results})
+    else:
+        out = _console()
+        for result in results:
+            if result["valid"]:
+                out.print(f"[green]ok[/green]    {result['file']}  ({result['repo_id']})")
+            for p in result["problems"]:
+                out.print(f"[red]error[/red] {p['file']}:{p['line']}:{p['col']}: {p['loc'] + ': ' if p['loc'] else ''}{p['message']}", markup=True)
+        total = len(results)
+        if invalid:
+            out.print(f"{len(invalid)} of {total} recipe{'s' if total != 1 else ''} invalid")
+        else:
+            out.print(f"{total} recipe{'s' if total != 1 else ''} valid")
+    if invalid:
+        raise typer.Exit(1)
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe JSON Schema, for editors to complete and check recipes."""
+    from .recipe import json_schema
+
+    emit_json(json_schema())
+
+
+@app.command()
+def plugins(format: FormatOption = Format.text) -> None:
+    """List the loaded plugins, built-ins included, and the hooks each implements."""
+    from .plugins import list_plugins
+
+    found = list_plugins()
+    if format is Format.json:
+        emit_json(found)
+        return
+    from rich.table import Table
+
+    table = Table("plugin", "package", "version", "hooks")
+    for plugin in found:
+        table.add_row(plugin["name"], plugin["package"], plugin["version"], ", ".join(plugin["hooks"]))
+    _console().print(table)
+
+
+def _report(exc: RegistryError) -> None:
+    err = _console(stderr=True)
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    for line in lines:
+        err.print(f"[bold red]error:[/bold red] {line}", markup=True, highlight=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `registry` console script."""
+    import click
+
+    debug = os.environ.get("REGISTRY_DEBUG") == "1"
+    try:
+        from .plugins import get_plugin_manager
+
+        if _wants_plugin_commands(argv):
+            get_plugin_manager().hook.register_commands(cli=app)
+        result = app(args=argv, prog_name="registry", standalone_mode=False)
+    except RegistryError as exc:
+        if debug:
+            raise
+        _report(exc)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        _report(RegistryError(f"internal error: {type(exc).__name__}: {exc}", "set REGISTRY_DEBUG=1 for the traceback"))
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _wants_plugin_commands(argv: list[str] | None) -> bool:
+    """Plugins can add commands; loading them costs start-up time, so only when one may be asked for."""
+    args = sys.argv[1:] if argv is None else argv
+    command = next((a for a in args if not a.startswith("-")), None)
+    return command is None or command not in {c.name or c.callback.__name__ for c in app.registered_commands}

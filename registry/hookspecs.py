@@ -1,0 +1,33 @@
+"""The hooks plugins implement; built-in targets and checks register through the same ones."""
+
+from __future__ import annotations
+
+from pluggy import HookimplMarker, HookspecMarker
+
+hookspec = HookspecMarker("registry")
+hookimpl = HookimplMarker("registry")
+
+
+@hookspec
+def register_targets(register):
+    """Register publish targets: call register(TargetClass) for each one."""
+
+
+@hookspec
+def register_smoke_checks(register):
+    """Register smoke checks: call register(check) for each one."""
+
+
+@hookspec
+def register_template_dirs():
+    """Return folders of card and catalog templates that override the packaged defaults."""
+
+
+@hookspec
+def card_sections(recipe, result):
+    """Return extra Markdown sections (a list of (title, markdown) pairs) for a model card."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add subcommands to the registry command line (a typer.Typer)."""

@@ -1,0 +1,91 @@
+"""The plugin manager: built-ins and installed plugins (entry-point group `registry`) alike."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import RegistryError
+
+ENTRY_POINT_GROUP = "registry"
+DEFAULT_PLUGINS = ("registry.publish.local", "registry.publish.hf")
+# Targets provided by packages we know of, so an unknown target can say what to install.
+KNOWN_PROVIDERS = {"mlflow": "registry-mlflow"}
+
+_pm: pluggy.PluginManager | None = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with built-ins and installed plugins loaded once."""
+    global _pm
+    if _pm is None:
+        pm = pluggy.PluginManager("registry")
+        pm.add_hookspecs(hookspecs)
+        # REGISTRY_LOAD_PLUGINS="" loads no installed plugin; "a,b" loads only those distributions.
+        only = os.environ.get("REGISTRY_LOAD_PLUGINS")
+        if only is None:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        else:
+            _load_some(pm, {name.strip() for name in only.split(",") if name.strip()})
+        for name in DEFAULT_PLUGINS:
+            pm.register(importlib.import_module(name), name=name)
+        _pm = pm
+    return _pm
+
+
+def _load_some(pm: pluggy.PluginManager, names: set[str]) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.dist is not None and ep.dist.name in names:
+            pm.register(ep.load(), name=ep.name)
+
+
+def get_targets() -> dict[str, Any]:
+    """Publish targets by name, from every plugin; a name registered twice is an error."""
+    targets: dict[str, Any] = {}
+
+    def register(target: Any) -> None:
+        if target.name in targets:
+            raise RegistryError(f"publish target '{target.name}' is registered twice")
+        targets[target.name] = target
+
+    get_plugin_manager().hook.register_targets(register=register)
+    return targets
+
+
+def missing_target_message(name: str, available: list[str]) -> str:
+    """One line saying a target is unknown, what provides it, or what exists instead."""
+    if name in KNOWN_PROVIDERS:
+        return f"unknown publish target '{name}': it is provided by the plugin package '{KNOWN_PROVIDERS[name]}' (pip install {KNOWN_PROVIDERS[name]})"
+    from .recipe import suggest
+
+    hint = suggest(name, available)
+    near = f" (did you mean '{hint}'?)" if hint else ""
+    return f"unknown publish target '{name}'{near}; available: {', '.join(sorted(available))}"
+
+
+def list_plugins() -> list[dict[str, Any]]:
+    """Every loaded plugin with the hooks it implements and the version of its distribution."""
+    pm = get_plugin_manager()
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    out = []
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin) or repr(plugin)
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        dist = dists.get(id(plugin))
+        entry = {"name": name, "hooks": hooks}
+        if dist is not None:
+            entry["package"] = dist.project_name
+            entry["version"] = dist.version
+        else:
+            from . import __version__
+
+            entry["package"] = "registry (built-in)"
+            entry["version"] = __version__
+        out.append(entry)
+    return sorted(out, key=lambda e: (e["package"] != "registry (built-in)", e["name"]))
