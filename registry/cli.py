@@ -147,28 +147,19 @@ def _report(exc: RegistryError) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `registry` console script."""
-    import click
-
     debug = os.environ.get("REGISTRY_DEBUG") == "1"
     try:
-        from .plugins import get_plugin_manager
-
         if _wants_plugin_commands(argv):
+            from .plugins import get_plugin_manager
+
             get_plugin_manager().hook.register_commands(cli=app)
-        result = app(args=argv, prog_name="registry", standalone_mode=False)
+        # Typer reports usage errors itself (exit 2); everything else reaches the handlers below.
+        app(args=argv, prog_name="registry")
     except RegistryError as exc:
         if debug:
             raise
         _report(exc)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        print("Aborted.", file=sys.stderr)
-        sys.exit(1)
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         sys.exit(130)
@@ -177,7 +168,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _report(RegistryError(f"internal error: {type(exc).__name__}: {exc}", "set REGISTRY_DEBUG=1 for the traceback"))
         sys.exit(1)
-    sys.exit(result if isinstance(result, int) else 0)
 
 
 def _wants_plugin_commands(argv: list[str] | None) -> bool:

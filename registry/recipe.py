@@ -350,8 +350,6 @@ def recipe_from_document(doc: Document, *, targets: dict[str, Any] | None = None
         if "slices" in data:
             raise RecipeError([doc.problem(("slices",), "slices are not supported yet; list whole models under 'models:'", key=True)])
         doc.prefix = ("merge",)
-        doc.values = {("merge", *k): v for k, v in doc.values.items()}
-        doc.keys = {("merge", *k): v for k, v in doc.keys.items()}
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(doc.file).stem).strip("-.") or "merge"
         data = {"repo_id": f"local/{stem}", "merge": data}
     try:
@@ -458,7 +456,20 @@ def _problems_from_validation(exc: ValidationError, doc: Document, model: type[B
         else:
             message = err["msg"].removeprefix("Value error, ")
         problems.append(doc.problem(loc, message))
-    return problems
+    return _drop_missing_explained_by_typos(problems)
+
+
+def _drop_missing_explained_by_typos(problems: list[Problem]) -> list[Problem]:
+    """`alpha: 0.5` yields "unknown key 'alpha' (did you mean 'weight'?)"; "missing 'weight'" adds nothing."""
+    suggested = set()
+    for p in problems:
+        match = re.search(r"unknown key '[^']*' \(did you mean '([^']*)'\?\)", p.message)
+        if match:
+            suggested.add((p.loc.rpartition(".")[0], match.group(1)))
+    return [
+        p for p in problems
+        if not (p.message.startswith("missing required key '") and (p.loc, p.message.split("'")[1]) in suggested)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,7 +627,7 @@ def _check_weights(recipe: Recipe, doc: Document):
                     yield doc.problem((*loc, j, "value"), _negative(item.value))
         elif weight is not None and normalize and weight < 0:
             yield doc.problem(loc, _negative(weight))
-    if not normalize or any(w is None or w == [] for w in entries):
+    if not normalize or not entries or any(w is None or w == [] for w in entries):
         return
     for key in sorted(filters | {None}, key=lambda f: (f is not None, f or "")):
         values = [_effective(w, key) for w in entries]

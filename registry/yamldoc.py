@@ -90,7 +90,7 @@ def parse_document(raw: bytes | str, name: str) -> Document:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             line = raw[: exc.start].count(b"\n") + 1
-            raise _fail(name, line, 1, "is not valid UTF-8 text") from None
+            raise _fail(name, line, 1, "recipe is not UTF-8 text; save it as UTF-8") from None
     else:
         text = raw
     loader_cls = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

@@ -1,0 +1,357 @@
+"""Recipe validation: every invalid recipe in the corpus gets its exact message and position."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from registry.errors import RecipeError
+from registry.recipe import Recipe, json_schema, load_recipe, parse_recipe
+
+HERE = Path(__file__).parent
+INVALID = HERE / "recipes" / "invalid"
+VALID = HERE / "recipes" / "valid"
+ROOT = HERE.parent
+
+# Hand-written: file -> every problem, as "line:col: loc: message".
+EXPECTED = {
+    "01_typo_dtype.yaml": ["7:3: merge.dtpye: unknown key 'dtpye' (did you mean 'dtype'?)"],
+    "02_typo_normalise.yaml": ["7:16: merge.parameters.normalise: unknown key 'normalise' (did you mean 'normalize'?)"],
+    "03_alpha_for_weight.yaml": ["8:9: merge.models[1].parameters.alpha: unknown key 'alpha' (did you mean 'weight'?)"],
+    "04_missing_weight.yaml": ["6:7: merge.models[1]: missing weight: add 'parameters: {weight: ...}'"],
+    "05_nan_weight.yaml": ["5:43: merge.models[0].parameters.weight: weight must be a finite number, got .nan"],
+    "06_inf_weight.yaml": ["6:43: merge.models[1].parameters.weight: weight must be a finite number, got -.inf"],
+    "07_string_weight.yaml": [
+        "5:43: merge.models[0].parameters.weight: weight must be a number or a list of {filter, value} entries, got '0.3'"
+    ],
+    "08_bool_weight.yaml": [
+        "5:43: merge.models[0].parameters.weight: weight must be a number or a list of {filter, value} entries, got true"
+    ],
+    "09_zero_sum.yaml": ["5:5: merge.models: weights sum to 0; with normalize: true every merged tensor would be NaN"],
+    "10_negative_normalized.yaml": [
+        "6:43: merge.models[1].parameters.weight: negative weight -0.5 with normalize: true; "
+        "if you mean it, set 'parameters: {normalize: false}' under merge"
+    ],
+    "11_one_model.yaml": ["5:5: merge.models: a merge needs at least two models, got 1"],
+    "12_no_models.yaml": ["4:11: merge.models: a merge needs at least two models, got 0"],
+    "13_duplicate_model.yaml": [
+        "7:15: merge.models[2].model: 'org/a@v1' is the same model as merge.models[0]; list each model once"
+    ],
+    "14_duplicate_via_alias.yaml": ["9:15: merge.models[1].model: 'b' is the same model as merge.models[0]; list each model once"],
+    "15_plus_in_local_path.yaml": [
+        "3:14: sources.a.model: local path '/data/ckpt+lora' contains '+', which mergekit reads as a LoRA adapter; "
+        "rename or symlink the directory"
+    ],
+    "16_at_in_local_path.yaml": [
+        "5:15: merge.models[0].model: local path './runs/exp@2' contains '@', which mergekit reads as a revision; "
+        "rename or symlink the directory"
+    ],
+    "17_unknown_dtype.yaml": [
+        "7:10: merge.dtype: unknown dtype 'bf16' (did you mean 'bfloat16'?); expected one of float32, float16, bfloat16"
+    ],
+    "18_unknown_out_dtype.yaml": ["7:14: merge.out_dtype: unknown dtype 'int8'; expected one of float32, float16, bfloat16"],
+    "19_bad_repo_id_chars.yaml": [
+        "1:10: repo_id: 'team/my model' is not a Hub repo id: use letters, digits, '-', '_' and '.', "
+        "without '--' or '..' and not starting or ending with '-' or '.'"
+    ],
+    "20_repo_id_too_long.yaml": [
+        "1:10: repo_id: 'team/" + "a" * 102 + "' is not a Hub repo id: 'aaaaaaaaaaaa...' is longer than 96 characters"
+    ],
+    "21_repo_id_no_namespace.yaml": ["1:10: repo_id: 'mymodel' is not a Hub repo id: expected 'owner/name'"],
+    "22_model_bad_hub_id.yaml": [
+        "6:15: merge.models[1].model: 'org--x/b' is not a Hub repo id: use letters, digits, '-', '_' and '.', "
+        "without '--' or '..' and not starting or ending with '-' or '.' (local paths start with '/', './', '../', '~' or '${')"
+    ],
+    "23_not_mapping_list.yaml": ["1:1: recipe must be a mapping of keys, got a list"],
+    "24_not_mapping_scalar.yaml": ["1:1: recipe must be a mapping of keys, got the scalar 'just a string'"],
+    "25_syntax_error.yaml": ["6:5: YAML syntax error: did not find expected ',' or '}'"],
+    "26_tab_indent.yaml": ["3:1: YAML syntax error: found character that cannot start any token"],
+    "27_alias_bomb.yaml": ["1:44: document expands to more than 100,000 nodes (an alias bomb?)"],
+    "28_empty.yaml": ["1:1: recipe is empty; expected a mapping of keys such as repo_id, sources, merge"],
+    "29_duplicate_key.yaml": ["8:3: merge.dtype: duplicate key 'dtype'"],
+    "30_unsupported_method.yaml": ["3:17: merge.merge_method: merge method 'ties' is not supported yet; registry executes: linear"],
+    "31_misspelled_method.yaml": ["3:17: merge.merge_method: unknown merge method 'linaer' (did you mean 'linear'?)"],
+    "32_unknown_alias.yaml": [
+        "9:15: merge.models[1].model: 'fmtt' is not a declared source (did you mean 'fmt'?); "
+        "declared sources: cos, fmt; a Hub model is written 'owner/name'"
+    ],
+    "33_bad_env_ref.yaml": [
+        "3:16: sources.cos.model: '${CHECK POINTS}' is not a valid environment reference: use ${NAME} with letters, digits and '_'"
+    ],
+    "34_bare_dollar.yaml": ["3:16: sources.cos.model: '${ROOT}/$RUN/cos': write environment references as ${NAME}"],
+    "35_unknown_top_key.yaml": ["2:1: sumary: unknown key 'sumary' (did you mean 'summary'?)"],
+    "36_missing_merge.yaml": ["1:1: missing required key 'merge'"],
+    "37_unknown_target.yaml": ["8:13: publish[0].target: unknown publish target 'hff' (did you mean 'hf'?); available: hf, local"],
+    "38_plugin_target_missing.yaml": [
+        "8:13: publish[0].target: unknown publish target 'mlflow': it is provided by the plugin package "
+        "'registry-mlflow' (pip install registry-mlflow)"
+    ],
+    "39_target_option_typo.yaml": ["9:5: publish[0].privte: unknown key 'privte' (did you mean 'private'?)"],
+    "40_target_option_type.yaml": ["9:14: publish[0].private: private must be true or false, got 'yes'"],
+    "41_filtered_weight_nan.yaml": ["9:21: merge.models[0].parameters.weight[1].value: value must be a finite number, got .nan"],
+    "42_filtered_zero_sum.yaml": [
+        "5:5: merge.models: weights sum to 0 for tensors matching 'mlp'; with normalize: true every merged tensor would be NaN"
+    ],
+    "43_filter_entry_typo.yaml": ["8:14: merge.models[0].parameters.weight[0].filtr: unknown key 'filtr' (did you mean 'filter'?)"],
+    "44_unknown_license.yaml": [
+        "2:10: license: unknown license 'apache2' (did you mean 'apache-2.0'?); "
+        "use a Hub license id, or 'other' with license_name and license_link"
+    ],
+    "45_other_license_incomplete.yaml": ["2:10: license: license 'other' needs license_name and license_link"],
+    "46_revision_twice.yaml": ["3:36: sources.a.revision: revision given twice: '@main' in model and revision: 'v2'"],
+    "47_revision_on_local.yaml": ["3:34: sources.a.revision: revision applies to Hub models only; this source is a local path"],
+    "48_lora_hub.yaml": ["5:15: merge.models[0].model: 'org/a+org/lora': LoRA adapters ('model+adapter') are not supported yet"],
+    "49_tokenizer_both.yaml": ["9:5: merge.tokenizer: give either tokenizer_source or tokenizer, not both"],
+    "50_mergekit_config_typo.yaml": ["9:7: models[1].parameters.wieght: unknown key 'wieght' (did you mean 'weight'?)"],
+    "51_mergekit_slices.yaml": ["1:1: slices: slices are not supported yet; list whole models under 'models:'"],
+    "52_smoke_bounds.yaml": [
+        "8:27: smoke.short.max_new_tokens: max_new_tokens should be greater than or equal to 1, got 0",
+        "9:24: smoke.long.depths[1]: depths should be less than or equal to 1, got 1.5",
+    ],
+    "53_merge_keys.yaml": ["6:35: YAML merge keys ('<<') are not supported in recipes; write the keys out"],
+    "54_bad_alias_name.yaml": [
+        "3:3: sources.my model: source alias 'my model' must start with a letter or '_' and use letters, digits, '_', '-' and '.'"
+    ],
+    "55_too_large.yaml": ["1:1: file is 1,048,605 bytes; recipes are limited to 1 MiB"],
+    "56_not_utf8.yaml": ["2:1: recipe is not UTF-8 text; save it as UTF-8"],
+}
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    for p in info.value.problems:
+        assert p.file == str(path)
+    return [f"{p.line}:{p.col}: {p.loc + ': ' if p.loc else ''}{p.message}" for p in info.value.problems]
+
+
+def test_corpus_is_complete():
+    on_disk = sorted(p.name for p in INVALID.glob("*.yaml"))
+    assert on_disk == sorted(EXPECTED)
+    assert len(on_disk) >= 40
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_invalid_recipe(name):
+    assert problems_of(INVALID / name) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("path", sorted(VALID.glob("*.yaml")), ids=lambda p: p.name)
+def test_real_world_configs_validate(path):
+    recipe = load_recipe(path)
+    assert len(recipe.merge.models) >= 2
+
+
+def test_shipped_recipes_validate():
+    ref = load_recipe(ROOT / "recipes" / "cos_fmt.yaml")
+    assert ref.repo_id == "Zachary1150/merge_linear_cos0.3fmt0.7_MRL4096_ROLLOUT4_LR1e-6"
+    assert [(i.name, i.weight, i.ref.kind) for i in ref.inputs()] == [("cos", 0.3, "local"), ("fmt", 0.7, "local")]
+    assert ref.merge.parameters.normalize is True
+    assert ref.merge.dtype == "bfloat16"
+    assert ref.smoke.long.context_tokens == 131072
+    assert ref.ancestor == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    for path in (ROOT / "recipes" / "examples").glob("*.yaml"):
+        load_recipe(path)
+
+
+def test_mergekit_config_is_read_as_recipe():
+    recipe = load_recipe(VALID / "mergekit_tokenizer_union.yaml")
+    assert recipe.repo_id == "local/mergekit_tokenizer_union"
+    assert recipe.merge.tokenizer_source == "union"
+    assert recipe.merge.out_dtype == "bfloat16"
+    refs = [i.ref for i in recipe.inputs()]
+    assert [(r.kind, r.value, r.revision) for r in refs] == [
+        ("hub", "Qwen/Qwen2.5-1.5B-Instruct", None),
+        ("hub", "Qwen/Qwen2.5-Math-1.5B", "main"),
+    ]
+
+
+def test_windows_and_home_paths_are_local():
+    recipe = load_recipe(VALID / "mergekit_windows_paths.yaml")
+    assert [(i.ref.kind, i.ref.value) for i in recipe.inputs()] == [
+        ("local", "C:\\Models\\My Checkpoints\\run 1"),
+        ("local", "D:/Models/My Checkpoints/run 2"),
+    ]
+
+
+def test_aliases_resolve_with_revisions_and_options():
+    recipe = load_recipe(VALID / "recipe_hub_sources.yaml")
+    assert [str(i.ref) for i in recipe.inputs()] == [
+        "Qwen/Qwen2.5-Math-1.5B@4a83ca6e4526a4f2da3aa259ec36c259f66b2ab2",
+        "Qwen/Qwen2.5-Coder-1.5B@v1.0",
+        "~/checkpoints/ft-3",
+    ]
+    hf = recipe.publish[0].options
+    assert (hf.private, hf.revision, hf.create_pr) == (True, "staging", False)
+
+
+def test_sha256_ignores_formatting_and_publish_settings():
+    a = parse_recipe("repo_id: t/m\nmerge: {merge_method: linear, models: [{model: o/a, parameters: {weight: 1}}, {model: o/b, parameters: {weight: 1}}]}\n")
+    b = parse_recipe(
+        "# comment\nrepo_id: t/m\npublish: [{target: local}]\nmerge:\n  merge_method: linear\n"
+        "  models:\n    - {model: o/a, parameters: {weight: 1}}\n    - {model: o/b, parameters: {weight: 1}}\n"
+    )
+    c = parse_recipe("repo_id: t/m\nmerge: {merge_method: linear, models: [{model: o/a, parameters: {weight: 1}}, {model: o/b, parameters: {weight: 2}}]}\n")
+    assert a.sha256 == b.sha256 != c.sha256
+
+
+def test_json_schema_knows_targets_and_forbids_unknown_keys():
+    schema = json_schema()
+    assert schema["additionalProperties"] is False
+    targets = {v["properties"]["target"]["const"] for v in schema["properties"]["publish"]["items"]["anyOf"]}
+    assert targets == {"hf", "local"}
+    assert schema["$defs"]["MergeConfig"]["additionalProperties"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: whatever the document, the result is a Recipe or a RecipeError with a position.
+
+KEYS = ["repo_id", "summary", "license", "sources", "merge", "merge_method", "models", "model", "parameters",
+        "weight", "normalize", "dtype", "filter", "value", "smoke", "publish", "target", "label", "revision",
+        "tokenizer", "tokenizer_source", "base_model", "depths", "x"]
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["linear", "org/a", "./ckpt", "${HOME}/x", "bfloat16", "cos", "a+b", "@", "", "hf", "local", "mit"]),
+    st.text(max_size=8),
+)
+documents = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.sampled_from(KEYS), children, max_size=5),
+    ),
+    max_leaves=25,
+)
+
+
+def _mutations(text: str) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.just(text),
+        st.integers(0, max(len(text) - 1, 0)).map(lambda i: text[:i]),
+        st.tuples(st.integers(0, len(text)), st.sampled_from(["{", "]", ":", "&a ", "*a", "\t", "- ", "'", "\n  "])).map(
+            lambda t: text[: t[0]] + t[1] + text[t[0]:]
+        ),
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_document_is_a_recipe_or_a_located_error(data):
+    doc = data.draw(documents)
+    if data.draw(st.booleans()):
+        # Start from a valid recipe and overwrite parts of it, to reach the deeper checks.
+        base = yaml.safe_load((ROOT / "recipes" / "cos_fmt.yaml").read_text())
+        if isinstance(doc, dict):
+            base["merge"].update(doc) if data.draw(st.booleans()) else base.update(doc)
+        doc = base
+    text = yaml.safe_dump(doc, allow_unicode=True)
+    text = data.draw(_mutations(text))
+    try:
+        recipe = parse_recipe(text, "fuzz.yaml")
+    except RecipeError as exc:
+        assert exc.problems
+        for p in exc.problems:
+            assert p.file == "fuzz.yaml" and p.line >= 1 and p.col >= 1 and p.message
+    else:
+        assert isinstance(recipe, Recipe)
+        for entry in recipe.merge.models:
+            weight = entry.parameters.weight
+            values = [weight] if isinstance(weight, float) else [w.value for w in weight]
+            assert all(math.isfinite(v) for v in values)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def registry(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "registry", *args], capture_output=True, text=True, cwd=cwd,
+        env={**os.environ, **(env or {})}, timeout=60,
+    )
+
+
+def test_validate_reports_each_problem_and_exits_1():
+    run = registry("validate", str(INVALID / "10_negative_normalized.yaml"), str(VALID / "mergekit_three_fp16.yaml"))
+    assert run.returncode == 1
+    assert run.stdout.splitlines() == [
+        f"error {INVALID / '10_negative_normalized.yaml'}:6:43: merge.models[1].parameters.weight: negative weight -0.5 "
+        "with normalize: true; if you mean it, set 'parameters: {normalize: false}' under merge",
+        f"ok    {VALID / 'mergekit_three_fp16.yaml'}  (local/mergekit_three_fp16)",
+        "1 of 2 recipes invalid",
+    ]
+    assert "Traceback" not in run.stderr
+
+
+def test_validate_json_is_machine_readable():
+    run = registry("validate", "--format", "json", str(INVALID / "01_typo_dtype.yaml"))
+    assert run.returncode == 1
+    report = json.loads(run.stdout)
+    assert report["valid"] is False
+    assert report["recipes"][0]["problems"] == [
+        {"file": str(INVALID / "01_typo_dtype.yaml"), "line": 7, "col": 3, "loc": "merge.dtpye",
+         "message": "unknown key 'dtpye' (did you mean 'dtype'?)"}
+    ]
+
+
+def test_validate_defaults_to_recipes_folder():
+    run = registry("validate", "--format", "json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    files = [r["file"] for r in json.loads(run.stdout)["recipes"]]
+    assert "recipes/cos_fmt.yaml" in files and any(f.startswith("recipes/examples/") for f in files)
+
+
+def test_missing_path_is_a_usage_error():
+    run = registry("validate", "no/such/recipe.yaml")
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr.strip() == "error: no/such/recipe.yaml: no such file or directory"
+
+
+def test_bad_option_is_a_usage_error():
+    run = registry("validate", "--format", "xml")
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+
+
+def test_traceback_only_with_registry_debug():
+    quiet = registry("validate", "missing.yaml")
+    loud = registry("validate", "missing.yaml", env={"REGISTRY_DEBUG": "1"})
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "UsageError" in loud.stderr
+
+
+def test_version_and_help():
+    run = registry("--version")
+    assert run.returncode == 0 and run.stdout.startswith("registry ")
+    run = registry("--help")
+    assert run.returncode == 0
+    for command in ("validate", "schema", "plugins"):
+        assert command in run.stdout
+
+
+def test_schema_command_prints_json_schema():
+    run = registry("schema")
+    assert run.returncode == 0
+    assert json.loads(run.stdout)["title"] == "Recipe"
+
+
+def test_validate_imports_no_heavy_library():
+    code = (
+        "import sys\n"
+        "from registry.cli import main\n"
+        "try:\n    main(['validate', 'recipes'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'mergekit', 'huggingface_hub', 'safetensors') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "HEAVY []"
