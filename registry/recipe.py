@@ -26,6 +26,8 @@ from pydantic import (
     PrivateAttr,
     Tag,
     ValidationError,
+    field_validator,
+    model_validator,
 )
 
 from .errors import Problem, RecipeError
@@ -48,6 +50,10 @@ SYNONYMS = {
     "torch.float32": "float32", "method": "merge_method",
 }
 DEFAULT_SHORT_PROMPT = "What is 17 * 24? Think step by step."
+# The needle-in-a-haystack strings (RULER-style pass key); the toy model in tests/fixtures/toy was trained on them.
+DEFAULT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+DEFAULT_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+DEFAULT_QUESTION = "What is the pass key? The pass key is"
 
 _ENV_REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -145,6 +151,11 @@ class ShortSmoke(Strict):
 
     prompt: str = DEFAULT_SHORT_PROMPT
     max_new_tokens: int = Field(default=128, ge=1, le=8192)
+    # A healthy model's first-step logits spread over several units; a 1/-1 merge leaves them near 0.
+    min_logit_std: float = Field(default=0.05, gt=0)
+    ngram: int = Field(default=4, ge=1, le=64)
+    max_repeated_ngrams: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_token_run: int = Field(default=16, ge=2)
 
 
 class LongSmoke(Strict):
@@ -155,6 +166,55 @@ class LongSmoke(Strict):
     depths: list[Annotated[float, Field(ge=0.0, le=1.0)]] = [0.1, 0.5, 0.9]
     cpu_max_tokens: int = Field(default=8192, ge=64)
     prefill_chunk_size: int | None = Field(default=None, ge=16)
+    max_new_tokens: int = Field(default=16, ge=1, le=1024)
+    key_digits: int = Field(default=5, ge=1, le=32)
+    filler: str = DEFAULT_FILLER
+    needle: str = DEFAULT_NEEDLE
+    question: str = DEFAULT_QUESTION
+    # Off by default: an absolute bar misjudges models whose parents do not retrieve at length either.
+    min_retrieved: float = Field(default=0.0, ge=0.0, le=1.0)
+    memory_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
+
+    @field_validator("filler", "question")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("needle")
+    @classmethod
+    def _has_key(cls, value: str) -> str:
+        if "{key}" not in value:
+            raise ValueError("needle must contain '{key}', where the pass key goes")
+        return value
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> LongSmoke:
+        if self.context_tokens is not None and self.lengths:
+            over = [n for n in self.lengths if n > self.context_tokens]
+            if over:
+                raise ValueError(f"lengths {over} are over context_tokens ({self.context_tokens})")
+        return self
+
+
+class ParitySmoke(Strict):
+    """Merged model against each parent: NLL on a fixed text and retrieval at the same lengths."""
+
+    enabled: bool = True
+    text: str | None = None
+    retrieval: bool = True
+    # "Clearly worse than both": NLL over the worse parent's by this many nats per token ...
+    nll_margin: float = Field(default=0.2, ge=0.0)
+    # ... or a retrieved fraction under the worse parent's by more than this.
+    retrieval_margin: float = Field(default=0.25, ge=0.0, le=1.0)
+
+
+class WeightsSmoke(Strict):
+    """Every merged tensor against the recipe's weighted sum of the sources."""
+
+    enabled: bool = True
+    tolerance: float | None = Field(default=None, gt=0.0)
 
 
 class SmokeConfig(Strict):
@@ -162,6 +222,8 @@ class SmokeConfig(Strict):
 
     short: ShortSmoke = ShortSmoke()
     long: LongSmoke = LongSmoke()
+    parity: ParitySmoke = ParitySmoke()
+    weights: WeightsSmoke = WeightsSmoke()
 
 
 class PublishSpec(BaseModel):
