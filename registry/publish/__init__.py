@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+CARD_NAME = "README.md"
 
 
 class TargetOptions(BaseModel):
@@ -13,8 +21,124 @@ class TargetOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a bundle: where it lies here and its content hash."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+@dataclass
+class Bundle:
+    """Everything a target publishes for one recipe: the model folder's files and the card."""
+
+    repo_id: str
+    recipe_sha256: str
+    pins: dict[str, Any]
+    files: dict[str, FileEntry]  # path in repo -> file here
+    smoke_passed: bool | None
+    metadata: dict[str, Any] = field(default_factory=dict)  # the card's front matter
+
+    @property
+    def short_sha(self) -> str:
+        """The first 12 hex digits of the recipe sha256, as used in versions and tags."""
+        return self.recipe_sha256[:12]
+
+    def commit_message(self) -> str:
+        """The commit message every target uses: it names the recipe and its hash."""
+        return f"Publish {self.repo_id} from recipe sha256:{self.recipe_sha256}"
+
+
+@dataclass
+class PublishResult:
+    """What a target did: where the model is, which revision, and whether anything changed."""
+
+    target: str
+    location: str
+    revision: str | None
+    changed: bool
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        return {
+            "target": self.target, "location": self.location, "revision": self.revision,
+            "changed": self.changed, "detail": self.detail,
+        }
+
+
+@dataclass
+class PublishPlan:
+    """What a target would send for a bundle: the files to upload and to delete, or nothing."""
+
+    target: str
+    location: str
+    up_to_date: bool
+    upload: list[str] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    upload_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        return {
+            "target": self.target, "location": self.location, "up_to_date": self.up_to_date,
+            "upload": self.upload, "delete": self.delete, "upload_bytes": self.upload_bytes,
+        }
+
+
 class Target:
     """A publish target; plugins subclass it and register it through `register_targets`."""
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = TargetOptions
+
+    def is_current(self, recipe: Recipe, pins: dict[str, Any], options: BaseModel) -> bool:
+        """True when the target already holds this recipe built from these source pins.
+
+        Called before any merge, so it must not need the model files (nor import torch).
+        """
+        return False
+
+    def plan(self, bundle: Bundle, options: BaseModel) -> PublishPlan:
+        """What `publish` would send (for --dry-run), without changing anything."""
+        raise NotImplementedError
+
+    def publish(self, bundle: Bundle, options: BaseModel) -> PublishResult:
+        """Publish the bundle; atomic: on failure the target is left as it was."""
+        raise NotImplementedError
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_files(model_dir: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, FileEntry]:
+    """Every file of a finished model folder (card included), with sha256s, reusing `known` hashes."""
+    known = known or {}
+    files: dict[str, FileEntry] = {}
+    for path in sorted(model_dir.rglob("*")):
+        rel = path.relative_to(model_dir).as_posix()
+        if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        size = path.stat().st_size
+        info = known.get(rel)
+        sha = info["sha256"] if info and info.get("size") == size else sha256_file(path)
+        files[rel] = FileEntry(path, sha, size)
+    return files
+
+
+PIN_FIELDS = ("kind", "repo_id", "revision", "content_sha256")
+
+
+def same_pins(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """True when two {alias: pin} maps pin the same sources (labels and weights aside)."""
+    if not a or not b or set(a) != set(b):
+        return False
+    return all(all(a[k].get(f) == b[k].get(f) for f in PIN_FIELDS) for k in a)

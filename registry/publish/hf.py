@@ -1,9 +1,28 @@
-"""The `hf` target: the Hugging Face Hub (or any server speaking its API, via HF_ENDPOINT)."""
+"""The `hf` target: the Hugging Face Hub (or any server speaking its API, via HF_ENDPOINT).
+
+One publish is one atomic commit of every file, made on top of the revision's head as it was read
+(`parent_commit`), so a concurrent push is a clear conflict and never a silent overwrite. Before
+anything heavy runs, the remote card's recipe hash, the remote provenance's source pins and the
+remote file hashes tell whether the model is already there; then nothing is sent at all.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
+import time
+from typing import Any, Callable, TypeVar
+
+from ..errors import PublishError
 from ..hookspecs import hookimpl
-from . import Target, TargetOptions
+from . import Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
+
+T = TypeVar("T")
+RETRY_STATUS = (429, 500, 502, 503, 504)
+MAX_ATTEMPTS = 5
+MAX_DELAY_S = 60.0
 
 
 class HfOptions(TargetOptions):
@@ -19,6 +38,255 @@ class HfTarget(Target):
 
     name = "hf"
     Options = HfOptions
+
+    def __init__(self, *, sleep: Callable[[float], None] = time.sleep):
+        self._api = None
+        self._token: str | None = None
+        self._sleep = sleep
+
+    # -- what is there already ----------------------------------------------------------------
+
+    def is_current(self, recipe, pins, options) -> bool:
+        info = self._remote_info(recipe.repo_id, options)
+        if info is None or _card_recipe_sha(info) != recipe.sha256:
+            return False
+        provenance = self._remote_provenance(recipe.repo_id, info.sha)
+        if provenance is None or provenance.get("recipe_sha256") != recipe.sha256:
+            return False
+        if not same_pins(provenance.get("sources"), pins):
+            return False
+        remote = _remote_files(info)
+        for rel, meta in provenance.get("files", {}).items():
+            have = remote.get(rel)
+            if have is None or (have["sha256"] is not None and have["sha256"] != meta.get("sha256")):
+                return False
+        return True
+
+    def plan(self, bundle: Bundle, options) -> PublishPlan:
+        info = self._remote_info(bundle.repo_id, options)
+        remote = _remote_files(info) if info is not None else {}
+        upload = [rel for rel, f in sorted(bundle.files.items()) if not _same_file(f, remote.get(rel))]
+        delete = sorted(rel for rel in remote if rel not in bundle.files and rel != ".gitattributes")
+        return PublishPlan(
+            self.name, self._url(bundle.repo_id, options), up_to_date=not upload and not delete,
+            upload=upload, delete=delete, upload_bytes=sum(bundle.files[rel].size for rel in upload),
+        )
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def publish(self, bundle: Bundle, options) -> PublishResult:
+        api = self._client()
+        repo_id, revision = bundle.repo_id, options.revision or "main"
+        self._retry(lambda: api.create_repo(repo_id, private=options.private, exist_ok=True), "create the repo")
+        if revision != "main":
+            self._retry(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), f"create branch {revision}")
+        info = self._remote_info(repo_id, options)
+        if info is None:
+            raise PublishError(f"{repo_id}@{revision} cannot be read back after creating it")
+        plan = self.plan(bundle, options)
+        if plan.up_to_date and _card_recipe_sha(info) == bundle.recipe_sha256:
+            return PublishResult(self.name, plan.location, info.sha, changed=False, detail="already published")
+        commit = self._commit(bundle, options, parent=info.sha, plan=plan)
+        if options.create_pr:
+            return PublishResult(self.name, commit.pr_url or plan.location, commit.pr_revision, changed=True, detail="pull request opened")
+        tag = f"recipe-{bundle.short_sha}"
+        self._retry(lambda: api.create_tag(repo_id, tag=tag, revision=commit.oid, exist_ok=True), f"tag {tag}")
+        return PublishResult(self.name, plan.location, commit.oid, changed=True, detail=f"tagged {tag}")
+
+    def _commit(self, bundle: Bundle, options, *, parent: str, plan: PublishPlan):
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        from huggingface_hub.errors import HfHubHTTPError
+
+        api = self._client()
+        repo_id, revision = bundle.repo_id, options.revision or "main"
+
+        def operations():
+            # create_commit mutates its operations: build them afresh for every attempt.
+            ops: list[Any] = [CommitOperationAdd(rel, str(f.path)) for rel, f in sorted(bundle.files.items())]
+            ops += [CommitOperationDelete(rel) for rel in plan.delete]
+            return ops
+
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                return api.create_commit(
+                    repo_id, operations(), commit_message=bundle.commit_message(), revision=revision,
+                    parent_commit=None if options.create_pr else parent, create_pr=options.create_pr,
+                )
+            except HfHubHTTPError as exc:
+                status = exc.response.status_code if exc.response is not None else None
+                if status == 412:
+                    raise PublishError(
+                        f"{repo_id}@{revision} changed while publishing (someone else pushed); "
+                        "nothing was committed: run `registry publish` again to publish on top of it"
+                    ) from None
+                if status in (401, 403):
+                    raise self._auth_error(exc) from None
+                if status not in RETRY_STATUS or attempt == MAX_ATTEMPTS - 1:
+                    raise self._http_error(exc, "commit") from None
+                failure: BaseException = exc
+            except Exception as exc:  # a dropped connection: the commit may or may not have landed
+                if not _is_transport_error(exc) or attempt == MAX_ATTEMPTS - 1:
+                    raise
+                failure = exc
+            landed = self._landed(bundle, options, parent)
+            if landed is not None:
+                return landed
+            self._sleep(_delay(failure, attempt))
+        raise AssertionError("unreachable")
+
+    def _landed(self, bundle: Bundle, options, parent: str):
+        """After an ambiguous failure: the commit, if it landed; None to retry; error if someone else pushed."""
+        from huggingface_hub import CommitInfo
+
+        if options.create_pr:
+            return None  # a retried PR at worst opens a second PR; never a wrong main
+        info = self._remote_info(bundle.repo_id, options)
+        if info is None or info.sha == parent:
+            return None
+        if _card_recipe_sha(info) == bundle.recipe_sha256 and not self.plan(bundle, options).upload:
+            return CommitInfo(commit_url="", commit_message=bundle.commit_message(), commit_description="", oid=info.sha)
+        raise PublishError(
+            f"{bundle.repo_id}@{options.revision or 'main'} changed while publishing (someone else pushed); "
+            "run `registry publish` again to publish on top of it"
+        )
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _client(self):
+        if self._api is None:
+            from huggingface_hub import HfApi, get_token
+
+            self._token = os.environ.get("HF_TOKEN") or get_token()
+            if not self._token:
+                raise PublishError("no Hub token: run `hf auth login` or set HF_TOKEN")
+            self._api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=self._token)
+        return self._api
+
+    def _url(self, repo_id: str, options) -> str:
+        from huggingface_hub import constants
+
+        base = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+        rev = options.revision
+        return f"{base}/{repo_id}" + (f"/tree/{rev}" if rev and rev != "main" else "")
+
+    def _remote_info(self, repo_id: str, options):
+        """model_info of the target revision, or None when the repo or revision does not exist."""
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+        api = self._client()
+        try:
+            return self._retry(
+                lambda: api.model_info(repo_id, revision=options.revision or "main", files_metadata=True),
+                f"read {repo_id}",
+            )
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+
+    def _remote_provenance(self, repo_id: str, sha: str) -> dict[str, Any] | None:
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+        api = self._client()
+        try:
+            path = self._retry(lambda: api.hf_hub_download(repo_id, "provenance.json", revision=sha), "read provenance.json")
+            return json.loads(open(path, encoding="utf-8").read())
+        except (EntryNotFoundError, json.JSONDecodeError):
+            return None
+        except HfHubHTTPError as exc:
+            if exc.response is not None and exc.response.status_code == 404:
+                return None
+            raise
+
+    def _retry(self, call: Callable[[], T], what: str) -> T:
+        """Run a Hub call, retrying 429 and 5xx with backoff that honours Retry-After."""
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                return call()
+            except (RepositoryNotFoundError, RevisionNotFoundError):
+                raise
+            except HfHubHTTPError as exc:
+                status = exc.response.status_code if exc.response is not None else None
+                if status in (401, 403):
+                    raise self._auth_error(exc) from None
+                if status not in RETRY_STATUS or attempt == MAX_ATTEMPTS - 1:
+                    raise self._http_error(exc, what) from None
+                self._sleep(_delay(exc, attempt))
+            except Exception as exc:
+                if not _is_transport_error(exc) or attempt == MAX_ATTEMPTS - 1:
+                    if _is_transport_error(exc):
+                        raise PublishError(f"cannot reach the Hub to {what}: {self._redact(str(exc))}", "check HF_ENDPOINT and the network") from None
+                    raise
+                self._sleep(_delay(exc, attempt))
+        raise AssertionError("unreachable")
+
+    def _auth_error(self, exc) -> PublishError:
+        status = exc.response.status_code
+        if status == 401:
+            return PublishError("the Hub rejected the token (401): run `hf auth login` or set a valid HF_TOKEN")
+        return PublishError("the token may not write to this repo (403): use a token with write access (`hf auth login`, HF_TOKEN)")
+
+    def _http_error(self, exc, what: str) -> PublishError:
+        status = exc.response.status_code if exc.response is not None else "?"
+        message = self._redact(getattr(exc, "server_message", None) or str(exc).splitlines()[0])
+        return PublishError(f"the Hub answered {status} to {what}: {message}")
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._token, "***") if self._token else text
+
+
+def _card_recipe_sha(info) -> str | None:
+    data = info.card_data.to_dict() if info.card_data is not None else {}
+    registry = data.get("registry") or {}
+    return registry.get("recipe_sha256") if isinstance(registry, dict) else None
+
+
+def _remote_files(info) -> dict[str, dict[str, Any]]:
+    """Remote files: sha256 for LFS files, git blob id for the rest."""
+    out = {}
+    for sibling in info.siblings or []:
+        lfs = sibling.lfs
+        out[sibling.rfilename] = {
+            "sha256": lfs.sha256 if lfs is not None else None,
+            "blob_id": sibling.blob_id,
+            "size": lfs.size if lfs is not None else sibling.size,
+        }
+    return out
+
+
+def _same_file(local, remote: dict[str, Any] | None) -> bool:
+    if remote is None:
+        return False
+    if remote["sha256"] is not None:
+        return remote["sha256"] == local.sha256
+    return remote["blob_id"] == _git_blob_sha1(local.path)
+
+
+def _git_blob_sha1(path) -> str:
+    digest = hashlib.sha1()
+    size = os.path.getsize(path)
+    digest.update(f"blob {size}\0".encode())
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """A connection dropped, refused or timed out: the request may not have been answered."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"TransportError", "ConnectionError", "RemoteProtocolError", "ReadError", "WriteError", "TimeoutException"})
+
+
+def _delay(exc: BaseException, attempt: int) -> float:
+    response = getattr(exc, "response", None)
+    retry_after = response.headers.get("Retry-After") if response is not None else None
+    if retry_after:
+        try:
+            return min(float(retry_after), MAX_DELAY_S)
+        except ValueError:
+            pass
+    return min(2.0 ** attempt + random.uniform(0, 0.5), MAX_DELAY_S)
 
 
 @hookimpl
