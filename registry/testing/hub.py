@@ -434,7 +434,8 @@ class HubServer:
 
     def stop(self) -> None:
         """Stop serving and close every open connection."""
-        self._httpd.shutdown()
+        if self._thread is not None:
+            self._httpd.shutdown()  # waits for serve_forever to return: only when it runs
         with self._httpd.connections_lock:
             # Keep-alive connections would otherwise keep their handler threads waiting for a request.
             for conn in list(self._httpd.connections):
@@ -887,7 +888,9 @@ class HubServer:
                 raise HubError(400, f"Malformed preupload entry: {item!r}") from exc
             # The Hub's rule: big, binary-looking (a NUL byte, as git judges) or LFS-tracked by name.
             lfs = size > LFS_THRESHOLD or b"\0" in sample or any(_matches(path, p) for p in lfs_patterns)
-            answer = {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": _ignored(path, gitignore)}
+            answer = {
+                "path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": _ignored(path, gitignore)
+            }
             remote = commit.files.get(path)
             if remote is not None:
                 # What the client compares with its own oid to skip unchanged files.
@@ -1088,13 +1091,13 @@ class HubServer:
         if blob.lfs:
             headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(blob.size)})
         start, end, status = 0, blob.size, 200
-        byte_range = re.fullmatch(r"bytes=(\d*)-(\d*)", req.headers.get("Range") or "")
-        if byte_range and (byte_range[1] or byte_range[2]):
-            first, last = byte_range[1], byte_range[2]
-            start, end = (int(first), int(last) + 1 if last else blob.size) if first else (blob.size - int(last), blob.size)
-            if not 0 <= start < blob.size:
+        # `bytes=N-` is how the client resumes an interrupted download; `bytes=N-M` comes free.
+        byte_range = re.fullmatch(r"bytes=(\d+)-(\d*)", req.headers.get("Range") or "")
+        if byte_range:
+            start = int(byte_range[1])
+            end = min(int(byte_range[2]) + 1, blob.size) if byte_range[2] else blob.size
+            if start >= blob.size:
                 raise HubError(416, "Range not satisfiable", headers={"Content-Range": f"bytes */{blob.size}"})
-            end = min(end, blob.size)
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
         return _Response(status, headers=headers, file=(self._blob_path(blob), start, end))
