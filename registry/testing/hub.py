@@ -237,11 +237,14 @@ class _Request:
             self._data = self.body.read_all()
         return self._data
 
-    def json(self) -> Any:
+    def json(self) -> dict[str, Any]:
         try:
-            return json.loads(self.data() or b"{}")
+            data = json.loads(self.data() or b"{}")
         except ValueError as exc:
             raise HubError(400, f"Malformed JSON body: {exc}") from exc
+        if not isinstance(data, dict):
+            raise HubError(400, "The JSON body must be an object")
+        return data
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
