@@ -68,8 +68,12 @@ class LocalTarget(Target):
         if latest and _same_content(latest, bundle) and _intact(self.home, latest):
             return PublishResult(self.name, str(self.home / latest["path"]), latest["version"], changed=False, detail="already published")
         now = dt.datetime.now(dt.timezone.utc)
-        version = f"{now:%Y%m%dT%H%M%SZ}-{bundle.short_sha}"
         parent = self.home / "models" / bundle.repo_id
+        version = f"{now:%Y%m%dT%H%M%SZ}-{bundle.short_sha}"
+        for n in range(2, 100):  # the same recipe republished within a second
+            if not (parent / version).exists():
+                break
+            version = f"{now:%Y%m%dT%H%M%SZ}-{bundle.short_sha}-{n}"
         final = parent / version
         staging = parent / f".staging-{version}-{os.getpid()}"
         parent.mkdir(parents=True, exist_ok=True)

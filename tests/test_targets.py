@@ -1,0 +1,226 @@
+"""Publish targets against real storage: the local directory registry and the Hub test server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from registry.errors import PublishError
+from registry.publish import Bundle, bundle_files
+from registry.publish.hf import HfOptions, HfTarget
+from registry.publish.local import LocalTarget, list_latest, read_index
+from registry.recipe import parse_recipe
+from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, hub_client
+
+RECIPE = """\
+repo_id: {repo_id}
+merge:
+  merge_method: linear
+  models:
+    - {{model: org/a, parameters: {{weight: 0.3}}}}
+    - {{model: org/b, parameters: {{weight: 0.7}}}}
+"""
+PINS = {
+    "org/a": {"kind": "hub", "repo_id": "org/a", "revision": "a" * 40, "content_sha256": None},
+    "org/b": {"kind": "hub", "repo_id": "org/b", "revision": "b" * 40, "content_sha256": None},
+}
+
+
+def make_model(folder: Path, recipe, *, weights: bytes = b"", big: bool = False) -> Path:
+    """A finished model folder as merge+smoke+card leave it (contents are stand-ins)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    blob = weights or hashlib.sha256(recipe.sha256.encode()).digest() * 1024
+    if big:
+        blob = blob * 400  # > 10 MB, so the Hub client takes the LFS path
+    (folder / "model.safetensors").write_bytes(blob)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    files = {
+        name: {"sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(), "size": (folder / name).stat().st_size}
+        for name in ("model.safetensors", "config.json")
+    }
+    (folder / "provenance.json").write_text(json.dumps({"format": 1, "recipe_sha256": recipe.sha256, "sources": PINS, "files": files}))
+    (folder / "smoke.json").write_text(json.dumps({"format": 1, "passed": True}))
+    (folder / "README.md").write_text(
+        f"---\nbase_model:\n- org/a\n- org/b\nbase_model_relation: merge\nlicense: mit\n"
+        f"registry:\n  recipe_sha256: {recipe.sha256}\n---\n\n# {recipe.repo_id}\n"
+    )
+    return folder
+
+
+def make_bundle(folder: Path, recipe) -> Bundle:
+    return Bundle(recipe.repo_id, recipe.sha256, PINS, bundle_files(folder), smoke_passed=True, metadata={"license": "mit"})
+
+
+# ---------------------------------------------------------------------------------------------
+# local
+
+
+def test_local_publish_is_atomic_versioned_and_idempotent(tmp_path):
+    recipe = parse_recipe(RECIPE.format(repo_id="team/toy"))
+    home = tmp_path / "home"
+    target = LocalTarget(home)
+    options = target.Options()
+    assert not target.is_current(recipe, PINS, options)
+
+    bundle = make_bundle(make_model(tmp_path / "build", recipe), recipe)
+    first = target.publish(bundle, options)
+    assert first.changed and first.revision.endswith("-" + recipe.sha256[:12])
+    folder = Path(first.location)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "provenance.json", "smoke.json"]
+    for rel, entry in bundle.files.items():
+        assert hashlib.sha256((folder / rel).read_bytes()).hexdigest() == entry.sha256
+    assert not any(p.name.startswith(".staging") for p in folder.parent.iterdir())
+
+    assert target.is_current(recipe, PINS, options)
+    assert not target.is_current(recipe, {**PINS, "org/b": {**PINS["org/b"], "revision": "c" * 40}}, options)
+    again = target.publish(bundle, options)
+    assert (again.changed, again.location, again.revision) == (False, first.location, first.revision)
+    assert len(read_index(home)["models"]) == 1
+    assert [m["repo_id"] for m in list_latest(home)] == ["team/toy"]
+
+    # Someone deletes a published file: the registry notices and publishes a fresh version.
+    (folder / "model.safetensors").unlink()
+    assert not target.is_current(recipe, PINS, options)
+    third = target.publish(bundle, options)
+    assert third.changed and third.location != first.location
+
+
+# ---------------------------------------------------------------------------------------------
+# hf
+
+
+@pytest.fixture
+def hf(hub_server, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    slept: list[float] = []
+    target = HfTarget(sleep=slept.append)
+    target.slept = slept
+    return target
+
+
+def remote_state(api, repo_id, revision="main"):
+    info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    return info.sha, sorted(s.rfilename for s in info.siblings)
+
+
+def test_hf_publish_one_commit_then_nothing(hub_server, hf, tmp_path):
+    recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy"))
+    bundle = make_bundle(make_model(tmp_path / "build", recipe, big=True), recipe)
+    options = HfOptions(private=True)
+
+    result = hf.publish(bundle, options)
+    assert result.changed and result.detail == f"tagged recipe-{recipe.sha256[:12]}"
+    assert hub_server.count(r"^POST /api/models/.*/commit/") == 1
+    api = hub_client(hub_server)
+    info = api.model_info(recipe.repo_id, files_metadata=True)
+    assert info.private and info.sha == result.revision
+    assert info.card_data.to_dict()["registry"] == {"recipe_sha256": recipe.sha256}
+    lfs = {s.rfilename: s.lfs.sha256 for s in info.siblings if s.lfs}
+    assert lfs == {"model.safetensors": bundle.files["model.safetensors"].sha256}
+    for rel, entry in bundle.files.items():
+        data = Path(api.hf_hub_download(recipe.repo_id, rel)).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry.sha256, rel
+    assert [t.name for t in api.list_repo_refs(recipe.repo_id).tags] == [f"recipe-{recipe.sha256[:12]}"]
+    anonymous = hub_client(hub_server, token=False)
+    with pytest.raises(Exception, match="404|Repository Not Found|not found"):
+        anonymous.model_info(recipe.repo_id)
+
+    hub_server.clear_requests()
+    assert hf.is_current(recipe, PINS, options)
+    again = hf.publish(bundle, options)
+    assert (again.changed, again.revision) == (False, result.revision)
+    assert hub_server.count(r"^POST .*/commit/") == 0
+    assert hub_server.count(r"^PUT ") == 0
+    assert hub_server.count(r"^POST .*/preupload/") == 0
+
+
+def test_hf_create_pr_and_branch(hub_server, hf, tmp_path):
+    recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy"))
+    bundle = make_bundle(make_model(tmp_path / "build", recipe), recipe)
+    api = hub_client(hub_server)
+    api.create_repo(recipe.repo_id)
+    main_before = remote_state(api, recipe.repo_id)
+
+    pr = hf.publish(bundle, HfOptions(create_pr=True))
+    assert pr.revision == "refs/pr/1" and pr.detail == "pull request opened"
+    assert remote_state(api, recipe.repo_id) == main_before
+
+    branch = hf.publish(bundle, HfOptions(revision="staging"))
+    assert branch.changed
+    assert "README.md" in remote_state(api, recipe.repo_id, "staging")[1]
+    assert remote_state(api, recipe.repo_id) == main_before
+
+
+def test_hf_retries_429_and_503_honouring_retry_after(hub_server, hf, tmp_path):
+    recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy"))
+    bundle = make_bundle(make_model(tmp_path / "build", recipe), recipe)
+    hub_server.inject(r"^POST /api/models/.*/commit/", 429, retry_after=7)
+    hub_server.inject(r"^GET /api/models/", 503, times=2, retry_after=3)
+    result = hf.publish(bundle, HfOptions())
+    assert result.changed
+    assert 7.0 in hf.slept and hf.slept.count(3.0) == 2
+    assert hub_server.count(r"^POST .*/commit/") == 2
+
+
+def test_hf_conflict_leaves_the_repo_as_it_was(hub_server, hf, tmp_path):
+    recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy"))
+    bundle = make_bundle(make_model(tmp_path / "build", recipe), recipe)
+    api = hub_client(hub_server)
+    api.create_repo(recipe.repo_id)
+
+    class Racing(HfTarget):
+        """Someone else pushes between our read of the head and our commit."""
+
+        def plan(self, bundle, options):
+            if not getattr(self, "raced", False):
+                self.raced = True
+                api.upload_file(path_or_fileobj=b"theirs", path_in_repo="theirs.txt", repo_id=recipe.repo_id)
+            return super().plan(bundle, options)
+
+    before = remote_state(api, recipe.repo_id)
+    racer = Racing(sleep=lambda s: None)
+    with pytest.raises(PublishError) as info:
+        racer.publish(bundle, HfOptions())
+    assert str(info.value) == (
+        f"{recipe.repo_id}@main changed while publishing (someone else pushed); nothing was committed: "
+        "run `registry publish` again to publish on top of it"
+    )
+    sha, files = remote_state(api, recipe.repo_id)
+    assert files == sorted([*before[1], "theirs.txt"])
+    # A rerun publishes on top of the other push.
+    assert HfTarget().publish(bundle, HfOptions()).changed
+    assert "theirs.txt" not in remote_state(api, recipe.repo_id)[1]
+
+
+def test_hf_dropped_upload_changes_nothing_and_a_rerun_completes(hub_server, hf, tmp_path, monkeypatch):
+    import huggingface_hub.utils._http as http
+
+    monkeypatch.setattr(http.time, "sleep", lambda s: None)  # the client's own backoff between PUT retries
+    recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy"))
+    bundle = make_bundle(make_model(tmp_path / "build", recipe, big=True), recipe)
+    api = hub_client(hub_server)
+    api.create_repo(recipe.repo_id)
+    before = remote_state(api, recipe.repo_id)
+    hub_server.inject(r"^PUT ", "drop", times=10)
+    with pytest.raises(Exception):
+        hf.publish(bundle, HfOptions())
+    assert remote_state(api, recipe.repo_id) == before
+    assert hub_server.count(r"^POST .*/commit/") == 0
+    assert HfTarget().publish(bundle, HfOptions()).changed
+
+
+def test_hf_token_errors_are_one_line_and_never_show_the_token(hub_server, tmp_path, monkeypatch):
+    recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy"))
+    bundle = make_bundle(make_model(tmp_path / "build", recipe), recipe)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(PublishError) as missing:
+        HfTarget().publish(bundle, HfOptions())
+    assert str(missing.value) == "no Hub token: run `hf auth login` or set HF_TOKEN"
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_secret_value")
+    with pytest.raises(PublishError) as rejected:
+        HfTarget().publish(bundle, HfOptions())
+    assert str(rejected.value) == "the Hub rejected the token (401): run `hf auth login` or set a valid HF_TOKEN"
+    assert "hf_wrong_secret_value" not in str(rejected.value)
