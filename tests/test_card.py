@@ -1,0 +1,529 @@
+"""Model cards: the reviewed reference card, team templates, plugin sections, and nothing leaked."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from registry.card import (
+    card_context,
+    find_leaks,
+    front_matter,
+    md,
+    metadata_problems,
+    read_reports,
+    render_card,
+    write_card,
+)
+from registry.errors import CardError
+from registry.hookspecs import hookimpl
+from registry.plugins import get_plugin_manager
+from registry.recipe import load_recipe, parse_recipe
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+COS_FMT = ROOT / "recipes" / "cos_fmt.yaml"
+REFERENCE_DIR = HERE / "fixtures" / "cards" / "cos_fmt"
+REFERENCE = (REFERENCE_DIR / "README.md").read_text(encoding="utf-8")
+HEAVY = ("torch", "transformers", "mergekit", "huggingface_hub", "safetensors")
+
+# The recipe behind the reference model's published card, sources as the paths that card leaked.
+LEAKED_PATHS = (
+    "/local/scratch/zli2/checkpoints/cos_MRL4096_ROLLOUT4_LR1e-6/global_step_50/actor/huggingface",
+    "/local/scratch/zli2/checkpoints/fmt_MRL4096_ROLLOUT4/global_step_50/actor/huggingface",
+)
+
+
+def recipe_text(cos: str = "${CHECKPOINTS}/cos", fmt: str = "${CHECKPOINTS}/fmt", *, cos_label: str = "GRPO, cosine reward",
+                summary: str = "A test merge", extra: str = "") -> str:
+    return f"""\
+repo_id: team/test-merge
+summary: {json.dumps(summary)}
+license: mit
+{extra}
+sources:
+  cos: {{model: {json.dumps(cos)}, label: {json.dumps(cos_label)}}}
+  fmt: {{model: {json.dumps(fmt)}, label: "GRPO, format reward"}}
+merge:
+  merge_method: linear
+  models:
+    - {{model: cos, parameters: {{weight: 0.3}}}}
+    - {{model: fmt, parameters: {{weight: 0.7}}}}
+  dtype: bfloat16
+"""
+
+
+def render(text: str, **kwargs) -> str:
+    kwargs.setdefault("template_dirs", ())
+    return render_card(parse_recipe(text, "test.yaml"), **kwargs)
+
+
+def section(card: str, title: str) -> str:
+    """The body of the `## title` section (up to the next `## `)."""
+    start = card.index(f"\n## {title}\n") + len(f"\n## {title}\n")
+    end = card.find("\n## ", start)
+    return card[start : end if end != -1 else len(card)].strip("\n")
+
+
+@pytest.fixture
+def plugins():
+    """Register plugin objects in memory for one test."""
+    pm = get_plugin_manager()
+    added = []
+
+    def register(plugin):
+        pm.register(plugin)
+        added.append(plugin)
+
+    yield register
+    for plugin in added:
+        pm.unregister(plugin)
+
+
+@pytest.fixture
+def reference_reports():
+    return read_reports(REFERENCE_DIR)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference card
+
+
+def test_reference_card_matches_the_reviewed_file(reference_reports):
+    provenance, smoke = reference_reports
+    assert render_card(load_recipe(COS_FMT), provenance, smoke, template_dirs=()) == REFERENCE
+
+
+def test_reference_card_parses_back_with_huggingface_hub():
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(REFERENCE)
+    assert card.data.to_dict() == {
+        "base_model": ["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"],
+        "base_model_relation": "merge",
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": "mit",
+        "tags": ["merge", "mergekit", "linear", "open-rs", "grpo", "reasoning"],
+        "registry": {"recipe_sha256": load_recipe(COS_FMT).sha256, "version": "0.1.0"},
+    }
+    assert metadata_problems(card.data.to_dict()) == []
+    assert card.text.startswith("\n# merge_linear_cos0.3fmt0.7_MRL4096_ROLLOUT4_LR1e-6\n")
+
+
+def test_cli_prints_the_reference_card_fast_and_without_torch():
+    env = {**os.environ, "REGISTRY_LOAD_PLUGINS": ""}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "from registry.cli import main; main()",
+         "card", str(COS_FMT), "--model-dir", str(REFERENCE_DIR)],
+        capture_output=True, text=True, cwd=ROOT, env=env,
+    )
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == REFERENCE
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert sorted(m for m in imported if m.split(".")[0] in HEAVY) == []
+    assert "jinja2.sandbox" in imported  # the import log is complete, so the check above means something
+    # Interpreter start, typer, pydantic and jinja2 included; about 0.5 s on an idle two-core machine.
+    assert elapsed < 2.0, f"registry card took {elapsed:.2f} s"
+
+
+def test_cli_writes_the_card_and_reports_json(tmp_path):
+    out = tmp_path / "README.md"
+    cmd = ["card", str(COS_FMT), "--model-dir", str(REFERENCE_DIR), "-o", str(out)]
+    result = subprocess.run([sys.executable, "-c", "from registry.cli import main; main()", *cmd],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wrote {out} for Zachary1150/merge_linear_cos0.3fmt0.7_MRL4096_ROLLOUT4_LR1e-6 (provenance.json, smoke.json)\n"
+    assert out.read_text(encoding="utf-8") == REFERENCE
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    result = subprocess.run([sys.executable, "-c", "from registry.cli import main; main()",
+                             "card", str(COS_FMT), "--format", "json"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["repo_id"] == "Zachary1150/merge_linear_cos0.3fmt0.7_MRL4096_ROLLOUT4_LR1e-6"
+    assert (data["output"], data["provenance"], data["smoke"]) == (None, False, False)
+    assert data["metadata"]["base_model"] == ["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"]
+    assert data["card"].startswith("---\nbase_model:\n- deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B\n")
+
+
+def test_sections_without_data_say_so():
+    card = render(recipe_text())
+    assert section(card, "Smoke tests") == "No smoke-test report was found for this model: it has not been checked to load or generate."
+    assert section(card, "Provenance") == (
+        "- **Recipe sha256:** `" + parse_recipe(recipe_text(), "t.yaml").sha256 + "`\n\n"
+        "No provenance report was found: the file hashes and tool versions of these weights are not recorded here."
+    )
+    assert "| `cos` | GRPO, cosine reward | local checkpoint, not on the Hub | not recorded |" in card
+    assert "- It has no smoke-test report: nothing here shows that it loads or generates." in card
+    # No Hub parent and no ancestor: no base_model at all, rather than a made-up one.
+    assert "base_model" not in front_matter(card)
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates and plugins
+
+
+def test_team_template_extends_the_default(tmp_path, reference_reports):
+    (tmp_path / "model_card.md.j2").write_text(
+        '{% extends "default:model_card.md.j2" %}\n'
+        "{% block limitations %}\n"
+        "{{ super() -}}\n"
+        "- Internal use only: ask the merges channel before deploying {{ name }}.\n"
+        "{% endblock %}\n"
+    )
+    card = render_card(load_recipe(COS_FMT), *reference_reports, template_dirs=[tmp_path])
+    anchor = "- Its parents are not published: they are identified here by label and weight hash only.\n"
+    extra = "- Internal use only: ask the merges channel before deploying merge_linear_cos0.3fmt0.7_MRL4096_ROLLOUT4_LR1e-6.\n"
+    assert card == REFERENCE.replace(anchor, anchor + extra)
+
+
+def test_template_search_order_is_team_then_plugins_then_default(tmp_path, plugins):
+    team, plugin_dir = tmp_path / "team", tmp_path / "plugin"
+    for folder, who in ((team, "team"), (plugin_dir, "plugin")):
+        folder.mkdir()
+        (folder / "model_card.md.j2").write_text(
+            '{% extends "default:model_card.md.j2" %}{% block title %}\n\n# ' + who + " card\n{% endblock %}"
+        )
+
+    class TemplatePlugin:
+        @hookimpl
+        def register_template_dirs(self):
+            return [plugin_dir]
+
+    plugins(TemplatePlugin())
+    recipe = parse_recipe(recipe_text(), "t.yaml")
+    from registry.card import find_template_dirs
+
+    assert find_template_dirs(team) == [team, plugin_dir]
+    assert "\n# team card\n" in render_card(recipe, template_dirs=find_template_dirs(team))
+    assert "\n# plugin card\n" in render_card(recipe, template_dirs=[plugin_dir])
+    assert "\n# test-merge\n" in render_card(recipe, template_dirs=[])
+
+
+def test_plugin_sections_come_before_provenance(plugins):
+    seen = {}
+
+    class EvalPlugin:
+        @hookimpl
+        def card_sections(self, recipe, result):
+            seen["args"] = (recipe.repo_id, result)
+            return [("Evaluation", "| task | score |\n|---|---:|\n| gsm8k | 71.2 |")]
+
+    class QuietPlugin:
+        @hookimpl
+        def card_sections(self, recipe, result):
+            return None
+
+    plugins(EvalPlugin())
+    plugins(QuietPlugin())
+    smoke = {"format": 1, "passed": True, "device": "cpu", "recipe_sha256": None, "checks": []}
+    card = render(recipe_text(), smoke=smoke)
+    assert seen["args"] == ("team/test-merge", {"provenance": None, "smoke": smoke})
+    assert "\n## Evaluation\n\n| task | score |\n|---|---:|\n| gsm8k | 71.2 |\n\n## Provenance\n" in card
+
+
+def test_template_errors_name_the_template_line(tmp_path):
+    (tmp_path / "model_card.md.j2").write_text("---\n{{ front_matter }}---\n\n{{ no_such_field }}\n")
+    with pytest.raises(CardError) as err:
+        render(recipe_text(), template_dirs=[tmp_path])
+    assert str(err.value).endswith("model_card.md.j2:4: 'no_such_field' is undefined (fix the template)")
+
+    (tmp_path / "model_card.md.j2").write_text("{% block x %}\n")
+    with pytest.raises(CardError) as err:
+        render(recipe_text(), template_dirs=[tmp_path])
+    assert "model_card.md.j2:1: template syntax error: Unexpected end of template." in str(err.value)
+
+
+def test_template_without_registry_metadata_is_refused(tmp_path):
+    (tmp_path / "model_card.md.j2").write_text("---\nlicense: mit\n---\n\n# {{ name }}\n")
+    with pytest.raises(CardError) as err:
+        render(recipe_text(), template_dirs=[tmp_path])
+    sha = parse_recipe(recipe_text(), "t.yaml").sha256
+    assert str(err.value) == (
+        f"card metadata for team/test-merge lacks registry.recipe_sha256 {sha[:12]}…, which publishing compares "
+        "(keep the default template's front matter block)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+
+
+def test_hub_parents_are_base_models_with_pinned_links():
+    text = """\
+repo_id: team/hub-merge
+license: other
+license_name: research-only
+license_link: https://example.com/license
+ancestor: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
+tags: [reasoning, merge]
+sources:
+  a: {model: open-r1/OpenR1-Qwen-1.5B, label: "Open R1"}
+  b: {model: ./checkpoints/b, hub_id: team/b-published, label: "Ours"}
+merge:
+  merge_method: linear
+  models:
+    - {model: a, parameters: {weight: [{filter: self_attn, value: 0.2}, {value: 0.5}]}}
+    - {model: b, parameters: {weight: 0.5}}
+    - {model: Qwen/Qwen2.5-1.5B@main, parameters: {weight: 0.1}}
+"""
+    recipe = parse_recipe(text, "t.yaml")
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    provenance = {"format": 1, "recipe_sha256": recipe.sha256, "sources": {"a": {"kind": "hub", "repo_id": "open-r1/OpenR1-Qwen-1.5B", "revision": sha}}}
+    card = render_card(recipe, provenance, None, template_dirs=())
+    meta = front_matter(card)
+    assert meta["base_model"] == ["open-r1/OpenR1-Qwen-1.5B", "team/b-published", "Qwen/Qwen2.5-1.5B"]
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == ("other", "research-only", "https://example.com/license")
+    assert meta["tags"] == ["merge", "mergekit", "linear", "reasoning"]
+    assert metadata_problems(meta) == []
+    rows = [line for line in section(card, "Source models").splitlines() if line.startswith("| `")]
+    assert rows == [
+        f"| `a` | Open R1 | [open-r1/OpenR1-Qwen-1.5B](https://huggingface.co/open-r1/OpenR1-Qwen-1.5B) | commit [`{sha}`](https://huggingface.co/open-r1/OpenR1-Qwen-1.5B/tree/{sha}) |",
+        "| `b` | Ours | local checkpoint, published as [team/b-published](https://huggingface.co/team/b-published) | not recorded |",
+        "| `Qwen/Qwen2.5-1.5B` | none | [Qwen/Qwen2.5-1.5B](https://huggingface.co/Qwen/Qwen2.5-1.5B) | `main`, not pinned to a commit |",
+    ]
+    assert "| `a` | Open R1 | 0.2 for self\\_attn; 0.5 otherwise |" in card
+    assert "- Some of its parents" not in card and "- Its parents are not published" not in card
+    assert "./checkpoints" not in card and "checkpoints/b" not in card
+
+
+@pytest.mark.parametrize(
+    "meta, problem",
+    [
+        ({"base_model": ["owner/name", "no-namespace"]}, "base_model: 'no-namespace' is not a Hub repo id: expected 'owner/name'"),
+        ({"base_model": "a/b", "base_model_relation": "merged"}, "base_model_relation: 'merged' is not one of adapter, merge, quantized, finetune"),
+        ({"base_model_relation": "merge"}, "base_model_relation without base_model"),
+        ({"license": "MIT"}, "license: 'MIT' is not a Hub license id"),
+        ({"license": "other", "license_name": "x"}, "license: 'other' needs license_name and license_link"),
+        ({"tags": "merge"}, "tags must be a list of strings"),
+    ],
+)
+def test_metadata_checks_mirror_the_hub(meta, problem):
+    assert metadata_problems(meta) == [problem]
+
+
+def test_reports_for_another_recipe_are_refused(reference_reports):
+    provenance, smoke = reference_reports
+    with pytest.raises(CardError) as err:
+        render(recipe_text(), provenance=provenance)
+    sha = parse_recipe(recipe_text(), "t.yaml").sha256
+    assert str(err.value) == (
+        f"provenance.json was written for another recipe (sha256 98c311d6f9bc…, this one is {sha[:12]}…) (re-run `registry merge`)"
+    )
+
+
+def test_unreadable_report_names_file_and_position(tmp_path):
+    (tmp_path / "smoke.json").write_text('{"format": 1,\n "passed": tru}\n')
+    with pytest.raises(CardError) as err:
+        read_reports(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'smoke.json'}:2:12: not valid JSON: Expecting value (re-run `registry smoke`)"
+
+
+def test_failed_smoke_is_shown_as_failed(tmp_path):
+    smoke = {
+        "format": 1, "passed": False, "device": "cpu", "recipe_sha256": None,
+        "checks": [{"name": "long", "status": "failed", "reason": "pass key missed at 512 tokens", "details": {}}],
+        "short": {"prompt": "Hi", "output": "```\n| not a table |\n```", "new_tokens": 5, "stopped": "eos"},
+        "long": [
+            {"tokens": 256, "depth": 0.5, "status": "retrieved", "reason": None, "finite": True, "seconds": 0.05, "peak_memory_bytes": 1_500_000},
+            {"tokens": 512, "depth": 0.5, "status": "missed", "reason": None, "finite": False, "seconds": 0.1, "peak_memory_bytes": 2_000_000},
+            {"tokens": 131072, "depth": 0.5, "status": "skipped", "reason": "longer than cpu_max_tokens 8192", "finite": None, "seconds": None, "peak_memory_bytes": None},
+        ],
+        "parity": [{"model": "merged", "nll": 5.5, "long_retrieved": 1, "long_total": 2}, {"model": "cos", "nll": None, "long_retrieved": None, "long_total": None}],
+    }
+    card = render(recipe_text(), smoke=smoke)
+    assert "\n> **Warning:** this model failed its smoke tests; see the smoke tests below.\n" in card
+    body = section(card, "Smoke tests")
+    assert body.startswith("**Failed** on cpu.\n\n| Check | Result | Notes |\n|---|---|---|\n| long | failed | pass key missed at 512 tokens |\n")
+    assert "Output (5 new tokens, ended by the model):\n\n````text\n```\n| not a table |\n```\n````\n" in body
+    assert (
+        "| 256 | 50% | retrieved | 0.05 s | 1.43 MiB |\n"
+        "| 512 | 50% | missed (non-finite logits) | 0.10 s | 1.91 MiB |\n"
+        "| 131,072 | 50% | skipped: longer than cpu\\_max\\_tokens 8192 | n/a | n/a |\n"
+    ) in body
+    assert "| **merged** | 5.500 | 1 of 2 |\n| `cos` | n/a | n/a |" in body
+    assert "- It failed its smoke tests (see above).\n- Long-context retrieval was checked up to 256 tokens.\n" in card
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing leaks
+
+
+def test_reference_models_leaked_paths_stay_out(tmp_path):
+    # The reference model's card listed its sources as /local/scratch paths, in prose and in the
+    # mergekit configuration. The same merge, written as a bare mergekit config and as a recipe:
+    bare = tmp_path / "cos_fmt_mergekit.yaml"
+    bare.write_text(
+        "models:\n"
+        f"  - model: {LEAKED_PATHS[0]}\n    parameters:\n      weight: 0.3\n"
+        f"  - model: {LEAKED_PATHS[1]}\n    parameters:\n      weight: 0.7\n"
+        "merge_method: linear\nparameters:\n  normalize: true\ndtype: bfloat16\n"
+    )
+    card = render_card(load_recipe(bare), template_dirs=())
+    assert "```yaml\nmerge_method: linear\nmodels:\n- model: model_1\n  parameters:\n    weight: 0.3\n- model: model_2\n" in card
+    assert "| `model_1` | none | local checkpoint, not on the Hub | not recorded |" in card
+
+    recipe = load_recipe(COS_FMT).model_copy(deep=True)
+    recipe.sources["cos"].model, recipe.sources["fmt"].model = LEAKED_PATHS
+    provenance, smoke = read_reports(REFERENCE_DIR)
+    provenance["recipe_sha256"] = smoke["recipe_sha256"] = recipe.sha256  # the paths are part of the recipe hash
+    recipe_card = render_card(recipe, provenance, smoke, template_dirs=())
+    for text in (card, recipe_card):
+        for piece in ("/local", "scratch", "zli2", "global_step_50", "actor/huggingface", "MRL4096"):
+            assert piece not in text.replace("merge_linear_cos0.3fmt0.7_MRL4096", "")
+        assert find_leaks(text) == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "C:\\Users\\zach\\ckpt\\cos",
+        "D:/zach/ckpt/cos",
+        "\\\\fileserver\\zach\\ckpt\\cos",
+        "~/ckpt/zach/cos",
+        "~zach/ckpt/cos",
+        "${CHECKPOINTS}/zach/ckpt/cos",
+        "/home/zach/ckpt/cos",
+        "./zach/ckpt/cos",
+    ],
+)
+def test_source_paths_never_enter_the_card(path):
+    card = render(recipe_text(cos=path))
+    assert "zach" not in card and "ckpt" not in card and "fileserver" not in card
+    context = json.dumps(card_context(parse_recipe(recipe_text(cos=path), "t.yaml")))
+    assert "zach" not in context
+
+
+@pytest.mark.parametrize(
+    "label, found",
+    [
+        ("from /local/scratch/zach/cos", "line 27:16 (Merge details) contains an absolute path '/local/scratch/zach/cos'"),
+        ("copied from /home", "line 27:23 (Merge details) contains an absolute path '/home'"),
+        ("C:\\Users\\zach\\cos", "line 27:11 (Merge details) contains a Windows path 'C:\\Users\\zach\\cos'"),
+        ("\\\\server\\share\\cos", "line 27:11 (Merge details) contains a network (UNC) path '\\\\server\\share\\cos'"),
+        ("~/ckpt/cos", "line 27:11 (Merge details) contains a home-relative path '~/ckpt/cos'"),
+        ("${CHECKPOINTS}/cos", "line 27:11 (Merge details) contains an environment reference '${CHECKPOINTS}'"),
+        ("$HOME/cos", "line 27:11 (Merge details) contains an environment reference '$HOME/'"),
+        ("hf_" + "a1B2" * 9, "line 27:11 (Merge details) contains a Hugging Face token (hf_…)"),
+    ],
+)
+def test_path_or_secret_in_a_label_refuses_the_card(label, found):
+    with pytest.raises(CardError) as err:
+        render(recipe_text(cos_label=label))
+    message = str(err.value)
+    assert message == f"card for team/test-merge not written: {found} (1 more) (remove it from the recipe, report or template it came from)"
+    assert "a1B2a1B2" not in message
+
+
+def test_environment_secret_refuses_the_card_without_printing_it(monkeypatch, tmp_path):
+    token = "hf_" + "Zq9" * 12
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    with pytest.raises(CardError) as err:
+        render(recipe_text(summary=f"token {token} oops"))
+    assert str(err.value) == (
+        "card for team/test-merge not written: line 16:7 (title) contains the value of environment variable HF_TOKEN "
+        "(remove it from the recipe, report or template it came from)"
+    )
+    with pytest.raises(CardError) as err:
+        render(recipe_text(cos_label="key 0123456789abcdef"))
+    assert "contains the value of environment variable WANDB_API_KEY" in str(err.value)
+
+    # Through the command line: one line on stderr, exit 1, no file, no token.
+    recipe = tmp_path / "leaky.yaml"
+    recipe.write_text(recipe_text(cos_label=f"trained with {token}"))
+    out = tmp_path / "README.md"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from registry.cli import main; main()", "card", str(recipe), "-o", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_TOKEN": token},
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        "error: card for team/test-merge not written: line 27:24 (Merge details) contains the value of environment "
+        "variable HF_TOKEN (1 more) (remove it from the recipe, report or template it came from)\n"
+    )
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_path_valued_environment_variable_is_named():
+    leaks = find_leaks("built in /srv/team-x/merges today\n", {"MERGE_ROOT": "/srv/team-x/merges/"})
+    assert [str(leak) for leak in leaks] == ["line 1:10 (title) contains the value of environment variable MERGE_ROOT (a path)"]
+
+
+def test_scan_does_not_flag_what_a_card_legitimately_holds():
+    text = (
+        "See [x](https://huggingface.co/org/model/tree/abc) and https://github.com/arcee-ai/mergekit.\n"
+        "17/24 and 9 of 9, 3/3 retrieved; </think> and a/b/c and `model.safetensors`; ratio 1 / 2.\n"
+        "weights sha256 `c859d0fccb81299280957a9eb1ab30414a12e232c4f0767bf7aa277d6870d2a1`; {{ 7*7 }} $5 cost.\n"
+    )
+    assert find_leaks(text, {}) == []
+    assert find_leaks(REFERENCE) == []
+
+
+def test_template_code_in_recipe_text_renders_literally():
+    label = "{{ 7*7 }} {% for x in range(3) %}x{% endfor %}"
+    card = render(recipe_text(cos_label=label, summary="{{ config.__class__ }} {# c #}"))
+    assert "| `cos` | {{ 7\\*7 }} {% for x in range(3) %}x{% endfor %} | 0.3 |" in card
+    assert "\n{{ config.\\_\\_class\\_\\_ }} {\\# c \\#}\n" in card
+    assert "49" not in card and "xxx" not in card
+
+
+def test_markdown_in_labels_cannot_break_the_layout():
+    from markdown_it import MarkdownIt
+
+    label = "a|b *c* _d_ <e> `f` [g](h) & # ~ \\ $x$"
+    summary = "1. not a list <script>x</script>"
+    card = render(recipe_text(cos_label=label, summary=summary))
+    page = MarkdownIt("commonmark").enable("table").render(card.split("\n---\n", 1)[1])
+    assert f"<td>{html.escape(label, quote=False)}</td>" in page
+    assert f"<p>{html.escape(summary, quote=False)}</p>" in page
+    assert "<script>" not in page and "<ol" not in page
+    assert md("- x") == "\\- x" and md("0.3") == "0.3"
+
+
+def test_write_card_writes_nothing_when_refused(tmp_path):
+    out = tmp_path / "README.md"
+    out.write_text("previous card\n")
+    with pytest.raises(CardError):
+        write_card(parse_recipe(recipe_text(cos_label="/home/zach/x"), "t.yaml"), out, template_dirs=())
+    assert out.read_text() == "previous card\n"
+    write_card(parse_recipe(recipe_text(), "t.yaml"), out, template_dirs=())
+    assert out.read_text().startswith("---\nlibrary_name: transformers\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The usage snippet works
+
+
+@pytest.mark.slow
+def test_usage_snippet_runs_against_a_tiny_model(tmp_path, capsys):
+    import torch
+    from models import TinyConfig, build_base
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The byte-level tokenizer has 259 entries: the embedding must be at least that large.
+    model_dir = build_base(tmp_path / "model", TinyConfig(vocab_size=320), dtype="float32")
+    card = render(recipe_text(extra="smoke: {short: {prompt: 'The sky is', max_new_tokens: 6}}"))
+    snippet = section(card, "Usage").removeprefix("```python\n").removesuffix("\n```")
+    assert 'model_id = "team/test-merge"\n' in snippet
+    exec(compile(snippet.replace('"team/test-merge"', repr(str(model_dir))), "usage", "exec"), {})
+    printed = capsys.readouterr().out
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    prompt = tokenizer("<|im_start|>user\nThe sky is<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    expected = tokenizer.decode(ids[0, prompt["input_ids"].shape[-1]:], skip_special_tokens=True)
+    assert printed == expected + "\n"
