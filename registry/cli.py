@@ -138,6 +138,46 @@ def plugins(format: FormatOption = Format.text) -> None:
     _console().print(table)
 
 
+@app.command()
+def card(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
+    model_dir: Annotated[
+        Optional[Path], typer.Option("--model-dir", help="Folder of the merged model: its provenance.json and smoke.json are shown.")
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the card to this file [default: print it].")] = None,
+    templates: Annotated[
+        Optional[Path], typer.Option("--templates", help="Folder of the team's card templates [default: ./templates].")
+    ] = None,
+    format: FormatOption = Format.text,
+) -> None:
+    """Render the model card (README.md): Hub metadata, merge, sources, smoke results, provenance."""
+    from .card import find_template_dirs, front_matter, read_reports, render_card, write_card
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    provenance, smoke = read_reports(model_dir) if model_dir is not None else (None, None)
+    dirs = find_template_dirs(templates)
+    if output is not None:
+        text = write_card(loaded, output, provenance, smoke, dirs)
+    else:
+        text = render_card(loaded, provenance, smoke, dirs)
+    if format is Format.json:
+        emit_json({
+            "repo_id": loaded.repo_id,
+            "recipe_sha256": loaded.sha256,
+            "output": str(output) if output is not None else None,
+            "provenance": provenance is not None,
+            "smoke": smoke is not None,
+            "metadata": front_matter(text),
+            "card": text if output is None else None,
+        })
+    elif output is None:
+        sys.stdout.write(text)
+    else:
+        found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke)) if data) or "no reports"
+        _console().print(f"wrote {output} for {loaded.repo_id} ({found})")
+
+
 def _report(exc: RegistryError) -> None:
     err = _console(stderr=True)
     lines = str(exc).splitlines() or [type(exc).__name__]
