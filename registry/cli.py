@@ -178,6 +178,94 @@ def card(
         _console().print(f"wrote {output} for {loaded.repo_id} ({found})")
 
 
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+UpdateOption = Annotated[
+    bool, typer.Option("--update", help="Accept sources that changed since the lock file pinned them; re-resolve Hub revisions.")
+]
+OutputDirOption = Annotated[
+    Optional[Path], typer.Option("-o", "--output", help="Output folder [default: .registry/build/<recipe sha12>, or under $REGISTRY_HOME].")
+]
+
+
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
+    output: OutputDirOption = None,
+    update: UpdateOption = False,
+    format: FormatOption = Format.text,
+) -> None:
+    """Pin every source (Hub commit, local content hash), check they can be merged, write the lock file."""
+    from .recipe import load_recipe
+    from .sources import plan as make_plan, write_lock
+
+    loaded = load_recipe(recipe)
+    result = make_plan(loaded, update=update, out=output)
+    wrote = write_lock(result)
+    if format is Format.json:
+        emit_json({**result.to_dict(), "lock_written": wrote})
+        return
+    _print_plan(result, wrote)
+
+
+def _print_plan(result: Any, wrote: bool) -> None:
+    from rich.table import Table
+
+    out = _console()
+    table = Table("source", "kind", "pinned to", "license", "status", "weights")
+    for s in result.sources:
+        where = f"{s.repo_id}@{s.revision[:12]}" if s.kind == "hub" else f"{s.model}  sha256:{s.content_sha256[:12]}"
+        table.add_row(s.name + (" (donor)" if s.name == result.donor else ""), s.kind, where, s.license or "-", s.status,
+                      f"{s.weight_bytes / 1e9:.2f} GB")
+    out.print(table)
+    for c in result.checks:
+        colour = {"passed": "green", "warning": "yellow", "failed": "red"}[c.status]
+        out.print(f"[{colour}]{c.status:<7}[/{colour}] {c.name}: {c.message}", markup=True)
+    if result.estimate is not None:
+        e = result.estimate
+        out.print(f"needs {e.output_bytes / 1e9:.2f} GB of disk under {e.out} ({(e.disk_free_bytes or 0) / 1e9:.2f} GB free) "
+                  f"and about {e.memory_bytes / 1e9:.2f} GB of memory ({(e.memory_available_bytes or 0) / 1e9:.2f} GB available)")
+    if result.lock_path is not None:
+        out.print(f"wrote {result.lock_path}" if wrote else f"{result.lock_path} is up to date")
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
+    output: OutputDirOption = None,
+    device: Annotated[Device, typer.Option("--device", help="auto uses CUDA when torch sees a GPU, else the CPU.")] = Device.auto,
+    update: UpdateOption = False,
+    format: FormatOption = Format.text,
+) -> None:
+    """Merge the recipe's pinned sources with mergekit into a complete, reproducible output folder."""
+    from .merge import default_output, merge as run
+    from .recipe import load_recipe
+    from .sources import plan as make_plan, write_lock
+
+    loaded = load_recipe(recipe)
+    out_dir = output or default_output(loaded)
+    result_plan = make_plan(loaded, update=update, out=out_dir, device=device.value)
+    write_lock(result_plan)
+    text = format is Format.text
+    result = run(loaded, result_plan, out_dir, device.value, console=_console(stderr=True) if text else None)
+    if not text:
+        emit_json({**result.to_dict(), "warnings": result_plan.warnings})
+        return
+    out = _console()
+    for warning in result_plan.warnings:
+        out.print(f"[yellow]warning[/yellow] {warning}", markup=True)
+    size = sum(f["size"] for f in result.files.values())
+    if result.reused:
+        out.print(f"reused {result.out}: its provenance.json matches recipe {loaded.sha256[:12]} and the pinned sources")
+    else:
+        out.print(f"merged {loaded.repo_id} into {result.out} ({size / 1e9:.2f} GB, {len(result.files)} files) "
+                  f"on {result.device} in {result.seconds:.1f} s")
+
+
 def _report(exc: RegistryError) -> None:
     err = _console(stderr=True)
     lines = str(exc).splitlines() or [type(exc).__name__]

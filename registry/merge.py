@@ -1,0 +1,526 @@
+"""The merge stage: mergekit's linear merge into a staging folder, renamed into place only when complete.
+
+`merge(recipe, plan, out, device)` builds a private mergekit configuration from the recipe (aliases
+replaced by the pinned folders, the config/tokenizer donor set explicitly so mergekit never picks it
+from a set), runs `run_merge` into `<out>.staging-<pid>`, writes `provenance.json` beside the weights,
+fsyncs everything and renames the folder into place. A killed merge leaves only `.staging-`/`.old-`
+siblings, which the next run removes; a finished merge whose provenance matches is reused.
+
+For tests, REGISTRY_TEST_STOP_AT=<point> makes the process stop itself (SIGSTOP) at a named point
+("shard": a shard was written to staging; "rename": just before staging is renamed into place;
+"renamed": just after), so a test can SIGKILL it at a known moment.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from . import __version__
+from .errors import MergeError, RegistryError, UsageError
+from .sources import Estimate, PinnedSource, Plan, fetch
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .recipe import Recipe
+
+PROVENANCE = "provenance.json"
+PROVENANCE_FORMAT = 1
+# Output shard size in bytes. Smaller than mergekit's 5 GB default so shards are written (by a
+# background thread) while later tensors are still being merged, and the process never holds the
+# whole output in memory; large enough that a 1.5B model is a handful of files.
+SHARD_BYTES = 1 << 30
+# Files the merged model needs beside the weights, taken from the donor when mergekit leaves them out
+# (it drops generation_config.json when it rebuilds the tokenizer).
+CARRY_FILES = ("generation_config.json", "chat_template.jinja")
+# Resident memory of a process that has imported torch, transformers and mergekit.
+PROCESS_BYTES = 1_200_000_000
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ST_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+_ST_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+@dataclass
+class MergeResult:
+    """Where the merged model is, whether it was reused, and its provenance."""
+
+    out: Path
+    reused: bool
+    device: str
+    seconds: float
+    provenance: dict[str, Any]
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        """Output files (provenance.json aside) with their sha256 and size."""
+        return self.provenance["files"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (for `registry merge --format json`)."""
+        return {
+            "out": str(self.out),
+            "reused": self.reused,
+            "device": self.device,
+            "seconds": round(self.seconds, 3),
+            "recipe_sha256": self.provenance["recipe_sha256"],
+            "files": self.files,
+        }
+
+
+def registry_home() -> Path:
+    """$REGISTRY_HOME, else `.registry` in the current directory."""
+    return Path(os.environ.get("REGISTRY_HOME") or ".registry").expanduser().absolute()
+
+
+def default_output(recipe: Recipe) -> Path:
+    """`<registry home>/build/<first 12 hex of the recipe sha256>`."""
+    return registry_home() / "build" / recipe.sha256[:12]
+
+
+def output_dtype(recipe: Recipe, donor: PinnedSource) -> str:
+    """The dtype the merged weights are written in: out_dtype, else dtype, else the donor's."""
+    merge = recipe.merge
+    found = merge.out_dtype or merge.dtype or donor.config.get("torch_dtype") or donor.config.get("dtype")
+    if found in DTYPE_BYTES:
+        return found
+    dtypes = {t.dtype for t in donor.tensors.values()}
+    return _ST_NAMES.get(dtypes.pop(), "float32") if len(dtypes) == 1 else "float32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources
+
+
+def estimate_resources(recipe: Recipe, sources: list[PinnedSource], donor: str, out: Path, device: str = "auto",
+                       shard_bytes: int = SHARD_BYTES) -> Estimate:
+    """Disk and memory the merge needs (from tensor shapes only) and what the machine has free."""
+    ref = next(s for s in sources if s.name == donor)
+    out_bytes = DTYPE_BYTES[output_dtype(recipe, ref)]
+    tensors = dict(ref.tensors)
+    # mergekit writes lm_head for a model with tied embeddings too (it resolves it to embed_tokens).
+    if "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    output_bytes = sum(t.numel * out_bytes for t in tensors.values()) + 64 * 1024 * 1024  # + config, tokenizer
+    largest_name, largest = max(tensors.items(), key=lambda kv: (kv[1].numel, kv[0]))
+    in_bytes = DTYPE_BYTES.get(recipe.merge.dtype or "", 0) or max(_ST_BYTES.get(s.tensors[largest_name].dtype, 4) for s in sources)
+    # Inputs in the merge dtype, the float32 accumulator, the result in the output dtype.
+    working = largest.numel * (len(sources) * in_bytes + 4 + out_bytes)
+    if device == "cuda":
+        working = largest.numel * out_bytes  # the rest lives on the GPU
+    buffers = min(output_bytes, 2 * shard_bytes)  # the shard being filled and the one being written
+    return Estimate(
+        output_bytes=output_bytes,
+        disk_free_bytes=_disk_free(out),
+        memory_bytes=PROCESS_BYTES + working + buffers,
+        memory_available_bytes=_memory_available(),
+        largest_tensor=largest_name,
+        out=str(out),
+    )
+
+
+def check_resources(est: Estimate) -> None:
+    """Raise MergeError, with the numbers, when the output disk or the memory cannot hold the merge."""
+    if est.disk_free_bytes is not None and est.disk_free_bytes < est.output_bytes:
+        raise MergeError(
+            f"not enough disk for the merge: it writes {_gb(est.output_bytes)} to {est.out} and that filesystem has "
+            f"{_gb(est.disk_free_bytes)} free; free some space or choose another output folder with -o"
+        )
+    if est.memory_available_bytes is not None and est.memory_available_bytes < est.memory_bytes:
+        raise MergeError(
+            f"not enough memory for the merge: it needs about {_gb(est.memory_bytes)} (the largest tensor, "
+            f"{est.largest_tensor}, and output buffers) and {_gb(est.memory_available_bytes)} is available; "
+            "close other programs or merge on a machine with more memory"
+        )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n < 1e12 else f"{n / 1e12:.2f} TB"
+
+
+def _disk_free(out: Path) -> int | None:
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def _memory_available() -> int | None:
+    """MemAvailable, lowered to the cgroup's limit when the process runs in a container."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            room = int(limit) - used
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+# ---------------------------------------------------------------------------------------------
+# Finished outputs
+
+
+def read_provenance(out: Path) -> dict[str, Any] | None:
+    """The provenance.json of a finished merge at `out`, or None."""
+    try:
+        data = json.loads((out / PROVENANCE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == PROVENANCE_FORMAT else None
+
+
+def matches(provenance: dict[str, Any] | None, recipe: Recipe, plan: Plan, out: Path) -> bool:
+    """True when `out` holds a finished merge of this recipe from these exact source pins."""
+    if not provenance or provenance.get("recipe_sha256") != recipe.sha256 or provenance.get("config_donor") != plan.donor:
+        return False
+    recorded = provenance.get("sources") or {}
+    if set(recorded) != {s.name for s in plan.sources}:
+        return False
+    for src in plan.sources:
+        mine = src.provenance()
+        if any(recorded[src.name].get(k) != mine[k] for k in ("kind", "repo_id", "revision", "content_sha256")):
+            return False
+    files = provenance.get("files") or {}
+    return bool(files) and all(
+        (out / name).is_file() and (out / name).stat().st_size == info.get("size") for name, info in files.items()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge
+
+
+def merge(
+    recipe: Recipe,
+    plan: Plan,
+    out: Path | None = None,
+    device: str = "auto",
+    *,
+    console: Console | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> MergeResult:
+    """Merge the plan's sources into `out` (default: default_output(recipe)), or reuse a finished merge there.
+
+    `device` is auto|cpu|cuda; `console` shows progress bars (None: quiet).
+    """
+    started = time.perf_counter()
+    out = Path(os.path.abspath(out or default_output(recipe)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        _remove_stale(out)
+        found = read_provenance(out)
+        if matches(found, recipe, plan, out):
+            return MergeResult(out, True, found.get("device", "cpu"), time.perf_counter() - started, found)
+        if out.exists() and found is None and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"{out} exists and is not a registry merge output; choose another folder with -o or remove it")
+        device = _pick_device(device)
+        check_resources(estimate_resources(recipe, plan.sources, plan.donor, out, device, shard_bytes))
+        paths = {s.name: fetch(s) for s in plan.sources}
+        staging = out.with_name(f"{out.name}.staging-{os.getpid()}")
+        try:
+            provenance = _merge_into(staging, recipe, plan, paths, device, console, shard_bytes)
+            _install(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return MergeResult(out, False, device, time.perf_counter() - started, provenance)
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` so two merges never write the same folder."""
+    lock = out.with_name(f".{out.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MergeError(f"another registry merge is writing {out}; wait for it to finish or choose another folder with -o") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(out: Path) -> None:
+    # Under the lock, any staging or set-aside folder belongs to a merge that died.
+    for pattern in (f"{out.name}.staging-*", f"{out.name}.old-*"):
+        for stale in out.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _pick_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown device '{device}'; use auto, cpu or cuda")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise MergeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    return "cpu"
+
+
+def mergekit_config(recipe: Recipe, plan: Plan, paths: dict[str, Path]) -> dict[str, Any]:
+    """mergekit's configuration for this merge: folders instead of aliases, the donor as base_model."""
+    m = recipe.merge
+
+    def ref(name: str) -> dict[str, Any]:
+        # The structured form keeps mergekit from reading '+' or '@' in a path as a LoRA or revision.
+        return {"model": {"path": str(paths[name])}}
+
+    def weight(value: Any) -> Any:
+        return [w.model_dump(exclude_none=True) for w in value] if isinstance(value, list) else value
+
+    config: dict[str, Any] = {
+        "merge_method": m.merge_method,
+        "models": [{"model": ref(s.name), "parameters": {"weight": weight(s.weight)}} for s in plan.sources],
+        "parameters": {"normalize": m.parameters.normalize},
+        # mergekit takes config and tokenizer from base_model, else from the first model of a set,
+        # whose order changes with PYTHONHASHSEED. Linear ignores base_model otherwise.
+        "base_model": ref(plan.donor),
+    }
+    for key in ("dtype", "out_dtype", "chat_template"):
+        if getattr(m, key) is not None:
+            config[key] = getattr(m, key)
+    if m.tokenizer_source is not None:
+        config["tokenizer_source"] = ref(m.tokenizer_source) if m.tokenizer_source in paths else m.tokenizer_source
+    if m.tokenizer is not None:
+        tok = m.tokenizer.model_dump(exclude_none=True)
+        if tok.get("source") in paths:
+            tok["source"] = ref(tok["source"])
+        config["tokenizer"] = tok
+    return config
+
+
+def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path], device: str,
+                console: Console | None, shard_bytes: int) -> dict[str, Any]:
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    config = mergekit_config(recipe, plan, paths)
+    options = MergeOptions(
+        device=device,
+        read_to_gpu=device == "cuda",
+        out_shard_size=shard_bytes,
+        async_write=True,
+        write_threads=1,
+        copy_tokenizer=True,
+        write_model_card=False,
+        quiet=console is None,
+    )
+    shard_hashes: dict[str, tuple[str, int]] = {}
+    try:
+        # run_merge mutates the configuration it is given: it gets its own.
+        with _mergekit_hooks(console, shard_hashes), _quiet_transformers():
+            run_merge(MergeConfiguration.model_validate(config), str(staging), options,
+                      config_source=yaml.safe_dump(config, sort_keys=False))
+    except RegistryError:
+        raise
+    except Exception as exc:
+        raise MergeError(f"mergekit failed while merging {recipe.repo_id}: {type(exc).__name__}: {exc}") from exc
+    donor = paths[plan.donor]
+    for name in CARRY_FILES:
+        if not (staging / name).exists() and (donor / name).is_file():
+            shutil.copyfile(donor / name, staging / name)
+    provenance = _provenance(recipe, plan, staging, device, shard_hashes)
+    _write_json(staging / PROVENANCE, provenance)
+    for f in staging.iterdir():
+        _fsync(f)
+    _fsync(staging)
+    return provenance
+
+
+def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_hashes: dict[str, tuple[str, int]]) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    files = {}
+    for f in sorted(staging.iterdir(), key=lambda p: p.name):
+        known = shard_hashes.get(_shard_origin(f.name, staging))
+        size = f.stat().st_size
+        files[f.name] = {"sha256": known[0] if known and known[1] == size else _sha256(f), "size": size}
+    return {
+        "format": PROVENANCE_FORMAT,
+        "recipe_sha256": recipe.sha256,
+        "repo_id": recipe.repo_id,
+        "merge_method": recipe.merge.merge_method,
+        "normalize": recipe.merge.parameters.normalize,
+        "dtype": output_dtype(recipe, plan.source(plan.donor)),
+        "sources": {s.name: s.provenance() for s in plan.sources},
+        "config_donor": plan.donor,
+        "files": files,
+        "versions": {name: version(name) if name != "registry" else __version__
+                     for name in ("registry", "mergekit", "torch", "transformers")},
+        "device": device,
+    }
+
+
+def _shard_origin(name: str, staging: Path) -> str:
+    """The name mergekit's writer gave a shard before its final rename (model-3.safetensors)."""
+    if name == "model.safetensors":
+        return "model-1.safetensors"
+    m = re.fullmatch(r"model-(\d+)-of-\d+\.safetensors", name)
+    return f"model-{int(m[1])}.safetensors" if m else name
+
+
+@contextmanager
+def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, int]]) -> Iterator[None]:
+    """Route mergekit's tqdm bars to rich, and hash and fsync each shard in the thread that wrote it."""
+    import mergekit.graph
+    import mergekit.merge
+    import mergekit.tokenizer.build
+    from mergekit.io.tensor_writer import TensorWriter
+
+    modules = (mergekit.merge, mergekit.graph, mergekit.tokenizer.build)
+    saved = [m.tqdm for m in modules]
+    original_write = TensorWriter._write_shard_task
+
+    def write_shard(self, shard_data, shard_index, shard_path):
+        original_write(self, shard_data, shard_index, shard_path)
+        # Durability and hashing overlap the rest of the merge instead of following it.
+        path = Path(shard_path)
+        shard_hashes[path.name] = (_sha256(path), path.stat().st_size)
+        _fsync(path)
+        _stop_here("shard")
+
+    progress = None
+    if console is not None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console)
+    bars = _RichTqdm(progress)
+    try:
+        for m in modules:
+            m.tqdm = bars
+        TensorWriter._write_shard_task = write_shard
+        if progress is not None:
+            with progress:
+                yield
+        else:
+            yield
+    finally:
+        TensorWriter._write_shard_task = original_write
+        for m, value in zip(modules, saved):
+            m.tqdm = value
+
+
+class _RichTqdm:
+    """Stands in for the `tqdm` module inside mergekit: `tqdm.tqdm(...)` becomes a rich progress task."""
+
+    NAMES = {"Warmup loader cache": "opening sources", "Executing graph": "merging tensors",
+             "Building tokenizer permutations": "tokenizer"}
+
+    def __init__(self, progress: Any):
+        self.progress = progress
+
+    def tqdm(self, iterable: Any = None, desc: str | None = None, total: int | None = None, disable: bool = False, **_: Any) -> _Bar:
+        """A bar over `iterable` (or `total` steps)."""
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        task = None
+        if self.progress is not None and not disable:
+            task = self.progress.add_task(self.NAMES.get(desc or "", desc or "working"), total=total)
+        return _Bar(self.progress, task, iterable)
+
+
+class _Bar:
+    def __init__(self, progress: Any, task: Any, iterable: Any):
+        self.progress, self.task, self.iterable = progress, task, iterable
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, n)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    # mergekit sets the deprecated `torch_dtype` on the output config; transformers warns on every merge.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Rename the complete staging folder to `out`, setting aside (then removing) a previous output."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    _stop_here("rename")
+    os.rename(staging, out)
+    _fsync(out.parent)
+    _stop_here("renamed")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _stop_here(point: str) -> None:
+    if os.environ.get("REGISTRY_TEST_STOP_AT") == point:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(8 * 1024 * 1024)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,828 @@
+"""The plan stage: pin every source of a recipe and check they can be merged, before reading a weight.
+
+A Hub source is pinned to the commit sha its revision points at; a local source to the sha256 of its
+weight files. The pins go to a lock file beside the recipe (`cos_fmt.yaml` -> `cos_fmt.lock.json`), so
+a later plan or merge notices a checkpoint that changed underneath it. Compatibility is judged from
+`config.json`, tokenizer files and safetensors headers only: no tensor data is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from .errors import SourceError
+from .recipe import ModelRef, Recipe, WeightFilter, env_names, parse_ref
+from .yamldoc import Loc
+
+LOCK_FORMAT = 1
+# Files that define how text becomes token ids: they must agree, or ids mean different things.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json",
+)
+# Small files worth comparing or carrying over, but not a reason to refuse a merge.
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# Config keys that decide whether two checkpoints share an architecture.
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+# A safetensors header beyond this is corrupt, not large: real ones are a few hundred KB.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as its safetensors header describes it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A weight file: its size and sha256 (None for a Hub file whose hash the Hub did not give)."""
+
+    size: int
+    sha256: str | None = None
+
+
+@dataclass
+class PinnedSource:
+    """One model of the merge, resolved, inspected and pinned."""
+
+    name: str  # the alias under `sources:`, or the reference as written in merge.models
+    kind: Literal["local", "hub"]
+    model: str  # as written in the recipe (environment references unexpanded)
+    loc: Loc  # where the recipe names it, for errors
+    path: Path | None  # local folder; for a Hub source, the downloaded snapshot once fetched
+    repo_id: str | None = None
+    requested_revision: str | None = None
+    revision: str | None = None  # Hub: the commit sha
+    content_sha256: str | None = None  # local: see content_sha256()
+    files: dict[str, FileInfo] = field(default_factory=dict)
+    label: str | None = None
+    hub_id: str | None = None
+    weight: float | list[WeightFilter] | None = None
+    license: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    tokenizer: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    status: Literal["new", "locked", "updated"] = "new"
+
+    @property
+    def weight_bytes(self) -> int:
+        """Total size of the weight files."""
+        return sum(f.size for name, f in self.files.items() if name.endswith(".safetensors"))
+
+    @property
+    def pin(self) -> str:
+        """The commit sha (Hub) or content sha256 (local) this source is pinned to."""
+        return (self.revision if self.kind == "hub" else self.content_sha256) or ""
+
+    def provenance(self) -> dict[str, Any]:
+        """The source's entry in provenance.json: pins and labels, never a local path."""
+        weight: Any = self.weight
+        if isinstance(weight, list):
+            weight = [w.model_dump() for w in weight]
+        return {
+            "kind": self.kind,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "content_sha256": self.content_sha256,
+            "label": self.label,
+            "hub_id": self.hub_id,
+            "weight": weight,
+        }
+
+
+@dataclass(frozen=True)
+class Check:
+    """One compatibility or policy check of the plan."""
+
+    name: str
+    status: Literal["passed", "warning", "failed"]
+    message: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the merge needs and what the machine has, in bytes (None: unknown)."""
+
+    output_bytes: int
+    disk_free_bytes: int | None
+    memory_bytes: int
+    memory_available_bytes: int | None
+    largest_tensor: str
+    out: str
+
+
+@dataclass
+class Plan:
+    """Pinned sources, the checks they passed, resource estimates and the lock file to write."""
+
+    recipe_sha256: str
+    repo_id: str
+    sources: list[PinnedSource]
+    donor: str
+    tokenizer_source: str | None
+    checks: list[Check]
+    estimate: Estimate | None
+    lock_path: Path | None
+    lock: dict[str, Any]
+    lock_changed: bool
+
+    @property
+    def warnings(self) -> list[str]:
+        """Messages of the checks that passed with a warning."""
+        return [c.message for c in self.checks if c.status == "warning"]
+
+    def source(self, name: str) -> PinnedSource:
+        """The source called `name`."""
+        for src in self.sources:
+            if src.name == name:
+                return src
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data (for `registry plan --format json`)."""
+        return {
+            "recipe_sha256": self.recipe_sha256,
+            "repo_id": self.repo_id,
+            "donor": self.donor,
+            "tokenizer_source": self.tokenizer_source,
+            "sources": {
+                s.name: {
+                    **s.provenance(),
+                    "model": s.model,
+                    "requested_revision": s.requested_revision,
+                    "license": s.license,
+                    "status": s.status,
+                    "weight_bytes": s.weight_bytes,
+                    "model_type": s.config.get("model_type"),
+                    "tensors": len(s.tensors),
+                }
+                for s in self.sources
+            },
+            "checks": [asdict(c) for c in self.checks],
+            "estimate": asdict(self.estimate) if self.estimate else None,
+            "lock": str(self.lock_path) if self.lock_path else None,
+            "lock_changed": self.lock_changed,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def plan(
+    recipe: Recipe,
+    *,
+    update: bool = False,
+    out: Path | None = None,
+    device: str = "auto",
+    check_resources: bool = True,
+    on_hash: Callable[[int, int], None] | None = None,
+) -> Plan:
+    """Resolve, inspect and pin every source of `recipe`; raise SourceError when they cannot be merged.
+
+    `update` accepts local sources whose content changed since the lock file was written and re-resolves
+    Hub revisions; `out` and `device` are what the resource estimate is made for (MergeError when the
+    disk or memory cannot hold the merge); `on_hash(done, total)` reports hashing progress in bytes.
+    """
+    base_dir = recipe.path.parent if recipe.path else Path.cwd()
+    lock_path = lock_path_for(recipe)
+    old_lock = read_lock(lock_path) if lock_path else {}
+    old_entries = old_lock.get("sources", {})
+
+    sources = [_declare(recipe, i) for i in range(len(recipe.merge.models))]
+    problems = []
+    for src in sources:
+        try:
+            if src.kind == "local":
+                src.path = expand_path(recipe, src, base_dir)
+                _inspect_dir(recipe, src, src.path)
+            else:
+                _inspect_hub(recipe, src, old_entries.get(src.name), update)
+        except SourceError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise SourceError("\n".join(problems))
+
+    donor = _donor(recipe, sources)
+    tokenizer_source = _tokenizer_setting(recipe)
+    checks = compatibility_checks(recipe, sources, donor, tokenizer_source)
+    failed = [c for c in checks if c.status == "failed"]
+    if failed:
+        raise SourceError("\n".join(c.message for c in failed))
+
+    estimate = None
+    if out is not None or check_resources:
+        from .merge import check_resources as _check, default_output, estimate_resources
+
+        estimate = estimate_resources(recipe, sources, donor, out or default_output(recipe), device)
+        if check_resources:
+            _check(estimate)
+
+    _hash_local_sources([s for s in sources if s.kind == "local"], on_hash)
+    checks.extend(_lock_checks(recipe, sources, old_entries, update))
+    failed = [c for c in checks if c.status == "failed"]
+    if failed:
+        raise SourceError("\n".join(c.message for c in failed))
+
+    lock = {"format": LOCK_FORMAT, "sources": {s.name: lock_entry(s) for s in sources}}
+    return Plan(
+        recipe_sha256=recipe.sha256,
+        repo_id=recipe.repo_id,
+        sources=sources,
+        donor=donor,
+        tokenizer_source=tokenizer_source,
+        checks=checks,
+        estimate=estimate,
+        lock_path=lock_path,
+        lock=lock,
+        lock_changed=lock != old_lock,
+    )
+
+
+def _declare(recipe: Recipe, index: int) -> PinnedSource:
+    entry = recipe.merge.models[index]
+    declared = recipe.sources.get(entry.model)
+    loc: Loc = ("sources", entry.model, "model") if declared else ("merge", "models", index, "model")
+    text = declared.model if declared else entry.model
+    ref = parse_ref(text)  # validated when the recipe was loaded
+    if declared and declared.revision:
+        ref = ModelRef(ref.kind, ref.value, declared.revision)
+    weight = entry.parameters.weight if entry.parameters else None
+    return PinnedSource(
+        name=entry.model,
+        kind=ref.kind,
+        model=text,
+        loc=loc,
+        path=None,
+        repo_id=ref.value if ref.kind == "hub" else None,
+        requested_revision=ref.revision,
+        label=declared.label if declared else None,
+        hub_id=declared.hub_id if declared else None,
+        weight=weight,
+    )
+
+
+def _error(recipe: Recipe, src: PinnedSource | Loc, message: str) -> SourceError:
+    loc = src.loc if isinstance(src, PinnedSource) else src
+    return SourceError(str(recipe.problem(loc, message)))
+
+
+def expand_path(recipe: Recipe, src: PinnedSource, base_dir: Path) -> Path:
+    """The folder a local source names: ${VAR} from the environment, ~, relative to the recipe's folder."""
+    for name in env_names(src.model):
+        if not os.environ.get(name):
+            state = "is empty" if name in os.environ else "is not set"
+            raise _error(recipe, src, f"environment variable {name} {state}; export {name}=/path/to/the/folder it stands for")
+    text = re.sub(r"\$\{([^}]*)\}", lambda m: os.environ[m[1]], src.model)
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    return Path(os.path.abspath(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspecting a checkpoint folder: config, tokenizer, safetensors headers
+
+
+def _inspect_dir(recipe: Recipe, src: PinnedSource, path: Path, *, hub_files: bool = False) -> None:
+    shown = src.model if not hub_files else f"{src.repo_id}@{src.revision}"
+    if not path.exists():
+        raise _error(recipe, src, f"source '{src.name}': {path} does not exist")
+    if not path.is_dir():
+        raise _error(recipe, src, f"source '{src.name}': {path} is not a folder; name the checkpoint folder holding config.json")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise _error(recipe, src, f"source '{src.name}': no config.json in {path}; name the folder of a Hugging Face checkpoint")
+    try:
+        src.config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _error(recipe, src, f"source '{src.name}': cannot read {config_file}: {exc}") from None
+    weight_files = _weight_files(recipe, src, path, shown)
+    tensors: dict[str, TensorInfo] = {}
+    for name in weight_files:
+        if name.endswith(".safetensors"):
+            for key, info in read_safetensors_header(path / name, recipe, src).items():
+                tensors[key] = info
+    src.tensors = tensors
+    if not src.files:
+        src.files = {name: FileInfo((path / name).stat().st_size) for name in weight_files}
+    src.tokenizer = {
+        name: _sha256_file(path / name) for name in (*TOKENIZER_FILES, *TEMPLATE_FILES) if (path / name).is_file()
+    }
+
+
+def _weight_files(recipe: Recipe, src: PinnedSource, path: Path, shown: str) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise _error(recipe, src, f"source '{src.name}': cannot read {index}: {exc}") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise _error(recipe, src, f"source '{src.name}': {index.name} lists {missing[0]}, which is not in {path}; the download or copy is incomplete")
+        return [index.name, *shards]
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise _error(
+            recipe, src,
+            f"source '{src.name}': {shown} has only PyTorch .bin weights; convert it to safetensors first: "
+            f"python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" and point the recipe there",
+        )
+    if any(path.glob("*.safetensors")):
+        raise _error(recipe, src, f"source '{src.name}': {path} has .safetensors shards but no model.safetensors.index.json; restore the index file")
+    raise _error(recipe, src, f"source '{src.name}': no model weights (model.safetensors) in {path}")
+
+
+def read_safetensors_header(file: Path, recipe: Recipe | None = None, src: PinnedSource | None = None) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes and shapes from a safetensors file's header; no tensor data is read."""
+
+    def fail(message: str) -> SourceError:
+        text = f"{file}: {message}"
+        if recipe is not None and src is not None:
+            return _error(recipe, src, f"source '{src.name}': {text}")
+        return SourceError(text)
+
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise fail("not a safetensors file (shorter than 8 bytes)")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise fail(f"corrupt safetensors header (claims {length} bytes; file has {size})")
+            header = json.loads(f.read(length))
+    except OSError as exc:
+        raise fail(f"cannot read: {exc.strerror or exc}") from None
+    except ValueError:
+        raise fail("corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise fail("corrupt safetensors header")
+    data_bytes = size - 8 - length
+    out = {}
+    for key, value in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = value["dtype"], tuple(int(d) for d in value["shape"]), value["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise fail(f"corrupt safetensors header entry for {key}") from None
+        if end > data_bytes:
+            raise fail(f"truncated: tensor {key} ends at byte {end} of the data, which has {data_bytes}; copy the file again")
+        out[key] = TensorInfo(dtype, shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub sources
+
+
+def _hub_api():
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+def _hub_error(recipe: Recipe, src: PinnedSource, exc: BaseException) -> SourceError:
+    from huggingface_hub import constants, errors
+
+    where = f"{src.repo_id}@{src.requested_revision}" if src.requested_revision else src.repo_id
+    name = f"source '{src.name}'"
+    if isinstance(exc, errors.OfflineModeIsEnabled):
+        return _error(recipe, src, f"{name}: HF_HUB_OFFLINE is set, so {where} cannot be pinned on the Hub; unset HF_HUB_OFFLINE or use a local path")
+    if isinstance(exc, errors.GatedRepoError):
+        return _error(recipe, src, f"{name}: {src.repo_id} is gated; accept its conditions on the Hub and set HF_TOKEN (or run `hf auth login`)")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return _error(recipe, src, f"{name}: revision '{src.requested_revision}' not found in {src.repo_id}; name an existing branch, tag or commit")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return _error(recipe, src, f"{name}: {src.repo_id} not found on {constants.ENDPOINT} (a private repo needs HF_TOKEN or `hf auth login`)")
+    if isinstance(exc, errors.EntryNotFoundError):
+        return _error(recipe, src, f"{name}: {where} has no {getattr(exc, 'filename', None) or 'such file'}: {exc}")
+    if isinstance(exc, errors.HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "?"
+        return _error(recipe, src, f"{name}: the Hub answered HTTP {status} for {where}; retry later, or check HF_ENDPOINT ({constants.ENDPOINT})")
+    kinds = {c.__name__ for c in type(exc).__mro__}
+    if kinds & {"TransportError", "RequestError", "ConnectionError", "TimeoutException", "OSError"}:
+        return _error(recipe, src, f"{name}: cannot reach the Hub at {constants.ENDPOINT} to pin {where} ({exc}); check the network, or use a local path")
+    return _error(recipe, src, f"{name}: pinning {where} failed: {type(exc).__name__}: {exc}")
+
+
+def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | None, update: bool) -> None:
+    """Pin a Hub source to a commit and read its config, tokenizer files and safetensors headers."""
+    from huggingface_hub import constants
+
+    reuse = (
+        not update and locked is not None and locked.get("kind") == "hub" and locked.get("model") == src.model
+        and locked.get("revision") == src.requested_revision and _HEX40.match(str(locked.get("commit", "")))
+    )
+    if constants.HF_HUB_OFFLINE:
+        # Offline, a pinned commit already in the local cache is as good as asking the Hub.
+        if reuse:
+            path = _cached_snapshot(src.repo_id, locked["commit"])
+            if path is not None:
+                src.revision = locked["commit"]
+                src.status = "locked"
+                _inspect_dir(recipe, src, path, hub_files=True)
+                return
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        raise _hub_error(recipe, src, OfflineModeIsEnabled("offline"))
+
+    api = _hub_api()
+    revision = locked["commit"] if reuse else src.requested_revision
+    try:
+        info = api.model_info(src.repo_id, revision=revision, files_metadata=True)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line saying what to do
+        raise _hub_error(recipe, src, exc) from None
+    src.revision = info.sha
+    src.status = "locked" if reuse else ("updated" if locked and locked.get("model") == src.model else "new")
+    card = info.card_data.to_dict() if info.card_data is not None else {}
+    src.license = card.get("license")
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    if "config.json" not in siblings:
+        raise _error(recipe, src, f"source '{src.name}': {src.repo_id}@{info.sha[:12]} has no config.json; name a Hugging Face checkpoint")
+    if not any(n.endswith(".safetensors") for n in siblings):
+        if any(n.endswith(".bin") for n in siblings):
+            raise _error(
+                recipe, src,
+                f"source '{src.name}': {src.repo_id} has only PyTorch .bin weights; convert it to safetensors "
+                f"(download it, then save_pretrained() with transformers) and use the converted folder as a local source",
+            )
+        raise _error(recipe, src, f"source '{src.name}': {src.repo_id}@{info.sha[:12]} has no .safetensors weights")
+    src.files = {
+        name: FileInfo(s.size or 0, s.lfs.sha256 if s.lfs else None)
+        for name, s in sorted(siblings.items())
+        if name.endswith(".safetensors") or name == "model.safetensors.index.json"
+    }
+    try:
+        from huggingface_hub import hf_hub_download
+
+        small = ["config.json", *(n for n in (*TOKENIZER_FILES, *TEMPLATE_FILES) if n in siblings)]
+        local = {n: Path(hf_hub_download(src.repo_id, n, revision=info.sha)) for n in small}
+        meta = api.get_safetensors_metadata(src.repo_id, revision=info.sha)
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_error(recipe, src, exc) from None
+    src.config = json.loads(local.pop("config.json").read_text(encoding="utf-8"))
+    src.tokenizer = {n: _sha256_file(p) for n, p in local.items()}
+    src.tensors = {
+        key: TensorInfo(t.dtype, tuple(t.shape))
+        for file_meta in meta.files_metadata.values()
+        for key, t in file_meta.tensors.items()
+    }
+
+
+def _cached_snapshot(repo_id: str, commit: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=commit, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached
+        return None
+
+
+def fetch(src: PinnedSource, *, quiet: bool = True) -> Path:
+    """The local folder of a source: a Hub source is downloaded at its pinned commit (cached)."""
+    if src.kind == "local":
+        assert src.path is not None
+        return src.path
+    if src.path is not None:
+        return src.path
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            src.repo_id, revision=src.revision,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"],
+        )
+    except Exception as exc:  # noqa: BLE001
+        kinds = {c.__name__ for c in type(exc).__mro__}
+        raise SourceError(f"source '{src.name}': downloading {src.repo_id}@{src.revision} failed ({type(exc).__name__}: {exc}); "
+                          + ("check the network and retry" if kinds & {"TransportError", "OSError"} else "retry, or pin another revision")) from None
+    src.path = Path(path)
+    return src.path
+
+
+# ---------------------------------------------------------------------------------------------
+# Compatibility
+
+
+def _donor(recipe: Recipe, sources: list[PinnedSource]) -> str:
+    names = [s.name for s in sources]
+    base = recipe.merge.base_model
+    if base is None:
+        return names[0]
+    if base not in names:
+        raise _error(recipe, ("merge", "base_model"),
+                     f"base_model '{base}' is not one of merge.models; for a linear merge it only picks the config and tokenizer donor, so name one of the models")
+    return base
+
+
+def _tokenizer_setting(recipe: Recipe) -> str | None:
+    merge = recipe.merge
+    if merge.tokenizer_source is not None:
+        return merge.tokenizer_source
+    if merge.tokenizer is not None:
+        return merge.tokenizer.source
+    return None
+
+
+def compatibility_checks(recipe: Recipe, sources: list[PinnedSource], donor: str, tokenizer_source: str | None) -> list[Check]:
+    """Architecture, sizes, tensor names and shapes, tokenizer files and licenses of `sources` against the donor."""
+    ref = next(s for s in sources if s.name == donor)
+    checks: list[Check] = []
+    vocab_free = tokenizer_source is not None  # mergekit rebuilds embeddings to the chosen tokenizer
+    for other in sources:
+        if other is ref:
+            continue
+        problems = []
+        for key in ("model_type", "architectures", *SHAPE_KEYS, *(() if vocab_free else ("vocab_size",))):
+            mine, theirs = ref.config.get(key), other.config.get(key)
+            if mine != theirs:
+                problems.append(f"{key} is {json.dumps(theirs)}, '{ref.name}' has {json.dumps(mine)}")
+        if problems:
+            checks.append(Check("config", "failed", str(recipe.problem(
+                other.loc, f"source '{other.name}' cannot be merged with '{ref.name}': " + "; ".join(problems)))))
+            continue
+        checks.append(_tensor_check(recipe, ref, other, vocab_free))
+        checks.append(_tokenizer_check(recipe, ref, other, tokenizer_source))
+    checks.extend(_license_checks(recipe, sources))
+    return checks
+
+
+def _tensor_check(recipe: Recipe, ref: PinnedSource, other: PinnedSource, vocab_free: bool) -> Check:
+    missing = sorted(set(ref.tensors) - set(other.tensors))
+    extra = sorted(set(other.tensors) - set(ref.tensors))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"lacks tensor {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        if extra:
+            parts.append(f"has tensor {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "") + f" that '{ref.name}' does not")
+        return Check("tensors", "failed", str(recipe.problem(
+            other.loc, f"source '{other.name}' {' and '.join(parts)}; the checkpoints do not have the same architecture")))
+    for key in sorted(ref.tensors):
+        a, b = ref.tensors[key].shape, other.tensors[key].shape
+        if a == b or (vocab_free and a[1:] == b[1:] and _is_vocab_tensor(key)):
+            continue
+        return Check("tensors", "failed", str(recipe.problem(
+            other.loc, f"source '{other.name}': tensor {key} has shape {list(b)}, '{ref.name}' has {list(a)}; the models cannot be merged")))
+    return Check("tensors", "passed", f"'{other.name}' has the same {len(ref.tensors)} tensors as '{ref.name}'")
+
+
+def _is_vocab_tensor(name: str) -> bool:
+    return "embed_tokens" in name or name.startswith("lm_head") or "wte" in name
+
+
+def _tokenizer_check(recipe: Recipe, ref: PinnedSource, other: PinnedSource, tokenizer_source: str | None) -> Check:
+    differ = sorted(n for n in set(ref.tokenizer) | set(other.tokenizer)
+                    if n in TOKENIZER_FILES and ref.tokenizer.get(n) != other.tokenizer.get(n))
+    if not differ:
+        templates = [n for n in TEMPLATE_FILES if ref.tokenizer.get(n) != other.tokenizer.get(n)]
+        if templates:
+            return Check("tokenizer", "warning", f"'{other.name}' has a different {templates[0]} than '{ref.name}'; the merged model uses '{ref.name}''s")
+        return Check("tokenizer", "passed", "tokenizer files are identical")
+    listing = ", ".join(differ)
+    if tokenizer_source is not None:
+        return Check("tokenizer", "warning", f"tokenizer files differ between '{ref.name}' and '{other.name}' ({listing}); "
+                     f"mergekit builds the tokenizer from tokenizer source '{tokenizer_source}'")
+    return Check("tokenizer", "failed", str(recipe.problem(
+        other.loc, f"source '{other.name}' has a different tokenizer than '{ref.name}' ({listing} differ); "
+                   "set merge.tokenizer_source to the source whose tokenizer the merge should use")))
+
+
+def _license_checks(recipe: Recipe, sources: list[PinnedSource]) -> list[Check]:
+    checks = []
+    for src in sources:
+        if src.kind != "hub":
+            continue
+        if src.license is None:
+            checks.append(Check("license", "warning", f"'{src.name}' ({src.repo_id}) declares no license; check that you may redistribute a merge of it"))
+        elif recipe.license is not None and src.license != recipe.license:
+            checks.append(Check("license", "warning", f"'{src.name}' ({src.repo_id}) is licensed '{src.license}' but the recipe says '{recipe.license}'; check that the parent's license allows it"))
+        else:
+            checks.append(Check("license", "passed", f"'{src.name}' ({src.repo_id}) is licensed '{src.license}'"))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
+# Content hashes
+
+
+def content_sha256(files: dict[str, str]) -> str:
+    """sha256 of a `sha256sum`-style listing ("<hex>  <name>\\n", sorted by name) of the weight files."""
+    listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where registry keeps caches: $REGISTRY_HOME/cache, else $XDG_CACHE_HOME/registry or ~/.cache/registry."""
+    if os.environ.get("REGISTRY_HOME"):
+        return Path(os.environ["REGISTRY_HOME"]) / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "registry"
+
+
+class HashCache:
+    """sha256 of files keyed by path and stat (size, mtime, ctime, inode), as git's index does.
+
+    Rewriting a file changes its ctime, which no user tool can set back, so a stale entry is never used.
+    """
+
+    def __init__(self, file: Path | None = None):
+        self.file = file or cache_dir() / "file-hashes.json"
+        try:
+            self.entries: dict[str, dict[str, Any]] = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    @staticmethod
+    def _key(st: os.stat_result) -> list[int]:
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+    def get(self, path: Path) -> str | None:
+        """The cached sha256 of `path`, if the file has not changed since it was hashed."""
+        entry = self.entries.get(str(path))
+        if entry and entry.get("stat") == self._key(path.stat()):
+            return entry["sha256"]
+        return None
+
+    def put(self, path: Path, st: os.stat_result, digest: str) -> None:
+        """Remember `digest` for `path` as it was when `st` was taken."""
+        self.entries[str(path)] = {"stat": self._key(st), "sha256": digest}
+        self.dirty = True
+
+    def save(self) -> None:
+        """Write the cache (atomically; a failure to write only costs a rehash next time)."""
+        if not self.dirty:
+            return
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries, sort_keys=True))
+            os.replace(tmp, self.file)
+        except OSError:
+            pass
+
+
+def hash_files(paths: list[Path], on_hash: Callable[[int, int], None] | None = None) -> dict[Path, str]:
+    """sha256 of each file, from the stat-keyed cache where unchanged, else read in parallel."""
+    cache = HashCache()
+    result: dict[Path, str] = {}
+    todo = []
+    for path in paths:
+        digest = cache.get(path)
+        if digest is None:
+            todo.append(path)
+        else:
+            result[path] = digest
+    total = sum(p.stat().st_size for p in todo)
+    done = 0
+
+    def work(path: Path) -> tuple[Path, os.stat_result, str]:
+        st = path.stat()
+        return path, st, _sha256_file(path)
+
+    # hashlib releases the GIL on large buffers, so threads hash files on every core.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        for path, st, digest in pool.map(work, todo):
+            if path.stat().st_mtime_ns == st.st_mtime_ns:
+                cache.put(path, st, digest)
+            result[path] = digest
+            done += st.st_size
+            if on_hash:
+                on_hash(done, total)
+    cache.save()
+    return result
+
+
+def _hash_local_sources(sources: list[PinnedSource], on_hash: Callable[[int, int], None] | None) -> None:
+    wanted = [s.path / name for s in sources for name in s.files if s.path is not None]
+    digests = hash_files(wanted, on_hash)
+    for src in sources:
+        assert src.path is not None
+        hashes = {name: digests[src.path / name] for name in src.files}
+        src.files = {name: FileInfo(info.size, hashes[name]) for name, info in src.files.items()}
+        src.content_sha256 = content_sha256(hashes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock file
+
+
+def lock_path_for(recipe: Recipe) -> Path | None:
+    """`recipes/cos_fmt.lock.json` for `recipes/cos_fmt.yaml`; None for a recipe not read from a file."""
+    if recipe.path is None:
+        return None
+    return recipe.path.with_name(f"{recipe.path.stem}.lock.json")
+
+
+def read_lock(path: Path) -> dict[str, Any]:
+    """The lock file's content; {} when there is none."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read the lock file: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise SourceError(f"{path}: the lock file is not valid JSON ({exc}); delete it and run `registry plan` to pin the sources again") from None
+    if not isinstance(data, dict) or data.get("format") != LOCK_FORMAT or not isinstance(data.get("sources"), dict):
+        raise SourceError(f"{path}: not a registry lock file of format {LOCK_FORMAT}; delete it and run `registry plan` to pin the sources again")
+    return data
+
+
+def lock_entry(src: PinnedSource) -> dict[str, Any]:
+    """A source's pin as stored in the lock file (the model as written, never an expanded path)."""
+    if src.kind == "hub":
+        return {"kind": "hub", "model": src.model, "revision": src.requested_revision, "commit": src.revision}
+    return {
+        "kind": "local",
+        "model": src.model,
+        "content_sha256": src.content_sha256,
+        "files": {name: info.sha256 for name, info in sorted(src.files.items())},
+    }
+
+
+def _lock_checks(recipe: Recipe, sources: list[PinnedSource], old: dict[str, Any], update: bool) -> list[Check]:
+    checks = []
+    lock_path = lock_path_for(recipe)
+    lock_name = lock_path.name if lock_path else "the lock file"
+    for src in sources:
+        if src.kind != "local":
+            continue
+        entry = old.get(src.name)
+        if not entry or entry.get("kind") != "local" or entry.get("model") != src.model:
+            src.status = "new"
+            continue
+        if entry.get("content_sha256") == src.content_sha256:
+            src.status = "locked"
+            continue
+        was = entry.get("files") or {}
+        changed = sorted(n for n in set(was) | set(src.files) if was.get(n) != (src.files[n].sha256 if n in src.files else None))
+        what = f"{changed[0]}" + (f" and {len(changed) - 1} more" if len(changed) > 1 else "") if changed else "its files"
+        if update:
+            src.status = "updated"
+            checks.append(Check("lock", "warning", f"'{src.name}' changed since it was pinned ({what}); pin updated"))
+        else:
+            checks.append(Check("lock", "failed", str(recipe.problem(
+                src.loc,
+                f"source '{src.name}' changed since it was pinned in {lock_name} "
+                f"({what}: content sha256 {str(entry.get('content_sha256'))[:12]} -> {src.content_sha256[:12]}); "
+                "rerun with --update to accept the new weights"))))
+    return checks
+
+
+def write_lock(p: Plan) -> bool:
+    """Write the plan's pins to its lock file when they changed; True when the file was written."""
+    if p.lock_path is None or not p.lock_changed:
+        return False
+    text = json.dumps(p.lock, indent=2, sort_keys=True) + "\n"
+    tmp = p.lock_path.with_name(f".{p.lock_path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p.lock_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SourceError(f"{p.lock_path}: cannot write the lock file: {exc.strerror}") from None
+    p.lock_changed = False
+    return True
+

@@ -1,0 +1,294 @@
+"""`registry plan`: pinning local and Hub sources, compatibility checks, the lock file, resource refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from registry.errors import MergeError, SourceError
+from registry.merge import check_resources, estimate_resources
+from registry.recipe import load_recipe
+from registry.sources import PinnedSource, TensorInfo, plan, read_safetensors_header, write_lock
+
+from models import build_family, copy_non_weights, edit_json, fine_tune, rewrite_tensors
+
+RECIPE = """\
+repo_id: team/tiny-merge
+license: {license}
+sources:
+  a:
+    model: {a}
+    label: fine-tune A
+  b:
+    model: {b}
+merge:
+  merge_method: linear
+  models:
+    - model: a
+      parameters: {{weight: 0.3}}
+    - model: b
+      parameters: {{weight: 0.7}}
+  dtype: bfloat16
+{extra}"""
+
+
+def write_recipe(folder: Path, a: str = "./a", b: str = "./b", *, extra: str = "", license: str = "mit", name: str = "tiny.yaml") -> Path:
+    path = folder / name
+    path.write_text(RECIPE.format(a=a, b=b, extra=extra, license=license))
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def family_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("family")
+    build_family(root)
+    return root
+
+
+@pytest.fixture
+def work(tmp_path: Path, family_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A recipe folder with copies of the fine-tunes `a` and `b`, and a private registry home."""
+    for name in ("a", "b"):
+        shutil.copytree(family_root / name, tmp_path / name)
+    monkeypatch.setenv("REGISTRY_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def test_local_sources_are_pinned_to_a_hash_of_their_weights_and_locked(work: Path) -> None:
+    recipe = load_recipe(write_recipe(work))
+    p = plan(recipe)
+
+    expected = {}
+    for name in ("a", "b"):
+        digest = sha256(work / name / "model.safetensors")
+        listing = f"{digest}  model.safetensors\n"
+        expected[name] = {
+            "kind": "local",
+            "model": f"./{name}",
+            "content_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+            "files": {"model.safetensors": digest},
+        }
+    assert p.lock == {"format": 1, "sources": expected}
+    assert [(s.name, s.status, s.path) for s in p.sources] == [("a", "new", work / "a"), ("b", "new", work / "b")]
+    assert p.donor == "a"
+    assert [(c.name, c.status, c.message) for c in p.checks] == [
+        ("tensors", "passed", "'b' has the same 27 tensors as 'a'"),
+        ("tokenizer", "passed", "tokenizer files are identical"),
+    ]
+    assert write_lock(p) is True
+    lock = work / "tiny.lock.json"
+    assert json.loads(lock.read_text()) == p.lock
+    assert str(work) not in lock.read_text()
+
+    again = plan(load_recipe(work / "tiny.yaml"))
+    assert [s.status for s in again.sources] == ["locked", "locked"]
+    assert again.lock_changed is False
+    assert write_lock(again) is False
+
+
+def test_paths_expand_environment_home_and_the_recipe_folder(work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (work / "recipes").mkdir()
+    monkeypatch.setenv("TINY_CHECKPOINTS", str(work))
+    monkeypatch.setenv("HOME", str(work))
+    monkeypatch.chdir(tmp_path)  # relative paths follow the recipe's folder, not the current one
+    recipe = load_recipe(write_recipe(work / "recipes", a="${TINY_CHECKPOINTS}/a", b="~/b"))
+    assert [s.path for s in plan(recipe).sources] == [work / "a", work / "b"]
+
+    relative = load_recipe(write_recipe(work / "recipes", a="../a", b="../b", name="rel.yaml"))
+    assert [s.path for s in plan(relative).sources] == [work / "a", work / "b"]
+
+
+def test_unset_environment_variable(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TINY_UNSET", raising=False)
+    path = write_recipe(work, a="${TINY_UNSET}/a")
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == (
+        f"{path}:5:12: sources.a.model: environment variable TINY_UNSET is not set; "
+        "export TINY_UNSET=/path/to/the/folder it stands for"
+    )
+
+
+def test_missing_path_and_missing_config(work: Path) -> None:
+    path = write_recipe(work, b="./nowhere")
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == f"{path}:8:12: sources.b.model: source 'b': {work / 'nowhere'} does not exist"
+
+    (work / "b" / "config.json").unlink()
+    path = write_recipe(work)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == (
+        f"{path}:8:12: sources.b.model: source 'b': no config.json in {work / 'b'}; name the folder of a Hugging Face checkpoint"
+    )
+
+
+def test_bin_only_checkpoint_says_how_to_convert(work: Path) -> None:
+    (work / "b" / "model.safetensors").rename(work / "b" / "pytorch_model.bin")
+    path = write_recipe(work)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    b = work / "b"
+    assert str(err.value) == (
+        f"{path}:8:12: sources.b.model: source 'b': ./b has only PyTorch .bin weights; convert it to safetensors first: "
+        f"python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{b}').save_pretrained('{b}-safetensors')\" "
+        "and point the recipe there"
+    )
+
+
+def test_truncated_safetensors_file(work: Path) -> None:
+    weights = work / "b" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    path = write_recipe(work)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value).startswith(f"{path}:8:12: sources.b.model: source 'b': {weights}: truncated: tensor ")
+    assert str(err.value).endswith("; copy the file again")
+
+
+def test_a_changed_source_is_refused_until_update(work: Path, family_root: Path) -> None:
+    path = write_recipe(work)
+    first = plan(load_recipe(path))
+    write_lock(first)
+    old = first.source("b").content_sha256
+
+    fine_tune(family_root / "base", work / "b", seed=99)  # same names and shapes, new values
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    new = plan(load_recipe(path), update=True)
+    assert str(err.value) == (
+        f"{path}:8:12: sources.b.model: source 'b' changed since it was pinned in tiny.lock.json "
+        f"(model.safetensors: content sha256 {old[:12]} -> {new.source('b').content_sha256[:12]}); "
+        "rerun with --update to accept the new weights"
+    )
+    assert [s.status for s in new.sources] == ["locked", "updated"]
+    assert new.checks[-1].message == "'b' changed since it was pinned (model.safetensors); pin updated"
+    assert write_lock(new) is True
+    assert plan(load_recipe(path)).source("b").status == "locked"
+
+
+def test_hash_cache_notices_a_rewrite_of_the_same_size(work: Path) -> None:
+    path = write_recipe(work)
+    first = plan(load_recipe(path)).source("a").content_sha256
+    weights = work / "a" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    stat = weights.stat()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: only ctime moves
+    second = plan(load_recipe(path)).source("a")
+    assert second.files["model.safetensors"].sha256 == sha256(weights)
+    assert second.content_sha256 != first
+
+
+def test_tokenizer_mismatch_names_the_files(work: Path) -> None:
+    edit_json(work / "b" / "tokenizer_config.json", model_max_length=99)
+    path = write_recipe(work)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == (
+        f"{path}:8:12: sources.b.model: source 'b' has a different tokenizer than 'a' (tokenizer_config.json differ); "
+        "set merge.tokenizer_source to the source whose tokenizer the merge should use"
+    )
+    p = plan(load_recipe(write_recipe(work, extra="  tokenizer_source: a\n")))
+    assert p.tokenizer_source == "a"
+    assert ("tokenizer", "warning", "tokenizer files differ between 'a' and 'b' (tokenizer_config.json); "
+            "mergekit builds the tokenizer from tokenizer source 'a'") in [(c.name, c.status, c.message) for c in p.checks]
+
+
+def test_vocab_size_mismatch(work: Path) -> None:
+    rewrite_tensors(work / "a", work / "b", reshape="model.embed_tokens.weight")
+    edit_json(work / "b" / "config.json", vocab_size=159)
+    path = write_recipe(work)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == f"{path}:8:12: sources.b.model: source 'b' cannot be merged with 'a': vocab_size is 159, 'a' has 160"
+
+
+def test_shape_mismatch_and_missing_tensor(work: Path) -> None:
+    rewrite_tensors(work / "a", work / "b", reshape="model.layers.1.mlp.up_proj.weight")
+    path = write_recipe(work)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == (
+        f"{path}:8:12: sources.b.model: source 'b': tensor model.layers.1.mlp.up_proj.weight has shape [63, 32], "
+        "'a' has [64, 32]; the models cannot be merged"
+    )
+    rewrite_tensors(work / "a", work / "b", drop="model.layers.0.self_attn.q_proj.bias")
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == (
+        f"{path}:8:12: sources.b.model: source 'b' lacks tensor model.layers.0.self_attn.q_proj.bias; "
+        "the checkpoints do not have the same architecture"
+    )
+
+
+def test_base_model_picks_the_donor_and_must_be_merged(work: Path) -> None:
+    assert plan(load_recipe(write_recipe(work, extra="  base_model: b\n"))).donor == "b"
+    (work / "c").symlink_to(work / "a")
+    path = write_recipe(work, extra="  base_model: ./c\n")
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == (
+        f"{path}:17:15: merge.base_model: base_model './c' is not one of merge.models; for a linear merge it only "
+        "picks the config and tokenizer donor, so name one of the models"
+    )
+
+
+def write_sparse_checkpoint(folder: Path, like: Path, rows: int, cols: int) -> None:
+    """A checkpoint whose single huge tensor exists only in its header: the file is sparse."""
+    copy_non_weights(like, folder)
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "BF16", "shape": [rows, cols], "data_offsets": [0, 2 * rows * cols]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with (folder / "model.safetensors").open("wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 2 * rows * cols)
+
+
+def test_refuses_early_when_disk_or_memory_cannot_hold_the_merge(work: Path, family_root: Path) -> None:
+    rows, cols = 1 << 19, 1 << 20  # 2**39 bf16 values in a file that uses no disk
+    for name in ("a", "b"):
+        shutil.rmtree(work / name)
+        write_sparse_checkpoint(work / name, family_root / "a", rows, cols)
+    recipe = load_recipe(write_recipe(work))
+    out = work / "home" / "build" / recipe.sha256[:12]
+    with pytest.raises(MergeError) as err:
+        plan(recipe)
+    free = shutil.disk_usage(work).free
+    # embed_tokens, and lm_head, which mergekit writes for tied embeddings: 2.2 TB
+    assert str(err.value) == (
+        f"not enough disk for the merge: it writes 2.20 TB to {out} and that filesystem has {free / 1e9:.2f} GB free; "
+        "free some space or choose another output folder with -o"
+    )
+    assert not out.exists()
+    assert read_safetensors_header(work / "a" / "model.safetensors") == {"model.embed_tokens.weight": TensorInfo("BF16", (rows, cols))}
+
+    # The memory check, on the same real estimate, as if the disk were large enough.
+    sources = [
+        PinnedSource(name, "local", f"./{name}", ("sources", name, "model"), work / name,
+                     tensors=read_safetensors_header(work / name / "model.safetensors"))
+        for name in ("a", "b")
+    ]
+    est = estimate_resources(recipe, sources, "a", out)
+    # process + 2 bf16 inputs, the float32 accumulator and the bf16 result of the largest tensor + two shards
+    assert est.memory_bytes == 1_200_000_000 + rows * cols * (2 * 2 + 4 + 2) + 2 * (1 << 30)
+    with pytest.raises(MergeError) as err:
+        check_resources(dataclasses.replace(est, disk_free_bytes=None))
+    assert str(err.value) == (
+        f"not enough memory for the merge: it needs about {est.memory_bytes / 1e12:.2f} TB (the largest tensor, "
+        f"model.embed_tokens.weight, and output buffers) and {est.memory_available_bytes / 1e9:.2f} GB is available; "
+        "close other programs or merge on a machine with more memory"
+    )
