@@ -178,6 +178,57 @@ def card(
         _console().print(f"wrote {output} for {loaded.repo_id} ({found})")
 
 
+catalog_app = typer.Typer(
+    help="Build and serve the static catalog of published models.", no_args_is_help=True, rich_markup_mode=None
+)
+app.add_typer(catalog_app, name="catalog")
+
+
+@catalog_app.command("build")
+def catalog_build(
+    source: Annotated[
+        str, typer.Option("--from", help="'local' (the local registry) or 'hf:ORG_OR_USER' (their models tagged merge on the Hub).")
+    ] = "local",
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the site to; rebuilt whole.")] = Path("site"),
+    templates: Annotated[
+        Optional[Path], typer.Option("--templates", help="Folder holding the team's catalog/ templates [default: ./templates].")
+    ] = None,
+    format: FormatOption = Format.text,
+) -> None:
+    """Build a static site: an index with search and filters, and one page per model with card, recipe, smoke results and lineage."""
+    from .catalog import build_site, read_models, template_dirs
+
+    dirs = template_dirs(templates)
+    result = build_site(read_models(source), output, dirs)
+    if format is Format.json:
+        emit_json({"source": source, **result.to_dict()})
+    else:
+        plural = "" if result.models == 1 else "s"
+        if source == "local":
+            from .publish.local import registry_home
+
+            source = f"the local registry {registry_home()}"
+        _console().print(f"wrote {output / 'index.html'} and {result.models} model page{plural} from {source} in {result.seconds:.2f} s")
+
+
+@catalog_app.command("serve")
+def catalog_serve(
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1 (0 picks a free one).")] = 8000,
+    directory: Annotated[Path, typer.Option("--dir", help="The built site.")] = Path("site"),
+) -> None:
+    """Serve the built catalog on 127.0.0.1 for a quick look (Ctrl-C stops it)."""
+    from .catalog import make_server
+
+    server = make_server(directory, port)
+    _console().print(f"serving {directory} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 class Device(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"

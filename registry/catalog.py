@@ -1,0 +1,557 @@
+"""The catalog: a static HTML site of every published model, with search, filters and lineage.
+
+Models are read from the local registry (`registry.publish.local`) or from a Hub owner's models tagged
+`merge`; each becomes a `CatalogModel` (the card text and the JSON reports, as published). `build_site`
+renders them with jinja2 templates (`templates/catalog/`, autoescaped) into an index and one page per
+model. Everything shown comes from published files written by other people, so it is data: card
+Markdown is rendered with raw HTML off and is the only markup marked safe; every other value is escaped,
+and the pages forbid inline script through their Content-Security-Policy as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RegistryError, UsageError
+from .hub_rules import repo_id_problem
+
+TEMPLATE_FOLDER = "catalog"
+DEFAULT_PREFIX = "default"
+HUB_URL = "https://huggingface.co"
+CARD_NAME = "README.md"
+SMOKE_FILE = "smoke.json"
+PROVENANCE_FILE = "provenance.json"
+RECIPE_FILE = "recipe.yaml"
+# Written into every built site, so a rebuild may replace the folder and nothing else.
+MARKER = ".registry-catalog"
+SMOKE_STATES = ("passed", "failed", "not run")
+# Same front-matter block as huggingface_hub.repocard, so the catalog and the Hub agree on the metadata.
+_FRONT_MATTER = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
+
+
+class CatalogError(RegistryError):
+    """The catalog could not read its models or write the site."""
+
+
+@dataclass
+class CatalogModel:
+    """One published model as the catalog reads it: its card and reports, exactly as published."""
+
+    repo_id: str
+    card: str  # README.md, front matter included
+    metadata: dict[str, Any]
+    smoke: dict[str, Any] | None = None
+    provenance: dict[str, Any] | None = None
+    recipe: str | None = None  # the recipe YAML, when it was published beside the model
+    version: str | None = None
+    published_at: str | None = None
+    smoke_passed: bool | None = None  # from the registry index, when smoke.json is not at hand
+    url: str = ""  # the model's page on the Hub
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            self.url = f"{HUB_URL}/{self.repo_id}"
+
+
+@dataclass
+class BuildResult:
+    """What `build_site` wrote."""
+
+    output: Path
+    models: int
+    pages: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        return {"output": str(self.output), "models": self.models, "pages": self.pages, "seconds": round(self.seconds, 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading models
+
+
+def parse_source(text: str) -> tuple[str, str | None]:
+    """`local` -> ('local', None); `hf:ORG` -> ('hf', 'ORG'); anything else is a UsageError."""
+    if text == "local":
+        return "local", None
+    if text.startswith("hf:"):
+        owner = text[3:]
+        if owner and repo_id_problem(owner, namespace_required=False) is None:
+            return "hf", owner
+    raise UsageError(f"--from {text!r}: expected 'local' or 'hf:ORG_OR_USER'", "e.g. --from hf:my-team")
+
+
+def read_models(source: str = "local", home: Path | None = None, api: Any = None) -> list[CatalogModel]:
+    """The models named by a `--from` value: the local registry at `home`, or a Hub owner's merges."""
+    kind, owner = parse_source(source)
+    if kind == "local":
+        return read_local(home)
+    assert owner is not None
+    return read_hub(owner, api)
+
+
+def read_local(home: Path | None = None) -> list[CatalogModel]:
+    """The newest version of every model in the local registry."""
+    from .publish.local import list_latest, registry_home
+
+    home = home or registry_home()
+    root = home.resolve()
+    models = []
+    for entry in list_latest(home):
+        repo_id = str(entry.get("repo_id"))
+        _check_repo_id(repo_id, f"{home}/index.json")
+        folder = (home / str(entry.get("path", ""))).resolve()
+        # The index is only data: a path leading out of the registry is not followed.
+        inside = folder.is_relative_to(root) and folder != root
+        card = _read_text(folder / CARD_NAME) if inside else None
+        meta, _ = split_front_matter(card or "")
+        files = entry.get("files") or {}
+        models.append(CatalogModel(
+            repo_id=repo_id,
+            card=card or "",
+            metadata=meta if meta is not None else dict(entry.get("metadata") or {}),
+            smoke=_read_json(folder / SMOKE_FILE) if inside else None,
+            provenance=_read_json(folder / PROVENANCE_FILE) if inside else None,
+            recipe=_read_text(folder / RECIPE_FILE) if inside and RECIPE_FILE in files else None,
+            version=entry.get("version"),
+            published_at=entry.get("published_at"),
+            smoke_passed=entry.get("smoke_passed"),
+        ))
+    return models
+
+
+def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel]:
+    """Every model of `owner` on the Hub tagged `merge`, with its card and reports."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = api or HfApi()
+    endpoint = str(api.endpoint).rstrip("/")
+    try:
+        infos = list(api.list_models(author=owner, filter="merge", full=True))
+    except (HfHubHTTPError, OSError) as exc:
+        raise CatalogError(f"cannot list the models of {owner} on {endpoint}: {_one_line(exc)}", "check the name, your token and the network") from None
+
+    def fetch(info: Any) -> CatalogModel:
+        files = {s.rfilename for s in info.siblings or []}
+
+        def text(name: str) -> str | None:
+            if name not in files:
+                return None
+            try:
+                path = api.hf_hub_download(info.id, name, revision=info.sha)
+            except (HfHubHTTPError, OSError) as exc:
+                raise CatalogError(f"cannot download {name} of {info.id} from {endpoint}: {_one_line(exc)}", "check your token and the network") from None
+            return _read_text(Path(path))
+
+        _check_repo_id(info.id, endpoint)
+        card = text(CARD_NAME) or ""
+        meta, _ = split_front_matter(card)
+        smoke, provenance = text(SMOKE_FILE), text(PROVENANCE_FILE)
+        modified = getattr(info, "last_modified", None)
+        return CatalogModel(
+            repo_id=info.id,
+            card=card,
+            metadata=meta if meta is not None else dict(getattr(info, "card_data", None) or {}),
+            smoke=_loads(smoke),
+            provenance=_loads(provenance),
+            recipe=text(RECIPE_FILE),
+            version=info.sha,
+            published_at=modified.isoformat(timespec="seconds").replace("+00:00", "Z") if modified else None,
+            url=f"{endpoint}/{info.id}",
+        )
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return sorted(pool.map(fetch, infos), key=lambda m: m.repo_id.lower())
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any] | None, str]:
+    """A card's YAML metadata (None when absent or not a mapping) and its Markdown body."""
+    import yaml
+
+    match = _FRONT_MATTER.match(text)
+    if not match:
+        return None, text
+    try:
+        data = yaml.safe_load(match.group(2))
+    except yaml.YAMLError:
+        data = None
+    return (data if isinstance(data, dict) else None), text[match.end():]
+
+
+def _check_repo_id(repo_id: str, where: str) -> None:
+    # Page paths are built from repo ids, so anything else could write outside the site.
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise CatalogError(f"{where}: {problem}", "remove that entry or fix it")
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return _loads(_read_text(path))
+
+
+def _loads(text: str | None) -> dict[str, Any] | None:
+    try:
+        data = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+_markdown = None
+
+
+def render_markdown(text: str):
+    """Card Markdown as HTML with raw HTML off (it is escaped) and unsafe link schemes dropped; Markup."""
+    global _markdown
+    from markupsafe import Markup
+
+    if _markdown is None:
+        from markdown_it import MarkdownIt
+
+        _markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
+        _markdown.core.ruler.push("align_classes", _align_classes)
+    # Escaped by markdown-it itself: raw HTML is off and validateLink refuses javascript:/vbscript:/data: links.
+    return Markup(_markdown.render(text))
+
+
+def _align_classes(state: Any) -> None:
+    # Table alignment comes out as style="text-align:…", which the pages' CSP (style-src 'self') refuses.
+    for token in state.tokens:
+        if token.type in ("th_open", "td_open"):
+            style = token.attrs.pop("style", None)
+            if isinstance(style, str) and style.startswith("text-align:"):
+                token.attrSet("class", "align-" + style.partition(":")[2])
+
+
+def card_summary(body: str) -> str:
+    """The card's first paragraph after its title, as plain text (the template puts the summary there)."""
+    global _markdown
+    if _markdown is None:
+        render_markdown("")
+    tokens = _markdown.parse(body)
+    for i, token in enumerate(tokens):
+        if token.type == "inline" and i > 0 and tokens[i - 1].type == "paragraph_open":
+            return " ".join(_plain(token).split())
+    return ""
+
+
+def _plain(token: Any) -> str:
+    parts = []
+    for child in token.children or []:
+        if child.type in ("text", "code_inline"):
+            parts.append(child.content)
+        elif child.type in ("softbreak", "hardbreak"):
+            parts.append(" ")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the templates see
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def merge_method(model: CatalogModel) -> str:
+    """The merge method: from provenance.json, else the card's tags, else 'unknown'."""
+    from .recipe import KNOWN_METHODS
+
+    method = (model.provenance or {}).get("merge_method")
+    if isinstance(method, str) and method:
+        return method
+    for tag in _strings(model.metadata.get("tags")):
+        if tag in KNOWN_METHODS:
+            return tag
+    return "unknown"
+
+
+def smoke_status(model: CatalogModel) -> str:
+    """'passed', 'failed' or 'not run', from smoke.json when published, else the registry index."""
+    passed = model.smoke.get("passed") if model.smoke else model.smoke_passed
+    return "not run" if passed is None else "passed" if passed is True else "failed"
+
+
+def model_page(repo_id: str) -> str:
+    """Where a model's page lies in the site, relative to its root."""
+    return f"models/{repo_id}.html"
+
+
+def catalog_context(models: Sequence[CatalogModel]) -> dict[str, Any]:
+    """Everything the index and model templates see, as plain data (strings are escaped by the templates)."""
+    entries = [_entry(m) for m in sorted(models, key=lambda m: m.repo_id.lower())]
+    by_id = {e["repo_id"].lower(): e for e in entries}
+    for entry in entries:
+        entry["parents"] = [
+            {"repo_id": p, "page": by_id[p.lower()]["page"] if p.lower() in by_id else None, "url": f"{HUB_URL}/{p}"}
+            for p in entry["parent_ids"]
+        ]
+    for entry in entries:
+        for parent in entry["parent_ids"]:
+            found = by_id.get(parent.lower())
+            if found is not None and found is not entry:
+                found["children"].append({"repo_id": entry["repo_id"], "page": entry["page"]})
+
+    def options(key: str) -> list[dict[str, Any]]:
+        counts = Counter(v for e in entries for v in (e[key] if isinstance(e[key], list) else [e[key]]))
+        return [{"value": v, "count": n} for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0].lower()))]
+
+    return {
+        "models": entries,
+        "filters": {
+            "tag": options("tags"),
+            "method": options("method"),
+            "parent": options("parent_ids"),
+            "license": options("license_id"),
+            "smoke": [o for s in SMOKE_STATES for o in options("smoke") if o["value"] == s],
+        },
+    }
+
+
+def _entry(model: CatalogModel) -> dict[str, Any]:
+    meta = model.metadata
+    _, body = split_front_matter(model.card)
+    provenance = model.provenance or {}
+    sources = provenance.get("sources") if isinstance(provenance.get("sources"), dict) else {}
+    labels = [str(s.get("label")) for s in sources.values() if isinstance(s, dict) and s.get("label")]
+    license_id = meta.get("license") if isinstance(meta.get("license"), str) else "unknown"
+    license_name = meta.get("license_name") if isinstance(meta.get("license_name"), str) else None
+    tags = list(dict.fromkeys(_strings(meta.get("tags"))))
+    parents = list(dict.fromkeys(_strings(meta.get("base_model"))))
+    summary = card_summary(body)
+    method = merge_method(model)
+    smoke = smoke_status(model)
+    search = " ".join([model.repo_id, summary, method, license_id, license_name or "", smoke, *labels, *tags, *parents])
+    return {
+        "repo_id": model.repo_id,
+        "name": model.repo_id.rpartition("/")[2],
+        "owner": model.repo_id.partition("/")[0],
+        "page": model_page(model.repo_id),
+        "url": model.url,
+        "summary": summary,
+        "method": method,
+        "license_id": license_id,
+        "license": license_name or license_id,
+        "license_link": meta.get("license_link") if isinstance(meta.get("license_link"), str) else None,
+        "tags": tags,
+        "parent_ids": parents,
+        "relation": meta.get("base_model_relation") if isinstance(meta.get("base_model_relation"), str) else None,
+        "children": [],
+        "labels": labels,
+        "smoke": smoke,
+        "version": model.version,
+        "published_at": model.published_at,
+        "body": body,
+        "recipe": model.recipe,
+        "merge": _merge_context(provenance, sources),
+        "smoke_report": _smoke_context(model.smoke),
+        # Filters read these; JSON so that any tag text round-trips (the template escapes it).
+        "data": {
+            "search": " ".join(search.lower().split()),
+            "tags": json.dumps(tags, ensure_ascii=False),
+            "parents": json.dumps(parents, ensure_ascii=False),
+        },
+    }
+
+
+def _merge_context(provenance: Mapping[str, Any], sources: Mapping[str, Any]) -> dict[str, Any] | None:
+    if not provenance:
+        return None
+    rows = []
+    for alias, pin in sources.items():
+        pin = pin if isinstance(pin, dict) else {}
+        weight = pin.get("weight")
+        if isinstance(weight, list):
+            weight = "; ".join(
+                f"{w.get('value')} for {w.get('filter')}" if w.get("filter") else f"{w.get('value')} otherwise"
+                for w in weight if isinstance(w, dict)
+            )
+        rows.append({
+            "alias": str(alias),
+            "label": pin.get("label"),
+            "kind": pin.get("kind"),
+            "model": pin.get("repo_id") or pin.get("hub_id"),
+            "pin": pin.get("revision") or pin.get("content_sha256"),
+            "weight": weight,
+        })
+    return {
+        "method": provenance.get("merge_method"),
+        "normalize": provenance.get("normalize"),
+        "dtype": provenance.get("dtype"),
+        "config_donor": provenance.get("config_donor"),
+        "device": provenance.get("device"),
+        "sources": rows,
+        "versions": provenance.get("versions") if isinstance(provenance.get("versions"), dict) else {},
+    }
+
+
+def _smoke_context(smoke: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not smoke:
+        return None
+
+    def rows(key: str) -> list[dict[str, Any]]:
+        value = smoke.get(key)
+        return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []
+
+    short = smoke.get("short")
+    return {
+        "passed": smoke.get("passed") is True,
+        "device": smoke.get("device"),
+        "checks": rows("checks"),
+        "short": short if isinstance(short, dict) else None,
+        "long": rows("long"),
+        "parity": rows("parity"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates and building
+
+
+def default_template_dir() -> Path:
+    """The packaged templates: `registry/templates` in a wheel, the repo's `templates/` in a checkout."""
+    packaged = Path(__file__).parent / "templates"
+    if (packaged / TEMPLATE_FOLDER / "index.html.j2").is_file():
+        return packaged
+    return Path(__file__).parent.parent / "templates"
+
+
+def template_dirs(team: Path | None = None) -> list[Path]:
+    """Template folders searched before the packaged default: the team's (`./templates` unless given), then plugins'."""
+    dirs: list[Path] = []
+    if team is not None:
+        if not (team / TEMPLATE_FOLDER).is_dir():
+            raise UsageError(f"{team}: no {TEMPLATE_FOLDER}/ folder of catalog templates", "give --templates the folder holding catalog/")
+        dirs.append(team)
+    elif (Path("templates") / TEMPLATE_FOLDER).is_dir():
+        dirs.append(Path("templates"))
+    from .plugins import get_plugin_manager
+
+    for found in get_plugin_manager().hook.register_template_dirs():
+        for folder in [found] if isinstance(found, (str, os.PathLike)) else found or []:
+            dirs.append(Path(folder))
+    return dirs
+
+
+def html_environment(dirs: Sequence[Path | str] = ()):
+    """The HTML environment: autoescape on, StrictUndefined, `default:` naming the packaged templates."""
+    from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PrefixLoader, StrictUndefined
+
+    default = FileSystemLoader(str(default_template_dir()))
+    loader = ChoiceLoader([
+        PrefixLoader({DEFAULT_PREFIX: default}, delimiter=":"),
+        FileSystemLoader([str(d) for d in dirs]),
+        default,
+    ])
+    env = Environment(loader=loader, autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["markdown"] = render_markdown
+    return env
+
+
+def build_site(models: Sequence[CatalogModel], output: Path, dirs: Sequence[Path | str] | None = None) -> BuildResult:
+    """Render the index and one page per model into `output`, replacing a previous catalog there whole."""
+    from jinja2 import TemplateError
+
+    start = time.perf_counter()
+    if dirs is None:
+        dirs = template_dirs()
+    _check_output(output)
+    env = html_environment(dirs)
+    context = catalog_context(models)
+    staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    pages = ["index.html"]
+    try:
+        index = env.get_template(f"{TEMPLATE_FOLDER}/index.html.j2")
+        model = env.get_template(f"{TEMPLATE_FOLDER}/model.html.j2")
+        (staging / "models").mkdir(parents=True)
+        _copy_static(dirs, staging / "static")
+        (staging / "index.html").write_text(index.render(root="", **context), encoding="utf-8")
+        for entry in context["models"]:
+            path = staging / entry["page"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(model.render(root="../../", model=entry, **context), encoding="utf-8")
+            pages.append(entry["page"])
+        (staging / MARKER).write_text("built by `registry catalog build`; rebuilt whole each time\n")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except TemplateError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        where = f"{exc.filename}:{exc.lineno}: " if getattr(exc, "lineno", None) else ""  # type: ignore[attr-defined]
+        raise CatalogError(f"catalog template error: {where}{_one_line(exc)}", "fix the template under templates/catalog/") from None
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CatalogError(f"cannot write the catalog to {output}: {exc.strerror or exc}", "check free space and permissions") from None
+    return BuildResult(output, len(context["models"]), pages, time.perf_counter() - start)
+
+
+def _check_output(output: Path) -> None:
+    # The site is rebuilt whole, so only a folder we built (or an empty one) may be replaced.
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output} is a file, not a folder", "choose another -o")
+    if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
+        raise UsageError(f"{output} is not empty and was not built by `registry catalog build`", "choose another -o or empty it")
+
+
+def _copy_static(dirs: Iterable[Path | str], dest: Path) -> None:
+    # Lowest priority first, so a team's file replaces the default one of the same name.
+    for folder in [default_template_dir(), *reversed([Path(d) for d in dirs])]:
+        static = folder / TEMPLATE_FOLDER / "static"
+        if static.is_dir():
+            shutil.copytree(static, dest, dirs_exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+def make_server(directory: Path, port: int = 8000):
+    """An HTTP server for the site on 127.0.0.1 (port 0 picks a free one); call serve_forever()."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    if not (directory / "index.html").is_file():
+        raise UsageError(f"{directory}: no index.html here", "run `registry catalog build` first, or give --dir")
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # quiet: the CLI prints the address
+            pass
+
+    handler = functools.partial(Handler, directory=str(directory))
+    try:
+        return ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as exc:
+        raise CatalogError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}", "choose another --port") from None

@@ -1,0 +1,533 @@
+"""The catalog: models published into a local registry (and to the local Hub) become a static site,
+checked in real headless Chromium: listing, search and filters, lineage both ways, no script from card text."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.request import urlopen
+
+import pytest
+import yaml
+
+from registry.catalog import (
+    MARKER,
+    build_site,
+    make_server,
+    read_local,
+    read_models,
+    render_markdown,
+)
+from registry.publish import Bundle, bundle_files
+from registry.publish.local import LocalOptions, LocalTarget
+from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, HUB_USER
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+ORG = "registry-team"
+BASE, CHILD, THIRD, XSS = (f"{ORG}/{n}" for n in ("base-merge", "merge-of-merges", "third-merge", "hostile-merge"))
+
+# Each sets window.__xss or opens a dialog if it ever runs; with the page's CSP an inline one that got
+# through would also log a console error, which the test counts too.
+SCRIPT = "<script>window.__xss = 1; alert(1)</script>"
+IMG = "<img src=x onerror=\"window.__xss = 1; alert(2)\">"
+PAYLOAD = f"{SCRIPT}{IMG}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A local registry with a few models, published through the real LocalTarget
+
+
+def card_text(repo_id: str, meta: dict[str, Any], summary: str, extra: str = "") -> str:
+    """A card shaped like the default template's: front matter, title, summary, sections."""
+    name = repo_id.rpartition("/")[2]
+    return (
+        "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
+        f"# {name}\n\n{summary}\n\n## Merge details\n\n- **Method:** linear\n\n"
+        "| Source | Label | Weight |\n|---|---|---:|\n| `a` | first | 0.3 |\n| `b` | second | 0.7 |\n"
+        + extra
+    )
+
+
+def publish(
+    home: Path,
+    work: Path,
+    repo_id: str,
+    *,
+    summary: str,
+    parents: list[str],
+    tags: list[str],
+    license: str = "mit",
+    license_name: str | None = None,
+    labels: tuple[str, str] = ("GRPO, cosine reward", "GRPO, format reward"),
+    smoke: bool | None = True,
+    extra: str = "",
+    method: str = "linear",
+) -> None:
+    """Publish a small fake model (card, reports, config, weights) with LocalTarget."""
+    folder = work / repo_id.replace("/", "__")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    meta: dict[str, Any] = {"base_model": parents, "base_model_relation": "merge", "library_name": "transformers",
+                            "pipeline_tag": "text-generation", "license": license}
+    if license_name:
+        meta.update(license_name=license_name, license_link="https://example.com/licence")
+    meta["tags"] = ["merge", "mergekit", method, *tags]
+    recipe_sha = (repo_id.encode().hex() * 8)[:64]
+    meta["registry"] = {"recipe_sha256": recipe_sha, "version": "0.1.0"}
+    (folder / "README.md").write_text(card_text(repo_id, meta, summary, extra))
+    provenance = {
+        "format": 1, "recipe_sha256": recipe_sha, "repo_id": repo_id, "merge_method": method, "normalize": True,
+        "dtype": "bfloat16", "config_donor": "cos",
+        "sources": {
+            "cos": {"kind": "hub", "repo_id": parents[0], "revision": "c" * 40, "content_sha256": None,
+                    "label": labels[0], "hub_id": None, "weight": 0.3},
+            "fmt": {"kind": "local", "repo_id": None, "revision": None, "content_sha256": "d" * 64,
+                    "label": labels[1], "hub_id": None, "weight": [{"filter": "mlp", "value": 0.5}, {"filter": None, "value": 0.7}]},
+        },
+        "files": {}, "versions": {"registry": "0.1.0", "mergekit": "0.1.5"}, "device": "cpu",
+    }
+    (folder / "provenance.json").write_text(json.dumps(provenance))
+    if smoke is not None:
+        report = {
+            "format": 1, "passed": smoke, "device": "cpu", "recipe_sha256": recipe_sha,
+            "checks": [
+                {"name": "short", "status": "passed", "reason": "answered through the chat template", "details": {}},
+                {"name": "long", "status": "passed" if smoke else "failed",
+                 "reason": "retrieved 2 of 2" if smoke else "missed the pass key at 512 tokens", "details": {}},
+            ],
+            "short": {"prompt": "What is 17 * 24?", "output": "408", "new_tokens": 3, "stopped": "eos"},
+            "long": [{"tokens": 512, "depth": 0.5, "status": "retrieved" if smoke else "missed", "reason": None,
+                      "finite": True, "seconds": 0.41, "peak_memory_bytes": 123456}],
+            "parity": [],
+        }
+        (folder / "smoke.json").write_text(json.dumps(report))
+    (folder / "config.json").write_text('{"model_type": "qwen2"}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    bundle = Bundle(repo_id, recipe_sha, {}, bundle_files(folder), smoke, meta)
+    LocalTarget(home).publish(bundle, LocalOptions())
+
+
+def publish_all(home: Path, work: Path) -> None:
+    """Five models: a merge, a merge of it, another child, a hostile one, and a model republished."""
+    publish(home, work, BASE, summary="Linear merge of two GRPO checkpoints for math",
+            parents=["deepseek-ai/up-a", "deepseek-ai/up-b"], tags=["math"])
+    publish(home, work, CHILD, summary="A merge of the base merge with a code model",
+            parents=[BASE, "deepseek-ai/up-c"], tags=["code"], license="apache-2.0", smoke=False,
+            labels=("the base merge", "code fine-tune"))
+    publish(home, work, THIRD, summary="Old summary, replaced by the second version",
+            parents=[BASE], tags=["math"], smoke=None)
+    publish(home, work, THIRD, summary="Second child of the base merge, under a team licence",
+            parents=[BASE], tags=["math", "reasoning"], license="other", license_name="Team licence", smoke=None)
+    publish(home, work, XSS, summary=f"Summary {PAYLOAD} end", parents=["deepseek-ai/up-a", "deepseek-ai/up-b"],
+            tags=[f"tag{SCRIPT}", f"img{IMG}"], license="other", license_name=f"Licence {PAYLOAD}",
+            labels=(f"label {PAYLOAD}", "plain"), method="linear",
+            extra=(
+                f"\n## Notes\n\nBody {PAYLOAD}\n\n{SCRIPT}\n\n{IMG}\n\n"
+                "[click](javascript:window.__xss=1) [also](JAVASCRIPT:alert(3)) "
+                "![pic](data:image/svg+xml,<svg onload=alert(4)>)\n\n"
+                f"| cell |\n|---|\n| {IMG} |\n\n```html\n{SCRIPT}\n```\n"
+            ))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("catalog")
+    publish_all(root / "registry", root / "build")
+    return root / "registry"
+
+
+@pytest.fixture(scope="module")
+def site(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("site") / "site"
+    result = build_site(read_local(home), out, [])
+    assert result.models == 4
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_url(site: Path) -> Iterator[str]:
+    server = make_server(site, 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The browser: Debian's chromium through Playwright; missing is a failure, never a skip
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium); the catalog tests need it")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: pip install -e '.[test]'")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Watched:
+    """A page with everything a payload could set off recorded: console messages, dialogs, page errors."""
+
+    def __init__(self, page: Any):
+        self.page = page
+        self.console: list[str] = []
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+        page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def quiet(self) -> None:
+        assert (self.console, self.dialogs, self.errors) == ([], [], [])
+        assert self.page.evaluate("window.__xss") is None
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Watched]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    watched = Watched(context.new_page())
+    yield watched
+    context.close()
+
+
+def visible_rows(page: Any) -> list[str]:
+    return page.eval_on_selector_all("#models tbody tr", "rows => rows.filter(r => r.offsetParent !== null).map(r => r.dataset.repo)")
+
+
+ALL = [BASE, XSS, CHILD, THIRD]
+
+
+# ---------------------------------------------------------------------------------------------
+# Index, search, filters
+
+
+def test_index_lists_the_latest_version_of_every_published_model(page: Watched, base_url: str):
+    page.page.goto(base_url + "index.html")
+    assert visible_rows(page.page) == ALL
+    assert page.page.inner_text("#count") == "4 models"
+    third = page.page.locator(f'tr[data-repo="{THIRD}"]')
+    assert third.locator(".summary").inner_text() == "Second child of the base merge, under a team licence"
+    assert third.locator('td[data-label="License"]').inner_text() == "Team licence"
+    assert third.locator('td[data-label="Smoke tests"]').inner_text() == "not run"
+    assert page.page.locator(f'tr[data-repo="{CHILD}"] td[data-label="Smoke tests"]').inner_text() == "failed"
+    assert page.page.locator(f'tr[data-repo="{CHILD}"] td[data-label="Parents"]').inner_text() == f"{BASE}, deepseek-ai/up-c"
+    page.quiet()
+
+
+def test_search_and_filters_hide_exactly_the_right_rows(page: Watched, base_url: str):
+    p = page.page
+    p.goto(base_url + "index.html")
+    p.fill("input[name=q]", "base merge")  # every word, anywhere: repo id, summary, parents
+    assert visible_rows(p) == [BASE, CHILD, THIRD]
+    p.fill("input[name=q]", "SECOND child")  # case does not matter
+    assert visible_rows(p) == [THIRD]
+    p.fill("input[name=q]", "code fine-tune")  # a source label from provenance.json
+    assert visible_rows(p) == [CHILD]
+    assert p.inner_text("#count") == "1 of 4 models"
+    p.fill("input[name=q]", "")
+    p.select_option("select[name=tag]", "math")
+    assert visible_rows(p) == [BASE, THIRD]
+    p.fill("input[name=q]", "team licence")  # search and a filter together
+    assert visible_rows(p) == [THIRD]
+    p.fill("input[name=q]", "")
+    p.select_option("select[name=tag]", "")
+    p.select_option("select[name=parent]", BASE)
+    assert visible_rows(p) == [CHILD, THIRD]
+    p.select_option("select[name=smoke]", "not run")
+    assert visible_rows(p) == [THIRD]
+    p.select_option("select[name=parent]", "")
+    p.select_option("select[name=smoke]", "passed")
+    assert visible_rows(p) == [BASE, XSS]
+    p.select_option("select[name=smoke]", "")
+    p.select_option("select[name=license]", "apache-2.0")
+    assert visible_rows(p) == [CHILD]
+    p.select_option("select[name=method]", "linear")
+    p.select_option("select[name=license]", "")
+    assert visible_rows(p) == ALL
+    p.fill("input[name=q]", "no such model anywhere")
+    assert visible_rows(p) == []
+    assert p.inner_text("#count") == "0 of 4 models"
+    p.click("button[type=reset]")
+    p.wait_for_function("document.getElementById('count').textContent === '4 models'")
+    assert visible_rows(p) == ALL
+    page.quiet()
+
+
+def test_filter_options_list_each_value_with_its_count(page: Watched, base_url: str):
+    p = page.page
+    p.goto(base_url + "index.html")
+    options = {
+        key: p.eval_on_selector_all(f"select[name={key}] option", "os => os.map(o => [o.value, o.textContent])")
+        for key in ("parent", "license", "smoke")
+    }
+    assert options == {
+        "parent": [["", "any"], ["deepseek-ai/up-a", "deepseek-ai/up-a (2)"], ["deepseek-ai/up-b", "deepseek-ai/up-b (2)"],
+                   [BASE, f"{BASE} (2)"], ["deepseek-ai/up-c", "deepseek-ai/up-c (1)"]],
+        "license": [["", "any"], ["other", "other (2)"], ["apache-2.0", "apache-2.0 (1)"], ["mit", "mit (1)"]],
+        "smoke": [["", "any"], ["passed", "passed (2)"], ["failed", "failed (1)"], ["not run", "not run (1)"]],
+    }
+
+
+def test_a_tag_link_on_a_model_page_opens_the_index_filtered(page: Watched, base_url: str):
+    p = page.page
+    p.goto(base_url + f"models/{THIRD}.html")
+    p.click("p.tags a:text-is('reasoning')")
+    p.wait_for_url("**/index.html?tag=reasoning")
+    assert p.input_value("select[name=tag]") == "reasoning"
+    assert visible_rows(p) == [THIRD]
+    page.quiet()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile text: shown as text, never run
+
+
+def test_script_and_onerror_payloads_in_every_field_execute_nothing(page: Watched, base_url: str, site: Path):
+    p = page.page
+    p.goto(base_url + "index.html")
+    row = p.locator(f'tr[data-repo="{XSS}"]')
+    assert row.locator(".summary").inner_text() == f"Summary {PAYLOAD} end"
+    assert row.locator('td[data-label="License"]').inner_text() == f"Licence {PAYLOAD}"
+    assert row.locator(".tag").all_inner_texts() == ["merge", "mergekit", "linear", f"tag{SCRIPT}", f"img{IMG}"]
+    p.fill("input[name=q]", "onerror")  # the filter code handles the payload text as data too
+    assert visible_rows(p) == [XSS]
+    p.select_option("select[name=tag]", f"img{IMG}")
+    assert visible_rows(p) == [XSS]
+    assert p.evaluate("document.scripts.length") == 1  # ours: static/catalog.js
+    assert p.evaluate("document.querySelectorAll('img, [onerror], [onload]').length") == 0
+
+    p.click(f'tr[data-repo="{XSS}"] a:text-is("{XSS}")')
+    p.wait_for_url(f"**/models/{XSS}.html")
+    assert p.inner_text("p.summary") == f"Summary {PAYLOAD} end"
+    assert p.inner_text("#recipe table.sources tbody tr:first-child td:nth-child(2)") == f"label {PAYLOAD}"
+    card = p.locator("article.card")
+    assert card.locator("p").nth(1).inner_text() == f"Body {PAYLOAD}"
+    assert card.locator("p").nth(2).inner_text() == SCRIPT
+    assert card.locator("p").nth(3).inner_text() == IMG
+    assert card.locator("pre code").last.inner_text() == SCRIPT + "\n"
+    assert card.locator("a").all_inner_texts() == []  # javascript: links are not made into links
+    assert p.evaluate("document.scripts.length") == 0
+    assert p.evaluate("document.querySelectorAll('img, svg, iframe, [onerror], [onload]').length") == 0
+    page.quiet()
+    html = ((site / "models" / f"{XSS}.html").read_text() + (site / "index.html").read_text()).lower()
+    for raw in ("<script>window", "<img src", "<svg", 'onerror="', 'href="javascript:', 'src="data:'):
+        assert raw not in html
+
+
+def test_render_markdown_escapes_html_and_drops_unsafe_links():
+    html = render_markdown(f"# T {SCRIPT}\n\n[x](javascript:alert(1)) [ok](https://example.com)\n\n| a |\n|---|\n| {IMG} |\n")
+    assert str(html) == (
+        "<h1>T &lt;script&gt;window.__xss = 1; alert(1)&lt;/script&gt;</h1>\n"
+        '<p>[x](javascript:alert(1)) <a href="https://example.com">ok</a></p>\n'
+        "<table>\n<thead>\n<tr>\n<th>a</th>\n</tr>\n</thead>\n<tbody>\n<tr>\n"
+        "<td>&lt;img src=x onerror=&quot;window.__xss = 1; alert(2)&quot;&gt;</td>\n</tr>\n</tbody>\n</table>\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model pages and lineage
+
+
+def test_lineage_links_go_both_ways(page: Watched, base_url: str):
+    p = page.page
+    p.goto(base_url + f"models/{CHILD}.html")
+    assert p.locator("#lineage ul.parents li").all_inner_texts() == [f"{BASE} (in this catalog)", "deepseek-ai/up-c (on the Hub)"]
+    assert p.get_attribute("#lineage ul.parents li:nth-child(2) a", "href") == "https://huggingface.co/deepseek-ai/up-c"
+    assert p.locator("#lineage ul.children li").all_inner_texts() == ["none in this catalog"]
+    p.click(f"#lineage ul.parents a:text-is('{BASE}')")  # child -> parent
+    p.wait_for_url(f"**/models/{BASE}.html")
+    assert p.inner_text("h1.repo") == BASE
+    assert p.locator("#lineage ul.children li").all_inner_texts() == [CHILD, THIRD]
+    assert p.locator("#lineage ul.parents li").all_inner_texts() == ["deepseek-ai/up-a (on the Hub)", "deepseek-ai/up-b (on the Hub)"]
+    p.click(f"#lineage ul.children a:text-is('{CHILD}')")  # parent -> child
+    p.wait_for_url(f"**/models/{CHILD}.html")
+    assert p.inner_text("h1.repo") == CHILD
+    page.quiet()
+
+
+def test_model_page_shows_card_recipe_smoke_results_and_hub_link(page: Watched, base_url: str):
+    p = page.page
+    p.goto(base_url + f"models/{CHILD}.html")
+    assert p.get_attribute("a.hub", "href") == f"https://huggingface.co/{CHILD}"
+    assert p.locator("article.card h1").inner_text() == "merge-of-merges"
+    assert p.locator("article.card table tbody tr").all_inner_texts() == ["a\tfirst\t0.3", "b\tsecond\t0.7"]
+    assert p.locator("#recipe table.sources tbody tr").all_inner_texts() == [
+        f"cos\tthe base merge\t{BASE}\tcccccccccccc\t0.3",
+        "fmt\tcode fine-tune\tlocal checkpoint\tdddddddddddd\t0.5 for mlp; 0.7 otherwise",
+    ]
+    assert p.inner_text("#smoke > p") == "Failed on cpu."
+    assert p.locator("#smoke table.checks tbody tr").all_inner_texts() == [
+        "short\tpassed\tanswered through the chat template",
+        "long\tfailed\tmissed the pass key at 512 tokens",
+    ]
+    assert p.locator("#smoke table.long tbody tr").all_inner_texts() == ["512\t0.5\tmissed\t0.41"]
+    p.goto(base_url + f"models/{THIRD}.html")
+    assert p.inner_text("#smoke p") == "No smoke-test report (smoke.json) was published with this model."
+    assert p.get_attribute("ul.facts a[rel~=nofollow]", "href") == "https://example.com/licence"
+    page.quiet()
+
+
+def test_reading_needs_no_javascript(browser: Any, base_url: str):
+    context = browser.new_context(java_script_enabled=False)
+    p = context.new_page()
+    p.goto(base_url + "index.html")
+    assert p.is_hidden("#filters")
+    rows = p.locator("#models tbody tr")
+    assert [rows.nth(i).get_attribute("data-repo") for i in range(rows.count())] == ALL
+    assert all(rows.nth(i).is_visible() for i in range(rows.count()))
+    p.click(f"a:text-is('{BASE}')")
+    p.wait_for_url(f"**/models/{BASE}.html")
+    assert p.locator("#lineage ul.children li").all_inner_texts() == [CHILD, THIRD]
+    context.close()
+
+
+def test_phone_width_is_readable_and_screenshots_are_saved(browser: Any, base_url: str):
+    context = browser.new_context(viewport={"width": 375, "height": 812}, device_scale_factor=2, is_mobile=True)
+    p = context.new_page()
+    ARTIFACTS.mkdir(exist_ok=True)
+    for url, name in ((base_url + "index.html", "catalog-index-phone.png"), (base_url + f"models/{CHILD}.html", "catalog-model-phone.png")):
+        p.goto(url)
+        # Nothing wider than the screen: no sideways scrolling to read a row or a card.
+        assert p.evaluate("document.documentElement.scrollWidth") <= 375
+        p.screenshot(path=str(ARTIFACTS / name), full_page=True)
+        assert (ARTIFACTS / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    p.goto(base_url + "index.html")
+    # Rows become labelled blocks: the header row is hidden and each cell says what it is.
+    assert p.is_hidden("#models thead")
+    cell = p.locator(f'tr[data-repo="{CHILD}"] td[data-label="License"]')
+    assert p.evaluate("e => getComputedStyle(e, '::before').content", cell.element_handle()) == '"License: "'
+    context.close()
+    desktop = browser.new_context(viewport={"width": 1280, "height": 900})
+    d = desktop.new_page()
+    d.goto(base_url + "index.html")
+    d.screenshot(path=str(ARTIFACTS / "catalog-index.png"), full_page=True)
+    desktop.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hub as a source
+
+
+def upload_model(api: Any, repo_id: str, card: str, smoke: dict | None = None) -> None:
+    from huggingface_hub import CommitOperationAdd
+
+    api.create_repo(repo_id)
+    ops = [CommitOperationAdd("README.md", card.encode()), CommitOperationAdd("config.json", b'{"model_type": "qwen2"}')]
+    if smoke is not None:
+        ops.append(CommitOperationAdd("smoke.json", json.dumps(smoke).encode()))
+    api.create_commit(repo_id, ops, commit_message=f"Publish {repo_id}")
+
+
+def hub_card(repo_id: str, parents: list[str], tags: list[str], summary: str) -> str:
+    meta = {"base_model": parents, "base_model_relation": "merge", "license": "mit", "tags": tags}
+    return card_text(repo_id, meta, summary)
+
+
+def test_build_from_a_hub_org_lists_its_merges_with_cards_and_smoke(hub_server: Any, hub_api: Any, tmp_path: Path):
+    parent, child = f"{HUB_ORG}/merged-parent", f"{HUB_ORG}/merged-child"
+    upload_model(hub_api, parent, hub_card(parent, ["up/a", "up/b"], ["merge", "linear"], "The parent merge"),
+                 smoke={"format": 1, "passed": True, "checks": []})
+    upload_model(hub_api, child, hub_card(child, [parent, "up/c"], ["merge", "linear", "code"], "The child merge"))
+    upload_model(hub_api, f"{HUB_ORG}/not-a-merge", hub_card(f"{HUB_ORG}/not-a-merge", ["up/a"], ["finetune"], "no"))
+    upload_model(hub_api, f"{HUB_USER}/elsewhere", hub_card(f"{HUB_USER}/elsewhere", ["up/a", "up/b"], ["merge"], "other owner"))
+
+    models = read_models(f"hf:{HUB_ORG}", api=hub_api)
+    assert [(m.repo_id, m.url, m.metadata["base_model"], m.smoke) for m in models] == [
+        (child, f"{hub_server.endpoint}/{child}", [parent, "up/c"], None),
+        (parent, f"{hub_server.endpoint}/{parent}", ["up/a", "up/b"], {"format": 1, "passed": True, "checks": []}),
+    ]
+
+    run = subprocess.run(
+        [sys.executable, "-m", "registry", "catalog", "build", "--from", f"hf:{HUB_ORG}", "-o", str(tmp_path / "site"), "--format", "json"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **hub_server.client_env(HUB_TOKEN)}, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["pages"] == ["index.html", f"models/{child}.html", f"models/{parent}.html"]
+    page = (tmp_path / "site" / "models" / f"{parent}.html").read_text()
+    assert f'<li><a href="../../models/{child}.html">{child}</a></li>' in page
+    assert f'<a class="hub" href="{hub_server.endpoint}/{parent}" rel="noopener">' in page
+    assert '<span class="smoke smoke-passed">passed</span>' in page
+
+
+def test_unknown_source_is_a_usage_error():
+    run = registry("catalog", "build", "--from", "github:x")
+    assert (run.returncode, run.stdout, run.stderr) == (
+        2, "", "error: --from 'github:x': expected 'local' or 'hf:ORG_OR_USER' (e.g. --from hf:my-team)\n",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: build and serve
+
+
+def registry(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "registry", *args], capture_output=True, text=True, cwd=cwd,
+        env={**os.environ, **(env or {})}, timeout=60,
+    )
+
+
+def test_cli_builds_rebuilds_and_serves_the_site(home: Path, tmp_path: Path):
+    env = {"REGISTRY_HOME": str(home)}
+    run = registry("catalog", "build", "-o", "site", cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"wrote site/index.html and 4 model pages from the local registry {home} in ")
+    (tmp_path / "site" / "stale.html").write_text("left from an older build")
+    assert registry("catalog", "build", "-o", "site", cwd=tmp_path, env=env).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "site").iterdir()) == [MARKER, "index.html", "models", "static"]
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    run = registry("catalog", "build", "-o", "notes", cwd=tmp_path, env=env)
+    assert (run.returncode, run.stderr) == (
+        2, "error: notes is not empty and was not built by `registry catalog build` (choose another -o or empty it)\n",
+    )
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "registry", "catalog", "serve", "--port", "0", "--dir", "site"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = serve.stdout.readline()
+        assert line.startswith("serving site at http://127.0.0.1:")
+        url = line.split(" at ")[1].split()[0]
+        with urlopen(url + "index.html", timeout=10) as response:
+            assert response.status == 200
+            assert f'data-repo="{CHILD}"' in response.read().decode()
+        with urlopen(url + f"models/{CHILD}.html", timeout=10) as response:
+            assert f'<h1 class="repo">{CHILD}</h1>' in response.read().decode()
+    finally:
+        serve.terminate()
+        serve.wait(timeout=10)
+
+
+def test_serve_without_a_site_says_what_to_do(tmp_path: Path):
+    run = registry("catalog", "serve", "--dir", "nothing", cwd=tmp_path)
+    assert (run.returncode, run.stderr) == (2, "error: nothing: no index.html here (run `registry catalog build` first, or give --dir)\n")
+
+
+def test_empty_registry_builds_an_empty_catalog(tmp_path: Path):
+    result = build_site(read_local(tmp_path / "empty"), tmp_path / "site", [])
+    assert (result.models, result.pages) == (0, ["index.html"])
+    assert "<p>Nothing has been published yet.</p>" in (tmp_path / "site" / "index.html").read_text()
