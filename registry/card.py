@@ -26,7 +26,6 @@ DEFAULT_PREFIX = "default"
 REPORT_FORMAT = 1
 PROVENANCE_FILE = "provenance.json"
 SMOKE_FILE = "smoke.json"
-HUB_URL = "https://huggingface.co"
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 
 
@@ -252,7 +251,7 @@ def card_context(
         },
         "sources": [_source_context(item, provenance) for item in inputs],
         "config_yaml": yaml.safe_dump(_safe_config(recipe, names), sort_keys=False, allow_unicode=True, default_flow_style=False),
-        "smoke": _smoke_context(smoke) if smoke is not None else None,
+        "smoke": _smoke_context(smoke, names) if smoke is not None else None,
         "usage": {"prompt": recipe.smoke.short.prompt, "max_new_tokens": recipe.smoke.short.max_new_tokens},
         "provenance": _provenance_context(provenance) if provenance is not None else None,
         "sections": [{"title": str(title), "body": str(body).strip("\n")} for title, body in sections],
@@ -261,7 +260,8 @@ def card_context(
 
 def _source_context(item: MergeInput, provenance: Mapping[str, Any] | None) -> dict[str, Any]:
     name = input_name(item)
-    pinned = _get(provenance, "sources", name) or {}
+    # Reports key a source by its alias, or by the reference as written when it has none.
+    pinned = _get(provenance, "sources", name) or _get(provenance, "sources", item.name) or {}
     label = item.source.label if item.source else None
     hub_id = item.source.hub_id if item.source else None
     repo_id = item.ref.value if item.ref.kind == "hub" else None
@@ -299,7 +299,7 @@ def _weight_text(weight: Any) -> str:
 def _config_donor(recipe: Recipe, provenance: Mapping[str, Any] | None, names: Mapping[str, str]) -> str | None:
     donor = _get(provenance, "config_donor")
     if donor is not None:
-        return str(donor)
+        return _safe_name(str(donor), names)
     return _safe_name(recipe.merge.base_model, names) if recipe.merge.base_model else None
 
 
@@ -310,7 +310,7 @@ def _safe_name(model: str, names: Mapping[str, str]) -> str:
     try:
         ref = parse_ref(model)
     except ValueError:
-        return "(invalid reference)"
+        return "(unknown model)"
     return str(ref) if ref.kind == "hub" else "(local path)"
 
 
@@ -335,7 +335,7 @@ def _safe_config(recipe: Recipe, names: Mapping[str, str]) -> dict[str, Any]:
     return config
 
 
-def _smoke_context(smoke: Mapping[str, Any]) -> dict[str, Any]:
+def _smoke_context(smoke: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
     short = smoke.get("short")
     long_rows = _list(smoke, "long", SMOKE_FILE)
     retrieved = [row.get("tokens") for row in long_rows if row.get("status") == "retrieved" and isinstance(row.get("tokens"), int)]
@@ -367,7 +367,7 @@ def _smoke_context(smoke: Mapping[str, Any]) -> dict[str, Any]:
         ],
         "parity": [
             {
-                "model": str(row.get("model")),
+                "model": "merged" if row.get("model") == "merged" else _safe_name(str(row.get("model")), names),
                 "nll": row.get("nll"),
                 "long_retrieved": row.get("long_retrieved"),
                 "long_total": row.get("long_total"),

@@ -369,9 +369,22 @@ def test_reference_models_leaked_paths_stay_out(tmp_path):
         f"  - model: {LEAKED_PATHS[1]}\n    parameters:\n      weight: 0.7\n"
         "merge_method: linear\nparameters:\n  normalize: true\ndtype: bfloat16\n"
     )
-    card = render_card(load_recipe(bare), template_dirs=())
+    bare_recipe = load_recipe(bare)
+    # Reports name a source without an alias by its reference as written: here, the path itself.
+    provenance = {
+        "format": 1, "recipe_sha256": bare_recipe.sha256, "config_donor": LEAKED_PATHS[0],
+        "sources": {path: {"kind": "local", "content_sha256": digit * 64} for path, digit in zip(LEAKED_PATHS, "ab")},
+    }
+    smoke = {
+        "format": 1, "passed": True, "recipe_sha256": bare_recipe.sha256, "checks": [],
+        "parity": [{"model": "merged", "nll": 2.0}, {"model": LEAKED_PATHS[0], "nll": 2.1}, {"model": "elsewhere", "nll": 2.2}],
+    }
+    card = render_card(bare_recipe, provenance, smoke, template_dirs=())
     assert "```yaml\nmerge_method: linear\nmodels:\n- model: model_1\n  parameters:\n    weight: 0.3\n- model: model_2\n" in card
-    assert "| `model_1` | none | local checkpoint, not on the Hub | not recorded |" in card
+    assert "| `model_1` | none | local checkpoint, not on the Hub | weights sha256 `" + "a" * 64 + "` |" in card
+    assert "| `model_2` | none | local checkpoint, not on the Hub | weights sha256 `" + "b" * 64 + "` |" in card
+    assert "- **Configuration and tokenizer from:** `model_1`\n" in card
+    assert "| **merged** | 2.000 | n/a |\n| `model_1` | 2.100 | n/a |\n| `(unknown model)` | 2.200 | n/a |\n" in card
 
     recipe = load_recipe(COS_FMT).model_copy(deep=True)
     recipe.sources["cos"].model, recipe.sources["fmt"].model = LEAKED_PATHS
