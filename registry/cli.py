@@ -235,6 +235,33 @@ class Device(str, enum.Enum):
     cuda = "cuda"
 
 
+@app.command()
+def smoke(
+    model_dir: Annotated[Path, typer.Argument(help="Folder of the merged model (config.json, weights, tokenizer).")],
+    recipe: Annotated[
+        Optional[Path], typer.Option("--recipe", help="Recipe the model was merged from: smoke settings, and the parents to compare with.")
+    ] = None,
+    device: Annotated[Device, typer.Option("--device", help="auto picks cuda when a GPU is usable.")] = Device.auto,
+    format: FormatOption = Format.text,
+) -> None:
+    """Smoke-test a model: short and long-context generation, parity with parents, exact weights; writes smoke.json."""
+    from .recipe import load_recipe
+    from .smoke import print_report, run_smoke
+
+    if recipe is not None and not recipe.is_file():
+        raise UsageError(f"{recipe}: no such recipe file")
+    loaded = load_recipe(recipe) if recipe is not None else None
+    err = _console(stderr=True)
+    progress = None if format is Format.json else (lambda message: err.print(f"[dim]{message}[/dim]", markup=True))
+    report = run_smoke(model_dir, loaded, device=device.value, progress=progress)
+    if format is Format.json:
+        emit_json(report.to_dict())
+    else:
+        print_report(report, _console())
+    if not report.passed:
+        raise typer.Exit(1)
+
+
 UpdateOption = Annotated[
     bool, typer.Option("--update", help="Accept sources that changed since the lock file pinned them; re-resolve Hub revisions.")
 ]

@@ -12,7 +12,7 @@ from . import hookspecs
 from .errors import RegistryError
 
 ENTRY_POINT_GROUP = "registry"
-DEFAULT_PLUGINS = ("registry.publish.local", "registry.publish.hf")
+DEFAULT_PLUGINS = ("registry.publish.local", "registry.publish.hf", "registry.smoke_checks")
 # Targets provided by packages we know of, so an unknown target can say what to install.
 KNOWN_PROVIDERS = {"mlflow": "registry-mlflow"}
 

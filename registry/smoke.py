@@ -1,0 +1,1043 @@
+"""Smoke tests: a short and a long-context generation, parity with the parents, an exact weight check.
+
+`run_smoke(model_dir, recipe)` runs every registered smoke check (the built-ins of
+registry/smoke_checks.py and any plugin's, through the `register_smoke_checks` hook) against a model
+folder and returns a `SmokeReport`, written as smoke.json beside the weights. The model is loaded
+once, lazily; parents are loaded one at a time, only when a check needs them.
+
+Nothing written to smoke.json names a local path: it is published with the model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import re
+import resource
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from .errors import RegistryError, SmokeError
+from .recipe import SmokeConfig, WeightFilter
+
+if TYPE_CHECKING:
+    from .recipe import LongSmoke, Recipe, ShortSmoke
+
+FORMAT = 1
+SMOKE_FILE = "smoke.json"
+PROVENANCE_FILE = "provenance.json"
+Status = Literal["passed", "failed", "skipped"]
+# Prefill chunk sizes tried, largest first, when a whole-prompt forward would not fit in memory.
+AUTO_CHUNKS = (8192, 4096, 2048, 1024, 512)
+_MIB = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class CheckResult:
+    """The verdict of one smoke check."""
+
+    name: str
+    status: Status
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShortRun:
+    """One short greedy generation through the chat template, with the measures the checks judge."""
+
+    prompt: str
+    output: str
+    new_tokens: int
+    stopped: Literal["eos", "max_new_tokens"]
+    finite: bool
+    logit_std: float
+    repeated_ngrams: float
+    longest_run: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The smoke.json `short` entry."""
+        return {"prompt": self.prompt, "output": self.output, "new_tokens": self.new_tokens, "stopped": self.stopped}
+
+
+@dataclass
+class LongRun:
+    """One needle-in-a-haystack prompt of `tokens` tokens with the needle at `depth`."""
+
+    tokens: int
+    depth: float
+    status: Literal["retrieved", "missed", "skipped"]
+    reason: str | None = None
+    finite: bool | None = None
+    seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    key: str | None = None
+    output: str | None = None
+    estimated_memory_bytes: int | None = None
+    prefill_chunk_size: int | None = None
+
+
+@dataclass
+class ParityRow:
+    """One model's NLL on the fixed text and retrieval over the long prompts both it and the merge ran."""
+
+    model: str
+    nll: float | None
+    long_retrieved: int
+    long_total: int
+
+
+@dataclass
+class SmokeReport:
+    """Everything `registry smoke` found; `to_dict()` is the smoke.json format."""
+
+    passed: bool
+    device: str
+    recipe_sha256: str | None
+    checks: list[CheckResult]
+    short: ShortRun | None
+    long: list[LongRun]
+    parity: list[ParityRow]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (non-finite numbers become null)."""
+        return _finite({
+            "format": FORMAT,
+            "passed": self.passed,
+            "device": self.device,
+            "recipe_sha256": self.recipe_sha256,
+            "checks": [asdict(c) for c in self.checks],
+            "short": self.short.to_dict() if self.short else None,
+            "long": [asdict(r) for r in self.long],
+            "parity": [asdict(r) for r in self.parity],
+        })
+
+    def write(self, model_dir: str | Path) -> Path:
+        """Write smoke.json into `model_dir` and return its path."""
+        path = Path(model_dir) / SMOKE_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        return path
+
+    def failed(self) -> list[CheckResult]:
+        """The checks that failed."""
+        return [c for c in self.checks if c.status == "failed"]
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and their registration
+
+
+class SmokeCheckLike(Protocol):
+    """What `register_smoke_checks` accepts: a name and a run(ctx) returning a CheckResult."""
+
+    name: str
+
+    def run(self, ctx: SmokeContext) -> CheckResult: ...
+
+
+@dataclass(frozen=True)
+class SmokeCheck:
+    """A named smoke check; lower `order` runs first (built-ins use 10-40, plugins default to 100)."""
+
+    name: str
+    run: Callable[[SmokeContext], CheckResult]
+    order: int = 100
+    description: str = ""
+
+
+def get_smoke_checks() -> list[SmokeCheckLike]:
+    """Every registered smoke check, built-ins included, in running order; a name registered twice is an error."""
+    from .plugins import get_plugin_manager
+
+    checks: dict[str, SmokeCheckLike] = {}
+
+    def register(check: SmokeCheckLike) -> None:
+        if check.name in checks:
+            raise RegistryError(f"smoke check '{check.name}' is registered twice")
+        checks[check.name] = check
+
+    get_plugin_manager().hook.register_smoke_checks(register=register)
+    return sorted(checks.values(), key=lambda c: getattr(c, "order", 100))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources (the parents), resolved to folders at hand
+
+
+@dataclass
+class SourceModel:
+    """A source of the merge: its weight and, when it is at hand, its folder (never written out)."""
+
+    name: str
+    kind: Literal["local", "hub"]
+    weight: float | list[WeightFilter] | None
+    path: Path | None
+    missing: str | None = None
+
+
+def read_provenance(model_dir: str | Path) -> dict[str, Any] | None:
+    """The merge's provenance.json in `model_dir`, or None when there is none."""
+    path = Path(model_dir) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SmokeError(f"{path}: unreadable provenance ({exc}); re-run `registry merge` or delete the file") from None
+    if not isinstance(data, dict):
+        raise SmokeError(f"{path}: provenance must be a JSON object; re-run `registry merge`")
+    return data
+
+
+def resolve_local_source(text: str, recipe_dir: Path | None) -> tuple[Path | None, str | None]:
+    """A local source's folder from the recipe's text (${VAR}, ~, relative to the recipe's folder), or why not."""
+    from .recipe import env_names
+
+    unset = [name for name in env_names(text) if not os.environ.get(name)]
+    if unset:
+        return None, f"environment variable {unset[0]} is not set"
+    path = Path(os.path.expanduser(re.sub(r"\$\{([^}]*)\}", lambda m: os.environ[m.group(1)], text)))
+    # Relative paths are read from the recipe's folder, as the merge reads them.
+    if not path.is_absolute():
+        path = (recipe_dir or Path.cwd()) / path
+    if not (path / "config.json").is_file():
+        return None, "its folder (with config.json) was not found"
+    return path.resolve(), None
+
+
+def _hub_cached(repo_id: str, revision: str | None) -> tuple[Path | None, str | None]:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)), None
+    except Exception:  # noqa: BLE001 - any failure means the snapshot is not at hand
+        return None, "it is not in the local Hub cache"
+
+
+def merge_sources(recipe: Recipe | None, provenance: dict[str, Any] | None) -> list[SourceModel]:
+    """The merge's sources with their weights, and their folders where they are at hand."""
+    pinned = (provenance or {}).get("sources") or {}
+    out: list[SourceModel] = []
+    if recipe is not None:
+        recipe_dir = recipe.path.resolve().parent if recipe.path else None
+        for inp in recipe.inputs():
+            if inp.ref.kind == "local":
+                path, missing = resolve_local_source(inp.ref.value, recipe_dir)
+            else:
+                revision = (pinned.get(inp.name) or {}).get("revision") or inp.ref.revision
+                path, missing = _hub_cached(inp.ref.value, revision)
+            out.append(SourceModel(inp.name, inp.ref.kind, inp.weight, path, missing))
+        return out
+    for name, info in pinned.items():
+        weight = info.get("weight")
+        if isinstance(weight, list):
+            weight = [WeightFilter.model_validate(w) for w in weight]
+        if info.get("kind") == "hub" and info.get("repo_id"):
+            path, missing = _hub_cached(info["repo_id"], info.get("revision"))
+        else:
+            path, missing = None, "it is a local folder: pass --recipe to locate it"
+        out.append(SourceModel(name, info.get("kind", "local"), weight, path, missing))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cuda' when a GPU is usable, else 'cpu'; 'cuda' without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SmokeError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise SmokeError(f"unknown device '{device}'; use auto, cpu or cuda")
+    return device
+
+
+def load_model(path: str | Path, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) from a folder: sdpa attention, float32 on CPU, the checkpoint's dtype on CUDA."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        dtype = torch.float32
+        if device == "cuda":
+            stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+            stored = getattr(torch, stored) if isinstance(stored, str) else stored
+            dtype = stored if stored in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model.to(device).eval()
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise SmokeError(f"cannot load the model in {path}: {_one_line(exc)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SmokeError(f"cannot load the tokenizer in {path}: {_one_line(exc)}; copy the tokenizer files into the folder") from None
+    return model, tokenizer
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
+
+
+def _free(*objects: Any) -> None:
+    del objects
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: last-position logits only, KV cache, optional chunked prefill
+
+
+def _cache_kwarg(model: Any) -> str:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def prefill(model: Any, input_ids: list[int], *, chunk_size: int | None = None) -> tuple[Any, Any]:
+    """Run the prompt through the model; returns (last-position logits [1, 1, vocab], KV cache)."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
+    step = chunk_size or ids.shape[1]
+    key = _cache_kwarg(model)
+    cache = None
+    logits = None
+    with torch.inference_mode():
+        for start in range(0, ids.shape[1], step):
+            kwargs = {key: cache} if cache is not None else {}
+            # logits_to_keep=1: without it the forward materialises [N, vocab] logits (tens of GB at 128k);
+            # `num_logits_to_keep` is the old name and is silently ignored by transformers 5.
+            out = model(input_ids=ids[:, start : start + step], use_cache=True, logits_to_keep=1, **kwargs)
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            logits = out.logits
+    return logits, cache
+
+
+@dataclass
+class Generation:
+    """The new tokens of a greedy generation, how it stopped, and what its logits looked like."""
+
+    tokens: list[int]
+    stopped: Literal["eos", "max_new_tokens"]
+    finite: bool
+    first_logit_std: float
+
+
+def greedy_generate(
+    model: Any, input_ids: list[int], max_new_tokens: int, eos_ids: Iterable[int], *, chunk_size: int | None = None
+) -> Generation:
+    """Greedy decoding with a KV cache, checking every step's logits are finite."""
+    import torch
+
+    eos = set(eos_ids)
+    logits, cache = prefill(model, input_ids, chunk_size=chunk_size)
+    first = logits[0, -1].float()
+    finite = bool(torch.isfinite(first).all())
+    std = float(first.std()) if finite else float("nan")
+    tokens: list[int] = []
+    stopped: Literal["eos", "max_new_tokens"] = "max_new_tokens"
+    key = _cache_kwarg(model)
+    device = first.device
+    with torch.inference_mode():
+        for i in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            tokens.append(token)
+            if token in eos:
+                stopped = "eos"
+                break
+            if i + 1 == max_new_tokens:
+                break
+            out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, logits_to_keep=1, **{key: cache})
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            logits = out.logits
+            finite = finite and bool(torch.isfinite(logits).all())
+    return Generation(tokens, stopped, finite, std)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends a generation: the generation config's, the model config's and the tokenizer's."""
+    ids: set[int] = set()
+    for value in (
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+        tokenizer.eos_token_id,
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def repeated_ngram_fraction(tokens: list[int], n: int) -> float:
+    """The fraction of the n-grams of `tokens` that repeat an earlier one (0 for fewer than n tokens)."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def longest_token_run(tokens: list[int]) -> int:
+    """The length of the longest run of one repeated token."""
+    best = run = 0
+    for i, token in enumerate(tokens):
+        run = run + 1 if i and token == tokens[i - 1] else 1
+        best = max(best, run)
+    return best
+
+
+class NoChatTemplate(SmokeError):
+    """The tokenizer has no chat template, so the short generation cannot be run as users would."""
+
+
+def run_short(model: Any, tokenizer: Any, config: ShortSmoke) -> ShortRun:
+    """The short greedy generation of `config.prompt` through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplate(
+            "the tokenizer has no chat template: add chat_template.jinja to the model folder or set merge.chat_template in the recipe"
+        )
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": config.prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    ids = list(encoded["input_ids"])
+    gen = greedy_generate(model, ids, config.max_new_tokens, eos_token_ids(model, tokenizer))
+    body = gen.tokens[:-1] if gen.stopped == "eos" else gen.tokens
+    return ShortRun(
+        prompt=config.prompt,
+        output=tokenizer.decode(body, skip_special_tokens=True),
+        new_tokens=len(gen.tokens),
+        stopped=gen.stopped,
+        finite=gen.finite,
+        logit_std=gen.first_logit_std,
+        repeated_ngrams=repeated_ngram_fraction(body, config.ngram),
+        longest_run=longest_token_run(body),
+    )
+
+
+def nll(model: Any, tokenizer: Any, text: str) -> float:
+    """Mean negative log-likelihood (nats per token) of `text` under the model."""
+    import torch
+
+    ids = tokenizer(text)["input_ids"]
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
+        target = torch.tensor(ids[1:], device=device)
+        return float(torch.nn.functional.cross_entropy(logits, target))
+
+
+# ---------------------------------------------------------------------------------------------
+# The needle-in-a-haystack prompt
+
+
+@dataclass(frozen=True)
+class NeedlePrompt:
+    """A pass-key prompt of exactly len(ids) tokens; the needle's tokens start at `needle_start`."""
+
+    ids: list[int]
+    key: str
+    depth: float
+    needle_start: int
+
+
+def pass_key(tokens: int, depth: float, digits: int) -> str:
+    """The pass key for one (length, depth): fixed, so every model and every run gets the same prompts."""
+    rng = random.Random(f"pass-key:{tokens}:{depth}:{digits}")
+    return str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(digits - 1))
+
+
+class NeedlePromptBuilder:
+    """Builds RULER-style pass-key prompts of an exact token count with any tokenizer.
+
+    The haystack is the filler's sentences repeated (the first without a leading space, the rest
+    with one), cut to the tokens left once the needle (" " + needle) and the question
+    (" " + question) are counted; the needle goes in at the sentence boundary nearest to
+    depth * haystack length. Pieces are tokenized once and concatenated as token ids, so the count
+    is exact whatever the tokenizer; a tokenizer that prepends BOS gets it in front.
+    """
+
+    def __init__(self, tokenizer: Any, filler: str, needle: str, question: str):
+        self.tokenizer = tokenizer
+        self.needle = needle
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", filler.strip()) if s]
+        self.first_ids = [self._encode(s) for s in sentences]
+        self.next_ids = [self._encode(" " + s) for s in sentences]
+        self.question_ids = self._encode(" " + question)
+        with_special = list(tokenizer("a")["input_ids"])
+        plain = self._encode("a")
+        cut = len(with_special) - len(plain)
+        self.prefix = with_special[:cut] if cut > 0 and with_special[cut:] == plain else []
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def build(self, n_tokens: int, depth: float, key: str) -> NeedlePrompt:
+        """A prompt of exactly `n_tokens` tokens hiding `key` at `depth` (0 = start, 1 = end)."""
+        needle = self.needle.replace("{key}", key)
+        needle_ids = self._encode(" " + needle)
+        n_hay = n_tokens - len(self.prefix) - len(needle_ids) - len(self.question_ids)
+        if n_hay < 0:
+            shortest = n_tokens - n_hay
+            raise SmokeError(f"a pass-key prompt needs at least {shortest} tokens with this tokenizer, got {n_tokens}")
+        hay, bounds = self._haystack(n_hay, lead_space=False)
+        target = depth * n_hay
+        pos = min(bounds, key=lambda b: (abs(b - target), b))
+        if pos == 0:
+            # The needle opens the prompt: it loses its leading space and the haystack gains one.
+            needle_ids = self._encode(needle)
+            n_hay = n_tokens - len(self.prefix) - len(needle_ids) - len(self.question_ids)
+            hay, _ = self._haystack(max(n_hay, 0), lead_space=True)
+        ids = self.prefix + hay[:pos] + needle_ids + hay[pos:] + self.question_ids
+        return NeedlePrompt(ids, key, depth, len(self.prefix) + pos)
+
+    def _haystack(self, n: int, *, lead_space: bool) -> tuple[list[int], list[int]]:
+        """The filler's token ids cut to `n`, and the sentence boundaries within them."""
+        hay: list[int] = []
+        bounds = [0]
+        i = 0
+        while len(hay) < n:
+            k = i % len(self.next_ids)
+            hay += self.next_ids[k] if hay or lead_space else self.first_ids[k]
+            if len(hay) <= n:
+                bounds.append(len(hay))
+            i += 1
+        return hay[:n], bounds
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: estimate before running, measure while running
+
+
+def estimate_long_memory(model_config: Any, n_tokens: int, *, dtype_bytes: int, chunk_size: int | None = None) -> int:
+    """Bytes a forward over `n_tokens` needs beyond the weights (KV cache, activations, attention), with margin."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = text_config.hidden_size
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+    layers = text_config.num_hidden_layers
+    inter = getattr(text_config, "intermediate_size", None) or 4 * hidden
+    vocab = text_config.vocab_size
+    b = dtype_bytes
+    n = n_tokens
+    c = min(chunk_size or n, n)
+    kv_cache = 2 * layers * kv_heads * head_dim * n * b
+    # The cache grows by concatenation: one layer's keys and values exist twice for a moment.
+    kv_copy = 2 * kv_heads * head_dim * n * b
+    # Residual, normed input and attention output (~4 x hidden); MLP gate, up, activation, product (~4 x inter).
+    activations = c * b * (4 * hidden + 4 * inter) + c * b * 2 * (heads + 2 * kv_heads) * head_dim + c * head_dim * 8
+    if c < n:
+        # A chunk attends to the whole cache through an explicit mask (bool, then additive in the compute
+        # dtype), and GQA keys/values are repeated to every head because masked SDPA cannot share them.
+        attention = c * n * (1 + b) + (2 * heads * n * head_dim * b if kv_heads < heads else 0)
+    else:
+        attention = heads * n * 4 * 2  # fused causal kernel: O(n) softmax statistics
+    logits = 2 * vocab * 4
+    return int((kv_cache + kv_copy + activations + attention + logits) * 1.2) + 64 * _MIB
+
+
+def available_memory(device: str) -> int:
+    """Bytes that can still be allocated: free GPU memory (plus the allocator's cache), or MemAvailable."""
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _read_status(field_name: str) -> int | None:
+    try:
+        match = re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA's allocator peak on GPU, peak RSS on CPU (Linux's VmHWM, reset first)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.bytes: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                # Writing 5 resets the process's peak RSS (VmHWM) to the current RSS.
+                Path("/proc/self/clear_refs").write_text("5")
+                self._reset = True
+            except OSError:
+                self._reset = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            self.bytes = int(torch.cuda.max_memory_allocated())
+        else:
+            peak = _read_status("VmHWM") if self._reset else None
+            # Without a reset the best available figure is the process's lifetime peak.
+            self.bytes = peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def long_lengths(config: LongSmoke, model_config: Any) -> tuple[list[int], int]:
+    """(lengths to try, context limit): the recipe's lengths, or powers of 4 from 1024 up to the limit."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    limit = config.context_tokens or getattr(text_config, "max_position_embeddings", None) or 4096
+    if config.lengths:
+        return sorted(set(config.lengths)), limit
+    lengths = []
+    n = 1024
+    while n < limit:
+        lengths.append(n)
+        n *= 4
+    return [*lengths, limit], limit
+
+
+def run_long_prompt(
+    model: Any, tokenizer: Any, builder: NeedlePromptBuilder, n_tokens: int, depth: float,
+    config: LongSmoke, device: str, limit: int,
+) -> LongRun:
+    """One needle-in-a-haystack generation, or a skip with its reason when it cannot (or must not) run."""
+    import torch
+
+    key = pass_key(n_tokens, depth, config.key_digits)
+    run = LongRun(n_tokens, depth, "skipped", key=key)
+    if n_tokens > limit:
+        run.reason = f"{n_tokens} tokens is over the context limit ({limit})"
+        return run
+    if device == "cpu" and n_tokens > config.cpu_max_tokens:
+        run.reason = (
+            f"{n_tokens} tokens is over cpu_max_tokens ({config.cpu_max_tokens}) on CPU; "
+            "run with --device cuda or raise smoke.long.cpu_max_tokens"
+        )
+        return run
+    dtype_bytes = next(model.parameters()).element_size()
+    budget = int(available_memory(device) * config.memory_fraction)
+    choices = [config.prefill_chunk_size] if config.prefill_chunk_size else [None, *(c for c in AUTO_CHUNKS if c < n_tokens)]
+    for chunk in choices:
+        estimate = estimate_long_memory(model.config, n_tokens, dtype_bytes=dtype_bytes, chunk_size=chunk)
+        if estimate <= budget:
+            break
+    run.estimated_memory_bytes = estimate
+    if estimate > budget:
+        run.reason = f"needs about {estimate / _MIB:.0f} MiB, {budget / _MIB:.0f} MiB can be used on {device}"
+        return run
+    run.prefill_chunk_size = chunk
+    prompt = builder.build(n_tokens, depth, key)
+    try:
+        start = time.perf_counter()
+        with PeakMemory(device) as peak:
+            gen = greedy_generate(model, prompt.ids, config.max_new_tokens, eos_token_ids(model, tokenizer), chunk_size=chunk)
+        run.seconds = round(time.perf_counter() - start, 3)
+    except torch.OutOfMemoryError:
+        _free()
+        run.reason = f"ran out of memory on {device} although about {estimate / _MIB:.0f} MiB were estimated to fit"
+        return run
+    run.peak_memory_bytes = peak.bytes
+    run.finite = gen.finite
+    run.output = tokenizer.decode(gen.tokens, skip_special_tokens=True)
+    run.status = "retrieved" if key in run.output else "missed"
+    return run
+
+
+def run_long(model: Any, tokenizer: Any, config: LongSmoke, device: str, cells: list[tuple[int, float]] | None = None,
+             progress: Callable[[str], None] | None = None) -> list[LongRun]:
+    """Every (length, depth) of the long-context check, in order (or just `cells`)."""
+    builder = NeedlePromptBuilder(tokenizer, config.filler, config.needle, config.question)
+    lengths, limit = long_lengths(config, model.config)
+    todo = cells if cells is not None else [(n, d) for n in lengths for d in config.depths]
+    runs = []
+    for n, depth in todo:
+        run = run_long_prompt(model, tokenizer, builder, n, depth, config, device, limit)
+        if progress and run.status != "skipped":
+            progress(f"long {n} tokens, depth {depth}: {run.status} in {run.seconds:.2f}s")
+        runs.append(run)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact weight check
+
+
+_EPS = {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7, "float64": 2.0**-52}
+_ROWS_ELEMENTS = 1 << 24  # compare big tensors in slices of about this many elements
+
+
+class _TensorFiles:
+    """Tensor name -> safetensors file of one checkpoint folder, opened lazily."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.where = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            from safetensors import safe_open
+
+            self.where = {}
+            for file in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as f:
+                    self.where.update({k: file for k in f.keys()})
+        if not self.where:
+            raise SmokeError(f"no safetensors weights in {folder}")
+        self._open: dict[Path, Any] = {}
+
+    def handle(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        file = self.where[name]
+        if file not in self._open:
+            self._open[file] = safe_open(str(file), framework="pt")
+        return self._open[file]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(
+            self.handle(name).get_slice(name).get_dtype(), "other")
+
+    def rows(self, name: str, start: int, stop: int) -> Any:
+        sl = self.handle(name).get_slice(name)
+        return sl[start:stop] if len(sl.get_shape()) else self.handle(name).get_tensor(name)
+
+
+def weight_for(weight: float | list[WeightFilter] | None, tensor: str) -> float | None:
+    """A source's weight for one tensor, resolving filters the way mergekit does (first match wins)."""
+    if weight is None or isinstance(weight, (int, float)):
+        return weight
+    for item in weight:
+        if item.filter is None or item.filter == "*" or item.filter in tensor:
+            return item.value
+    return None
+
+
+def check_weights(
+    model_dir: str | Path, sources: list[SourceModel], *, normalize: bool, merge_dtype: str | None,
+    tolerance: float | None = None,
+) -> CheckResult:
+    """Every merged tensor against the (normalized) weighted sum of the sources, streamed tensor by tensor."""
+    import torch
+
+    merged = _TensorFiles(Path(model_dir))
+    srcs = [(s, _TensorFiles(s.path)) for s in sources if s.path is not None]
+    names = sorted(merged.where)
+    mismatched: list[dict[str, Any]] = []
+    non_finite: list[str] = []
+    skipped: list[dict[str, str]] = []
+    worst = 0.0
+    checked = 0
+    cast = getattr(torch, merge_dtype) if merge_dtype else None
+    for name in names:
+        shape = merged.shape(name)
+        out_dtype = merged.dtype(name)
+        if out_dtype == "other":
+            skipped.append({"tensor": name, "reason": "not a floating-point tensor"})
+            continue
+        weights, parts = [], []
+        why = None
+        for source, files in srcs:
+            # A tied LM head may be stored only as the embedding in a source.
+            src_name = name if name in files.where else ("model.embed_tokens.weight" if name == "lm_head.weight" else None)
+            if src_name not in files.where:
+                why = f"missing in source '{source.name}'"
+                break
+            if files.shape(src_name) != shape:
+                why = f"shape {files.shape(src_name)} in source '{source.name}' differs from {shape} (tokenizer rebuilt?)"
+                break
+            w = weight_for(source.weight, name)
+            if w is None:
+                why = f"no weight of source '{source.name}' applies to it"
+                break
+            weights.append(float(w))
+            parts.append((files, src_name))
+        if why:
+            (mismatched if why.startswith("missing") else skipped).append({"tensor": name, "reason": why})
+            continue
+        total = sum(weights) if normalize else 1.0
+        rel = tolerance if tolerance is not None else max(_EPS.get(out_dtype, 0.0), _EPS.get(merge_dtype or "", 0.0))
+        rows = shape[0] if shape else 1
+        step = max(1, _ROWS_ELEMENTS // max(1, math.prod(shape[1:]))) if shape else 1
+        bad = 0
+        tensor_worst = 0.0
+        finite = True
+        for start in range(0, rows, step):
+            got = merged.rows(name, start, start + step).float()
+            finite = finite and bool(torch.isfinite(got).all())
+            expected = torch.zeros_like(got)
+            scale = torch.zeros_like(got)
+            for w, (files, src_name) in zip(weights, parts):
+                x = files.rows(src_name, start, start + step)
+                x = (x.to(cast) if cast is not None else x).float()
+                expected.add_(x, alpha=w)
+                scale.add_(x.abs(), alpha=abs(w))
+            expected.div_(total)
+            scale.div_(abs(total))
+            error = (got - expected).abs()
+            # One unit in the last place of the stored dtype, plus fp32 summation error.
+            allowed = rel * expected.abs() + 2.0**-20 * scale + 1e-12
+            over = ~(error <= allowed)
+            bad += int(over.sum())
+            if bool(over.any()):
+                tensor_worst = max(tensor_worst, float(torch.nan_to_num(error, nan=math.inf)[over].max()))
+        checked += 1
+        if not finite:
+            non_finite.append(name)
+        if bad:
+            worst = max(worst, tensor_worst)
+            mismatched.append({"tensor": name, "elements": bad, "max_abs_error": tensor_worst})
+    for source, files in srcs:
+        for name in sorted(set(files.where) - set(merged.where)):
+            mismatched.append({"tensor": name, "reason": f"in source '{source.name}' but missing from the merged model"})
+    details: dict[str, Any] = {
+        "sources": [s.name for s, _ in srcs],
+        "normalize": normalize,
+        "tensors_checked": checked,
+        "mismatched": mismatched,
+        "non_finite": non_finite,
+        "skipped": skipped,
+    }
+    if non_finite:
+        return CheckResult("weights", "failed", f"{len(non_finite)} of {len(names)} merged tensors hold NaN or inf (first: {non_finite[0]})", details)
+    if mismatched:
+        first = mismatched[0]
+        what = first.get("reason") or f"{first['elements']} elements off by up to {first['max_abs_error']:.3g}"
+        return CheckResult(
+            "weights", "failed",
+            f"{len(mismatched)} of {len(names)} merged tensors differ from the recipe's weighted sum of the sources "
+            f"(first: {first['tensor']}, {what})",
+            details,
+        )
+    note = f"; {len(skipped)} not comparable" if skipped else ""
+    return CheckResult("weights", "passed", f"{checked} tensors equal the recipe's weighted sum of {len(srcs)} sources{note}", details)
+
+
+# ---------------------------------------------------------------------------------------------
+# The context checks run against
+
+
+@dataclass
+class ParentEval:
+    """What a parent did on the same prompts as the merge."""
+
+    name: str
+    short: ShortRun | None
+    nll: float | None
+    long: list[LongRun]
+
+
+class SmokeContext:
+    """What checks see: the model folder, recipe, config and device, lazily loaded models, earlier results."""
+
+    def __init__(self, model_dir: Path, recipe: Recipe | None, config: SmokeConfig, device: str,
+                 provenance: dict[str, Any] | None, progress: Callable[[str], None] | None = None):
+        self.model_dir = model_dir
+        self.recipe = recipe
+        self.config = config
+        self.device = device
+        self.provenance = provenance
+        self.progress = progress
+        self.short: ShortRun | None = None
+        self.long: list[LongRun] = []
+        self.parity: list[ParityRow] = []
+        self._loaded: tuple[Any, Any] | None = None
+        self._sources: list[SourceModel] | None = None
+        self._parents: dict[str, ParentEval] | None = None
+
+    def note(self, message: str) -> None:
+        """Tell the person watching what is happening (no-op for machines)."""
+        if self.progress:
+            self.progress(message)
+
+    @property
+    def model(self) -> Any:
+        """The merged model, loaded on first use."""
+        return self._load()[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        """The merged model's tokenizer, loaded on first use."""
+        return self._load()[1]
+
+    def _load(self) -> tuple[Any, Any]:
+        if self._loaded is None:
+            self.note(f"loading the model on {self.device}")
+            self._loaded = load_model(self.model_dir, self.device)
+        return self._loaded
+
+    def sources(self) -> list[SourceModel]:
+        """The merge's sources (from the recipe, else provenance.json), with folders where at hand."""
+        if self._sources is None:
+            self._sources = merge_sources(self.recipe, self.provenance)
+        return self._sources
+
+    def normalize(self) -> bool:
+        """Whether the merge normalized its weights."""
+        if self.recipe is not None:
+            return self.recipe.merge.parameters.normalize
+        return bool((self.provenance or {}).get("normalize", True))
+
+    def merge_dtype(self) -> str | None:
+        """The dtype the merge computed in, when known."""
+        if self.recipe is not None:
+            return self.recipe.merge.dtype
+        return (self.provenance or {}).get("dtype")
+
+    def long_cells(self) -> list[tuple[int, float]]:
+        """The (length, depth) pairs the merged model ran (not skipped)."""
+        return [(r.tokens, r.depth) for r in self.long if r.status != "skipped"]
+
+    def parents(self) -> dict[str, ParentEval]:
+        """Each parent at hand evaluated on the merge's prompts: short generation, NLL, retrieval."""
+        if self._parents is None:
+            self._parents = {}
+            for source in self.sources():
+                if source.path is None:
+                    continue
+                self.note(f"evaluating parent '{source.name}'")
+                model, tokenizer = load_model(source.path, self.device)
+                try:
+                    short = run_short(model, tokenizer, self.config.short)
+                except NoChatTemplate:
+                    short = None
+                value = nll(model, tokenizer, self.parity_text())
+                cells = self.long_cells() if self.config.parity.retrieval else []
+                long = run_long(model, tokenizer, self.config.long, self.device, cells) if cells else []
+                self._parents[source.name] = ParentEval(source.name, short, value, long)
+                _free(model, tokenizer)
+                del model, tokenizer
+        return self._parents
+
+    def parity_text(self) -> str:
+        """The fixed text whose NLL is compared: the recipe's, else the haystack with a needle and its answer."""
+        if self.config.parity.text:
+            return self.config.parity.text
+        long = self.config.long
+        key = "73914"
+        return f"{long.filler} {long.needle.replace('{key}', key)} {long.filler} {long.question} {key}."
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_smoke(
+    model_dir: str | Path,
+    recipe: Recipe | None = None,
+    *,
+    device: str = "auto",
+    checks: list[SmokeCheckLike] | None = None,
+    write: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> SmokeReport:
+    """Run the smoke checks on a model folder and return (and by default write) the report."""
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise SmokeError(f"{folder}: no config.json here; pass the folder `registry merge` wrote")
+    provenance = read_provenance(folder)
+    config = recipe.smoke if recipe is not None else SmokeConfig()
+    ctx = SmokeContext(folder, recipe, config, resolve_device(device), provenance, progress)
+    results = []
+    debug = os.environ.get("REGISTRY_DEBUG") == "1"
+    for check in checks if checks is not None else get_smoke_checks():
+        ctx.note(f"check '{check.name}'")
+        start = time.perf_counter()
+        try:
+            result = check.run(ctx)
+        except RegistryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken check is a failed check, not a crash
+            if debug:
+                raise
+            result = CheckResult(check.name, "failed", f"the check raised {type(exc).__name__}: {_one_line(exc)}")
+        result.details.setdefault("seconds", round(time.perf_counter() - start, 3))
+        results.append(result)
+    sha = recipe.sha256 if recipe is not None else (provenance or {}).get("recipe_sha256")
+    report = SmokeReport(
+        passed=all(r.status != "failed" for r in results),
+        device=ctx.device,
+        recipe_sha256=sha,
+        checks=results,
+        short=ctx.short,
+        long=ctx.long,
+        parity=ctx.parity,
+    )
+    if write:
+        report.write(folder)
+    return report
+
+
+def print_report(report: SmokeReport, console: Any) -> None:
+    """The report as rich tables: one row per check, then the long-context prompts."""
+    from rich.table import Table
+
+    colour = {"passed": "green", "failed": "red", "skipped": "yellow", "retrieved": "green", "missed": "red"}
+    table = Table("check", "status", "reason", title=f"smoke ({report.device})")
+    for check in report.checks:
+        table.add_row(check.name, f"[{colour[check.status]}]{check.status}[/]", check.reason)
+    console.print(table)
+    if report.short:
+        console.print(f"short: {report.short.new_tokens} tokens, stopped on {report.short.stopped}: {report.short.output!r}",
+                      markup=False)
+    if report.long:
+        long = Table("tokens", "depth", "status", "seconds", "peak memory", "note", title="long context")
+        for run in report.long:
+            peak = f"{run.peak_memory_bytes / _MIB:.0f} MiB" if run.peak_memory_bytes else ""
+            seconds = f"{run.seconds:.2f}" if run.seconds is not None else ""
+            long.add_row(str(run.tokens), f"{run.depth:g}", f"[{colour[run.status]}]{run.status}[/]", seconds, peak,
+                         run.reason or "")
+        console.print(long)
+    if report.parity:
+        parity = Table("model", "nll", "retrieved", title="parity")
+        for row in report.parity:
+            value = f"{row.nll:.3f}" if row.nll is not None and math.isfinite(row.nll) else "nan"
+            parity.add_row(row.model, value, f"{row.long_retrieved}/{row.long_total}")
+        console.print(parity)
+    verdict = "[green]passed[/]" if report.passed else f"[red]failed[/] ({', '.join(c.name for c in report.failed())})"
+    console.print(f"smoke {verdict}")

@@ -1,0 +1,388 @@
+"""Smoke tests on real models: a random tiny Qwen2 for the mechanics, the trained toy for behaviour.
+
+The toy (tests/fixtures/toy, ~0.5M parameters) really retrieves pass keys; its two fine-tunes are
+merged here with mergekit's run_merge, and broken merges are derived from that merge with torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from registry.errors import RegistryError, SmokeError
+from registry.recipe import LongSmoke, ShortSmoke, SmokeConfig, load_recipe, parse_recipe
+from registry.smoke import (
+    CheckResult,
+    NeedlePromptBuilder,
+    PeakMemory,
+    SmokeCheck,
+    estimate_long_memory,
+    load_model,
+    longest_token_run,
+    pass_key,
+    prefill,
+    repeated_ngram_fraction,
+    run_long,
+    run_smoke,
+)
+
+TOY = Path(__file__).parent / "fixtures" / "toy"
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# A random tiny Qwen2 with a locally trained tokenizer (mechanics only: it retrieves nothing)
+
+
+def _tokenizer(out: Path, *, bos: bool = False, chat: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([FILLER, NEEDLE.replace("{key}", "12345"), QUESTION, "What is 17 * 24?"] * 3, trainer=trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<s>" if bos else None)
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def _random_model(out: Path, *, vocab: int = 300, hidden: int = 32, layers: int = 2, fill: float | None = None,
+                  max_positions: int = 2048) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         tie_word_embeddings=True, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    if fill is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(fill)
+    model.to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    _tokenizer(out)
+    return _random_model(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny):
+    return load_model(tiny, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt builder
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_needle_prompt_has_exactly_n_tokens_and_the_needle_at_depth(tmp_path, bos):
+    tok = _tokenizer(tmp_path, bos=bos)
+    builder = NeedlePromptBuilder(tok, FILLER, NEEDLE, QUESTION)
+    needle_len = len(tok(" " + NEEDLE.replace("{key}", "40917"), add_special_tokens=False)["input_ids"])
+    question = tok(" " + QUESTION, add_special_tokens=False)["input_ids"]
+    sentence = max(len(tok(" " + s, add_special_tokens=False)["input_ids"]) for s in FILLER.split(". "))
+    for n in (64, 100, 257, 1000, 4096):
+        for depth in (0.0, 0.1, 0.5, 0.9, 1.0):
+            prompt = builder.build(n, depth, "40917")
+            assert len(prompt.ids) == n
+            assert prompt.ids[-len(question):] == question
+            assert (prompt.ids[0] == tok.bos_token_id) is bos
+            text = tok.decode(prompt.ids, skip_special_tokens=True)
+            assert text.count("The pass key is 40917. Remember it. 40917 is the pass key.") == 1
+            assert text.startswith("The grass is green. ") or (prompt.needle_start == bos and text.startswith("The pass key is"))
+            assert "key.The" not in text
+            # The needle sits at a sentence boundary within one sentence of the requested depth.
+            haystack = n - needle_len - len(question) - bos
+            assert abs((prompt.needle_start - bos) - depth * haystack) <= sentence
+
+
+def test_needle_prompt_too_short_for_the_needle_is_an_error(tiny_loaded):
+    _, tok = tiny_loaded
+    builder = NeedlePromptBuilder(tok, FILLER, NEEDLE, QUESTION)
+    with pytest.raises(SmokeError, match=r"^a pass-key prompt needs at least \d+ tokens with this tokenizer, got 10$"):
+        builder.build(10, 0.5, "12345")
+
+
+def test_pass_keys_are_fixed_per_length_and_depth():
+    assert pass_key(512, 0.5, 5) == pass_key(512, 0.5, 5)
+    assert len({pass_key(n, d, 5) for n in (256, 512) for d in (0.1, 0.5, 0.9)}) == 6
+    assert re.fullmatch(r"[1-9]\d{6}", pass_key(1024, 0.1, 7))
+
+
+def test_degeneracy_measures():
+    assert repeated_ngram_fraction([1, 2, 3, 4, 5, 6], 2) == 0.0
+    assert repeated_ngram_fraction([1, 2, 1, 2, 1, 2], 2) == pytest.approx(3 / 5)
+    assert repeated_ngram_fraction([1, 2], 4) == 0.0
+    assert longest_token_run([5, 7, 7, 7, 2, 7, 7]) == 3
+    assert longest_token_run([]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The long-context forward: one position of logits, bounded memory, skips instead of crashes
+
+
+def test_long_context_forward_returns_logits_for_one_position_only(tiny_loaded):
+    import torch
+
+    model, _ = tiny_loaded
+    ids = [(7 * i) % 290 + 5 for i in range(300)]
+    whole, _ = prefill(model, ids)
+    chunked, cache = prefill(model, ids, chunk_size=64)
+    assert whole.shape == (1, 1, 300)
+    assert chunked.shape == (1, 1, 300)
+    assert cache.get_seq_length() == 300
+    full = model(input_ids=torch.tensor([ids])).logits
+    assert full.shape == (1, 300, 300)
+    torch.testing.assert_close(whole[0, 0], full[0, -1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked[0, 0], full[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_long_context_memory_does_not_grow_with_tokens_times_vocabulary(tmp_path):
+    vocab, n = 32_000, 4096
+    _tokenizer(tmp_path)
+    model, _ = load_model(_random_model(tmp_path, vocab=vocab, hidden=16, layers=1), "cpu")
+    ids = [(13 * i) % vocab for i in range(n)]
+    full_logits = n * vocab * 4  # what an unsliced forward materialises: 524 MB
+    from registry.smoke import _read_status
+
+    before = _read_status("VmRSS")
+    with PeakMemory("cpu") as peak:
+        logits, _ = prefill(model, ids)
+    assert logits.shape == (1, 1, vocab)
+    assert peak.bytes - before < full_logits / 4
+    # The measurement does see an [N, vocab] tensor: the same forward keeping every position's logits.
+    import torch
+
+    before = _read_status("VmRSS")
+    with PeakMemory("cpu") as peak, torch.inference_mode():
+        model(input_ids=torch.tensor([ids]), logits_to_keep=0)
+    assert peak.bytes - before > full_logits
+
+
+def test_lengths_over_cpu_max_tokens_are_skipped_with_the_reason(tiny_loaded):
+    model, tok = tiny_loaded
+    config = LongSmoke(lengths=[128, 256], depths=[0.5], cpu_max_tokens=128, max_new_tokens=2)
+    runs = run_long(model, tok, config, "cpu")
+    assert [(r.tokens, r.status) for r in runs] == [(128, runs[0].status), (256, "skipped")]
+    assert runs[0].status in ("retrieved", "missed") and runs[0].finite is True and runs[0].seconds > 0
+    assert runs[0].peak_memory_bytes > 0 and runs[0].estimated_memory_bytes > 0
+    assert runs[1].reason == (
+        "256 tokens is over cpu_max_tokens (128) on CPU; run with --device cuda or raise smoke.long.cpu_max_tokens"
+    )
+    assert runs[1].seconds is None and runs[1].finite is None
+
+
+def test_a_length_that_cannot_fit_is_skipped_not_run(tiny_loaded):
+    model, tok = tiny_loaded
+    config = LongSmoke(lengths=[2048], depths=[0.5], memory_fraction=1e-9)
+    [run] = run_long(model, tok, config, "cpu")
+    assert run.status == "skipped"
+    assert re.fullmatch(r"needs about \d+ MiB, 0 MiB can be used on cpu", run.reason)
+    assert run.peak_memory_bytes is None and run.output is None
+
+
+def test_lengths_default_to_powers_of_four_up_to_the_context():
+    from transformers import Qwen2Config
+
+    from registry.smoke import long_lengths
+
+    config = Qwen2Config(max_position_embeddings=131072)
+    assert long_lengths(LongSmoke(), config) == ([1024, 4096, 16384, 65536, 131072], 131072)
+    assert long_lengths(LongSmoke(context_tokens=5000), config) == ([1024, 4096, 5000], 5000)
+    assert long_lengths(LongSmoke(context_tokens=512), config) == ([512], 512)
+    assert long_lengths(LongSmoke(lengths=[512, 256, 512]), config) == ([256, 512], 131072)
+
+
+def test_memory_estimate_grows_linearly_without_chunks_and_is_bounded_by_chunking():
+    from transformers import Qwen2Config
+
+    ref = Qwen2Config(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                      intermediate_size=8960, vocab_size=151936, max_position_embeddings=131072)
+    gib = 1 << 30
+    kv_cache = 2 * 28 * 2 * 128 * 131072 * 2  # 3.5 GiB of keys and values in bf16
+    whole = estimate_long_memory(ref, 131072, dtype_bytes=2)
+    chunked = estimate_long_memory(ref, 131072, dtype_bytes=2, chunk_size=4096)
+    assert kv_cache < chunked < 12 * gib < whole
+    assert estimate_long_memory(ref, 65536, dtype_bytes=2) < whole / 1.9
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken models that need no parents
+
+
+def test_nan_model_fails_short_and_long_for_non_finite_logits(tmp_path):
+    _tokenizer(tmp_path)
+    _random_model(tmp_path, fill=float("nan"))
+    config = SmokeConfig(short=ShortSmoke(max_new_tokens=4), long=LongSmoke(lengths=[128], depths=[0.5], max_new_tokens=2))
+    report = _run(tmp_path, config)
+    checks = {c.name: (c.status, c.reason) for c in report.checks}
+    assert checks["short"] == ("failed", "logits are not finite (NaN or inf) in the short generation")
+    assert checks["long"] == ("failed", "logits are not finite at 128 tokens (depth 0.5)")
+    assert not report.passed
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    assert data["passed"] is False and data["long"][0]["finite"] is False
+
+
+def test_missing_chat_template_is_a_clear_failure(tmp_path):
+    _tokenizer(tmp_path, chat=False)
+    _random_model(tmp_path)
+    report = _run(tmp_path, SmokeConfig(long=LongSmoke(lengths=[128], depths=[0.5], max_new_tokens=1)))
+    short = report.checks[1]
+    assert (short.name, short.status) == ("short", "failed")
+    assert short.reason == (
+        "the tokenizer has no chat template: add chat_template.jinja to the model folder or set merge.chat_template in the recipe"
+    )
+    assert report.short is None
+
+
+def _run(model_dir: Path, config: SmokeConfig, **kwargs):
+    recipe = parse_recipe(
+        "repo_id: t/t\nmerge:\n  merge_method: linear\n  models:\n"
+        "    - {model: a/b, parameters: {weight: 1}}\n    - {model: a/c, parameters: {weight: 1}}\n"
+    )
+    recipe.smoke = config
+    # No parent is at hand (a/b, a/c are not cached): weights and parity are skipped, the rest runs.
+    return run_smoke(model_dir, recipe, device="cpu", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks from plugins, the report file, the command line
+
+
+def test_plugin_checks_run_after_the_built_ins_and_can_fail_the_model(tiny, monkeypatch):
+    from registry.hookspecs import hookimpl
+    from registry.plugins import get_plugin_manager
+    from registry.smoke import get_smoke_checks
+
+    def vocab_check(ctx):
+        size = ctx.model.config.vocab_size
+        return CheckResult("vocab", "failed" if size < 1000 else "passed", f"vocabulary of {size} tokens", {"size": size})
+
+    class Plugin:
+        @hookimpl
+        def register_smoke_checks(self, register):
+            register(SmokeCheck("vocab", vocab_check))
+
+    pm = get_plugin_manager()
+    plugin = pm.register(Plugin())
+    try:
+        checks = get_smoke_checks()
+        assert [c.name for c in checks] == ["weights", "short", "long", "parity", "vocab"]
+        config = SmokeConfig(short=ShortSmoke(max_new_tokens=2), long=LongSmoke(lengths=[128], depths=[0.5], max_new_tokens=1))
+        report = _run(tiny, config)
+        vocab = report.checks[-1]
+        assert (vocab.name, vocab.status, vocab.reason, vocab.details["size"]) == ("vocab", "failed", "vocabulary of 300 tokens", 300)
+        assert not report.passed
+        data = json.loads((tiny / "smoke.json").read_text())
+        assert data["checks"][-1]["name"] == "vocab" and data["checks"][-1]["status"] == "failed"
+
+        class Twice:
+            @hookimpl
+            def register_smoke_checks(self, register):
+                register(SmokeCheck("short", vocab_check))
+
+        twice = pm.register(Twice())
+        try:
+            with pytest.raises(RegistryError, match="^smoke check 'short' is registered twice$"):
+                get_smoke_checks()
+        finally:
+            pm.unregister(name=twice)
+    finally:
+        pm.unregister(name=plugin)
+
+
+def test_smoke_json_format(tiny):
+    config = SmokeConfig(short=ShortSmoke(max_new_tokens=3), long=LongSmoke(lengths=[128, 256], depths=[0.5], cpu_max_tokens=128, max_new_tokens=2))
+    _run(tiny, config)
+    text = (tiny / "smoke.json").read_text()
+    data = json.loads(text)
+    assert set(data) == {"format", "passed", "device", "recipe_sha256", "checks", "short", "long", "parity"}
+    assert data["format"] == 1 and data["device"] == "cpu" and re.fullmatch(r"[0-9a-f]{64}", data["recipe_sha256"])
+    assert [c["name"] for c in data["checks"]] == ["weights", "short", "long", "parity"]
+    assert {c["name"]: c["status"] for c in data["checks"]}["weights"] == "skipped"
+    assert data["checks"][0]["reason"] == (
+        "source 'a/b' is not at hand: it is not in the local Hub cache; source 'a/c' is not at hand: it is not in the local Hub cache"
+    )
+    assert set(data["short"]) == {"prompt", "output", "new_tokens", "stopped"}
+    assert data["short"]["prompt"] == "What is 17 * 24? Think step by step." and data["short"]["new_tokens"] == 3
+    assert [(r["tokens"], r["depth"], r["status"]) for r in data["long"]][1] == (256, 0.5, "skipped")
+    for key in ("tokens", "depth", "status", "reason", "finite", "seconds", "peak_memory_bytes"):
+        assert key in data["long"][0]
+    assert data["parity"] == []
+    assert str(tiny) not in text and str(Path.home()) not in text
+
+
+def test_cli_smoke_writes_smoke_json_and_exits_non_zero_on_failure(tiny, tmp_path, capsys):
+    from registry.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "repo_id: t/t\nmerge:\n  merge_method: linear\n  models:\n"
+        "    - {model: a/b, parameters: {weight: 1}}\n    - {model: a/c, parameters: {weight: 1}}\n"
+        "smoke:\n  short: {max_new_tokens: 40}\n  long: {lengths: [128], depths: [0.5], max_new_tokens: 2}\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["smoke", str(tiny), "--recipe", str(recipe), "--device", "cpu", "--format", "json"])
+    assert exit_info.value.code == 1
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tiny / "smoke.json").read_text())
+    # This random model only emits tokens that decode to nothing.
+    assert printed["checks"][1] == {"name": "short", "status": "failed", "reason": "the generation decoded to empty text (40 tokens)",
+                                    "details": printed["checks"][1]["details"]}
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["smoke", str(tiny), "--recipe", str(recipe), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 1
+    assert re.search(r"│ short\s+│ failed\s+│ the generation decoded to empty text \(40 tokens\)", out)
+    assert "smoke failed (short)" in out
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["smoke", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nowhere'}: no config.json here; pass the folder `registry merge` wrote"
+
+
+def test_recipe_smoke_settings_are_validated(tmp_path):
+    from registry.errors import RecipeError
+
+    head = ("repo_id: t/t\nmerge:\n  merge_method: linear\n  models:\n"
+            "    - {model: a/b, parameters: {weight: 1}}\n    - {model: a/c, parameters: {weight: 1}}\nsmoke:\n")
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(head + "  long: {context_tokens: 256, lengths: [128, 512]}\n", "r.yaml")
+    assert str(err.value) == "r.yaml:8:9: smoke.long: lengths [512] are over context_tokens (256)"
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(head + "  long: {needle: 'no key'}\n  parity: {nll_margn: 1}\n", "r.yaml")
+    assert str(err.value) == (
+        "r.yaml:8:18: smoke.long.needle: needle must contain '{key}', where the pass key goes\n"
+        "r.yaml:9:12: smoke.parity.nll_margn: unknown key 'nll_margn' (did you mean 'nll_margin'?)"
+    )
+    ok = parse_recipe(head + "  parity: {nll_margin: 0.5}\n  weights: {tolerance: 0.01}\n  short: {max_token_run: 8}\n")
+    assert (ok.smoke.parity.nll_margin, ok.smoke.weights.tolerance, ok.smoke.short.max_token_run) == (0.5, 0.01, 8)
