@@ -261,7 +261,8 @@ def card_context(
 def _source_context(item: MergeInput, provenance: Mapping[str, Any] | None) -> dict[str, Any]:
     name = input_name(item)
     # Reports key a source by its alias, or by the reference as written when it has none.
-    pinned = _get(provenance, "sources", name) or _get(provenance, "sources", item.name) or {}
+    pinned = _get(provenance, "sources", name) or _get(provenance, "sources", item.name)
+    pinned = pinned if isinstance(pinned, Mapping) else {}
     label = item.source.label if item.source else None
     hub_id = item.source.hub_id if item.source else None
     repo_id = item.ref.value if item.ref.kind == "hub" else None
@@ -348,8 +349,8 @@ def _smoke_context(smoke: Mapping[str, Any], names: Mapping[str, str]) -> dict[s
             for c in _list(smoke, "checks", SMOKE_FILE)
         ],
         "short": None if not short else {
-            "prompt": short.get("prompt", ""),
-            "output": short.get("output", ""),
+            "prompt": short.get("prompt") or "",
+            "output": short.get("output") or "",
             "new_tokens": short.get("new_tokens"),
             "stopped": short.get("stopped"),
         },
@@ -380,7 +381,7 @@ def _smoke_context(smoke: Mapping[str, Any], names: Mapping[str, str]) -> dict[s
 def _provenance_context(provenance: Mapping[str, Any]) -> dict[str, Any]:
     files = provenance.get("files") or {}
     versions = provenance.get("versions") or {}
-    if not isinstance(files, dict) or not isinstance(versions, dict):
+    if not isinstance(files, dict) or not isinstance(versions, dict) or not all(isinstance(f, Mapping) for f in files.values()):
         raise CardError(f"{PROVENANCE_FILE}: 'files' and 'versions' must be mappings", "re-run `registry merge`")
     return {
         "recipe_sha256": provenance.get("recipe_sha256"),
@@ -509,6 +510,10 @@ def _render(env: Any, name: str, context: dict[str, Any]) -> str:
     except TemplateError as exc:
         where = _template_frame(exc) or name
         raise CardError(f"{where}: {exc.message or type(exc).__name__}", "fix the template") from None
+    except (TypeError, ValueError) as exc:
+        # A filter given a value of the wrong kind: a report field that is not what its stage writes.
+        where = _template_frame(exc) or name
+        raise CardError(f"{where}: cannot show a value: {exc}", "check provenance.json and smoke.json, or re-run the stage that wrote them") from None
 
 
 def _template_frame(exc: BaseException) -> str | None:

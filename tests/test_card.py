@@ -244,6 +244,19 @@ def test_template_errors_name_the_template_line(tmp_path):
     assert "model_card.md.j2:1: template syntax error: Unexpected end of template." in str(err.value)
 
 
+def test_malformed_report_values_are_a_card_error():
+    smoke = {"format": 1, "passed": True, "checks": [], "long": [{"tokens": "many", "depth": 0.5, "status": "retrieved"}]}
+    with pytest.raises(CardError) as err:
+        render(recipe_text(), smoke=smoke)
+    assert str(err.value).endswith(  # line 99 is the long-context table row
+        "model_card.md.j2:99: cannot show a value: invalid literal for int() with base 10: 'many' "
+        "(check provenance.json and smoke.json, or re-run the stage that wrote them)"
+    )
+    with pytest.raises(CardError) as err:
+        render(recipe_text(), smoke={"format": 1, "passed": True, "checks": {"short": "passed"}})
+    assert str(err.value) == "smoke.json: 'checks' must be a list of objects (re-run the stage that wrote it)"
+
+
 def test_template_without_registry_metadata_is_refused(tmp_path):
     (tmp_path / "model_card.md.j2").write_text("---\nlicense: mit\n---\n\n# {{ name }}\n")
     with pytest.raises(CardError) as err:
