@@ -384,9 +384,7 @@ def _provenance_context(provenance: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(files, dict) or not isinstance(versions, dict) or not all(isinstance(f, Mapping) for f in files.values()):
         raise CardError(f"{PROVENANCE_FILE}: 'files' and 'versions' must be mappings", "re-run `registry merge`")
     return {
-        "recipe_sha256": provenance.get("recipe_sha256"),
         "device": provenance.get("device"),
-        "dtype": provenance.get("dtype"),
         "files": [{"name": name, "sha256": f.get("sha256"), "size": f.get("size")} for name, f in sorted(files.items())],
         "versions": [{"name": name, "version": str(v)} for name, v in versions.items()],
     }
