@@ -15,7 +15,7 @@ import pytest
 from registry.errors import MergeError, SourceError
 from registry.merge import check_resources, estimate_resources
 from registry.recipe import load_recipe
-from registry.sources import PinnedSource, TensorInfo, plan, read_safetensors_header, write_lock
+from registry.sources import FileInfo, PinnedSource, TensorInfo, plan, read_safetensors_header, write_lock
 
 from models import build_family, copy_non_weights, edit_json, fine_tune, rewrite_tensors
 
@@ -292,3 +292,94 @@ def test_refuses_early_when_disk_or_memory_cannot_hold_the_merge(work: Path, fam
         f"model.embed_tokens.weight, and output buffers) and {est.memory_available_bytes / 1e9:.2f} GB is available; "
         "close other programs or merge on a machine with more memory"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub sources, against the local Hub server (real huggingface_hub client, real HTTP)
+
+
+def push(api, folder: Path, repo_id: str, license: str | None = "apache-2.0") -> str:
+    """Upload a checkpoint folder (and a card declaring `license`) as one commit; its sha."""
+    api.create_repo(repo_id, exist_ok=True)
+    if license is not None:
+        (folder / "README.md").write_text(f"---\nlicense: {license}\n---\n# {repo_id}\n")
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="upload")
+    return info.oid
+
+
+def test_hub_source_is_pinned_to_the_commit_the_hub_reports(work: Path, hub_server, hub_api) -> None:
+    sha = push(hub_api, work / "a", "alice/tiny-a")
+    assert hub_api.model_info("alice/tiny-a").sha == sha
+    path = write_recipe(work, a="alice/tiny-a", license="mit")
+    p = plan(load_recipe(path))
+
+    a = p.source("a")
+    assert (a.kind, a.repo_id, a.requested_revision, a.revision, a.license, a.status) == (
+        "hub", "alice/tiny-a", None, sha, "apache-2.0", "new")
+    assert a.tensors == p.source("b").tensors
+    assert a.files["model.safetensors"] == FileInfo((work / "a" / "model.safetensors").stat().st_size, sha256(work / "a" / "model.safetensors"))
+    assert ("license", "warning", "'a' (alice/tiny-a) is licensed 'apache-2.0' but the recipe says 'mit'; "
+            "check that the parent's license allows it") in [(c.name, c.status, c.message) for c in p.checks]
+    assert p.lock["sources"]["a"] == {"kind": "hub", "model": "alice/tiny-a", "revision": None, "commit": sha}
+    write_lock(p)
+    # Planning downloaded config and tokenizer files, and read the weights' header with a range request only.
+    from huggingface_hub import constants
+
+    cached = sorted(p.name for p in Path(constants.HF_HUB_CACHE).rglob("*") if p.is_file() and "snapshots" in p.parts)
+    assert cached == ["chat_template.jinja", "config.json", "tokenizer.json", "tokenizer_config.json"]
+
+    # main moves on: the lock keeps the pinned commit until --update.
+    (work / "a" / "extra.txt").write_text("new commit\n")
+    newer = push(hub_api, work / "a", "alice/tiny-a")
+    assert newer != sha
+    assert plan(load_recipe(path)).source("a").revision == sha
+    updated = plan(load_recipe(path), update=True).source("a")
+    assert (updated.revision, updated.status) == (newer, "updated")
+
+
+def test_hub_revision_is_honoured(work: Path, hub_server, hub_api) -> None:
+    first = push(hub_api, work / "a", "alice/tiny-a", license="mit")
+    hub_api.create_branch("alice/tiny-a", branch="v1", revision=first)
+    (work / "a" / "extra.txt").write_text("new commit\n")
+    push(hub_api, work / "a", "alice/tiny-a", license="mit")
+    for model, extra in (("alice/tiny-a@v1", ""), ("alice/tiny-a", "    revision: v1\n")):
+        text = RECIPE.format(a=model, b="./b", extra="", license="mit").replace("    model: alice/tiny-a\n", f"    model: {model}\n{extra}")
+        (work / "rev.yaml").write_text(text)
+        a = plan(load_recipe(work / "rev.yaml")).source("a")
+        assert (a.requested_revision, a.revision) == ("v1", first)
+
+
+def test_hub_errors_are_one_line_with_what_to_do(work: Path, hub_server, hub_api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    path = write_recipe(work, a="alice/nothing-here")
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == (
+        f"{path}:5:12: sources.a.model: source 'a': alice/nothing-here not found on {hub_server.endpoint} "
+        "(a private repo needs HF_TOKEN or `hf auth login`)"
+    )
+    push(hub_api, work / "a", "alice/tiny-a")
+    path = write_recipe(work, a="alice/tiny-a@no-such-branch")
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == (
+        f"{path}:5:12: sources.a.model: source 'a': revision 'no-such-branch' not found in alice/tiny-a; "
+        "name an existing branch, tag or commit"
+    )
+
+    path = write_recipe(work, a="alice/tiny-a")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == (
+        f"{path}:5:12: sources.a.model: source 'a': HF_HUB_OFFLINE is set, so alice/tiny-a cannot be pinned on the Hub; "
+        "unset HF_HUB_OFFLINE or use a local path"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    hub_server.inject(r"^GET /api/models/alice/tiny-a", "drop", times=10)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value).startswith(f"{path}:5:12: sources.a.model: source 'a': cannot reach the Hub at {hub_server.endpoint} to pin alice/tiny-a (")
+    assert str(err.value).endswith("); check the network, or use a local path")

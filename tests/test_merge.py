@@ -1,0 +1,362 @@
+"""`registry merge`: exact merged tensors, pinned donor, provenance, atomic output under SIGKILL, reproducibility."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from registry.cli import main
+from registry.merge import merge, read_provenance
+from registry.recipe import load_recipe
+from registry.sources import plan
+
+from models import build_family, edit_json, read_state, rewrite_tensors
+
+# mergekit imports numpy.core, which numpy 2 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
+REGISTRY = str(Path(sys.executable).with_name("registry"))
+RECIPE = """\
+repo_id: team/tiny-merge
+license: mit
+sources:
+  a: {{model: {a}, label: fine-tune A}}
+  b: {{model: {b}}}
+merge:
+  merge_method: linear
+  models:
+    - model: a
+      parameters: {{weight: {wa}}}
+    - model: b
+      parameters: {{weight: {wb}}}
+  dtype: bfloat16
+{extra}"""
+
+
+def write_recipe(path: Path, a: Path | str, b: Path | str, wa: object = 0.3, wb: object = 0.7, extra: str = "") -> Path:
+    path.write_text(RECIPE.format(a=a, b=b, wa=json.dumps(wa), wb=json.dumps(wb), extra=extra))
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weight_for(weight: object, name: str) -> float:
+    """mergekit's rule, restated: the first {filter, value} whose filter is in the name (or absent) wins."""
+    if isinstance(weight, list):
+        return next(w["value"] for w in weight if "filter" not in w or w["filter"] in name)
+    return float(weight)
+
+
+def bf16_steps(x: torch.Tensor, y: torch.Tensor) -> int:
+    """Largest distance between two bf16 tensors in representable steps (units in the last place)."""
+    xi, yi = x.view(torch.int16).int(), y.view(torch.int16).int()
+    same_sign = x.signbit() == y.signbit()
+    # Sign and magnitude: across zero, the steps down to zero on each side add up.
+    steps = torch.where(same_sign, (xi - yi).abs(), (xi & 0x7FFF) + (yi & 0x7FFF))
+    return int(steps.max())
+
+
+def expected_tensors(a: Path, b: Path, wa: object, wb: object) -> tuple[dict, dict]:
+    """The normalized weighted sum of every tensor, computed here in float32 (multiply-accumulate, then
+    divide) and in float64, each rounded once to bfloat16."""
+    sa, sb = read_state(a), read_state(b)
+    fp32, fp64 = {}, {}
+    for name in sa:
+        w = torch.tensor([weight_for(wa, name), weight_for(wb, name)], dtype=torch.float32)
+        # torch.addcmul may fuse multiply and add (one rounding); a separate product and sum would
+        # round twice and differ from it in the last float32 bit, and so sometimes in bf16.
+        acc = torch.zeros(sa[name].shape, dtype=torch.float32)
+        acc.addcmul_(sa[name].float(), w[0])
+        acc.addcmul_(sb[name].float(), w[1])
+        fp32[name] = (acc / w.sum()).to(torch.bfloat16)
+        w64 = w.double()
+        fp64[name] = ((sa[name].double() * w64[0] + sb[name].double() * w64[1]) / w64.sum()).to(torch.bfloat16)
+    return fp32, fp64
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory):
+    return build_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("REGISTRY_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.mark.parametrize(
+    "wa, wb",
+    [
+        (0.3, 0.7),
+        ([{"filter": "mlp", "value": 0.9}, {"filter": "self_attn.q_proj", "value": 0.05}, {"value": 0.3}], 0.7),
+        ([{"filter": "embed_tokens", "value": 2.0}, {"value": 1.0}], [{"filter": "layers.1", "value": 0.25}, {"value": 3.0}]),
+    ],
+    ids=["scalar", "filtered", "weights-not-summing-to-1"],
+)
+def test_every_merged_tensor_is_the_normalized_weighted_sum(family, tmp_path: Path, home: Path, wa, wb) -> None:
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family.a, family.b, wa, wb))
+    result = merge(recipe, plan(recipe), tmp_path / "out", "cpu", shard_bytes=20_000)
+
+    out = result.out
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
+    merged = read_state(out)
+    fp32, fp64 = expected_tensors(family.a, family.b, wa, wb)
+    assert sorted(merged) == sorted(fp32)
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.bfloat16
+        # Bit-exact against float32 accumulate-then-divide, rounded once to bf16 ...
+        assert torch.equal(tensor, fp32[name]), name
+        # ... and within 1 bf16 ulp of the exactly (float64) computed value.
+        assert bf16_steps(tensor, fp64[name]) <= 1, name
+
+
+def test_output_carries_donor_files_and_provenance(family, tmp_path: Path, home: Path) -> None:
+    b = rewrite_tensors(family.b, tmp_path / "b")
+    edit_json(b / "generation_config.json", max_new_tokens=17)  # tells the donor's file from a's
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family.a, b, extra="  base_model: b\n"))
+    p = plan(recipe)
+    result = merge(recipe, p, None, "cpu")
+
+    out = home / "build" / recipe.sha256[:12]
+    assert result.out == out and result.reused is False
+    assert sorted(f.name for f in out.iterdir()) == [
+        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "provenance.json",
+        "tokenizer.json", "tokenizer_config.json",
+    ]
+    for name in ("chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (b / name).read_bytes(), name
+    config = json.loads((out / "config.json").read_text())
+    donor = json.loads((b / "config.json").read_text())
+    assert {k: config[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "eos_token_id")} == {
+        k: donor[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "eos_token_id")}
+
+    provenance = json.loads((out / "provenance.json").read_text())
+    text = (out / "provenance.json").read_text()
+    assert str(tmp_path) not in text and str(family.a.parent) not in text and os.environ.get("USER", "\0") not in text
+    files = {f.name: {"sha256": sha256(f), "size": f.stat().st_size} for f in sorted(out.iterdir()) if f.name != "provenance.json"}
+    import transformers
+
+    assert provenance == {
+        "format": 1,
+        "recipe_sha256": recipe.sha256,
+        "repo_id": "team/tiny-merge",
+        "merge_method": "linear",
+        "normalize": True,
+        "dtype": "bfloat16",
+        "sources": {
+            "a": {"kind": "local", "repo_id": None, "revision": None, "content_sha256": p.source("a").content_sha256,
+                  "label": "fine-tune A", "hub_id": None, "weight": 0.3},
+            "b": {"kind": "local", "repo_id": None, "revision": None, "content_sha256": p.source("b").content_sha256,
+                  "label": None, "hub_id": None, "weight": 0.7},
+        },
+        "config_donor": "b",
+        "files": files,
+        "versions": {"registry": "0.1.0", "mergekit": "0.1.5", "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "device": "cpu",
+    }
+
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    again = merge(recipe, plan(recipe), None, "cpu")
+    assert again.reused is True and (out / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_cli_reuses_a_finished_merge_and_says_so(family, tmp_path: Path, home: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_recipe(tmp_path / "r.yaml", family.a, family.b)
+    with pytest.raises(SystemExit) as code:
+        main(["merge", str(path), "-o", str(tmp_path / "out"), "--device", "cpu", "--format", "json"])
+    assert code.value.code == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["reused"] is False and first["out"] == str(tmp_path / "out")
+    assert json.loads((tmp_path / "r.lock.json").read_text())["sources"]["a"]["model"] == str(family.a)
+
+    with pytest.raises(SystemExit) as code:
+        main(["merge", str(path), "-o", str(tmp_path / "out"), "--device", "cpu"])
+    assert code.value.code == 0
+    recipe = load_recipe(path)
+    assert capsys.readouterr().out == (
+        f"reused {tmp_path / 'out'}: its provenance.json matches recipe {recipe.sha256[:12]} and the pinned sources\n"
+    )
+
+
+def test_a_hub_source_is_merged_at_its_pinned_commit(family, tmp_path: Path, home: Path, hub_server, hub_api) -> None:
+    hub_api.create_repo("alice/tiny-a")
+    sha = hub_api.upload_folder(folder_path=str(family.a), repo_id="alice/tiny-a").oid
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", "alice/tiny-a", family.b))
+    p = plan(recipe)
+    # main moves on after planning: the merge still reads the pinned commit.
+    hub_api.upload_folder(folder_path=str(family.b), repo_id="alice/tiny-a")
+    result = merge(recipe, p, tmp_path / "out", "cpu")
+
+    fp32, _ = expected_tensors(family.a, family.b, 0.3, 0.7)
+    merged = read_state(result.out)
+    assert sorted(merged) == sorted(fp32) and all(torch.equal(merged[k], fp32[k]) for k in fp32)
+    assert result.provenance["sources"]["a"] == {
+        "kind": "hub", "repo_id": "alice/tiny-a", "revision": sha, "content_sha256": None,
+        "label": "fine-tune A", "hub_id": None, "weight": 0.3,
+    }
+    assert str(tmp_path) not in (result.out / "provenance.json").read_text()  # the snapshot lies under tmp_path
+
+
+@pytest.mark.parametrize("broken", ["tokenizer", "vocab", "shape", "missing"])
+def test_incompatible_sources_fail_before_any_weight_is_written(family, tmp_path: Path, home: Path, broken: str,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    b = tmp_path / "b"
+    if broken == "tokenizer":
+        rewrite_tensors(family.b, b)
+        tok = json.loads((b / "tokenizer.json").read_text())
+        tok["added_tokens"][1]["content"] = "<|start|>"
+        (b / "tokenizer.json").write_text(json.dumps(tok))
+        expected = "source 'b' has a different tokenizer than 'a' (tokenizer.json differ); set merge.tokenizer_source to the source whose tokenizer the merge should use"
+    elif broken == "vocab":
+        rewrite_tensors(family.b, b, reshape="model.embed_tokens.weight")
+        edit_json(b / "config.json", vocab_size=159)
+        expected = "source 'b' cannot be merged with 'a': vocab_size is 159, 'a' has 160"
+    elif broken == "shape":
+        rewrite_tensors(family.b, b, reshape="model.layers.0.self_attn.k_proj.weight")
+        expected = "source 'b': tensor model.layers.0.self_attn.k_proj.weight has shape [15, 32], 'a' has [16, 32]; the models cannot be merged"
+    else:
+        rewrite_tensors(family.b, b, drop="lm_head.weight")
+        expected = "source 'b' lacks tensor lm_head.weight; the checkpoints do not have the same architecture"
+    path = write_recipe(tmp_path / "r.yaml", family.a, b)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as code:
+        main(["merge", str(path), "-o", str(out)])
+    assert code.value.code == 1
+    assert capsys.readouterr().err == f"error: {path}:5:14: sources.b.model: {expected}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "r.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole processes: SIGKILL at known points, and PYTHONHASHSEED
+
+
+def looks_like_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def wait_stopped(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until `proc` has stopped itself (SIGSTOP at its REGISTRY_TEST_STOP_AT point)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"registry merge exited ({proc.returncode}) before its stop point: {proc.stderr.read()}")
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "T":
+            return
+        time.sleep(0.02)
+    raise AssertionError("registry merge never reached its stop point")
+
+
+def start(recipe: Path, out: Path, home: Path, seed: int, stop_at: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "REGISTRY_HOME": str(home), "PYTHONHASHSEED": str(seed)}
+    env.pop("REGISTRY_TEST_STOP_AT", None)
+    if stop_at:
+        env["REGISTRY_TEST_STOP_AT"] = stop_at
+    return subprocess.Popen([REGISTRY, "merge", str(recipe), "-o", str(out), "--device", "cpu", "--format", "json"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    return json.loads(stdout)
+
+
+def snapshot(root: Path) -> dict[str, list[str]]:
+    """Every folder under `root` with its files (not recursing into the checkpoints)."""
+    return {p.name: sorted(f.name for f in p.iterdir()) for p in sorted(root.iterdir()) if p.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def killed(family, tmp_path_factory: pytest.TempPathFactory):
+    """Runs `registry merge` processes, concurrently where independent, and records what they left.
+
+    A: killed once its first shard is in staging (PYTHONHASHSEED=1), then rerun.
+    B: replacing a finished merge of another recipe, killed just before staging is renamed into place, then rerun.
+    C: PYTHONHASHSEED=2, killed just after its rename; its output must be complete as it stands.
+    """
+    root = tmp_path_factory.mktemp("kill")
+    home = root / "home"
+    r1 = write_recipe(root / "r1.yaml", family.a, family.b)
+    r2 = write_recipe(root / "r2.yaml", family.a, family.b, 0.5, 0.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REGISTRY_HOME", str(home))
+        recipe1 = load_recipe(r1)
+        merge(recipe1, plan(recipe1), root / "ref", "cpu")
+        merge(recipe1, plan(recipe1), root / "outB", "cpu")
+
+    seen = {}
+    a = start(r1, root / "outA", home, 1, "shard")
+    b = start(r2, root / "outB", home, 2, "rename")
+    c = start(r1, root / "outC", home, 2, "renamed")
+    for name, proc in (("A", a), ("B", b), ("C", c)):
+        wait_stopped(proc)
+        seen[name] = snapshot(root)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+    seen["after kills"] = snapshot(root)
+    reruns = {"A": start(r1, root / "outA", home, 1), "B": start(r2, root / "outB", home, 2),
+              "C": start(r1, root / "outC", home, 3)}
+    results = {name: finish(proc) for name, proc in reruns.items()}
+    return root, seen, results
+
+
+def test_sigkill_once_a_shard_is_in_staging_leaves_no_model_and_a_rerun_completes(killed) -> None:
+    root, seen, results = killed
+    at_kill = seen["A"]
+    staging = [name for name in at_kill if name.startswith("outA.staging-")]
+    assert len(staging) == 1 and at_kill[staging[0]] == ["model-1.safetensors"]
+    assert "outA" not in at_kill and "outA" not in seen["after kills"]
+    assert results["A"]["reused"] is False
+    after = snapshot(root)
+    assert not [n for n in after if n.startswith("outA.")]
+    assert looks_like_model(root / "outA") and read_provenance(root / "outA")["recipe_sha256"] == load_recipe(root / "r1.yaml").sha256
+
+
+def test_sigkill_before_the_final_rename_leaves_no_model_and_a_rerun_completes(killed) -> None:
+    root, seen, results = killed
+    at_kill = seen["B"]
+    # The previous output was set aside, the new one is complete but still under its staging name.
+    assert "outB" not in at_kill
+    assert [n for n in at_kill if n.startswith("outB.")] == [n for n in sorted(at_kill) if n.startswith("outB.old-")] + \
+        [n for n in sorted(at_kill) if n.startswith("outB.staging-")]
+    assert "outB" not in seen["after kills"]
+    assert results["B"]["reused"] is False
+    after = snapshot(root)
+    assert not [n for n in after if n.startswith("outB.")]
+    assert read_provenance(root / "outB")["recipe_sha256"] == load_recipe(root / "r2.yaml").sha256
+    assert read_provenance(root / "outB")["sources"]["a"]["weight"] == 0.5
+
+
+def test_sigkill_after_the_rename_leaves_a_complete_model_that_is_reused(killed) -> None:
+    root, seen, results = killed
+    assert looks_like_model(root / "outC") and "outC" in seen["C"]
+    assert results["C"]["reused"] is True
+    provenance = read_provenance(root / "outC")
+    assert all(sha256(root / "outC" / name) == info["sha256"] for name, info in provenance["files"].items())
+
+
+def test_outputs_are_bit_identical_under_any_hash_seed(killed) -> None:
+    root, _, results = killed
+    ref = read_provenance(root / "ref")["files"]
+    # outA: PYTHONHASHSEED=1; outC: PYTHONHASHSEED=2; ref: this test process's seed.
+    for out in ("outA", "outC"):
+        assert read_provenance(root / out)["files"] == ref
+        assert {f.name: sha256(f) for f in (root / out).glob("*.safetensors")} == {
+            f.name: sha256(f) for f in (root / "ref").glob("*.safetensors")}
+    models = sorted(name for name in snapshot(root) if looks_like_model(root / name))
+    assert models == ["outA", "outB", "outC", "ref"]
