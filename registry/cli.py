@@ -344,6 +344,101 @@ def merge(
                   f"on {result.device} in {result.seconds:.1f} s")
 
 
+@app.command()
+def publish(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
+    target: Annotated[
+        Optional[list[str]], typer.Option("--target", help="Where to publish (repeatable) [default: the recipe's publish list, else local].")
+    ] = None,
+    private: Annotated[Optional[bool], typer.Option("--private/--public", help="Visibility of a Hub repo created by this publish.")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch to publish to (created when missing).")] = None,
+    create_pr: Annotated[Optional[bool], typer.Option("--create-pr", help="Open a Hub pull request instead of committing.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Do everything but the push; show what would be sent.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Publish even though the smoke test failed.")] = False,
+    device: Annotated[Device, typer.Option("--device", help="auto uses CUDA when torch sees a GPU, else the CPU.")] = Device.auto,
+    update: UpdateOption = False,
+    format: FormatOption = Format.text,
+) -> None:
+    """Validate, plan, merge, smoke-test, render the card and publish: the whole pipeline."""
+    from .pipeline import publish as run
+
+    text = format is Format.text
+    err = _console(stderr=True)
+    note = (lambda message: err.print(f"[dim]{message}[/dim]", markup=True)) if text else (lambda message: None)
+    outcome = run(
+        recipe, targets=target, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run,
+        force=force, device=device.value, update=update, console=err if text else None, note=note,
+    )
+    if not text:
+        emit_json(outcome.to_dict())
+        return
+    out = _console()
+    if outcome.unchanged:
+        out.print(f"{outcome.repo_id} is already published from recipe {outcome.recipe_sha256[:12]} "
+                  f"on {', '.join(outcome.targets)}: nothing to do")
+        return
+    out.print(f"model: {outcome.model_dir}")
+    out.print(f"card:  {outcome.card}")
+    for p in outcome.plans:
+        if p.up_to_date:
+            out.print(f"{p.target}: {p.location} is up to date; nothing would be sent")
+        else:
+            out.print(f"{p.target}: would send {len(p.upload)} files ({p.upload_bytes / 1e6:.1f} MB) to {p.location}"
+                      + (f" and delete {len(p.delete)}" if p.delete else ""))
+            for rel in p.upload:
+                out.print(f"  + {rel}")
+            for rel in p.delete:
+                out.print(f"  - {rel}")
+    for r in outcome.results:
+        verb = "published" if r.changed else "unchanged"
+        out.print(f"{r.target}: {verb} {r.location}" + (f" ({r.revision})" if r.revision else "") + (f", {r.detail}" if r.detail and r.changed else ""))
+
+
+@app.command("list")
+def list_models(format: FormatOption = Format.text) -> None:
+    """List the models in the local registry (the newest version of each)."""
+    from .publish.local import list_latest, registry_home
+
+    found = list_latest()
+    if format is Format.json:
+        emit_json(found)
+        return
+    if not found:
+        _console().print(f"no models in {registry_home()} yet; run `registry publish RECIPE`")
+        return
+    from rich.table import Table
+
+    table = Table("repo id", "version", "smoke", "path")
+    for entry in found:
+        smoke = {True: "passed", False: "failed", None: "-"}[entry.get("smoke_passed")]
+        table.add_row(entry["repo_id"], entry["version"], smoke, str(registry_home() / entry["path"]))
+    _console().print(table)
+
+
+@app.command()
+def show(
+    repo_id: Annotated[str, typer.Argument(help="Repo id, as in the recipe.")],
+    format: FormatOption = Format.text,
+) -> None:
+    """Show a model of the local registry: every version, and the newest card."""
+    from .publish.local import registry_home, versions
+
+    found = versions(None, repo_id)
+    if not found:
+        raise UsageError(f"'{repo_id}' is not in the local registry {registry_home()}; `registry list` shows what is")
+    if format is Format.json:
+        emit_json(found)
+        return
+    out = _console()
+    for entry in found:
+        out.print(f"{entry['version']}  recipe {entry['recipe_sha256'][:12]}  {registry_home() / entry['path']}")
+    card = registry_home() / found[-1]["path"] / "README.md"
+    if card.is_file():
+        from rich.markdown import Markdown
+
+        out.print(Markdown(card.read_text(encoding="utf-8")))
+
+
 def _report(exc: RegistryError) -> None:
     err = _console(stderr=True)
     lines = str(exc).splitlines() or [type(exc).__name__]

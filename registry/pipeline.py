@@ -1,0 +1,205 @@
+"""`registry publish`: validate → plan → merge → smoke → card → push, as one composition of the stages.
+
+The order is chosen so the cheap questions come first: once the sources are pinned (hashes and Hub
+commit shas, no torch), every target is asked whether it already holds this recipe built from these
+pins. When all say yes, nothing is merged, nothing imported beyond the Hub client, nothing sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import PublishError, RegistryError, UsageError
+from .publish import CARD_NAME, Bundle, PublishPlan, PublishResult, bundle_files
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from rich.console import Console
+
+    from .recipe import Recipe
+    from .sources import Plan
+
+SMOKE_FILE = "smoke.json"
+
+
+@dataclass
+class Chosen:
+    """A target picked for this publish, with its options."""
+
+    name: str
+    target: Any
+    options: BaseModel
+
+
+@dataclass
+class PublishOutcome:
+    """What `registry publish` did, stage by stage (plain data for --format json)."""
+
+    recipe: str
+    repo_id: str
+    recipe_sha256: str
+    targets: list[str]
+    unchanged: bool = False
+    model_dir: str | None = None
+    merge: str | None = None  # "merged" | "reused"
+    smoke: dict[str, Any] | None = None  # {"passed": bool, "reused": bool, "failed": [...]}
+    card: str | None = None
+    results: list[PublishResult] = field(default_factory=list)
+    plans: list[PublishPlan] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        return {
+            "recipe": self.recipe, "repo_id": self.repo_id, "recipe_sha256": self.recipe_sha256,
+            "targets": self.targets, "unchanged": self.unchanged, "dry_run": self.dry_run,
+            "model_dir": self.model_dir, "merge": self.merge, "smoke": self.smoke, "card": self.card,
+            "results": [r.to_dict() for r in self.results], "plans": [p.to_dict() for p in self.plans],
+        }
+
+
+def choose_targets(recipe: Recipe, names: list[str] | None, overrides: dict[str, Any]) -> list[Chosen]:
+    """Targets from --target (repeatable), else the recipe's publish list, else `local`; CLI flags override options."""
+    from .plugins import get_targets, missing_target_message
+
+    available = get_targets()
+    from_recipe = {spec.target: spec.options for spec in recipe.publish}
+    wanted = names or [spec.target for spec in recipe.publish] or ["local"]
+    chosen = []
+    for name in dict.fromkeys(wanted):
+        target_cls = available.get(name)
+        if target_cls is None:
+            raise UsageError(missing_target_message(name, list(available)))
+        options = from_recipe.get(name) or target_cls.Options()
+        fields = type(options).model_fields
+        unknown = [flag for flag, value in overrides.items() if value is not None and flag not in fields]
+        if unknown and names:
+            flags = ", ".join("--" + flag.replace("_", "-") for flag in unknown)
+            raise UsageError(f"{flags} does not apply to the '{name}' target")
+        update = {flag: value for flag, value in overrides.items() if value is not None and flag in fields}
+        chosen.append(Chosen(name, target_cls(), options.model_copy(update=update)))
+    return chosen
+
+
+def publish(
+    recipe_path: Path,
+    *,
+    targets: list[str] | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    device: str = "auto",
+    update: bool = False,
+    console: Console | None = None,
+    note: Callable[[str], None] = lambda message: None,
+) -> PublishOutcome:
+    """Publish a recipe to its targets; every stage's finished output is reused when it still matches."""
+    from .recipe import load_recipe
+    from .sources import plan as make_plan, write_lock
+
+    recipe = load_recipe(recipe_path)
+    overrides = {"private": private, "revision": revision, "create_pr": create_pr}
+    chosen = choose_targets(recipe, targets, overrides)
+    outcome = PublishOutcome(str(recipe_path), recipe.repo_id, recipe.sha256, [c.name for c in chosen], dry_run=dry_run)
+
+    from .merge import default_output
+
+    out = default_output(recipe)
+    plan = make_plan(recipe, update=update, out=out, device=device)
+    if not dry_run:
+        write_lock(plan)
+    pins = pins_of(plan)
+    note(f"pinned {len(plan.sources)} sources: " + ", ".join(f"{s.name} {s.pin[:12]}" for s in plan.sources))
+
+    if not dry_run and all(c.target.is_current(recipe, pins, c.options) for c in chosen):
+        outcome.unchanged = True
+        outcome.results = [PublishResult(c.name, "", None, changed=False, detail="already published") for c in chosen]
+        return outcome
+
+    model_dir = _merged(recipe, plan, out, device, console, outcome, note)
+    provenance, smoke = _smoked(recipe, model_dir, device, outcome, note, console)
+    if not smoke["passed"] and not force:
+        failed = "; ".join(f"{c['name']}: {c['reason']}" for c in smoke["checks"] if c["status"] == "failed")
+        raise PublishError(
+            f"smoke test failed ({failed}); nothing was published",
+            "fix the recipe, or publish anyway with --force",
+        )
+
+    from .card import front_matter, write_card
+
+    card_path = model_dir / CARD_NAME
+    text = write_card(recipe, card_path, provenance, smoke)
+    outcome.card = str(card_path)
+    bundle = Bundle(
+        repo_id=recipe.repo_id,
+        recipe_sha256=recipe.sha256,
+        pins=pins,
+        files=bundle_files(model_dir, known=provenance.get("files")),
+        smoke_passed=bool(smoke["passed"]),
+        metadata=front_matter(text) or {},
+    )
+    for c in chosen:
+        if dry_run:
+            outcome.plans.append(c.target.plan(bundle, c.options))
+            continue
+        note(f"publishing to {c.name}")
+        try:
+            outcome.results.append(c.target.publish(bundle, c.options))
+        except RegistryError as exc:
+            raise PublishError(_partial(outcome.results, c.name, str(exc)), exc.hint) from None
+    return outcome
+
+
+def pins_of(plan: Plan) -> dict[str, dict[str, Any]]:
+    """The plan's source pins in the shape provenance.json records them."""
+    return {s.name: s.provenance() for s in plan.sources}
+
+
+def _merged(recipe, plan, out, device, console, outcome, note) -> Path:
+    from .merge import merge
+
+    result = merge(recipe, plan, out, device, console=console)
+    outcome.model_dir = str(result.out)
+    outcome.merge = "reused" if result.reused else "merged"
+    note(f"{'reused the merge in' if result.reused else 'merged into'} {result.out}")
+    return result.out
+
+
+def _smoked(recipe, model_dir: Path, device, outcome, note, console) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The merge's provenance and smoke report; a report already there for this merge is reused."""
+    import json
+
+    from .card import read_reports
+
+    provenance, smoke = read_reports(model_dir)
+    if provenance is None:
+        raise PublishError(f"{model_dir} has no provenance.json; run `registry merge` again")
+    # A new merge replaces the whole folder, so a smoke.json in it was made for this very merge.
+    reused = outcome.merge == "reused" and smoke is not None and smoke.get("recipe_sha256") == recipe.sha256
+    if not reused:
+        from .smoke import run_smoke
+
+        report = run_smoke(model_dir, recipe, device=device, progress=note)
+        smoke = json.loads((model_dir / SMOKE_FILE).read_text())
+        if console is not None:
+            from .smoke import print_report
+
+            print_report(report, console)
+    outcome.smoke = {
+        "passed": bool(smoke["passed"]),
+        "reused": reused,
+        "failed": [c["name"] for c in smoke["checks"] if c["status"] == "failed"],
+    }
+    note(f"smoke test {'passed' if smoke['passed'] else 'FAILED'}{' (reused)' if reused else ''}")
+    return provenance, smoke
+
+
+def _partial(done: list[PublishResult], failed: str, message: str) -> str:
+    if not done:
+        return f"{failed}: {message}"
+    where = ", ".join(f"{r.target} ({r.location})" for r in done)
+    return f"published to {where}, but {failed} failed: {message}"
