@@ -439,6 +439,76 @@ def show(
         out.print(Markdown(card.read_text(encoding="utf-8")))
 
 
+ci_app = typer.Typer(
+    help="For CI: the recipes a change touches (a job matrix) and the pull request summary.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(ci_app, name="ci")
+
+BaseOption = Annotated[
+    Optional[str],
+    typer.Option("--base", help="Compare HEAD with its merge base with this ref [default: origin/$GITHUB_BASE_REF, else origin/main or main]."),
+]
+MaxSourceOption = Annotated[
+    float, typer.Option("--max-source-gb", min=0.0, help="Dry-run a non-example recipe only when its sources total at most this many GB.")
+]
+
+
+@ci_app.command("changed")
+def ci_changed(
+    base: BaseOption = None,
+    examples: Annotated[bool, typer.Option("--examples/--no-examples", help="Include recipes under recipes/examples/.")] = True,
+    max_source_gb: MaxSourceOption = 2.0,
+    format: FormatOption = Format.text,
+) -> None:
+    """The recipes a change touches, as a job matrix; writes $GITHUB_OUTPUT and $GITHUB_STEP_SUMMARY when set."""
+    from .ci import GB, changes_markdown, changes_outputs, compute_changes, write_outputs, write_step_summary
+
+    changes = compute_changes(base, examples=examples, max_source_bytes=int(max_source_gb * GB))
+    write_outputs(changes_outputs(changes))
+    write_step_summary(changes_markdown(changes))
+    if format is Format.json:
+        emit_json(changes.to_dict())
+        return
+    out = _console()
+    out.print(f"{len(changes.recipes)} recipe(s) changed since {changes.base_sha[:12]} (merge base of {changes.base} and HEAD)", markup=False)
+    for r in changes.recipes:
+        runs = ", ".join(name for name, on in (("plan", r.plan), ("dry run", r.dry_run)) if on) or "validate only"
+        out.print(f"  {r.recipe}  {'; '.join(r.reasons)}  [{runs}]", markup=False)
+    for path in changes.deleted:
+        out.print(f"  {path}  deleted", markup=False)
+
+
+@ci_app.command("summary")
+def ci_summary(
+    recipes: Annotated[Optional[list[str]], typer.Argument(help="Recipe files [default: those the change touches].")] = None,
+    base: BaseOption = None,
+    reports: Annotated[
+        Optional[Path], typer.Option("--reports", help="Folder searched for provenance.json and smoke.json from dry runs.")
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the Markdown to this file.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1024, help="Most UTF-8 bytes of Markdown (GitHub comments take 65,536 characters).")] = 64_512,
+    max_source_gb: MaxSourceOption = 2.0,
+    format: FormatOption = Format.text,
+) -> None:
+    """Markdown for the pull request: validation, merge settings against the base, dry run, card preview."""
+    from .ci import GB, build_summary, write_outputs, write_step_summary
+
+    summary = build_summary(recipes, base=base, reports=reports, limit=limit, max_source_bytes=int(max_source_gb * GB))
+    if output is not None:
+        try:
+            output.write_text(summary.markdown, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{output}: cannot write the summary: {exc.strerror or exc}") from None
+    write_step_summary(summary.markdown)
+    write_outputs({"summary": summary.markdown, "invalid": str(sum(not r.valid for r in summary.recipes))})
+    if format is Format.json:
+        emit_json(summary.to_dict())
+    else:
+        sys.stdout.write(summary.markdown)
+
+
 def _report(exc: RegistryError) -> None:
     err = _console(stderr=True)
     lines = str(exc).splitlines() or [type(exc).__name__]
