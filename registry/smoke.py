@@ -125,7 +125,7 @@ class SmokeReport:
     def write(self, model_dir: str | Path) -> Path:
         """Write smoke.json into `model_dir` and return its path."""
         path = Path(model_dir) / SMOKE_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n")
         return path
 
     def failed(self) -> list[CheckResult]:
@@ -941,14 +941,19 @@ class SmokeContext:
                 if source.path is None:
                     continue
                 self.note(f"evaluating parent '{source.name}'")
-                model, tokenizer = load_model(source.path, self.device)
+                try:
+                    model, tokenizer = load_model(source.path, self.device)
+                except SmokeError:
+                    # The message names the folder, which must not reach smoke.json.
+                    source.missing = "its folder could not be loaded as a model"
+                    continue
                 try:
                     short = run_short(model, tokenizer, self.config.short)
                 except NoChatTemplate:
                     short = None
                 value = nll(model, tokenizer, self.parity_text())
-                cells = self.long_cells() if self.config.parity.retrieval else []
-                long = run_long(model, tokenizer, self.config.long, self.device, cells) if cells else []
+                # Every planned prompt, whether or not the merge has run yet; parity compares where both ran.
+                long = run_long(model, tokenizer, self.config.long, self.device) if self.config.parity.retrieval else []
                 self._parents[source.name] = ParentEval(source.name, short, value, long)
                 _free(model, tokenizer)
                 del model, tokenizer

@@ -119,6 +119,8 @@ def parity_check(ctx: SmokeContext) -> CheckResult:
     if not _parents_at_hand(ctx):
         return CheckResult("parity", "skipped", _not_at_hand(sources))
     parents = ctx.parents()
+    if not parents:
+        return CheckResult("parity", "skipped", _not_at_hand(sources))
     merged_nll = nll(ctx.model, ctx.tokenizer, ctx.parity_text())
     # Compare retrieval only where the merge and every parent ran.
     ran = {name: {(r.tokens, r.depth): r for r in p.long if r.status != "skipped"} for name, p in parents.items()}

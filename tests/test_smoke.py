@@ -386,3 +386,105 @@ def test_recipe_smoke_settings_are_validated(tmp_path):
     )
     ok = parse_recipe(head + "  parity: {nll_margin: 0.5}\n  weights: {tolerance: 0.01}\n  short: {max_token_run: 8}\n")
     assert (ok.smoke.parity.nll_margin, ok.smoke.weights.tolerance, ok.smoke.short.max_token_run) == (0.5, 0.01, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trained toy, a good merge of its fine-tunes (mergekit) and broken merges derived from it
+
+SMOKE_SETTINGS = """
+smoke:
+  short: {max_new_tokens: 32}
+  long: {lengths: [512], depths: [0.1, 0.5, 0.9], max_new_tokens: 10}
+  parity: {enabled: %s}
+"""
+
+
+def _toy_recipe(folder: Path, weights: tuple[float, float], normalize: bool, parity: bool = True) -> Path:
+    path = folder / "recipe.yaml"
+    path.write_text(
+        "repo_id: registry-tests/toy-merge\n"
+        "sources:\n"
+        f"  cos: {{model: {TOY / 'ft_cos'}}}\n"
+        f"  fmt: {{model: {TOY / 'ft_fmt'}}}\n"
+        "merge:\n"
+        "  merge_method: linear\n"
+        "  models:\n"
+        f"    - {{model: cos, parameters: {{weight: {weights[0]}}}}}\n"
+        f"    - {{model: fmt, parameters: {{weight: {weights[1]}}}}}\n"
+        f"  parameters: {{normalize: {str(normalize).lower()}}}\n"
+        "  dtype: bfloat16\n"
+        + SMOKE_SETTINGS % str(parity).lower()
+    )
+    return path
+
+
+def _mergekit(recipe_path: Path, out: Path) -> Path:
+    """The recipe's merge run by mergekit itself, so the checks judge mergekit's real output."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    recipe = load_recipe(recipe_path)
+    paths = {name: str(TOY / f"ft_{name}") for name in recipe.sources}
+    config = {
+        "merge_method": "linear",
+        "base_model": paths["cos"],  # pins the config and tokenizer donor
+        "models": [{"model": paths[inp.name], "parameters": {"weight": inp.weight}} for inp in recipe.inputs()],
+        "parameters": {"normalize": recipe.merge.parameters.normalize},
+        "dtype": recipe.merge.dtype,
+    }
+    run_merge(MergeConfiguration.model_validate(config), str(out),
+              MergeOptions(device="cpu", copy_tokenizer=True, write_model_card=False, quiet=True))
+    return out
+
+
+def _rewrite(src: Path, out: Path, change) -> Path:
+    """A copy of the model at `src` whose tensors pass through change(name, tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file({k: change(k, v).contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _non_ascii_tokens() -> list[int]:
+    """Byte-level tokens for non-ASCII bytes: no smoke prompt contains them and the trained toy never emits them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOY / "base")
+    return [i for i in range(len(tok)) if not tok.decode([i]).isascii()]
+
+
+@pytest.fixture(scope="module")
+def toy_merges(tmp_path_factory):
+    """name -> (model folder, the recipe it claims to come from): a good 0.3/0.7 merge and broken ones."""
+    import torch
+
+    if not (TOY / "base" / "config.json").is_file():
+        pytest.fail("the toy model is missing: run tests/fixtures/toy/train_toy.py")
+    root = tmp_path_factory.mktemp("toy-merges")
+    (root / "recipes-good").mkdir()
+    (root / "recipes-pm").mkdir()
+    good_recipe = _toy_recipe(root / "recipes-good", (0.3, 0.7), normalize=True)
+    pm_recipe = _toy_recipe(root / "recipes-pm", (1.0, -1.0), normalize=False, parity=False)
+    good = _mergekit(good_recipe, root / "good")
+    embed = "model.embed_tokens.weight"
+    perm = torch.randperm(512, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor(_non_ascii_tokens())
+
+    def shuffle_rows(name, tensor):
+        if name != embed:
+            return tensor
+        tensor = tensor.clone()
+        tensor[rows] = tensor[rows.roll(1)]
+        return tensor
+
+    return {
+        "good": (good, good_recipe),
+        # Validation refuses 1/-1 with normalize (a zero sum), so this one is merged without it.
+        "plus_minus": (_mergekit(pm_recipe, root / "plus-minus"), pm_recipe),
+        # What a zero-sum normalized merge would write; built directly since validation refuses the recipe.
+        "nan": (_rewrite(good, root / "nan", lambda k, v: torch.full_like(v, float("nan"))), good_recipe),
+        "shuffled_embeddings": (_rewrite(good, root / "shuffled", lambda k, v: v[perm] if k == embed else v), good_recipe),
+        "shuffled_unused": (_rewrite(good, root / "unused", shuffle_rows), good_recipe),
+    }
