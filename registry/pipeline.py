@@ -115,7 +115,7 @@ def publish(
     pins = pins_of(plan)
     note(f"pinned {len(plan.sources)} sources: " + ", ".join(f"{s.name} {s.pin[:12]}" for s in plan.sources))
 
-    if not dry_run and all(c.target.is_current(recipe, pins, c.options) for c in chosen):
+    if not dry_run and all(_at(c, lambda: c.target.is_current(recipe, pins, c.options)) for c in chosen):
         outcome.unchanged = True
         outcome.results = [PublishResult(c.name, "", None, changed=False, detail="already published") for c in chosen]
         return outcome
@@ -144,14 +144,22 @@ def publish(
     )
     for c in chosen:
         if dry_run:
-            outcome.plans.append(c.target.plan(bundle, c.options))
+            outcome.plans.append(_at(c, lambda: c.target.plan(bundle, c.options)))
             continue
         note(f"publishing to {c.name}")
         try:
             outcome.results.append(c.target.publish(bundle, c.options))
         except RegistryError as exc:
-            raise PublishError(_partial(outcome.results, c.name, str(exc)), exc.hint) from None
+            raise PublishError(_partial(outcome.results, c.name, exc.message), exc.hint) from None
     return outcome
+
+
+def _at(chosen: Chosen, call: Callable[[], Any]) -> Any:
+    """Run a target's method; its errors name the target."""
+    try:
+        return call()
+    except RegistryError as exc:
+        raise PublishError(f"{chosen.name}: {exc.message}", exc.hint) from None
 
 
 def pins_of(plan: Plan) -> dict[str, dict[str, Any]]:

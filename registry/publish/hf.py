@@ -124,9 +124,20 @@ class HfTarget(Target):
                 if status not in RETRY_STATUS or attempt == MAX_ATTEMPTS - 1:
                     raise self._http_error(exc, "commit") from None
                 failure: BaseException = exc
+            except RuntimeError as exc:
+                # An LFS upload failed after the client's own retries: no commit was attempted.
+                cause = self._redact(str(exc.__cause__ or exc).splitlines()[0])
+                raise PublishError(
+                    f"{exc} ({cause}); nothing was committed", "run `registry publish` again; uploaded files are not re-sent"
+                ) from None
             except Exception as exc:  # a dropped connection: the commit may or may not have landed
-                if not _is_transport_error(exc) or attempt == MAX_ATTEMPTS - 1:
+                if not _is_transport_error(exc):
                     raise
+                if attempt == MAX_ATTEMPTS - 1:
+                    raise PublishError(
+                        f"the connection to the Hub dropped {MAX_ATTEMPTS} times during the commit; nothing was committed",
+                        "check the network and run `registry publish` again",
+                    ) from None
                 failure = exc
             landed = self._landed(bundle, options, parent)
             if landed is not None:
