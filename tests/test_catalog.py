@@ -211,7 +211,12 @@ def page(browser: Any) -> Iterator[Watched]:
 
 
 def visible_rows(page: Any) -> list[str]:
-    return page.eval_on_selector_all("#models tbody tr", "rows => rows.filter(r => r.offsetParent !== null).map(r => r.dataset.repo)")
+    """The models a reader sees in the index: rendered, visible, taking up space."""
+    return page.eval_on_selector_all(
+        "#models > li",
+        "rows => rows.filter(r => r.checkVisibility({visibilityProperty: true}) && r.getBoundingClientRect().height > 0)"
+        ".map(r => r.dataset.repo)",
+    )
 
 
 ALL = [BASE, XSS, CHILD, THIRD]
@@ -225,12 +230,13 @@ def test_index_lists_the_latest_version_of_every_published_model(page: Watched, 
     page.page.goto(base_url + "index.html")
     assert visible_rows(page.page) == ALL
     assert page.page.inner_text("#count") == "4 models"
-    third = page.page.locator(f'tr[data-repo="{THIRD}"]')
+    third = page.page.locator(f'li[data-repo="{THIRD}"]')
     assert third.locator(".summary").inner_text() == "Second child of the base merge, under a team licence"
-    assert third.locator('td[data-label="License"]').inner_text() == "Team licence"
-    assert third.locator('td[data-label="Smoke tests"]').inner_text() == "not run"
-    assert page.page.locator(f'tr[data-repo="{CHILD}"] td[data-label="Smoke tests"]').inner_text() == "failed"
-    assert page.page.locator(f'tr[data-repo="{CHILD}"] td[data-label="Parents"]').inner_text() == f"{BASE}, deepseek-ai/up-c"
+    assert third.locator("dd.license").inner_text() == "Team licence"
+    assert third.locator("dd.smoke").inner_text() == "not run"
+    assert page.page.locator(f'li[data-repo="{CHILD}"] dd.smoke').inner_text() == "failed"
+    assert page.page.locator(f'li[data-repo="{CHILD}"] dd.parents').inner_text() == f"{BASE}, deepseek-ai/up-c"
+    assert page.page.get_attribute(f'li[data-repo="{CHILD}"] dd.parents a', "href") == f"models/{BASE}.html"
     page.quiet()
 
 
@@ -305,9 +311,9 @@ def test_a_tag_link_on_a_model_page_opens_the_index_filtered(page: Watched, base
 def test_script_and_onerror_payloads_in_every_field_execute_nothing(page: Watched, base_url: str, site: Path):
     p = page.page
     p.goto(base_url + "index.html")
-    row = p.locator(f'tr[data-repo="{XSS}"]')
+    row = p.locator(f'li[data-repo="{XSS}"]')
     assert row.locator(".summary").inner_text() == f"Summary {PAYLOAD} end"
-    assert row.locator('td[data-label="License"]').inner_text() == f"Licence {PAYLOAD}"
+    assert row.locator("dd.license").inner_text() == f"Licence {PAYLOAD}"
     assert row.locator(".tag").all_inner_texts() == ["merge", "mergekit", "linear", f"tag{SCRIPT}", f"img{IMG}"]
     p.fill("input[name=q]", "onerror")  # the filter code handles the payload text as data too
     assert visible_rows(p) == [XSS]
@@ -316,7 +322,7 @@ def test_script_and_onerror_payloads_in_every_field_execute_nothing(page: Watche
     assert p.evaluate("document.scripts.length") == 1  # ours: static/catalog.js
     assert p.evaluate("document.querySelectorAll('img, [onerror], [onload]').length") == 0
 
-    p.click(f'tr[data-repo="{XSS}"] a:text-is("{XSS}")')
+    p.click(f'li[data-repo="{XSS}"] h2 a')
     p.wait_for_url(f"**/models/{XSS}.html")
     assert p.inner_text("p.summary") == f"Summary {PAYLOAD} end"
     assert p.inner_text("#recipe table.sources tbody tr:first-child td:nth-child(2)") == f"label {PAYLOAD}"
@@ -341,6 +347,27 @@ def test_render_markdown_escapes_html_and_drops_unsafe_links():
         '<p>[x](javascript:alert(1)) <a href="https://example.com">ok</a></p>\n'
         "<table>\n<thead>\n<tr>\n<th>a</th>\n</tr>\n</thead>\n<tbody>\n<tr>\n"
         "<td>&lt;img src=x onerror=&quot;window.__xss = 1; alert(2)&quot;&gt;</td>\n</tr>\n</tbody>\n</table>\n"
+    )
+
+
+def test_cards_rendered_by_helper_processes_match_the_ones_rendered_here(monkeypatch: pytest.MonkeyPatch):
+    import registry.catalog as catalog
+
+    bodies = [f"# m{i}\n\nSummary {i} with `code` and {IMG}\n\n| a |\n|--:|\n| {i} |\n" for i in range(7)]
+    here = [(str(html), summary) for html, summary in map(catalog.render_card_body, bodies)]
+    monkeypatch.setattr(catalog, "PARALLEL_MIN_CARDS", 2)
+    rendered_here = []
+    original = catalog.render_card_body
+    monkeypatch.setattr(catalog, "render_card_body", lambda body: rendered_here.append(body) or original(body))
+    spread = catalog.render_card_bodies(bodies, workers=3)
+    assert rendered_here == bodies[0::3]  # the other two thirds came back from the two helpers
+    assert [(str(html), summary) for html, summary in spread] == here
+    assert all(type(html).__name__ == "Markup" for html, _ in spread)
+    assert here[4] == (
+        '<h1>m4</h1>\n<p>Summary 4 with <code>code</code> and &lt;img src=x onerror=&quot;window.__xss = 1; alert(2)&quot;&gt;</p>\n'
+        '<table>\n<thead>\n<tr>\n<th class="align-right">a</th>\n</tr>\n</thead>\n<tbody>\n<tr>\n'
+        '<td class="align-right">4</td>\n</tr>\n</tbody>\n</table>\n',
+        f"Summary 4 with code and {IMG}",
     )
 
 
@@ -392,7 +419,7 @@ def test_reading_needs_no_javascript(browser: Any, base_url: str):
     p = context.new_page()
     p.goto(base_url + "index.html")
     assert p.is_hidden("#filters")
-    rows = p.locator("#models tbody tr")
+    rows = p.locator("#models > li")
     assert [rows.nth(i).get_attribute("data-repo") for i in range(rows.count())] == ALL
     assert all(rows.nth(i).is_visible() for i in range(rows.count()))
     p.click(f"a:text-is('{BASE}')")
@@ -412,10 +439,11 @@ def test_phone_width_is_readable_and_screenshots_are_saved(browser: Any, base_ur
         p.screenshot(path=str(ARTIFACTS / name), full_page=True)
         assert (ARTIFACTS / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     p.goto(base_url + "index.html")
-    # Rows become labelled blocks: the header row is hidden and each cell says what it is.
-    assert p.is_hidden("#models thead")
-    cell = p.locator(f'tr[data-repo="{CHILD}"] td[data-label="License"]')
-    assert p.evaluate("e => getComputedStyle(e, '::before').content", cell.element_handle()) == '"License: "'
+    # Each model's facts stack one per line, labelled, inside the screen's width.
+    facts = p.locator(f'li[data-repo="{CHILD}"] dl.facts')
+    assert p.evaluate("e => getComputedStyle(e).flexDirection", facts.element_handle()) == "column"
+    assert facts.locator("dt").all_inner_texts() == ["Smoke tests", "Method", "License", "Parents", "Tags"]
+    assert p.eval_on_selector_all("#models > li", "rows => Math.max(...rows.map(r => r.getBoundingClientRect().right))") <= 375
     context.close()
     desktop = browser.new_context(viewport={"width": 1280, "height": 900})
     d = desktop.new_page()

@@ -4,12 +4,12 @@
 (function () {
   "use strict";
   var form = document.getElementById("filters");
-  var table = document.getElementById("models");
-  if (!form || !table) return;
+  var list = document.getElementById("models");
+  if (!form || !list) return;
   var count = document.getElementById("count");
-  var rows = Array.prototype.map.call(table.tBodies[0].rows, function (tr) {
-    var d = tr.dataset;
-    return { el: tr, text: d.search, tags: JSON.parse(d.tags), parents: JSON.parse(d.parents),
+  var rows = Array.prototype.map.call(list.children, function (li) {
+    var d = li.dataset;
+    return { el: li, text: d.search, tags: JSON.parse(d.tags), parents: JSON.parse(d.parents),
              method: d.method, license: d.license, smoke: d.smoke };
   });
   var f = form.elements;
@@ -24,7 +24,8 @@
                (!method || r.method === method) && (!license || r.license === license) &&
                (!smoke || r.smoke === smoke) &&
                words.every(function (w) { return r.text.indexOf(w) >= 0; });
-      if (r.el.hidden === ok) r.el.hidden = !ok;
+      // A class, not display:none: see .model.out in catalog.css for why.
+      r.el.classList.toggle("out", !ok);
       if (ok) shown++;
     }
     count.textContent = shown === rows.length
