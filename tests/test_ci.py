@@ -25,7 +25,7 @@ import yaml
 from registry import ci
 from registry.card import render_card
 from registry.cli import app
-from registry.recipe import load_recipe
+from registry.recipe import load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -223,6 +223,20 @@ def test_changed_reports_added_modified_renamed_and_deleted_recipes_against_the_
     )
 
 
+def test_the_merge_commit_actions_checks_out_for_a_pull_request_gives_the_same_recipes(pr: Path) -> None:
+    # actions/checkout checks out refs/pull/N/merge: the PR merged into the current base branch.
+    git(pr, "checkout", "-q", "--detach", "origin/main")
+    git(pr, "merge", "-q", "--no-ff", "-m", "Merge pr into main", "pr")
+    data = json.loads(registry("ci", "changed", "--format", "json", cwd=pr, env={"GITHUB_BASE_REF": "main"}).stdout)
+    assert data["base_sha"] == git(pr, "rev-parse", "origin/main")
+    assert [(e["recipe"], e["reason"]) for e in data["include"]] == [
+        ("recipes/added.yaml", "added"),
+        ("recipes/alpha.yaml", "modified"),
+        ("recipes/team/new_name.yaml", "renamed from recipes/old_name.yaml"),
+    ]
+    assert data["deleted"] == ["recipes/gone.yaml"]
+
+
 def test_a_template_change_touches_every_recipe_and_text_output_lists_them(pr: Path) -> None:
     commit(pr, "team card v2", {"templates/model_card.md.j2": TEMPLATE.replace("v1", "v2")})
     run = registry("ci", "changed", "--base", "main", cwd=pr)
@@ -244,11 +258,13 @@ def test_a_template_change_touches_every_recipe_and_text_output_lists_them(pr: P
     assert data["templates"] == ["templates/model_card.md.j2"]
 
 
-def test_a_lock_file_change_touches_its_recipe_and_a_push_compares_with_its_before_commit(upstream: Path) -> None:
+def test_a_lock_file_touches_its_recipe_a_recipe_moved_away_is_deleted_and_a_push_compares_with_before(upstream: Path) -> None:
     before = git(upstream, "rev-parse", "HEAD")
-    commit(upstream, "pin", {"recipes/beta.lock.json": "{}\n", "recipes/notes.txt": "not a recipe\n"})
+    commit(upstream, "pin, archive", {"recipes/beta.lock.json": "{}\n", "recipes/notes.txt": "not a recipe\n",
+                                       "recipes/gone.yaml": None, "archive/gone.yaml": GONE})
     data = json.loads(registry("ci", "changed", "--base", before, "--format", "json", cwd=upstream).stdout)
     assert [(e["recipe"], e["reason"]) for e in data["include"]] == [("recipes/beta.yaml", "lock file changed")]
+    assert data["deleted"] == ["recipes/gone.yaml"]  # moved out of recipes/: a rename for git, a deletion here
     assert data["base_sha"] == before
 
 
@@ -402,6 +418,21 @@ def test_summary_shows_validation_weight_diffs_dry_runs_and_card_previews(pr: Pa
     delimiter = "ghadelimiter_" + hashlib.sha256(expected.encode()).hexdigest()[:24]
     assert output.read_text() == f"summary<<{delimiter}\n{expected}\n{delimiter}\ninvalid=0\n"
     assert parse_github_output(output.read_text()) == {"summary": expected, "invalid": "0"}
+
+
+def test_recipe_diff_names_added_and_removed_models_and_filtered_weights() -> None:
+    before = parse_recipe(ALPHA)
+    after = parse_recipe(
+        ALPHA.replace("- {model: b, parameters: {weight: 0.7}}",
+                      "- {model: ./c, parameters: {weight: [{filter: mlp, value: 0.5}, {value: 0.7}]}}")
+        .replace("dtype: bfloat16", "dtype: bfloat16\n  out_dtype: float32")
+    )
+    assert ci.recipe_diff(before, after) == [
+        ("weight of ./c", "—", '[{filter: "mlp", value: 0.5}, {value: 0.7}]'),
+        ("weight of b", "0.7", "—"),
+        ("out_dtype", "not set", "float32"),
+    ]
+    assert ci.recipe_diff(before, parse_recipe(ALPHA.replace("label: Checkpoint A", "label: Renamed"))) == []
 
 
 def render_with_smoke(repo: Path, path: str, reports: Path) -> str:
