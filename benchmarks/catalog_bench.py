@@ -237,7 +237,7 @@ def time_filters(site: Path) -> list[dict]:
                 page.evaluate(FILTER_JS, ["input", "q", ""])
             trace = site.parent / "filter-trace.json"
             for step in steps:
-                browser.start_tracing(page=page, path=str(trace), categories=["toplevel", "devtools.timeline"])
+                browser.start_tracing(page=page, path=str(trace), categories=["devtools.timeline", "disabled-by-default-devtools.timeline"])
                 result = page.evaluate(FILTER_JS, list(step))
                 browser.stop_tracing()
                 results.append({"step": f"{step[1]}={step[2]!r}", **result, "cpu": renderer_cpu_ms(trace)})

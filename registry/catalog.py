@@ -135,13 +135,15 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
     from concurrent.futures import ThreadPoolExecutor
 
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
+    # Anything the client raises: HTTP errors, and its transport's own (refused connection, timeout,
+    # from an HTTP library that changes between huggingface_hub versions) once its retries are spent.
+    failures = Exception
     api = api or HfApi()
     endpoint = str(api.endpoint).rstrip("/")
     try:
         infos = list(api.list_models(author=owner, filter="merge", full=True))
-    except (HfHubHTTPError, OSError) as exc:
+    except failures as exc:
         raise CatalogError(f"cannot list the models of {owner} on {endpoint}: {_one_line(exc)}", "check the name, your token and the network") from None
 
     def fetch(info: Any) -> CatalogModel:
@@ -152,7 +154,7 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
                 return None
             try:
                 path = api.hf_hub_download(info.id, name, revision=info.sha)
-            except (HfHubHTTPError, OSError) as exc:
+            except failures as exc:
                 raise CatalogError(f"cannot download {name} of {info.id} from {endpoint}: {_one_line(exc)}", "check your token and the network") from None
             return _read_text(Path(path))
 
@@ -225,7 +227,8 @@ def _loads(text: str | None) -> dict[str, Any] | None:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------

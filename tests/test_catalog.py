@@ -19,6 +19,7 @@ import yaml
 
 from registry.catalog import (
     MARKER,
+    CatalogError,
     build_site,
     make_server,
     read_local,
@@ -497,6 +498,18 @@ def test_build_from_a_hub_org_lists_its_merges_with_cards_and_smoke(hub_server: 
     assert '<span class="smoke smoke-passed">passed</span>' in page
 
 
+def test_a_hub_failure_is_one_clear_error(hub_server: Any, hub_api: Any):
+    repo = f"{HUB_ORG}/broken"
+    upload_model(hub_api, repo, hub_card(repo, ["up/a", "up/b"], ["merge"], "unreadable"))
+    hub_server.inject(rf"^\w+ /{repo}/resolve/", 403, times=5)
+    with pytest.raises(CatalogError) as failed:
+        read_models(f"hf:{HUB_ORG}", api=hub_api)
+    message = str(failed.value)
+    assert message.startswith(f"cannot download README.md of {repo} from {hub_server.endpoint}: ")
+    assert message.endswith(" (check your token and the network)")
+    assert "\n" not in message
+
+
 def test_unknown_source_is_a_usage_error():
     run = registry("catalog", "build", "--from", "github:x")
     assert (run.returncode, run.stdout, run.stderr) == (
@@ -553,6 +566,21 @@ def test_cli_builds_rebuilds_and_serves_the_site(home: Path, tmp_path: Path):
 def test_serve_without_a_site_says_what_to_do(tmp_path: Path):
     run = registry("catalog", "serve", "--dir", "nothing", cwd=tmp_path)
     assert (run.returncode, run.stderr) == (2, "error: nothing: no index.html here (run `registry catalog build` first, or give --dir)\n")
+
+
+def test_a_team_template_extends_the_default_and_replaces_static_files(home: Path, tmp_path: Path):
+    team = tmp_path / "templates"
+    (team / "catalog" / "static").mkdir(parents=True)
+    (team / "catalog" / "index.html.j2").write_text(
+        '{% extends "default:catalog/index.html.j2" %}{% block title %}Team {{ models | length }} models{% endblock %}'
+    )
+    (team / "catalog" / "static" / "catalog.css").write_text("body { color: teal; }\n")
+    build_site(read_local(home), tmp_path / "site", [team])
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert "<title>Team 4 models</title>" in index
+    assert f'data-repo="{CHILD}"' in index  # the default's list is still there
+    assert (tmp_path / "site" / "static" / "catalog.css").read_text() == "body { color: teal; }\n"
+    assert (tmp_path / "site" / "static" / "catalog.js").read_text().startswith("// Filters for the catalog index")
 
 
 def test_empty_registry_builds_an_empty_catalog(tmp_path: Path):
