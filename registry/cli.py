@@ -545,4 +545,5 @@ def _wants_plugin_commands(argv: list[str] | None) -> bool:
     """Plugins can add commands; loading them costs start-up time, so only when one may be asked for."""
     args = sys.argv[1:] if argv is None else argv
     command = next((a for a in args if not a.startswith("-")), None)
-    return command is None or command not in {c.name or c.callback.__name__ for c in app.registered_commands}
+    builtin = {c.name or c.callback.__name__ for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    return command is None or command not in builtin
