@@ -361,6 +361,24 @@ def test_a_model_name_the_registry_refuses_is_one_clear_error(target_cls, uri, m
     )
 
 
+def test_an_alias_the_registry_refuses_takes_back_the_new_version(target_cls, uri, mlflow_home, client, tmp_path):
+    from mlflow.entities import ViewType
+
+    opts = target_cls.Options.model_construct(
+        **{**options(target_cls, uri, mlflow_home, model_name="alias-refused", experiment="alias-refused").model_dump(), "alias": "latest"}
+    )
+    _, bundle = make_bundle(tmp_path / "build", "team/alias-refused")
+    with pytest.raises(PublishError) as info:
+        target_cls().publish(bundle, opts)
+    assert str(info.value) == (
+        f"could not move alias 'latest' of 'alias-refused' in the MLflow registry at {uri}: "
+        "'latest' alias name (case insensitive) is reserved."
+    )
+    assert client.search_model_versions("name = 'alias-refused'") == []
+    [run] = client.search_runs([client.get_experiment_by_name("alias-refused").experiment_id], run_view_type=ViewType.DELETED_ONLY)
+    assert (run.info.status, run.info.lifecycle_stage) == ("FAILED", "deleted")
+
+
 def test_files_that_cannot_be_logged_register_nothing(target_cls, uri, mlflow_home, client, tmp_path):
     from mlflow.entities import ViewType
 
