@@ -476,12 +476,12 @@ def hub_source(bundle: Bundle, options: MlflowOptions) -> tuple[str, dict[str, s
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise PublishError(f"link_only: the Hub at {endpoint} answered {status} when reading {repo}@{rev}") from None
-    except OSError as exc:
-        raise PublishError(f"link_only: cannot reach the Hub at {endpoint}: {exc}", "check HF_ENDPOINT and the network") from None
     except Exception as exc:
-        if "Error" in type(exc).__name__ and ("Connect" in type(exc).__name__ or "Timeout" in type(exc).__name__):
-            raise PublishError(f"link_only: cannot reach the Hub at {endpoint}: {exc}", "check HF_ENDPOINT and the network") from None
-        raise
+        # The Hub client's transport errors (httpx's) share no base class with OSError.
+        names = {cls.__name__ for cls in type(exc).__mro__}
+        if not names & {"OSError", "TransportError", "ConnectionError", "TimeoutException"}:
+            raise
+        raise PublishError(f"link_only: cannot reach the Hub at {endpoint}: {exc}", "check HF_ENDPOINT and the network") from None
     card = info.card_data.to_dict() if info.card_data is not None else {}
     held = (card.get("registry") or {}).get("recipe_sha256") if isinstance(card.get("registry"), dict) else None
     if held != bundle.recipe_sha256:
