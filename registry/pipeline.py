@@ -115,7 +115,9 @@ def publish(
     pins = pins_of(plan)
     note(f"pinned {len(plan.sources)} sources: " + ", ".join(f"{s.name} {s.pin[:12]}" for s in plan.sources))
 
-    if not dry_run and all(_at(c, lambda: c.target.is_current(recipe, pins, c.options)) for c in chosen):
+    # Every target is asked (not just until one says no), so an unreachable one fails before the merge.
+    current = [] if dry_run else [_at(c, lambda: c.target.is_current(recipe, pins, c.options)) for c in chosen]
+    if current and all(current):
         outcome.unchanged = True
         outcome.results = [PublishResult(c.name, "", None, changed=False, detail="already published") for c in chosen]
         return outcome
