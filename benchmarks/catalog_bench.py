@@ -85,7 +85,7 @@ def recipe_text(i: int, rng: random.Random, earlier: list[str]) -> str:
         f"tags: [{', '.join(tags)}]\n"
         "sources:\n" + "\n".join(sources) + "\n"
         "merge:\n  merge_method: linear\n  models:\n" + "\n".join(models) + "\n"
-        f"  parameters: {{normalize: true}}\n  dtype: bfloat16\n"
+        "  parameters: {normalize: true}\n  dtype: bfloat16\n"
     )
 
 
