@@ -8,6 +8,7 @@ run in a sandbox with StrictUndefined, and values are inserted, never evaluated.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -20,9 +21,9 @@ from . import __version__
 from .errors import CardError, UsageError
 from .hub_rules import LICENSES, repo_id_problem
 from .recipe import MergeInput, Recipe, parse_ref
+from .templating import template_dirs as find_template_dirs, template_loader
 
 CARD_TEMPLATE = "model_card.md.j2"
-DEFAULT_PREFIX = "default"
 REPORT_FORMAT = 1
 PROVENANCE_FILE = "provenance.json"
 SMOKE_FILE = "smoke.json"
@@ -33,44 +34,20 @@ BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 # Templates
 
 
-def default_template_dir() -> Path:
-    """The packaged templates: `registry/templates` in a wheel, the repo's `templates/` in a checkout."""
-    packaged = Path(__file__).parent / "templates"
-    if (packaged / CARD_TEMPLATE).is_file():
-        return packaged
-    return Path(__file__).parent.parent / "templates"
-
-
-def find_template_dirs(team: Path | None = None) -> list[Path]:
-    """Folders searched before the packaged default: the team's (`./templates` unless given), then plugins'."""
-    dirs: list[Path] = []
-    if team is not None:
-        if not team.is_dir():
-            raise UsageError(f"{team}: no such templates folder", "give --templates a folder holding model_card.md.j2")
-        dirs.append(team)
-    elif Path("templates").is_dir():
-        dirs.append(Path("templates"))
-    from .plugins import get_plugin_manager
-
-    for found in get_plugin_manager().hook.register_template_dirs():
-        for folder in [found] if isinstance(found, (str, os.PathLike)) else found or []:
-            dirs.append(Path(folder))
-    return dirs
-
-
 def card_environment(template_dirs: Sequence[Path | str] = ()):
     """The Markdown environment: sandboxed, no autoescape, StrictUndefined, `default:` naming the packaged templates."""
-    from jinja2 import ChoiceLoader, FileSystemLoader, PrefixLoader, StrictUndefined
+    return _card_environment(tuple(str(d) for d in template_dirs))
+
+
+@functools.lru_cache(maxsize=8)
+def _card_environment(template_dirs: tuple[str, ...]):
+    # Cached: compiling the templates costs more than rendering a card. The loader still notices
+    # edited template files, so a cached environment never serves a stale template.
+    from jinja2 import StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
-    default = FileSystemLoader(str(default_template_dir()))
-    loader = ChoiceLoader([
-        PrefixLoader({DEFAULT_PREFIX: default}, delimiter=":"),
-        FileSystemLoader([str(d) for d in template_dirs]),
-        default,
-    ])
     env = SandboxedEnvironment(
-        loader=loader,
+        loader=template_loader(template_dirs),
         autoescape=False,
         undefined=StrictUndefined,
         trim_blocks=True,

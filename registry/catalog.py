@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RegistryError, UsageError
+from .errors import CatalogError, RegistryError, UsageError
 from .hub_rules import repo_id_problem
+from .templating import default_template_dir, template_dirs, template_loader
 
 TEMPLATE_FOLDER = "catalog"
-DEFAULT_PREFIX = "default"
 HUB_URL = "https://huggingface.co"
 CARD_NAME = "README.md"
 SMOKE_FILE = "smoke.json"
@@ -36,10 +36,6 @@ MARKER = ".registry-catalog"
 SMOKE_STATES = ("passed", "failed", "not run")
 # Same front-matter block as huggingface_hub.repocard, so the catalog and the Hub agree on the metadata.
 _FRONT_MATTER = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
-
-
-class CatalogError(RegistryError):
-    """The catalog could not read its models or write the site."""
 
 
 @dataclass
@@ -533,42 +529,11 @@ def _smoke_context(smoke: Mapping[str, Any] | None) -> dict[str, Any] | None:
 # Templates and building
 
 
-def default_template_dir() -> Path:
-    """The packaged templates: `registry/templates` in a wheel, the repo's `templates/` in a checkout."""
-    packaged = Path(__file__).parent / "templates"
-    if (packaged / TEMPLATE_FOLDER / "index.html.j2").is_file():
-        return packaged
-    return Path(__file__).parent.parent / "templates"
-
-
-def template_dirs(team: Path | None = None) -> list[Path]:
-    """Template folders searched before the packaged default: the team's (`./templates` unless given), then plugins'."""
-    dirs: list[Path] = []
-    if team is not None:
-        if not (team / TEMPLATE_FOLDER).is_dir():
-            raise UsageError(f"{team}: no {TEMPLATE_FOLDER}/ folder of catalog templates", "give --templates the folder holding catalog/")
-        dirs.append(team)
-    elif (Path("templates") / TEMPLATE_FOLDER).is_dir():
-        dirs.append(Path("templates"))
-    from .plugins import get_plugin_manager
-
-    for found in get_plugin_manager().hook.register_template_dirs():
-        for folder in [found] if isinstance(found, (str, os.PathLike)) else found or []:
-            dirs.append(Path(folder))
-    return dirs
-
-
 def html_environment(dirs: Sequence[Path | str] = ()):
     """The HTML environment: autoescape on, StrictUndefined, `default:` naming the packaged templates."""
-    from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PrefixLoader, StrictUndefined
+    from jinja2 import Environment, StrictUndefined
 
-    default = FileSystemLoader(str(default_template_dir()))
-    loader = ChoiceLoader([
-        PrefixLoader({DEFAULT_PREFIX: default}, delimiter=":"),
-        FileSystemLoader([str(d) for d in dirs]),
-        default,
-    ])
-    env = Environment(loader=loader, autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(loader=template_loader(dirs), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["markdown"] = render_markdown
     return env
 
@@ -579,7 +544,7 @@ def build_site(models: Sequence[CatalogModel], output: Path, dirs: Sequence[Path
 
     start = time.perf_counter()
     if dirs is None:
-        dirs = template_dirs()
+        dirs = template_dirs(holding=TEMPLATE_FOLDER)
     _check_output(output)
     env = html_environment(dirs)
     context = catalog_context(models)

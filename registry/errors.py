@@ -74,5 +74,9 @@ class CardError(RegistryError):
     """A model card could not be rendered, or would have leaked something."""
 
 
+class CatalogError(RegistryError):
+    """The catalog could not read its models or write the site."""
+
+
 class PublishError(RegistryError):
     """A publish target refused or failed; nothing half-written is left behind."""

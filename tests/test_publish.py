@@ -123,7 +123,7 @@ def test_pull_request_and_branch(hub_server, workspace):
 
 
 def test_rate_limits_and_server_errors_are_retried(hub_server, workspace):
-    repo_id, recipe = REPO_ID, write_recipe(workspace, "tiny", REPO_ID)
+    recipe = write_recipe(workspace, "tiny", REPO_ID)
     hub_server.inject(r"^POST /api/models/.*/commit/", 429, retry_after=1)
     hub_server.inject(r"^POST /api/models/.*/commit/", 503, retry_after=1)
     run = publish(workspace, recipe, "--target", "hf", env=hub_server.client_env(HUB_TOKEN))
@@ -197,7 +197,7 @@ def test_publish_to_the_local_registry_loads_with_transformers(workspace):
 
 
 def test_dry_run_shows_what_would_be_sent_and_sends_nothing(hub_server, workspace):
-    repo_id, recipe = REPO_ID, write_recipe(workspace, "tiny", REPO_ID)
+    recipe = write_recipe(workspace, "tiny", REPO_ID)
     run = publish(workspace, recipe, "--target", "hf", "--dry-run", "--format", "json", env=hub_server.client_env(HUB_TOKEN))
     assert run.returncode == 0, run.stderr
     [plan] = json.loads(run.stdout)["plans"]
