@@ -151,12 +151,13 @@ def card(
     format: FormatOption = Format.text,
 ) -> None:
     """Render the model card (README.md): Hub metadata, merge, sources, smoke results, provenance."""
-    from .card import find_template_dirs, front_matter, read_reports, render_card, write_card
+    from .card import front_matter, read_reports, render_card, write_card
+    from .templating import template_dirs
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe)
     provenance, smoke = read_reports(model_dir) if model_dir is not None else (None, None)
-    dirs = find_template_dirs(templates)
+    dirs = template_dirs(templates)
     if output is not None:
         text = write_card(loaded, output, provenance, smoke, dirs)
     else:
@@ -196,9 +197,10 @@ def catalog_build(
     format: FormatOption = Format.text,
 ) -> None:
     """Build a static site: an index with search and filters, and one page per model with card, recipe, smoke results and lineage."""
-    from .catalog import build_site, read_models, template_dirs
+    from .catalog import TEMPLATE_FOLDER, build_site, read_models
+    from .templating import template_dirs
 
-    dirs = template_dirs(templates)
+    dirs = template_dirs(templates, holding=TEMPLATE_FOLDER)
     result = build_site(read_models(source), output, dirs)
     if format is Format.json:
         emit_json({"source": source, **result.to_dict()})
