@@ -21,7 +21,7 @@ from . import __version__
 from .errors import CardError, UsageError
 from .hub_rules import LICENSES, repo_id_problem
 from .recipe import MergeInput, Recipe, parse_ref
-from .templating import template_dirs as find_template_dirs, template_loader
+from .templating import template_loader
 
 CARD_TEMPLATE = "model_card.md.j2"
 REPORT_FORMAT = 1
@@ -396,7 +396,9 @@ def render_card(
     _check_report(recipe, provenance, PROVENANCE_FILE, "registry merge")
     _check_report(recipe, smoke, SMOKE_FILE, "registry smoke")
     if template_dirs is None:
-        template_dirs = find_template_dirs()
+        from .templating import template_dirs as default_dirs
+
+        template_dirs = default_dirs()
     sections = plugin_sections(recipe, provenance, smoke)
     context = card_context(recipe, provenance, smoke, sections)
     text = _render(card_environment(template_dirs), CARD_TEMPLATE, context)

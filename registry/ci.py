@@ -750,11 +750,12 @@ def _smoke_line(smoke: Mapping[str, Any]) -> str:
 
 
 def _card(recipe: Recipe, root: Path, provenance: Any, smoke: Any) -> tuple[str | None, str | None]:
-    from .card import find_template_dirs, render_card
+    from .card import render_card
+    from .templating import template_dirs
 
     try:
         team = root / TEMPLATES_DIR
-        dirs = find_template_dirs(team if team.is_dir() else None)
+        dirs = template_dirs(team if team.is_dir() else None)
         return render_card(recipe, provenance, smoke, dirs), None
     except RegistryError as exc:
         return None, str(exc)

@@ -202,10 +202,10 @@ def test_template_search_order_is_team_then_plugins_then_default(tmp_path, plugi
 
     plugins(TemplatePlugin())
     recipe = parse_recipe(recipe_text(), "t.yaml")
-    from registry.card import find_template_dirs
+    from registry.templating import template_dirs
 
-    assert find_template_dirs(team) == [team, plugin_dir]
-    assert "\n# team card\n" in render_card(recipe, template_dirs=find_template_dirs(team))
+    assert template_dirs(team) == [team, plugin_dir]
+    assert "\n# team card\n" in render_card(recipe, template_dirs=template_dirs(team))
     assert "\n# plugin card\n" in render_card(recipe, template_dirs=[plugin_dir])
     assert "\n# test-merge\n" in render_card(recipe, template_dirs=[])
 
