@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CatalogError, RegistryError, UsageError
+from .errors import CatalogError, UsageError
 from .hub_rules import repo_id_problem
 from .templating import default_template_dir, template_dirs, template_loader
 
