@@ -284,12 +284,39 @@ def plan(
     from .sources import plan as make_plan, write_lock
 
     loaded = load_recipe(recipe)
-    result = make_plan(loaded, update=update, out=output)
+    with _HashBar(format is Format.text) as bar:
+        result = make_plan(loaded, update=update, out=output, on_hash=bar.update)
     wrote = write_lock(result)
     if format is Format.json:
         emit_json({**result.to_dict(), "lock_written": wrote})
         return
     _print_plan(result, wrote)
+
+
+class _HashBar:
+    """A transient progress bar for hashing source weights, shown only once hashing starts."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.progress, self.task = enabled, None, None
+
+    def __enter__(self) -> "_HashBar":
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.progress is None:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+            self.progress = Progress(TextColumn("hashing sources"), BarColumn(), DownloadColumn(),
+                                     console=_console(stderr=True), transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("hash", total=total)
+        self.progress.update(self.task, completed=done)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def _print_plan(result: Any, wrote: bool) -> None:
@@ -328,9 +355,10 @@ def merge(
 
     loaded = load_recipe(recipe)
     out_dir = output or default_output(loaded)
-    result_plan = make_plan(loaded, update=update, out=out_dir, device=device.value)
-    write_lock(result_plan)
     text = format is Format.text
+    with _HashBar(text) as bar:
+        result_plan = make_plan(loaded, update=update, out=out_dir, device=device.value, on_hash=bar.update)
+    write_lock(result_plan)
     result = run(loaded, result_plan, out_dir, device.value, console=_console(stderr=True) if text else None)
     if not text:
         emit_json({**result.to_dict(), "warnings": result_plan.warnings})

@@ -132,6 +132,7 @@ class Estimate:
     memory_available_bytes: int | None
     largest_tensor: str
     out: str
+    shard_bytes: int
 
 
 @dataclass
@@ -227,7 +228,7 @@ def plan(
         raise SourceError("\n".join(problems))
 
     donor = _donor(recipe, sources)
-    tokenizer_source = _tokenizer_setting(recipe)
+    tokenizer_source = _tokenizer_setting(recipe, sources)
     checks = compatibility_checks(recipe, sources, donor, tokenizer_source)
     failed = [c for c in checks if c.status == "failed"]
     if failed:
@@ -320,6 +321,10 @@ def _inspect_dir(recipe: Recipe, src: PinnedSource, path: Path, *, hub_files: bo
         src.config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise _error(recipe, src, f"source '{src.name}': cannot read {config_file}: {exc}") from None
+    archs = src.config.get("architectures") if isinstance(src.config, dict) else None
+    if not (isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str)):
+        raise _error(recipe, src, f"source '{src.name}': {config_file} must name exactly one architecture "
+                                  f"(e.g. \"architectures\": [\"Qwen2ForCausalLM\"]); mergekit picks tensor names from it")
     weight_files = _weight_files(recipe, src, path, shown)
     tensors: dict[str, TensorInfo] = {}
     for name in weight_files:
@@ -462,7 +467,10 @@ def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | Non
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line saying what to do
         raise _hub_error(recipe, src, exc) from None
     src.revision = info.sha
-    src.status = "locked" if reuse else ("updated" if locked and locked.get("model") == src.model else "new")
+    if reuse or (locked and locked.get("model") == src.model and locked.get("commit") == info.sha):
+        src.status = "locked"
+    else:
+        src.status = "updated" if locked and locked.get("model") == src.model else "new"
     card = info.card_data.to_dict() if info.card_data is not None else {}
     src.license = card.get("license")
     siblings = {s.rfilename: s for s in info.siblings or []}
@@ -544,13 +552,18 @@ def _donor(recipe: Recipe, sources: list[PinnedSource]) -> str:
     return base
 
 
-def _tokenizer_setting(recipe: Recipe) -> str | None:
+def _tokenizer_setting(recipe: Recipe, sources: list[PinnedSource]) -> str | None:
     merge = recipe.merge
     if merge.tokenizer_source is not None:
-        return merge.tokenizer_source
-    if merge.tokenizer is not None:
-        return merge.tokenizer.source
-    return None
+        setting, loc = merge.tokenizer_source, ("merge", "tokenizer_source")
+    elif merge.tokenizer is not None:
+        setting, loc = merge.tokenizer.source, ("merge", "tokenizer", "source")
+    else:
+        return None
+    names = [s.name for s in sources]
+    if setting not in ("union", "base", *names):
+        raise _error(recipe, loc, f"tokenizer source '{setting}' must be one of merge.models ({', '.join(names)}), 'union' or 'base'")
+    return setting
 
 
 def compatibility_checks(recipe: Recipe, sources: list[PinnedSource], donor: str, tokenizer_source: str | None) -> list[Check]:

@@ -62,7 +62,7 @@ def build_tokenizer(out: Path, vocab_size: int) -> None:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        # Only the corpus's own characters, not all 256 bytes: every id must fit the tiny embedding.
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)

@@ -210,6 +210,41 @@ def test_a_hub_source_is_merged_at_its_pinned_commit(family, tmp_path: Path, hom
     assert str(tmp_path) not in (result.out / "provenance.json").read_text()  # the snapshot lies under tmp_path
 
 
+def test_tokenizer_source_is_passed_to_mergekit_and_generation_config_kept(family, tmp_path: Path, home: Path) -> None:
+    b = rewrite_tensors(family.b, tmp_path / "b")
+    edit_json(b / "tokenizer_config.json", model_max_length=4096)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family.a, b, extra="  tokenizer_source: b\n"))
+    p = plan(recipe)
+    assert [c.message for c in p.checks if c.name == "tokenizer"] == [
+        "tokenizer files differ between 'a' and 'b' (tokenizer_config.json); mergekit builds the tokenizer from tokenizer source 'b'"]
+    out = merge(recipe, p, tmp_path / "out", "cpu").out
+
+    # mergekit rebuilt the embeddings to the tokenizer's length and dropped generation_config.json; we carry it.
+    vocab = len(json.loads((b / "tokenizer.json").read_text())["model"]["vocab"])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab < 160
+    assert read_state(out)["model.embed_tokens.weight"].shape == (vocab, 32)
+    assert (out / "generation_config.json").read_bytes() == (family.a / "generation_config.json").read_bytes()
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 4096
+
+
+def test_shards_are_byte_identical_to_safetensors_save_file(tmp_path: Path) -> None:
+    from safetensors.torch import save
+
+    from registry.merge import write_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(3, 5, generator=gen).to(torch.bfloat16), "a.bias": torch.randn(7, generator=gen),
+        "c": torch.randn(2, 2, generator=gen).to(torch.float16), "z.norm": torch.randn(4, generator=gen).to(torch.bfloat16),
+        "scalar": torch.tensor(3.0), "ids": torch.arange(5), "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 4),
+        "strided": torch.randn(4, 6, generator=gen).t(),
+    }
+    digest, size = write_safetensors(tmp_path / "x.safetensors", tensors)
+    expected = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    assert (tmp_path / "x.safetensors").read_bytes() == expected
+    assert (digest, size) == (hashlib.sha256(expected).hexdigest(), len(expected))
+
+
 @pytest.mark.parametrize("broken", ["tokenizer", "vocab", "shape", "missing"])
 def test_incompatible_sources_fail_before_any_weight_is_written(family, tmp_path: Path, home: Path, broken: str,
                                                                 capsys: pytest.CaptureFixture) -> None:
