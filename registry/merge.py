@@ -21,10 +21,11 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Self
 
 from . import __version__
 from .errors import MergeError, RegistryError, UsageError
@@ -42,7 +43,6 @@ PROVENANCE_FORMAT = 1
 # fsynced by a background thread while later tensors are merged.
 MIN_SHARD_BYTES = 256 << 20
 MAX_SHARD_BYTES = 2 << 30
-ASYNC_WRITE = True
 # Files the merged model needs beside the weights, taken from the donor when mergekit leaves them out
 # (it drops generation_config.json when it rebuilds the tokenizer).
 CARRY_FILES = ("generation_config.json", "chat_template.jinja")
@@ -340,7 +340,7 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
         device=device,
         read_to_gpu=device == "cuda",
         out_shard_size=shard_bytes,
-        async_write=ASYNC_WRITE,
+        async_write=True,
         write_threads=1,
         copy_tokenizer=True,
         write_model_card=False,
@@ -407,10 +407,9 @@ def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, 
     import mergekit.graph
     import mergekit.merge
     import mergekit.tokenizer.build
-    from mergekit.io.tensor_writer import TensorWriter
-
     from mergekit.io.loader import TensorLoader
     from mergekit.io.tasks import LoaderCache
+    from mergekit.io.tensor_writer import TensorWriter
 
     modules = (mergekit.merge, mergekit.graph, mergekit.tokenizer.build)
     saved = [m.tqdm for m in modules]
@@ -429,7 +428,13 @@ def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, 
 
     progress = None
     if console is not None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         progress = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), console=console)
@@ -556,11 +561,12 @@ def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, s
     return digest.hexdigest(), len(head) + offset
 
 
+_BAR_NAMES = {"Warmup loader cache": "opening sources", "Executing graph": "merging tensors",
+              "Building tokenizer permutations": "tokenizer"}
+
+
 class _RichTqdm:
     """Stands in for the `tqdm` module inside mergekit: `tqdm.tqdm(...)` becomes a rich progress task."""
-
-    NAMES = {"Warmup loader cache": "opening sources", "Executing graph": "merging tensors",
-             "Building tokenizer permutations": "tokenizer"}
 
     def __init__(self, progress: Any):
         self.progress = progress
@@ -571,7 +577,7 @@ class _RichTqdm:
             total = len(iterable)
         task = None
         if self.progress is not None and not disable:
-            task = self.progress.add_task(self.NAMES.get(desc or "", desc or "working"), total=total)
+            task = self.progress.add_task(_BAR_NAMES.get(desc or "", desc or "working"), total=total)
         return _Bar(self.progress, task, iterable)
 
 
@@ -591,7 +597,7 @@ class _Bar:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> _Bar:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,10 +13,11 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from .errors import SourceError
 from .recipe import ModelRef, Recipe, WeightFilter, env_names, parse_ref
@@ -236,7 +237,8 @@ def plan(
 
     estimate = None
     if out is not None or check_resources:
-        from .merge import check_resources as _check, default_output, estimate_resources
+        from .merge import check_resources as _check
+        from .merge import default_output, estimate_resources
 
         estimate = estimate_resources(recipe, sources, donor, out or default_output(recipe), device)
         if check_resources:
@@ -396,7 +398,7 @@ def read_safetensors_header(file: Path, recipe: Recipe | None = None, src: Pinne
         if key == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = value["dtype"], tuple(int(d) for d in value["shape"]), value["data_offsets"]
+            dtype, shape, (_, end) = value["dtype"], tuple(int(d) for d in value["shape"]), value["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise fail(f"corrupt safetensors header entry for {key}") from None
         if end > data_bytes:

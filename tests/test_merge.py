@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import build_family, edit_json, read_state, rewrite_tensors
 
 from registry.cli import main
 from registry.merge import merge, read_provenance
 from registry.recipe import load_recipe
 from registry.sources import plan
-
-from models import build_family, edit_json, read_state, rewrite_tensors
 
 # mergekit imports numpy.core, which numpy 2 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
@@ -386,7 +385,7 @@ def test_sigkill_after_the_rename_leaves_a_complete_model_that_is_reused(killed)
 
 
 def test_outputs_are_bit_identical_under_any_hash_seed(killed) -> None:
-    root, _, results = killed
+    root, _, _ = killed
     ref = read_provenance(root / "ref")["files"]
     # outA: PYTHONHASHSEED=1; outC: PYTHONHASHSEED=2; ref: this test process's seed.
     for out in ("outA", "outC"):

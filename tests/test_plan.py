@@ -11,13 +11,19 @@ import struct
 from pathlib import Path
 
 import pytest
+from models import build_family, copy_non_weights, edit_json, fine_tune, rewrite_tensors
 
 from registry.errors import MergeError, SourceError
 from registry.merge import check_resources, estimate_resources
 from registry.recipe import load_recipe
-from registry.sources import FileInfo, PinnedSource, TensorInfo, plan, read_safetensors_header, write_lock
-
-from models import build_family, copy_non_weights, edit_json, fine_tune, rewrite_tensors
+from registry.sources import (
+    FileInfo,
+    PinnedSource,
+    TensorInfo,
+    plan,
+    read_safetensors_header,
+    write_lock,
+)
 
 RECIPE = """\
 repo_id: team/tiny-merge
@@ -205,8 +211,8 @@ def test_tokenizer_mismatch_names_the_files(work: Path) -> None:
     )
     p = plan(load_recipe(write_recipe(work, extra="  tokenizer_source: a\n")))
     assert p.tokenizer_source == "a"
-    assert ("tokenizer", "warning", "tokenizer files differ between 'a' and 'b' (tokenizer_config.json); "
-            "mergekit builds the tokenizer from tokenizer source 'a'") in [(c.name, c.status, c.message) for c in p.checks]
+    assert ("tokenizer", "warning", ("tokenizer files differ between 'a' and 'b' (tokenizer_config.json); "
+            "mergekit builds the tokenizer from tokenizer source 'a'")) in [(c.name, c.status, c.message) for c in p.checks]
 
 
 def test_vocab_size_mismatch(work: Path) -> None:
@@ -319,8 +325,8 @@ def test_hub_source_is_pinned_to_the_commit_the_hub_reports(work: Path, hub_serv
         "hub", "alice/tiny-a", None, sha, "apache-2.0", "new")
     assert a.tensors == p.source("b").tensors
     assert a.files["model.safetensors"] == FileInfo((work / "a" / "model.safetensors").stat().st_size, sha256(work / "a" / "model.safetensors"))
-    assert ("license", "warning", "'a' (alice/tiny-a) is licensed 'apache-2.0' but the recipe says 'mit'; "
-            "check that the parent's license allows it") in [(c.name, c.status, c.message) for c in p.checks]
+    assert ("license", "warning", ("'a' (alice/tiny-a) is licensed 'apache-2.0' but the recipe says 'mit'; "
+            "check that the parent's license allows it")) in [(c.name, c.status, c.message) for c in p.checks]
     assert p.lock["sources"]["a"] == {"kind": "hub", "model": "alice/tiny-a", "revision": None, "commit": sha}
     write_lock(p)
     # Planning downloaded config and tokenizer files, and read the weights' header with a range request only.
@@ -384,3 +390,19 @@ def test_hub_errors_are_one_line_with_what_to_do(work: Path, hub_server, hub_api
         plan(load_recipe(path))
     assert str(err.value).startswith(f"{path}:5:12: sources.a.model: source 'a': cannot reach the Hub at {hub_server.endpoint} to pin alice/tiny-a (")
     assert str(err.value).endswith("); check the network, or use a local path")
+
+
+def test_private_hub_source_is_pinned_with_the_users_token(work: Path, hub_server, hub_api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from registry.testing.fixtures import HUB_TOKEN
+
+    hub_api.create_repo("alice/private-a", private=True)
+    sha = hub_api.upload_folder(folder_path=str(work / "a"), repo_id="alice/private-a").oid
+    path = write_recipe(work, a="alice/private-a")
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path))
+    assert str(err.value) == (
+        f"{path}:5:12: sources.a.model: source 'a': alice/private-a not found on {hub_server.endpoint} "
+        "(a private repo needs HF_TOKEN or `hf auth login`)"
+    )
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    assert plan(load_recipe(path)).source("a").revision == sha
