@@ -467,20 +467,21 @@ _TORCH_DTYPES = {
 
 
 class SafetensorsReader:
-    """Reads tensors from a safetensors file with pread into fresh memory, in place of safe_open.
+    """Reads tensors from a safetensors file, in place of safe_open: each tensor maps only its own bytes.
 
-    safe_open maps the file, and every page a merge touches then counts towards the process's
-    resident memory until the end (1.5 GB of a 3.3 GB peak for two 380M-parameter inputs); reading
-    copies the same bytes once and leaves the page cache to the kernel.
+    safe_open maps the whole file, and every page a merge reads then counts towards the process's
+    resident memory until the end (1.5 GB of a 3.3 GB peak for two 380M-parameter inputs). Here each
+    tensor is a private mapping of its byte range, unmapped when mergekit drops the tensor: reading
+    stays zero-copy and only the tensors in use are resident.
     """
 
     def __init__(self, path: Path):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         try:
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             length = int.from_bytes(os.pread(self.fd, 8, 0), "little")
             self.header = json.loads(os.pread(self.fd, length, 8))
+            self.size = os.fstat(self.fd).st_size
         except (OSError, ValueError):
             os.close(self.fd)
             raise
@@ -492,21 +493,26 @@ class SafetensorsReader:
         return list(self.header)
 
     def get_tensor(self, name: str) -> Any:
-        """The tensor `name`, read into new CPU memory."""
+        """The tensor `name`, backed by a private (copy-on-write) mapping of its bytes."""
+        import mmap
+        import warnings
+
         import torch
 
         info = self.header[name]
-        tensor = torch.empty(info["shape"], dtype=getattr(torch, _TORCH_DTYPES[info["dtype"]]))
+        dtype = getattr(torch, _TORCH_DTYPES[info["dtype"]])
         begin, end = info["data_offsets"]
-        if end > begin:
-            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < end - begin:
-                n = os.preadv(self.fd, [view[done:]], self.base + begin + done)
-                if n == 0:
-                    raise MergeError(f"{self.path} is shorter than its header says; the checkpoint changed or is truncated")
-                done += n
-        return tensor
+        if end == begin:
+            return torch.empty(info["shape"], dtype=dtype)
+        if self.base + end > self.size:
+            raise MergeError(f"{self.path} is shorter than its header says; the checkpoint changed or is truncated")
+        start = self.base + begin
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(self.fd, self.base + end - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # frombuffer warns that the tensor shares the buffer: that is the point
+            flat = torch.frombuffer(mapping, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start - aligned)
+        return flat.reshape(info["shape"])
 
     def __del__(self) -> None:
         fd = getattr(self, "fd", None)

@@ -517,7 +517,7 @@ def _cached_snapshot(repo_id: str, commit: str) -> Path | None:
         return None
 
 
-def fetch(src: PinnedSource, *, quiet: bool = True) -> Path:
+def fetch(src: PinnedSource) -> Path:
     """The local folder of a source: a Hub source is downloaded at its pinned commit (cached)."""
     if src.kind == "local":
         assert src.path is not None
