@@ -31,6 +31,8 @@ from registry.smoke import (
 )
 
 TOY = Path(__file__).parent / "fixtures" / "toy"
+# The toy's checkpoints are trained by tests/fixtures/toy/train_toy.py and committed beside it.
+needs_toy = pytest.mark.skipif(not (TOY / "base" / "config.json").is_file(), reason="toy checkpoints not committed yet")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
@@ -469,7 +471,7 @@ def toy_merges(tmp_path_factory):
     pm_recipe = _toy_recipe(root / "recipes-pm", (1.0, -1.0), normalize=False, parity=False)
     good = _mergekit(good_recipe, root / "good")
     embed = "model.embed_tokens.weight"
-    perm = torch.randperm(512, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
     rows = torch.tensor(_non_ascii_tokens())
 
     def shuffle_rows(name, tensor):
@@ -485,6 +487,136 @@ def toy_merges(tmp_path_factory):
         "plus_minus": (_mergekit(pm_recipe, root / "plus-minus"), pm_recipe),
         # What a zero-sum normalized merge would write; built directly since validation refuses the recipe.
         "nan": (_rewrite(good, root / "nan", lambda k, v: torch.full_like(v, float("nan"))), good_recipe),
-        "shuffled_embeddings": (_rewrite(good, root / "shuffled", lambda k, v: v[perm] if k == embed else v), good_recipe),
+        "shuffled_embeddings": (
+            _rewrite(good, root / "shuffled", lambda k, v: v[torch.randperm(len(v), generator=generator)] if k == embed else v),
+            good_recipe),
         "shuffled_unused": (_rewrite(good, root / "unused", shuffle_rows), good_recipe),
     }
+
+
+def _smoke(toy_merges, name):
+    folder, recipe = toy_merges[name]
+    return run_smoke(folder, load_recipe(recipe), device="cpu")
+
+
+def _statuses(report) -> dict[str, str]:
+    return {c.name: c.status for c in report.checks}
+
+
+@needs_toy
+def test_toy_retrieves_at_512_tokens_at_three_depths():
+    model, tok = load_model(TOY / "base", "cpu")
+    runs = run_long(model, tok, LongSmoke(lengths=[512], depths=[0.1, 0.5, 0.9], max_new_tokens=10), "cpu")
+    assert [(r.tokens, r.depth, r.status, r.finite) for r in runs] == [
+        (512, 0.1, "retrieved", True), (512, 0.5, "retrieved", True), (512, 0.9, "retrieved", True)]
+    for run in runs:
+        assert run.output.startswith(f" {run.key}")
+
+
+@pytest.fixture(scope="module")
+def good_report(toy_merges):
+    return _smoke(toy_merges, "good")
+
+
+@needs_toy
+def test_good_merge_of_the_toy_fine_tunes_passes_every_check(toy_merges, good_report):
+    report = good_report
+    assert _statuses(report) == {"weights": "passed", "short": "passed", "long": "passed", "parity": "passed"}
+    assert report.passed
+    assert [(r.tokens, r.depth, r.status) for r in report.long] == [
+        (512, 0.1, "retrieved"), (512, 0.5, "retrieved"), (512, 0.9, "retrieved")]
+    weights = report.checks[0]
+    assert re.fullmatch(r"\d+ tensors equal the recipe's weighted sum of 2 sources", weights.reason)
+    from safetensors import safe_open
+
+    with safe_open(str(toy_merges["good"][0] / "model.safetensors"), framework="pt") as f:
+        assert weights.details["tensors_checked"] == len(list(f.keys()))
+    assert weights.details["mismatched"] == weights.details["non_finite"] == weights.details["skipped"] == []
+    assert [(row.model, row.long_retrieved, row.long_total) for row in report.parity] == [
+        ("merged", 3, 3), ("cos", 3, 3), ("fmt", 3, 3)]
+    assert report.short.output.strip()
+    assert report.short.stopped == "eos" or report.short.new_tokens == 32
+    saved = json.loads((toy_merges["good"][0] / "smoke.json").read_text())
+    assert saved["passed"] is True and saved["recipe_sha256"] == load_recipe(toy_merges["good"][1]).sha256
+
+
+@needs_toy
+def test_plus_minus_merge_without_normalize_fails_for_collapsed_logits(toy_merges):
+    report = _smoke(toy_merges, "plus_minus")
+    short = report.checks[1]
+    assert (short.name, short.status) == ("short", "failed")
+    assert re.fullmatch(
+        r"logits collapsed: their spread at the first step \(std [0-9.e-]+\) is under min_logit_std 0\.05", short.reason)
+    # The merge is exactly what the recipe asked for: only behaviour shows it is broken.
+    assert _statuses(report)["weights"] == "passed"
+    assert not report.passed
+
+
+@needs_toy
+def test_nan_model_fails_for_non_finite_logits_and_weights(toy_merges):
+    report = _smoke(toy_merges, "nan")
+    checks = {c.name: (c.status, c.reason) for c in report.checks}
+    assert checks["short"] == ("failed", "logits are not finite (NaN or inf) in the short generation")
+    assert checks["long"] == ("failed", "logits are not finite at 512 tokens (depth 0.1)")
+    assert checks["weights"][0] == "failed"
+    assert re.fullmatch(r"(\d+) of \1 merged tensors hold NaN or inf \(first: [\w.]+\)", checks["weights"][1])
+    assert checks["parity"][0] == "failed" and checks["parity"][1].startswith("NLL on the fixed text is nan nats/token")
+
+
+@needs_toy
+def test_shuffled_embedding_rows_are_worse_than_both_parents(toy_merges):
+    report = _smoke(toy_merges, "shuffled_embeddings")
+    parity = report.checks[3]
+    assert (parity.name, parity.status) == ("parity", "failed")
+    assert re.fullmatch(
+        r"NLL on the fixed text is [0-9.]+ nats/token, worse than both parents \(cos [0-9.]+, fmt [0-9.]+\) "
+        r"by more than nll_margin 0\.2", parity.reason)
+    merged, cos, fmt = report.parity
+    assert merged.nll > max(cos.nll, fmt.nll) + 1.0
+    assert report.checks[0].status == "failed" and "first: model.embed_tokens.weight" in report.checks[0].reason
+
+
+@needs_toy
+def test_a_shuffled_tensor_the_prompts_never_use_is_caught_by_the_weight_check_only(toy_merges, good_report):
+    good = good_report
+    report = _smoke(toy_merges, "shuffled_unused")
+    assert _statuses(report) == {"weights": "failed", "short": "passed", "long": "passed", "parity": "passed"}
+    [mismatch] = report.checks[0].details["mismatched"]
+    assert mismatch["tensor"] == "model.embed_tokens.weight" and mismatch["elements"] > 0
+    assert report.checks[0].reason.startswith("1 of ") and "(first: model.embed_tokens.weight, " in report.checks[0].reason
+    # Behaviour is unchanged: the same text, the same retrieval, the same NLL.
+    assert report.short.output == good.short.output
+    assert [r.status for r in report.long] == [r.status for r in good.long]
+    assert report.parity[0].nll == pytest.approx(good.parity[0].nll, abs=1e-4)
+
+
+def test_sources_resolve_from_the_recipe_folder_and_environment(tmp_path, monkeypatch):
+    from registry.smoke import merge_sources, resolve_local_source
+
+    (tmp_path / "models" / "a").mkdir(parents=True)
+    (tmp_path / "models" / "a" / "config.json").write_text("{}")
+    monkeypatch.setenv("CKPT", str(tmp_path / "models"))
+    monkeypatch.delenv("NOPE", raising=False)
+    assert resolve_local_source("${CKPT}/a", None) == ((tmp_path / "models" / "a").resolve(), None)
+    assert resolve_local_source("./models/a", tmp_path) == ((tmp_path / "models" / "a").resolve(), None)
+    assert resolve_local_source("${NOPE}/a", tmp_path) == (None, "environment variable NOPE is not set")
+    assert resolve_local_source("./models/b", tmp_path) == (None, "its folder (with config.json) was not found")
+    # Without a recipe only provenance.json is known, and it never holds a local path.
+    provenance = {"sources": {
+        "cos": {"kind": "local", "repo_id": None, "revision": None, "weight": [{"filter": "embed", "value": 0.5}, {"value": 0.3}]},
+        "fmt": {"kind": "local", "repo_id": None, "revision": None, "weight": 0.7}}}
+    cos, fmt = merge_sources(None, provenance)
+    assert (cos.name, cos.path, cos.missing) == ("cos", None, "it is a local folder: pass --recipe to locate it")
+    assert [(w.filter, w.value) for w in cos.weight] == [("embed", 0.5), (None, 0.3)] and fmt.weight == 0.7
+
+
+def test_filtered_weights_resolve_like_mergekit():
+    from registry.recipe import WeightFilter
+    from registry.smoke import weight_for
+
+    weight = [WeightFilter(filter="self_attn", value=0.2), WeightFilter(filter="mlp", value=0.6), WeightFilter(value=0.5)]
+    assert weight_for(weight, "model.layers.0.self_attn.q_proj.weight") == 0.2
+    assert weight_for(weight, "model.layers.0.mlp.up_proj.weight") == 0.6
+    assert weight_for(weight, "model.norm.weight") == 0.5
+    assert weight_for([WeightFilter(filter="mlp", value=1.0)], "model.norm.weight") is None
+    assert weight_for(0.3, "anything") == 0.3
