@@ -153,15 +153,6 @@ def _longest_run(text: str, char: str) -> int:
 # The allow-listed context
 
 
-def input_name(item: MergeInput) -> str:
-    """How the card names a merge input: its alias, its Hub repo id, or `model_N` for an unnamed local path."""
-    if item.source is not None:
-        return item.name
-    if item.ref.kind == "hub":
-        return item.ref.value
-    return f"model_{item.index + 1}"
-
-
 def base_models(recipe: Recipe) -> list[str]:
     """The Hub ids of the merge's parents (a source's Hub repo or its declared hub_id); else the ancestor."""
     found: list[str] = []
@@ -206,7 +197,7 @@ def card_context(
     import yaml
 
     inputs = recipe.inputs()
-    names = {item.name: input_name(item) for item in inputs}
+    names = {item.name: item.key for item in inputs}
     metadata = card_metadata(recipe, provenance)
     merge = recipe.merge
     return {
@@ -236,7 +227,7 @@ def card_context(
 
 
 def _source_context(item: MergeInput, provenance: Mapping[str, Any] | None) -> dict[str, Any]:
-    name = input_name(item)
+    name = item.key
     # Reports key a source by its alias, or by the reference as written when it has none.
     pinned = _get(provenance, "sources", name) or _get(provenance, "sources", item.name)
     pinned = pinned if isinstance(pinned, Mapping) else {}

@@ -319,6 +319,15 @@ class MergeInput:
     source: Source | None
     weight: float | list[WeightFilter] | None
 
+    @property
+    def key(self) -> str:
+        """How locks, provenance, reports and cards name this input: alias, Hub reference, or model_N; never a path."""
+        if self.source is not None:
+            return self.name
+        if self.ref.kind == "hub":
+            return str(self.ref)
+        return f"model_{self.index + 1}"
+
 
 def is_local_path(text: str) -> bool:
     """True when `text` reads as a local path rather than a Hub repo id."""

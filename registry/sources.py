@@ -69,7 +69,7 @@ class FileInfo:
 class PinnedSource:
     """One model of the merge, resolved, inspected and pinned."""
 
-    name: str  # the alias under `sources:`, or the reference as written in merge.models
+    name: str  # MergeInput.key: the alias, the Hub reference, or model_N; never a path
     kind: Literal["local", "hub"]
     model: str  # as written in the recipe (environment references unexpanded)
     loc: Loc  # where the recipe names it, for errors
@@ -275,7 +275,7 @@ def _declare(recipe: Recipe, index: int) -> PinnedSource:
         ref = ModelRef(ref.kind, ref.value, declared.revision)
     weight = entry.parameters.weight if entry.parameters else None
     return PinnedSource(
-        name=entry.model,
+        name=recipe.inputs()[index].key,
         kind=ref.kind,
         model=text,
         loc=loc,

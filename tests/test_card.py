@@ -303,7 +303,7 @@ merge:
     assert rows == [
         f"| `a` | Open R1 | [open-r1/OpenR1-Qwen-1.5B](https://huggingface.co/open-r1/OpenR1-Qwen-1.5B) | commit [`{sha}`](https://huggingface.co/open-r1/OpenR1-Qwen-1.5B/tree/{sha}) |",
         "| `b` | Ours | local checkpoint, published as [team/b-published](https://huggingface.co/team/b-published) | not recorded |",
-        "| `Qwen/Qwen2.5-1.5B` | none | [Qwen/Qwen2.5-1.5B](https://huggingface.co/Qwen/Qwen2.5-1.5B) | `main`, not pinned to a commit |",
+        "| `Qwen/Qwen2.5-1.5B@main` | none | [Qwen/Qwen2.5-1.5B](https://huggingface.co/Qwen/Qwen2.5-1.5B) | `main`, not pinned to a commit |",
     ]
     assert "| `a` | Open R1 | 0.2 for self\\_attn; 0.5 otherwise |" in card
     assert "- Some of its parents" not in card and "- Its parents are not published" not in card

@@ -103,6 +103,19 @@ def test_local_sources_are_pinned_to_a_hash_of_their_weights_and_locked(work: Pa
     assert write_lock(again) is False
 
 
+def test_unaliased_local_sources_are_named_model_n_never_by_path(work: Path) -> None:
+    path = work / "bare.yaml"
+    path.write_text(
+        "merge_method: linear\nmodels:\n"
+        f"  - {{model: {work / 'a'}, parameters: {{weight: 0.3}}}}\n"
+        "  - {model: ./b, parameters: {weight: 0.7}}\n"
+    )
+    p = plan(load_recipe(path))
+    assert [s.name for s in p.sources] == ["model_1", "model_2"]
+    recorded = json.dumps({s.name: s.provenance() for s in p.sources})
+    assert str(work) not in recorded and "./b" not in recorded
+
+
 def test_paths_expand_environment_home_and_the_recipe_folder(work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (work / "recipes").mkdir()
     monkeypatch.setenv("TINY_CHECKPOINTS", str(work))
