@@ -98,7 +98,8 @@ def read_models(source: str = "local", home: Path | None = None, api: Any = None
 
 def read_local(home: Path | None = None) -> list[CatalogModel]:
     """The newest version of every model in the local registry."""
-    from .publish.local import list_latest, registry_home
+    from . import registry_home
+    from .publish.local import list_latest
 
     home = home or registry_home()
     root = home.resolve()

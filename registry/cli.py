@@ -207,7 +207,7 @@ def catalog_build(
     else:
         plural = "" if result.models == 1 else "s"
         if source == "local":
-            from .publish.local import registry_home
+            from . import registry_home
 
             source = f"the local registry {registry_home()}"
         _console().print(f"wrote {output / 'index.html'} and {result.models} model page{plural} from {source} in {result.seconds:.2f} s")
@@ -427,7 +427,8 @@ def publish(
 @app.command("list")
 def list_models(format: FormatOption = Format.text) -> None:
     """List the models in the local registry (the newest version of each)."""
-    from .publish.local import list_latest, registry_home
+    from . import registry_home
+    from .publish.local import list_latest
 
     found = list_latest()
     if format is Format.json:
@@ -451,7 +452,8 @@ def show(
     format: FormatOption = Format.text,
 ) -> None:
     """Show a model of the local registry: every version, and the newest card."""
-    from .publish.local import registry_home, versions
+    from . import registry_home
+    from .publish.local import versions
 
     found = versions(None, repo_id)
     if not found:

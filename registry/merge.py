@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from . import __version__
+from . import __version__, registry_home
 from .errors import MergeError, RegistryError, UsageError
 from .sources import Estimate, PinnedSource, Plan, fetch
 
@@ -78,11 +78,6 @@ class MergeResult:
             "recipe_sha256": self.provenance["recipe_sha256"],
             "files": self.files,
         }
-
-
-def registry_home() -> Path:
-    """$REGISTRY_HOME, else `.registry` in the current directory."""
-    return Path(os.environ.get("REGISTRY_HOME") or ".registry").expanduser().absolute()
 
 
 def default_output(recipe: Recipe) -> Path:

@@ -19,16 +19,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from .. import registry_home
 from ..errors import PublishError
 from ..hookspecs import hookimpl
 from . import Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
 
 INDEX = "index.json"
-
-
-def registry_home() -> Path:
-    """The local registry's folder: $REGISTRY_HOME, else .registry/ in the current directory."""
-    return Path(os.environ.get("REGISTRY_HOME") or ".registry").expanduser()
 
 
 class LocalOptions(TargetOptions):
