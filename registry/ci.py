@@ -287,9 +287,9 @@ def assess(entry: ChangedRecipe, root: Path, max_source_bytes: int, hub_size: Hu
         entry.notes.append("invalid recipe: see registry validate")
         return
     if entry.example:
-        # Example recipes name checkpoints the workflow builds (tests/fixtures/toy/train_toy.py): tiny and offline.
+        # Example recipes merge the tiny checkpoints shipped in tests/fixtures/toy: small and offline.
         entry.plan = entry.dry_run = True
-        entry.notes.append("example recipe: sources built in CI")
+        entry.notes.append("example recipe: sources shipped in the repo")
         return
     total = 0
     known = True

@@ -274,7 +274,7 @@ def test_a_push_that_created_the_branch_counts_every_recipe_as_added(upstream: P
         ("recipes/alpha.yaml", "added"), ("recipes/beta.yaml", "added"), ("recipes/examples/toy.yaml", "added"),
         ("recipes/gone.yaml", "added"), ("recipes/old_name.yaml", "added"),
     ]
-    assert data["include"][2]["note"] == "example recipe: sources built in CI"
+    assert data["include"][2]["note"] == "example recipe: sources shipped in the repo"
 
 
 def test_an_invalid_recipe_is_listed_and_marked_invalid(pr: Path) -> None:
