@@ -736,7 +736,7 @@ PINS = {
 
 def test_actions_are_pinned_to_release_commits_named_beside_them() -> None:
     uses = [line.strip() for p in WORKFLOWS.glob("*.yml") for line in p.read_text().splitlines() if "uses:" in line]
-    assert len(uses) == 16
+    assert len(uses) == 15
     for line in uses:
         m = re.fullmatch(r"(?:- )?uses: ([\w-]+/[\w-]+)@([0-9a-f]{40}) # (v[\d.]+)", line)
         assert m, line
