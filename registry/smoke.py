@@ -18,7 +18,8 @@ import random
 import re
 import resource
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -289,7 +290,8 @@ def load_model(path: str | Path, device: str) -> tuple[Any, Any]:
             stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
             stored = getattr(torch, stored) if isinstance(stored, str) else stored
             dtype = stored if stored in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         model.to(device).eval()
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise SmokeError(f"cannot load the model in {path}: {_one_line(exc)}") from None
@@ -298,6 +300,20 @@ def load_model(path: str | Path, device: str) -> tuple[Any, Any]:
     except (OSError, ValueError, KeyError) as exc:
         raise SmokeError(f"cannot load the tokenizer in {path}: {_one_line(exc)}; copy the tokenizer files into the folder") from None
     return model, tokenizer
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers draws a bar per model load; the smoke run reports its stages itself."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _one_line(exc: BaseException) -> str:

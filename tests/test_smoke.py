@@ -31,8 +31,6 @@ from registry.smoke import (
 )
 
 TOY = Path(__file__).parent / "fixtures" / "toy"
-# The toy's checkpoints are trained by tests/fixtures/toy/train_toy.py and committed beside it.
-needs_toy = pytest.mark.skipif(not (TOY / "base" / "config.json").is_file(), reason="toy checkpoints not committed yet")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
@@ -462,8 +460,6 @@ def toy_merges(tmp_path_factory):
     """name -> (model folder, the recipe it claims to come from): a good 0.3/0.7 merge and broken ones."""
     import torch
 
-    if not (TOY / "base" / "config.json").is_file():
-        pytest.fail("the toy model is missing: run tests/fixtures/toy/train_toy.py")
     root = tmp_path_factory.mktemp("toy-merges")
     (root / "recipes-good").mkdir()
     (root / "recipes-pm").mkdir()
@@ -503,7 +499,6 @@ def _statuses(report) -> dict[str, str]:
     return {c.name: c.status for c in report.checks}
 
 
-@needs_toy
 def test_toy_retrieves_at_512_tokens_at_three_depths():
     model, tok = load_model(TOY / "base", "cpu")
     runs = run_long(model, tok, LongSmoke(lengths=[512], depths=[0.1, 0.5, 0.9], max_new_tokens=10), "cpu")
@@ -518,7 +513,6 @@ def good_report(toy_merges):
     return _smoke(toy_merges, "good")
 
 
-@needs_toy
 def test_good_merge_of_the_toy_fine_tunes_passes_every_check(toy_merges, good_report):
     report = good_report
     assert _statuses(report) == {"weights": "passed", "short": "passed", "long": "passed", "parity": "passed"}
@@ -540,7 +534,6 @@ def test_good_merge_of_the_toy_fine_tunes_passes_every_check(toy_merges, good_re
     assert saved["passed"] is True and saved["recipe_sha256"] == load_recipe(toy_merges["good"][1]).sha256
 
 
-@needs_toy
 def test_plus_minus_merge_without_normalize_fails_for_collapsed_logits(toy_merges):
     report = _smoke(toy_merges, "plus_minus")
     short = report.checks[1]
@@ -552,7 +545,6 @@ def test_plus_minus_merge_without_normalize_fails_for_collapsed_logits(toy_merge
     assert not report.passed
 
 
-@needs_toy
 def test_nan_model_fails_for_non_finite_logits_and_weights(toy_merges):
     report = _smoke(toy_merges, "nan")
     checks = {c.name: (c.status, c.reason) for c in report.checks}
@@ -563,7 +555,6 @@ def test_nan_model_fails_for_non_finite_logits_and_weights(toy_merges):
     assert checks["parity"][0] == "failed" and checks["parity"][1].startswith("NLL on the fixed text is nan nats/token")
 
 
-@needs_toy
 def test_shuffled_embedding_rows_are_worse_than_both_parents(toy_merges):
     report = _smoke(toy_merges, "shuffled_embeddings")
     parity = report.checks[3]
@@ -576,7 +567,6 @@ def test_shuffled_embedding_rows_are_worse_than_both_parents(toy_merges):
     assert report.checks[0].status == "failed" and "first: model.embed_tokens.weight" in report.checks[0].reason
 
 
-@needs_toy
 def test_a_shuffled_tensor_the_prompts_never_use_is_caught_by_the_weight_check_only(toy_merges, good_report):
     good = good_report
     report = _smoke(toy_merges, "shuffled_unused")
