@@ -684,7 +684,7 @@ def run_long_prompt(
     if estimate > budget:
         run.reason = f"needs about {estimate / _MIB:.0f} MiB, {budget / _MIB:.0f} MiB can be used on {device}"
         return run
-    run.prefill_chunk_size = chunk
+    run.prefill_chunk_size = chunk if chunk and chunk < n_tokens else None
     prompt = builder.build(n_tokens, depth, key)
     try:
         start = time.perf_counter()
