@@ -610,3 +610,26 @@ def test_filtered_weights_resolve_like_mergekit():
     assert weight_for(weight, "model.norm.weight") == 0.5
     assert weight_for([WeightFilter(filter="mlp", value=1.0)], "model.norm.weight") is None
     assert weight_for(0.3, "anything") == 0.3
+
+
+def test_repetition_is_judged_against_the_parents_when_they_are_at_hand(toy_merges, tmp_path):
+    from registry.recipe import ParitySmoke
+    from registry.smoke_checks import BUILTIN_CHECKS
+
+    short_only = [c for c in BUILTIN_CHECKS if c.name == "short"]
+    strict = SmokeConfig(short=ShortSmoke(max_new_tokens=32, ngram=2, max_repeated_ngrams=0.1),
+                         long=LongSmoke(lengths=[512], depths=[0.5]), parity=ParitySmoke(retrieval=False))
+    folder = tmp_path / "merge"
+    shutil.copytree(toy_merges["good"][0], folder)
+    # Parents at hand: the merge repeats its 2-grams no more than the worse parent does, so it passes.
+    recipe = load_recipe(toy_merges["good"][1])
+    recipe.smoke = strict
+    [short] = run_smoke(folder, recipe, device="cpu", checks=short_only).checks
+    assert (short.status, short.reason) == ("passed", "29 tokens, stopped on EOS")
+    assert short.details["repeated_ngrams"] == pytest.approx(2 / 9, abs=1e-4)
+    assert short.details["parents"] == {"cos": {"repeated_ngrams": pytest.approx(2 / 7, abs=1e-4), "longest_run": 2},
+                                        "fmt": {"repeated_ngrams": pytest.approx(2 / 9, abs=1e-4), "longest_run": 2}}
+    # No parent at hand: the absolute bar applies.
+    report = _run(folder, strict, checks=short_only)
+    assert (report.checks[0].status, report.checks[0].reason) == (
+        "failed", "degenerate output: 22% of 2-grams repeat (limit 10%), longest run of one token 2 (limit 16)")
