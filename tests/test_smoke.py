@@ -617,19 +617,28 @@ def test_repetition_is_judged_against_the_parents_when_they_are_at_hand(toy_merg
     from registry.smoke_checks import BUILTIN_CHECKS
 
     short_only = [c for c in BUILTIN_CHECKS if c.name == "short"]
-    strict = SmokeConfig(short=ShortSmoke(max_new_tokens=32, ngram=2, max_repeated_ngrams=0.1),
+    # Any repeated token is "degenerate" under this bar, so the merge's own text exceeds it.
+    strict = SmokeConfig(short=ShortSmoke(max_new_tokens=32, ngram=1, max_repeated_ngrams=0.0),
                          long=LongSmoke(lengths=[512], depths=[0.5]), parity=ParitySmoke(retrieval=False))
-    folder = tmp_path / "merge"
-    shutil.copytree(toy_merges["good"][0], folder)
-    # Parents at hand: the merge repeats its 2-grams no more than the worse parent does, so it passes.
-    recipe = load_recipe(toy_merges["good"][1])
+    merged = tmp_path / "merge"
+    shutil.copytree(toy_merges["good"][0], merged)
+    for twin in ("twin_a", "twin_b"):
+        shutil.copytree(toy_merges["good"][0], tmp_path / twin)
+    # No parent at hand: the absolute bar applies and the merge fails it.
+    [alone] = _run(merged, strict, checks=short_only).checks
+    repeated, run = alone.details["repeated_ngrams"], alone.details["longest_run"]
+    assert repeated > 0
+    assert (alone.status, alone.reason) == (
+        "failed", f"degenerate output: {repeated:.0%} of 1-grams repeat (limit 0%), longest run of one token {run} (limit 16)")
+    # Parents that repeat exactly as much (copies of the merge itself): the bar rises to their level and it passes.
+    recipe = parse_recipe(
+        "repo_id: t/t\nsources:\n"
+        f"  a: {{model: {tmp_path / 'twin_a'}}}\n  b: {{model: {tmp_path / 'twin_b'}}}\n"
+        "merge:\n  merge_method: linear\n  models:\n"
+        "    - {model: a, parameters: {weight: 1}}\n    - {model: b, parameters: {weight: 1}}\n"
+    )
     recipe.smoke = strict
-    [short] = run_smoke(folder, recipe, device="cpu", checks=short_only).checks
-    assert (short.status, short.reason) == ("passed", "29 tokens, stopped on EOS")
-    assert short.details["repeated_ngrams"] == pytest.approx(2 / 9, abs=1e-4)
-    assert short.details["parents"] == {"cos": {"repeated_ngrams": pytest.approx(2 / 7, abs=1e-4), "longest_run": 2},
-                                        "fmt": {"repeated_ngrams": pytest.approx(2 / 9, abs=1e-4), "longest_run": 2}}
-    # No parent at hand: the absolute bar applies.
-    report = _run(folder, strict, checks=short_only)
-    assert (report.checks[0].status, report.checks[0].reason) == (
-        "failed", "degenerate output: 22% of 2-grams repeat (limit 10%), longest run of one token 2 (limit 16)")
+    [judged] = run_smoke(merged, recipe, device="cpu", checks=short_only).checks
+    stop = "stopped on EOS" if alone.details["stopped"] == "eos" else "hit max_new_tokens (32)"
+    assert (judged.status, judged.reason) == ("passed", f"{alone.details['new_tokens']} tokens, {stop}")
+    assert judged.details["parents"] == {name: {"repeated_ngrams": repeated, "longest_run": run} for name in ("a", "b")}
