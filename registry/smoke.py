@@ -126,7 +126,10 @@ class SmokeReport:
     def write(self, model_dir: str | Path) -> Path:
         """Write smoke.json into `model_dir` and return its path."""
         path = Path(model_dir) / SMOKE_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n")
+        # A new file renamed over the old one: a published copy hard-linked to the old one keeps its content.
+        tmp = path.with_name(f".{SMOKE_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n")
+        os.replace(tmp, path)
         return path
 
     def failed(self) -> list[CheckResult]:
