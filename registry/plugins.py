@@ -45,17 +45,22 @@ def _load_some(pm: pluggy.PluginManager, names: set[str]) -> None:
             pm.register(ep.load(), name=ep.name)
 
 
+def collect(hook: str, what: str) -> dict[str, Any]:
+    """Everything plugins register through the `register(thing)` hook `hook`, by name; a name twice is an error."""
+    found: dict[str, Any] = {}
+
+    def register(thing: Any) -> None:
+        if thing.name in found:
+            raise RegistryError(f"{what} '{thing.name}' is registered twice")
+        found[thing.name] = thing
+
+    getattr(get_plugin_manager().hook, hook)(register=register)
+    return found
+
+
 def get_targets() -> dict[str, Any]:
     """Publish targets by name, from every plugin; a name registered twice is an error."""
-    targets: dict[str, Any] = {}
-
-    def register(target: Any) -> None:
-        if target.name in targets:
-            raise RegistryError(f"publish target '{target.name}' is registered twice")
-        targets[target.name] = target
-
-    get_plugin_manager().hook.register_targets(register=register)
-    return targets
+    return collect("register_targets", "publish target")
 
 
 def missing_target_message(name: str, available: list[str]) -> str:

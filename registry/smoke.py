@@ -171,16 +171,9 @@ class SmokeCheck:
 
 def get_smoke_checks() -> list[SmokeCheckLike]:
     """Every registered smoke check, built-ins included, in running order; a name registered twice is an error."""
-    from .plugins import get_plugin_manager
+    from .plugins import collect
 
-    checks: dict[str, SmokeCheckLike] = {}
-
-    def register(check: SmokeCheckLike) -> None:
-        if check.name in checks:
-            raise RegistryError(f"smoke check '{check.name}' is registered twice")
-        checks[check.name] = check
-
-    get_plugin_manager().hook.register_smoke_checks(register=register)
+    checks: dict[str, SmokeCheckLike] = collect("register_smoke_checks", "smoke check")
     return sorted(checks.values(), key=lambda c: getattr(c, "order", 100))
 
 
