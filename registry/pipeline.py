@@ -68,18 +68,19 @@ def choose_targets(recipe: Recipe, names: list[str] | None, overrides: dict[str,
     from_recipe = {spec.target: spec.options for spec in recipe.publish}
     wanted = names or [spec.target for spec in recipe.publish] or ["local"]
     chosen = []
+    given = {flag: value for flag, value in overrides.items() if value is not None}
     for name in dict.fromkeys(wanted):
         target_cls = available.get(name)
         if target_cls is None:
             raise UsageError(missing_target_message(name, list(available)))
         options = from_recipe.get(name) or target_cls.Options()
         fields = type(options).model_fields
-        unknown = [flag for flag, value in overrides.items() if value is not None and flag not in fields]
-        if unknown and names:
-            flags = ", ".join("--" + flag.replace("_", "-") for flag in unknown)
-            raise UsageError(f"{flags} does not apply to the '{name}' target")
-        update = {flag: value for flag, value in overrides.items() if value is not None and flag in fields}
+        update = {flag: value for flag, value in given.items() if flag in fields}
         chosen.append(Chosen(name, target_cls(), options.model_copy(update=update)))
+    unused = [flag for flag in given if not any(flag in type(c.options).model_fields for c in chosen)]
+    if unused:
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in unused)
+        raise UsageError(f"{flags} applies to none of the targets: {', '.join(c.name for c in chosen)}")
     return chosen
 
 

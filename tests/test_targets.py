@@ -224,3 +224,16 @@ def test_hf_token_errors_are_one_line_and_never_show_the_token(hub_server, tmp_p
         HfTarget().publish(bundle, HfOptions())
     assert str(rejected.value) == "the Hub rejected the token (401): run `hf auth login` or set a valid HF_TOKEN"
     assert "hf_wrong_secret_value" not in str(rejected.value)
+
+
+def test_cli_flags_override_the_targets_they_apply_to():
+    from registry.errors import UsageError
+    from registry.pipeline import choose_targets
+
+    recipe = parse_recipe(RECIPE.format(repo_id="team/toy") + "publish:\n  - {target: hf, revision: staging}\n  - {target: local}\n")
+    hf, local = choose_targets(recipe, None, {"private": True, "revision": None, "create_pr": None})
+    assert (hf.name, hf.options) == ("hf", HfOptions(private=True, revision="staging"))
+    assert local.name == "local"
+    with pytest.raises(UsageError) as info:
+        choose_targets(recipe, ["local"], {"private": True, "revision": None, "create_pr": None})
+    assert str(info.value) == "--private applies to none of the targets: local"
