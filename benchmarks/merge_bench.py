@@ -11,8 +11,8 @@ process merging the pair 0.3/0.7 with normalization:
                    pinned donor)
   io-floor         read both inputs and write (and fsync) an output of the same size
 
-Each round starts from a warm page cache (a first, untimed round reads everything once) and registry's
-hash cache is warm (sources are hashed once, when first pinned). Peak RSS is each process's ru_maxrss.
+Each round starts from a warm page cache (a first, untimed round reads everything once) with no dirty
+pages left by an earlier run, and registry's hash cache is warm (sources are hashed once, when first pinned). Peak RSS is each process's ru_maxrss.
 Prints medians and ratios; --json FILE also writes them.
 
     .venv/bin/python benchmarks/merge_bench.py [--runs 3]
@@ -161,6 +161,9 @@ def main() -> None:
             out = work / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
             out.unlink(missing_ok=True)
+            # Flush the dirty pages of earlier runs (mergekit-yaml does not fsync its output), so no
+            # contender pays for another's writeback.
+            os.sync()
             wall, rss, cpu = run(contenders[name](out), env)
             if round_ == 0 and name in ("registry", "mergekit"):
                 _keep(out, work / f"first-{name}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import gc
 import json
 import os
 import sys
@@ -571,6 +572,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _report(RegistryError(f"internal error: {type(exc).__name__}: {exc}", "set REGISTRY_DEBUG=1 for the traceback"))
         sys.exit(1)
+    finally:
+        if argv is None:
+            # The process is about to exit. Its final garbage collections would walk every object torch,
+            # transformers and mergekit created (over a second after a merge) only to free memory the
+            # OS takes back anyway; frozen objects are skipped. Finalizers and atexit handlers still run.
+            gc.freeze()
 
 
 def _wants_plugin_commands(argv: list[str] | None) -> bool:

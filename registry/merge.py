@@ -14,13 +14,20 @@ For tests, REGISTRY_TEST_STOP_AT=<point> makes the process stop itself (SIGSTOP)
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
+import queue
 import re
 import shutil
 import signal
+import sys
+import threading
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,9 +47,12 @@ PROVENANCE = "provenance.json"
 PROVENANCE_FORMAT = 1
 # Output shards of about an eighth of the model, within these bounds. mergekit's default (5 GB) holds a
 # whole 1.5B model in memory and writes it after the last tensor; smaller shards are written, hashed and
-# fsynced by a background thread while later tensors are merged.
+# fsynced by background threads while later tensors are merged.
 MIN_SHARD_BYTES = 256 << 20
 MAX_SHARD_BYTES = 2 << 30
+# Shards being written at once: the last two shards (often an embedding matrix and the final layers)
+# are written side by side once the last tensor is merged.
+WRITE_THREADS = 2
 # Files the merged model needs beside the weights, taken from the donor when mergekit leaves them out
 # (it drops generation_config.json when it rebuilds the tokenizer).
 CARRY_FILES = ("generation_config.json", "chat_template.jinja")
@@ -122,7 +132,7 @@ def estimate_resources(recipe: Recipe, sources: list[PinnedSource], donor: str, 
     working = largest.numel * (len(sources) * in_bytes + 4 + out_bytes)
     if device == "cuda":
         working = largest.numel * out_bytes  # the rest lives on the GPU
-    buffers = min(output_bytes, 2 * shard_bytes)  # the shard being filled and the one being written
+    buffers = min(output_bytes, (WRITE_THREADS + 1) * shard_bytes)  # the shard being filled, those being written
     return Estimate(
         output_bytes=output_bytes,
         disk_free_bytes=_disk_free(out),
@@ -326,6 +336,8 @@ def mergekit_config(recipe: Recipe, plan: Plan, paths: dict[str, Path]) -> dict[
 def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path], device: str,
                 console: Console | None, shard_bytes: int) -> dict[str, Any]:
     import yaml
+
+    _import_mergekit()
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -336,7 +348,7 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
         read_to_gpu=device == "cuda",
         out_shard_size=shard_bytes,
         async_write=True,
-        write_threads=1,
+        write_threads=WRITE_THREADS,
         copy_tokenizer=True,
         write_model_card=False,
         quiet=console is None,
@@ -344,7 +356,7 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
     shard_hashes: dict[str, tuple[str, int]] = {}
     try:
         # run_merge mutates the configuration it is given: it gets its own.
-        with _mergekit_hooks(console, shard_hashes), _quiet_transformers():
+        with _mergekit_hooks(console, shard_hashes, options.write_threads), _quiet_transformers():
             run_merge(MergeConfiguration.model_validate(config), str(staging), options,
                       config_source=yaml.safe_dump(config, sort_keys=False))
     except RegistryError:
@@ -361,6 +373,51 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
         _fsync(f)
     _fsync(staging)
     return provenance
+
+
+class _DeferredModule(types.ModuleType):
+    """A module imported when one of its attributes is first read."""
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") and attr.endswith("__"):
+            # Module introspection (inspect.getmodule reads __file__ of every module) must not import it.
+            raise AttributeError(attr)
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+def _import_mergekit() -> None:
+    """Import mergekit, with peft deferred and the garbage collector paused.
+
+    mergekit.common imports peft at module level, only to apply LoRA adapters (`model+lora`), which the
+    configurations built here never name; importing it pulls transformers' generation code and a dozen
+    model implementations, about half a second of every merge. While mergekit.common is imported, a
+    stand-in takes peft's place in sys.modules; mergekit keeps it (and gets the real peft through it if
+    it ever needs it), and any later `import peft` imports the real one.
+
+    Importing mergekit, torch and transformers creates some 600,000 objects that live as long as the
+    process. The collector would walk them over and over while they are created (about 0.6 s), and
+    again in every later collection: it is paused during the import, and they are frozen (gc.freeze)
+    out of all later collections.
+    """
+    if "mergekit.merge" in sys.modules:
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if "mergekit.common" not in sys.modules and "peft" not in sys.modules and importlib.util.find_spec("peft"):
+            stand_in = _DeferredModule("peft")
+            sys.modules["peft"] = stand_in
+            try:
+                import mergekit.common  # noqa: F401
+            finally:
+                if sys.modules.get("peft") is stand_in:
+                    del sys.modules["peft"]
+        import mergekit.config  # noqa: F401
+        import mergekit.merge  # noqa: F401
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_hashes: dict[str, tuple[str, int]]) -> dict[str, Any]:
@@ -396,9 +453,9 @@ def _shard_origin(name: str, staging: Path) -> str:
 
 
 @contextmanager
-def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, int]]) -> Iterator[None]:
+def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, int]], write_threads: int) -> Iterator[None]:
     """Route mergekit's tqdm bars to rich, read checkpoints with SafetensorsReader and write shards with
-    write_safetensors (hashed and fsynced on the way)."""
+    write_safetensors (hashed and fsynced on the way), each as soon as it is full, by `write_threads` threads."""
     import mergekit.graph
     import mergekit.merge
     import mergekit.tokenizer.build
@@ -409,6 +466,8 @@ def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, 
     modules = (mergekit.merge, mergekit.graph, mergekit.tokenizer.build)
     saved = [m.tqdm for m in modules]
     original_save = TensorWriter._save_st
+    original_save_tensor = TensorWriter.save_tensor
+    original_init = TensorWriter.__init__
     original_get = TensorLoader.__dict__["get"]
 
     def open_shard(cls: Any, shard_path: str, use_lazy_unpickle: bool = False, device: str | None = None) -> Any:
@@ -420,6 +479,19 @@ def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, 
         path = Path(shard_path)
         shard_hashes[path.name] = write_safetensors(path, shard_data)
         _stop_here("shard")
+
+    def init_writer(self: Any, *args: Any, **kwargs: Any) -> None:
+        # mergekit 0.1.5 drops MergeOptions.write_threads on the way to its writer (always one thread).
+        original_init(self, *args, **{**kwargs, "max_write_threads": write_threads})
+
+    def save_tensor(self: Any, name: str, tensor: Any, clone: bool = False) -> None:
+        # mergekit hands a full shard to the writer only when the next tensor does not fit: a shard
+        # holding one large tensor (embeddings, lm_head) would wait for the next tensor's merge. The
+        # shards are the same; each is written as soon as it is full.
+        original_save_tensor(self, name, tensor, clone)
+        with self._lock:
+            if self.max_shard_size > 0 and self.current_shard_size >= self.max_shard_size:
+                self._flush_current_shard()
 
     progress = None
     if console is not None:
@@ -441,6 +513,8 @@ def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, 
         for m in modules:
             m.tqdm = bars
         TensorWriter._save_st = save_shard
+        TensorWriter.save_tensor = save_tensor
+        TensorWriter.__init__ = init_writer
         TensorLoader.get = classmethod(open_shard)
         if progress is not None:
             with progress:
@@ -450,6 +524,8 @@ def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, 
     finally:
         TensorLoader.get = original_get
         TensorWriter._save_st = original_save
+        TensorWriter.save_tensor = original_save_tensor
+        TensorWriter.__init__ = original_init
         for m, value in zip(modules, saved):
             m.tqdm = value
         LoaderCache.loaders.clear()
@@ -528,8 +604,9 @@ _ST_RANK = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16
 def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> tuple[str, int]:
     """Write `tensors` as a safetensors file, fsynced; return its sha256 and size.
 
-    Tensor bytes go from memory to the file once and are hashed on the way, where safetensors'
-    save_file copies every tensor to a bytes object first and the hash would read the file back.
+    Tensor bytes go from memory to the file once, where safetensors' save_file copies every tensor
+    to a bytes object first, and a second thread hashes them while they are written (both release
+    the GIL), where hashing afterwards would read the file back.
     The layout is save_file's (dtypes in its order, then names), so the bytes are the same as its.
     """
     import torch
@@ -547,18 +624,31 @@ def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, s
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     head = len(blob).to_bytes(8, "little") + blob
-    digest = hashlib.sha256(head)
-    with path.open("wb", buffering=0) as f:
-        f.write(head)
-        for name in order:
-            t = tensors[name]
-            if t.numel() == 0:
-                continue
-            data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            digest.update(data)
-            while data:
-                data = data[f.write(data):]
-        os.fsync(f.fileno())
+    digest = hashlib.sha256()
+    pending: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+
+    def hash_in_order() -> None:
+        while (chunk := pending.get()) is not None:
+            digest.update(chunk)
+
+    hasher = threading.Thread(target=hash_in_order, name="registry-sha256", daemon=True)
+    hasher.start()
+    try:
+        with path.open("wb", buffering=0) as f:
+            pending.put(memoryview(head))
+            f.write(head)
+            for name in order:
+                t = tensors[name]
+                if t.numel() == 0:
+                    continue
+                data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                pending.put(data)
+                while data:
+                    data = data[f.write(data):]
+            os.fsync(f.fileno())
+    finally:
+        pending.put(None)
+        hasher.join()
     return digest.hexdigest(), len(head) + offset
 
 

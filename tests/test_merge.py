@@ -391,3 +391,50 @@ def test_outputs_are_bit_identical_under_any_hash_seed(killed) -> None:
         assert {f.name: sha256(f) for f in (root / out).glob("*.safetensors")} == {
             f.name: sha256(f) for f in (root / "ref").glob("*.safetensors")}
     assert sorted(name for name in snapshot(root) if looks_like_model(root / name)) == ["outA", "outB", "ref"]
+
+
+def test_each_shard_is_written_as_soon_as_it_is_full_by_the_threads_asked_for(tmp_path: Path) -> None:
+    from mergekit.io.tensor_writer import TensorWriter
+
+    from registry.merge import _mergekit_hooks
+
+    def tensor(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.bfloat16)  # 2 bytes each
+
+    hashes: dict[str, tuple[str, int]] = {}
+    with _mergekit_hooks(None, hashes, write_threads=2):
+        writer = TensorWriter(str(tmp_path / "a"), max_shard_size=100, use_async=True, max_write_threads=1)
+        assert writer._executor._max_workers == 2  # mergekit 0.1.5 would use one thread
+        writer.finalize()
+
+        writer = TensorWriter(str(tmp_path / "b"), max_shard_size=100)
+        writer.save_tensor("big", tensor(80))  # 160 bytes: a shard of its own, written at once
+        assert sorted(os.listdir(tmp_path / "b")) == ["model-1.safetensors"]
+        writer.save_tensor("x", tensor(20))
+        writer.save_tensor("y", tensor(20))
+        assert sorted(os.listdir(tmp_path / "b")) == ["model-1.safetensors"]  # 80 of 100 bytes
+        writer.save_tensor("z", tensor(10))  # full: written
+        assert sorted(os.listdir(tmp_path / "b")) == ["model-1.safetensors", "model-2.safetensors"]
+        writer.save_tensor("w", tensor(10))
+        writer.finalize()
+    # The same shards as mergekit's own rule (a shard is closed when the next tensor does not fit).
+    index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index == {"big": "model-00001-of-00003.safetensors", "x": "model-00002-of-00003.safetensors",
+                     "y": "model-00002-of-00003.safetensors", "z": "model-00002-of-00003.safetensors",
+                     "w": "model-00003-of-00003.safetensors"}
+    assert set(hashes) == {"model-1.safetensors", "model-2.safetensors", "model-3.safetensors"}
+    assert TensorWriter.save_tensor.__module__ == "mergekit.io.tensor_writer"  # hooks removed on exit
+
+
+def test_a_merge_imports_mergekit_without_peft_which_still_loads_on_use(tmp_path: Path) -> None:
+    code = (
+        "import gc, sys\n"
+        "from registry.merge import _import_mergekit\n"
+        "_import_mergekit()\n"
+        "import mergekit.common, mergekit.merge\n"
+        "assert 'peft' not in sys.modules and gc.isenabled() and gc.get_freeze_count() > 100_000\n"
+        "assert mergekit.common.peft.PeftModel.__name__ == 'PeftModel'\n"
+        "import peft\n"
+        "assert peft.PeftModel is mergekit.common.peft.PeftModel\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
