@@ -12,8 +12,10 @@ process merging the pair 0.3/0.7 with normalization:
   io-floor         read both inputs and write (and fsync) an output of the same size
 
 Each round starts from a warm page cache (a first, untimed round reads everything once) with no dirty
-pages left by an earlier run, and registry's hash cache is warm (sources are hashed once, when first pinned). Peak RSS is each process's ru_maxrss.
-Prints medians and ratios; --json FILE also writes them.
+pages left by an earlier run, and registry's hash cache is warm (sources are hashed once, when first
+pinned). Peak RSS is each process's ru_maxrss.
+Prints medians and ratios (of the medians, and the median of each round's ratio, which a machine whose
+speed drifts during the run affects less); --json FILE also writes them.
 
     .venv/bin/python benchmarks/merge_bench.py [--runs 3]
 """
@@ -130,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from registry.merge import shard_size
+    from registry.merge import WRITE_THREADS, shard_size
 
     a, b = build_pair(args.cache / "qwen2-380m")
     work = args.cache / "work"
@@ -149,7 +151,7 @@ def main() -> None:
         "registry": lambda out: [str(BIN / "registry"), "merge", str(work / "recipe.yaml"), "-o", str(out), "--device", "cpu", "--format", "json"],
         "mergekit": lambda out: [str(BIN / "mergekit-yaml"), str(work / "mergekit.yml"), str(out)],
         "mergekit+opts": lambda out: [str(BIN / "mergekit-yaml"), str(work / "mergekit-opts.yml"), str(out), "--async-write",
-                                      "--write-threads", "1", "--out-shard-size", str(shard_size(out_bytes)), "--no-write-model-card"],
+                                      "--write-threads", str(WRITE_THREADS), "--out-shard-size", str(shard_size(out_bytes)), "--no-write-model-card"],
         "io-floor": lambda out: [sys.executable, "-c", FLOOR, str(a / "model.safetensors"), str(b / "model.safetensors"), str(out), str(out_bytes)],
     }
     names = list(contenders)
@@ -180,19 +182,21 @@ def main() -> None:
     base_cpu = statistics.median(c for _, _, c in results["mergekit"])
     summary = {}
     base_min = min(w for w, _, _ in results["mergekit"])
-    print(f"\n{'contender':<14} {'median s':>9} {'x mk':>6} {'min s':>7} {'x mk':>6} {'peak RSS GB':>12} {'x mk':>6} "
-          f"{'CPU s':>7} {'x mk':>6}  runs (s)")
+    base_walls = [w for w, _, _ in results["mergekit"]]
+    print(f"\n{'contender':<14} {'median s':>9} {'x mk':>6} {'paired':>7} {'min s':>7} {'x mk':>6} {'peak RSS GB':>12} "
+          f"{'x mk':>6} {'CPU s':>7} {'x mk':>6}  runs (s)")
     for name in names:
         walls = [w for w, _, _ in results[name]]
         rss = statistics.median(r for _, r, _ in results[name])
         cpu = statistics.median(c for _, _, c in results[name])
         wall, fastest = statistics.median(walls), min(walls)
-        summary[name] = {"median_s": wall, "ratio_wall": wall / base_wall, "min_s": fastest, "ratio_min": fastest / base_min,
-                         "median_peak_rss": rss, "ratio_rss": rss / base_rss, "median_cpu_s": cpu, "ratio_cpu": cpu / base_cpu,
-                         "runs_s": walls}
-        print(f"{name:<14} {wall:9.2f} {wall / base_wall:6.2f} {fastest:7.2f} {fastest / base_min:6.2f} {rss / 1e9:12.2f} "
-              f"{rss / base_rss:6.2f} {cpu:7.2f} {cpu / base_cpu:6.2f}  {', '.join(f'{w:.2f}' for w in walls)}")
-    print("(x mk: ratio to default mergekit-yaml)")
+        paired = statistics.median(w / b for w, b in zip(walls, base_walls))
+        summary[name] = {"median_s": wall, "ratio_wall": wall / base_wall, "ratio_paired": paired, "min_s": fastest,
+                         "ratio_min": fastest / base_min, "median_peak_rss": rss, "ratio_rss": rss / base_rss,
+                         "median_cpu_s": cpu, "ratio_cpu": cpu / base_cpu, "runs_s": walls}
+        print(f"{name:<14} {wall:9.2f} {wall / base_wall:6.2f} {paired:7.2f} {fastest:7.2f} {fastest / base_min:6.2f} "
+              f"{rss / 1e9:12.2f} {rss / base_rss:6.2f} {cpu:7.2f} {cpu / base_cpu:6.2f}  {', '.join(f'{w:.2f}' for w in walls)}")
+    print("(x mk: ratio to default mergekit-yaml; paired: median over rounds of the ratio to mergekit-yaml in the same round)")
     print(f"\nmerged tensors of registry and default mergekit-yaml identical: {same}")
     print(f"machine: {os.cpu_count()} CPUs, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
