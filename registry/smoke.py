@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import RegistryError, SmokeError
 from .recipe import SmokeConfig, WeightFilter
+from .sources import SHARD_INDEX, expand_local, folder_content_sha256
 
 if TYPE_CHECKING:
     from .recipe import LongSmoke, Recipe, ShortSmoke
@@ -213,13 +214,10 @@ def resolve_local_source(text: str, recipe_dir: Path | None) -> tuple[Path | Non
     unset = [name for name in env_names(text) if not os.environ.get(name)]
     if unset:
         return None, f"environment variable {unset[0]} is not set"
-    path = Path(os.path.expanduser(re.sub(r"\$\{([^}]*)\}", lambda m: os.environ[m.group(1)], text)))
-    # Relative paths are read from the recipe's folder, as the merge reads them.
-    if not path.is_absolute():
-        path = (recipe_dir or Path.cwd()) / path
+    path = expand_local(text, recipe_dir or Path.cwd())
     if not (path / "config.json").is_file():
         return None, "its folder (with config.json) was not found"
-    return path.resolve(), None
+    return path, None
 
 
 def _hub_cached(repo_id: str, revision: str | None) -> tuple[Path | None, str | None]:
@@ -240,6 +238,9 @@ def merge_sources(recipe: Recipe | None, provenance: dict[str, Any] | None) -> l
         for inp in recipe.inputs():
             if inp.ref.kind == "local":
                 path, missing = resolve_local_source(inp.ref.value, recipe_dir)
+                merged_from = (pinned.get(inp.name) or {}).get("content_sha256")
+                if path is not None and merged_from and folder_content_sha256(path) != merged_from:
+                    path, missing = None, "its weights changed since the merge (their sha256 is not the one in provenance.json)"
             else:
                 revision = (pinned.get(inp.name) or {}).get("revision") or inp.ref.revision
                 path, missing = _hub_cached(inp.ref.value, revision)
@@ -726,7 +727,7 @@ class _TensorFiles:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        index = folder / "model.safetensors.index.json"
+        index = folder / SHARD_INDEX
         if index.is_file():
             self.where = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
         else:

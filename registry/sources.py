@@ -31,6 +31,7 @@ TOKENIZER_FILES = (
 )
 # Small files worth comparing or carrying over, but not a reason to refuse a merge.
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+SHARD_INDEX = "model.safetensors.index.json"
 # Config keys that decide whether two checkpoints share an architecture.
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -299,11 +300,14 @@ def expand_path(recipe: Recipe, src: PinnedSource, base_dir: Path) -> Path:
         if not os.environ.get(name):
             state = "is empty" if name in os.environ else "is not set"
             raise _error(recipe, src, f"environment variable {name} {state}; export {name}=/path/to/the/folder it stands for")
-    text = re.sub(r"\$\{([^}]*)\}", lambda m: os.environ[m[1]], src.model)
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        path = base_dir / path
-    return Path(os.path.abspath(path))
+    return expand_local(src.model, base_dir)
+
+
+def expand_local(text: str, base_dir: Path) -> Path:
+    """A local source's folder as written in a recipe: ${VAR} (all set) from the environment, ~, and
+    relative to `base_dir` (the recipe's folder)."""
+    path = Path(re.sub(r"\$\{([^}]*)\}", lambda m: os.environ[m[1]], text)).expanduser()
+    return Path(os.path.abspath(path if path.is_absolute() else base_dir / path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,13 +346,12 @@ def _inspect_dir(recipe: Recipe, src: PinnedSource, path: Path, *, hub_files: bo
 
 
 def _weight_files(recipe: Recipe, src: PinnedSource, path: Path, shown: str) -> list[str]:
-    index = path / "model.safetensors.index.json"
+    index = path / SHARD_INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = index_shards(index)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise _error(recipe, src, f"source '{src.name}': cannot read {index}: {exc}") from None
-        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise _error(recipe, src, f"source '{src.name}': {index.name} lists {missing[0]}, which is not in {path}; the download or copy is incomplete")
@@ -365,6 +368,22 @@ def _weight_files(recipe: Recipe, src: PinnedSource, path: Path, shown: str) -> 
     if any(path.glob("*.safetensors")):
         raise _error(recipe, src, f"source '{src.name}': {path} has .safetensors shards but no model.safetensors.index.json; restore the index file")
     raise _error(recipe, src, f"source '{src.name}': no model weights (model.safetensors) in {path}")
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json maps tensors to, sorted."""
+    return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+
+
+def folder_content_sha256(path: Path) -> str | None:
+    """The content sha256 `plan` pins for the checkpoint folder `path`; None when its weights cannot be read."""
+    index = path / SHARD_INDEX
+    try:
+        names = [index.name, *index_shards(index)] if index.is_file() else ["model.safetensors"]
+        digests = hash_files([path / name for name in names])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return content_sha256({file.name: digest for file, digest in digests.items()})
 
 
 def read_safetensors_header(file: Path, recipe: Recipe | None = None, src: PinnedSource | None = None) -> dict[str, TensorInfo]:
@@ -489,7 +508,7 @@ def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | Non
     src.files = {
         name: FileInfo(s.size or 0, s.lfs.sha256 if s.lfs else None)
         for name, s in sorted(siblings.items())
-        if name.endswith(".safetensors") or name == "model.safetensors.index.json"
+        if name.endswith(".safetensors") or name == SHARD_INDEX
     }
     try:
         from huggingface_hub import hf_hub_download

@@ -580,6 +580,34 @@ def test_a_shuffled_tensor_the_prompts_never_use_is_caught_by_the_weight_check_o
     assert report.parity[0].nll == pytest.approx(good.parity[0].nll, abs=1e-4)
 
 
+def test_a_local_source_changed_since_the_merge_is_not_used_to_check_it(tmp_path, monkeypatch):
+    from registry.smoke import merge_sources
+    from registry.sources import folder_content_sha256
+
+    monkeypatch.setenv("REGISTRY_HOME", str(tmp_path / "home"))
+    for name in ("cos", "fmt"):
+        shutil.copytree(TOY / f"ft_{name}", tmp_path / name)
+    recipe_file = _toy_recipe(tmp_path, (0.3, 0.7), normalize=True)
+    recipe_file.write_text(recipe_file.read_text().replace(str(TOY / "ft_cos"), "./cos").replace(str(TOY / "ft_fmt"), "./fmt"))
+    recipe = load_recipe(recipe_file)
+    # The pins `plan` wrote for the example recipe (the same files) are what is computed here.
+    lock = json.loads((Path(__file__).parents[1] / "recipes" / "examples" / "toy_cos_fmt.lock.json").read_text())
+    pins = {name: folder_content_sha256(tmp_path / name) for name in ("cos", "fmt")}
+    assert pins == {name: lock["sources"][name]["content_sha256"] for name in ("cos", "fmt")}
+    provenance = {"sources": {name: {"kind": "local", "content_sha256": pins[name], "weight": w}
+                              for name, w in (("cos", 0.3), ("fmt", 0.7))}}
+    assert [(s.name, s.path, s.missing) for s in merge_sources(recipe, provenance)] == [
+        ("cos", tmp_path / "cos", None), ("fmt", tmp_path / "fmt", None)]
+
+    weights = tmp_path / "cos" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor
+    weights.write_bytes(bytes(data))
+    assert [(s.name, s.path, s.missing) for s in merge_sources(recipe, provenance)] == [
+        ("cos", None, "its weights changed since the merge (their sha256 is not the one in provenance.json)"),
+        ("fmt", tmp_path / "fmt", None)]
+
+
 def test_sources_resolve_from_the_recipe_folder_and_environment(tmp_path, monkeypatch):
     from registry.smoke import merge_sources, resolve_local_source
 
