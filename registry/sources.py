@@ -31,6 +31,7 @@ TOKENIZER_FILES = (
 )
 # Small files worth comparing or carrying over, but not a reason to refuse a merge.
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# The tensor-to-shard map of a sharded checkpoint.
 SHARD_INDEX = "model.safetensors.index.json"
 # Config keys that decide whether two checkpoints share an architecture.
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads")
