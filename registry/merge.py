@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from . import __version__, registry_home
 from .errors import MergeError, RegistryError, UsageError
-from .sources import Estimate, PinnedSource, Plan, fetch
+from .sources import Estimate, PinnedSource, Plan, fetch, sha256_file
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -427,7 +427,7 @@ def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_ha
     for f in sorted(staging.iterdir(), key=lambda p: p.name):
         known = shard_hashes.get(_shard_origin(f.name, staging))
         size = f.stat().st_size
-        files[f.name] = {"sha256": known[0] if known and known[1] == size else _sha256(f), "size": size}
+        files[f.name] = {"sha256": known[0] if known and known[1] == size else sha256_file(f), "size": size}
     return {
         "format": PROVENANCE_FORMAT,
         "recipe_sha256": recipe.sha256,
@@ -725,16 +725,6 @@ def _install(staging: Path, out: Path) -> None:
 def _stop_here(point: str) -> None:
     if os.environ.get("REGISTRY_TEST_STOP_AT") == point:
         os.kill(os.getpid(), signal.SIGSTOP)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(8 * 1024 * 1024)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -342,7 +342,7 @@ def _inspect_dir(recipe: Recipe, src: PinnedSource, path: Path, *, hub_files: bo
     if not src.files:
         src.files = {name: FileInfo((path / name).stat().st_size) for name in weight_files}
     src.tokenizer = {
-        name: _sha256_file(path / name) for name in (*TOKENIZER_FILES, *TEMPLATE_FILES) if (path / name).is_file()
+        name: sha256_file(path / name) for name in (*TOKENIZER_FILES, *TEMPLATE_FILES) if (path / name).is_file()
     }
 
 
@@ -520,7 +520,7 @@ def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | Non
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(recipe, src, exc) from None
     src.config = json.loads(local.pop("config.json").read_text(encoding="utf-8"))
-    src.tokenizer = {n: _sha256_file(p) for n, p in local.items()}
+    src.tokenizer = {n: sha256_file(p) for n, p in local.items()}
     src.tensors = {
         key: TensorInfo(t.dtype, tuple(t.shape))
         for file_meta in meta.files_metadata.values()
@@ -676,7 +676,8 @@ def content_sha256(files: dict[str, str]) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's content."""
     h = hashlib.sha256()
     buf = bytearray(_HASH_CHUNK)
     view = memoryview(buf)
@@ -752,7 +753,7 @@ def hash_files(paths: list[Path], on_hash: Callable[[int, int], None] | None = N
 
     def work(path: Path) -> tuple[Path, os.stat_result, str]:
         st = path.stat()
-        return path, st, _sha256_file(path)
+        return path, st, sha256_file(path)
 
     # hashlib releases the GIL on large buffers, so threads hash files on every core.
     with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from models import CHAT_TEMPLATE
 
 from registry.errors import RegistryError, SmokeError
 from registry.recipe import LongSmoke, ShortSmoke, SmokeConfig, load_recipe, parse_recipe
@@ -34,12 +35,6 @@ TOY = Path(__file__).parent / "fixtures" / "toy"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from ..sources import sha256_file
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -108,15 +109,6 @@ class Target:
     def publish(self, bundle: Bundle, options: BaseModel) -> PublishResult:
         """Publish the bundle; atomic: on failure the target is left as it was."""
         raise NotImplementedError
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def bundle_files(model_dir: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, FileEntry]:
