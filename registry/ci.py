@@ -28,6 +28,9 @@ EXAMPLES_DIR = "recipes/examples"
 TEMPLATES_DIR = "templates"
 RECIPE_SUFFIXES = (".yaml", ".yml")
 LOCK_SUFFIX = ".lock.json"
+# The reasons that name another file; the Markdown shows that name as code.
+RENAMED_FROM = "renamed from "
+COPIED_FROM = "copied from "
 ZERO_SHA = "0" * 40
 COMMENT_LIMIT = 65_536
 # Room left for what the comment workflow adds around the summary: its marker line and a link to the run.
@@ -45,24 +48,47 @@ _OUTPUT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 # git
 
 
-def git(args: Sequence[str], cwd: Path | None = None) -> str:
-    """Run git and return its stdout; raises RegistryError with git's own message when it fails."""
+def git_bytes(args: Sequence[str], cwd: Path | None = None) -> bytes:
+    """Run git and return its stdout as bytes; raises RegistryError with git's own message when it fails."""
+    # Bytes, never text mode: text mode reads a \r in a file name as a line break.
     try:
-        done = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, encoding="utf-8", errors="surrogateescape", check=False
-        )
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=False)
     except FileNotFoundError:
         raise RegistryError("git is not installed", "install git: registry ci reads the change from the repository") from None
     if done.returncode != 0:
-        message = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        stderr = done.stderr.decode("utf-8", "replace")
+        message = (stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         raise RegistryError(f"git {' '.join(args[:2])} failed: {message}")
     return done.stdout
+
+
+def git(args: Sequence[str], cwd: Path | None = None) -> str:
+    """Run git and return its stdout as text (bytes that are not UTF-8 kept as surrogates, as file names are)."""
+    return git_bytes(args, cwd).decode("utf-8", "surrogateescape")
+
+
+def git_paths(args: Sequence[str], cwd: Path | None = None) -> list[str]:
+    """The NUL-separated fields a `git ... -z` command prints, each exactly as stored (see utf8_name)."""
+    return git_bytes(args, cwd).decode("utf-8", "surrogateescape").split("\0")
+
+
+def utf8_name(path: str) -> str:
+    """`path` itself when it is UTF-8; a RegistryError naming it when git holds bytes that are not."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise RegistryError(
+            f"the file name '{shown}' is not UTF-8",
+            "rename it: recipe and template file names appear in job names, summaries and JSON",
+        ) from None
+    return path
 
 
 def repo_root(cwd: Path | None = None) -> Path:
     """The top folder of the git work tree holding `cwd`."""
     try:
-        return Path(git(["rev-parse", "--show-toplevel"], cwd).strip())
+        return Path(git(["rev-parse", "--show-toplevel"], cwd).removesuffix("\n"))
     except RegistryError:
         raise UsageError(f"{Path(cwd or '.').resolve()} is not inside a git repository", "run registry ci from a clone of the recipes repo") from None
 
@@ -101,25 +127,30 @@ def merge_base(base: str, root: Path) -> str:
 
 
 def _head_files(root: Path, folder: str) -> list[str]:
-    out = git(["ls-tree", "-r", "-z", "--name-only", "HEAD", "--", folder], root)
-    return [p for p in out.split("\0") if p]
+    return [p for p in git_paths(["ls-tree", "-r", "-z", "--name-only", "HEAD", "--", folder], root) if p]
 
 
 def _diff(base_sha: str, root: Path) -> list[tuple[str, str | None, str]]:
-    """(status letter, old path or None, new path) for every file changed between `base_sha` and HEAD."""
-    out = git(["diff", "--name-status", "-z", "-M", "--no-ext-diff", f"{base_sha}...HEAD"], root)
-    tokens = out.split("\0")
+    """(status letter, old path or None, new path) for every file changed between `base_sha` and HEAD.
+
+    Names under recipes/ and templates/ must be UTF-8 (utf8_name); others are never shown, so any bytes do.
+    """
+    tokens = git_paths(["diff", "--name-status", "-z", "-M", "--no-ext-diff", f"{base_sha}...HEAD"], root)
     entries: list[tuple[str, str | None, str]] = []
     i = 0
     while i < len(tokens) and tokens[i]:
         status = tokens[i][0]
         if status in "RC":
-            entries.append((status, tokens[i + 1], tokens[i + 2]))
+            entries.append((status, _watched(tokens[i + 1]), _watched(tokens[i + 2])))
             i += 3
         else:
-            entries.append((status, None, tokens[i + 1]))
+            entries.append((status, None, _watched(tokens[i + 1])))
             i += 2
     return entries
+
+
+def _watched(path: str) -> str:
+    return utf8_name(path) if PurePosixPath(path).parts[0] in (RECIPES_DIR, TEMPLATES_DIR) else path
 
 
 def is_recipe_path(path: str) -> bool:
@@ -223,7 +254,7 @@ def compute_changes(
     root = root or repo_root()
     base = base or default_base(root, environ)
     head_sha = git(["rev-parse", "HEAD"], root).strip()
-    head_recipes = [p for p in _head_files(root, RECIPES_DIR) if is_recipe_path(p)]
+    head_recipes = [utf8_name(p) for p in _head_files(root, RECIPES_DIR) if is_recipe_path(p)]
     touched: dict[str, ChangedRecipe] = {}
     deleted: list[str] = []
     templates: list[str] = []
@@ -248,9 +279,9 @@ def compute_changes(
                 if status == "D":
                     deleted.append(new)
                 elif status == "R":
-                    touch(new, f"renamed from {old}", renamed_from=old)
+                    touch(new, RENAMED_FROM + old, renamed_from=old)
                 elif status == "C":
-                    touch(new, f"copied from {old}")
+                    touch(new, COPIED_FROM + old)
                 else:
                     touch(new, "added" if status == "A" else "modified")
             elif new.endswith(LOCK_SUFFIX) and PurePosixPath(new).parts[0] == RECIPES_DIR:
@@ -403,7 +434,7 @@ def changes_markdown(changes: Changes) -> str:
         lines += ["| Recipe | Why | Plan | Dry run | Notes |", "|---|---|---|---|---|"]
         for r in changes.recipes:
             lines.append(
-                f"| {code(r.recipe, table=True)} | {cell('; '.join(r.reasons))} | {_yes(r.plan)} | {_yes(r.dry_run)} | {cell('; '.join(r.notes))} |"
+                f"| {code(r.recipe, table=True)} | {reasons_markdown(r.reasons, table=True)} | {_yes(r.plan)} | {_yes(r.dry_run)} | {cell('; '.join(r.notes))} |"
             )
     else:
         lines.append("No recipe is touched.")
@@ -414,6 +445,15 @@ def changes_markdown(changes: Changes) -> str:
 
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
+
+
+def reasons_markdown(reasons: Sequence[str], table: bool = False) -> str:
+    """Why a recipe is touched, as Markdown: the file a reason names as code, the rest as plain text."""
+    parts = []
+    for reason in reasons:
+        prefix = next((p for p in (RENAMED_FROM, COPIED_FROM) if reason.startswith(p)), None)
+        parts.append(prefix + code(reason[len(prefix):], table=table) if prefix else cell(reason))
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,13 +766,17 @@ def _problem_line(p: Any, path: str) -> str:
 def _base_diff(recipe: Recipe, path: str, entry: ChangedRecipe | None, root: Path, base_sha: str) -> tuple[list | None, str | None]:
     old_path = entry.renamed_from if entry and entry.renamed_from else path
     try:
-        text = git(["show", f"{base_sha}:{old_path}"], root)
+        text = git_bytes(["show", f"{base_sha}:{old_path}"], root).decode("utf-8")
     except RegistryError:
         return None, "new recipe"
+    except UnicodeDecodeError:
+        text = None
     try:
-        before = parse_recipe(text, old_path)
+        before = parse_recipe(text, old_path) if text is not None else None
     except RecipeError:
-        return None, f"{old_path} on the base is not a valid recipe, so there is nothing to compare with"
+        before = None
+    if before is None:
+        return None, f"{code(old_path)} on the base is not a valid recipe, so there is nothing to compare with"
     return recipe_diff(before, recipe), None
 
 
@@ -819,13 +863,13 @@ def _intro(items: list[RecipeSummary], deleted: list[str], changes: Changes | No
 
 def _head(item: RecipeSummary, changes: Changes | None) -> str:
     lines = ["", f"### {code(item.recipe)}", ""]
-    why = f" · {'; '.join(item.reasons)}" if item.reasons else ""
+    why = f" · {reasons_markdown(item.reasons)}" if item.reasons else ""
     if not item.valid:
         lines += [f"**Invalid**{why}", "", fenced("\n".join(item.problems), "text").rstrip("\n")]
         return "\n".join(lines) + "\n"
     lines.append(f"**Valid** · {code(item.repo_id or '')} · recipe sha256 {code((item.sha256 or '')[:12])}{why}")
     if item.diff_note:
-        lines += ["", item.diff_note[0].upper() + item.diff_note[1:] + "."]
+        lines += ["", item.diff_note[0].upper() + item.diff_note[1:] + "."]  # Markdown already: see _base_diff
     elif item.diff is not None and changes is not None:
         base = code(changes.base)
         if item.diff:

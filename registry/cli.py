@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ import typer
 
 from . import __version__
 from .errors import RecipeError, RegistryError, UsageError
+from .output import console as _console
+from .output import emit_json, esc, shown, write
 
 app = typer.Typer(
     name="registry",
@@ -47,17 +48,6 @@ def _root(
     ] = None,
 ) -> None:
     """Turn declarative merge recipes into published, documented, smoke-tested models."""
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
-
-
-def emit_json(data: Any) -> None:
-    """Print `data` as JSON on stdout (the --format json contract)."""
-    print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def recipe_files(paths: list[Path]) -> list[Path]:
@@ -102,9 +92,10 @@ def validate(
         out = _console()
         for result in results:
             if result["valid"]:
-                out.print(f"[green]ok[/green]    {result['file']}  ({result['repo_id']})")
+                out.print(f"[green]ok[/green]    {esc(result['file'])}  ({esc(result['repo_id'])})")
             for p in result["problems"]:
-                out.print(f"[red]error[/red] {p['file']}:{p['line']}:{p['col']}: {p['loc'] + ': ' if p['loc'] else ''}{p['message']}", markup=True)
+                where = f"{p['loc']}: " if p["loc"] else ""
+                out.print(f"[red]error[/red] {esc(p['file'])}:{p['line']}:{p['col']}: {esc(where + p['message'])}")
         total = len(results)
         if invalid:
             out.print(f"{len(invalid)} of {total} recipe{'s' if total != 1 else ''} invalid")
@@ -135,7 +126,7 @@ def plugins(format: FormatOption = Format.text) -> None:
 
     table = Table("plugin", "package", "version", "hooks")
     for plugin in found:
-        table.add_row(plugin["name"], plugin["package"], plugin["version"], ", ".join(plugin["hooks"]))
+        table.add_row(esc(plugin["name"]), esc(plugin["package"]), esc(plugin["version"]), esc(", ".join(plugin["hooks"])))
     _console().print(table)
 
 
@@ -174,10 +165,10 @@ def card(
             "card": text if output is None else None,
         })
     elif output is None:
-        sys.stdout.write(text)
+        write(text)
     else:
         found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke)) if data) or "no reports"
-        _console().print(f"wrote {output} for {loaded.repo_id} ({found})")
+        _console().print(f"wrote {esc(output)} for {esc(loaded.repo_id)} ({found})")
 
 
 catalog_app = typer.Typer(
@@ -211,7 +202,7 @@ def catalog_build(
             from . import registry_home
 
             source = f"the local registry {registry_home()}"
-        _console().print(f"wrote {output / 'index.html'} and {result.models} model page{plural} from {source} in {result.seconds:.2f} s")
+        _console().print(f"wrote {esc(output / 'index.html')} and {result.models} model page{plural} from {esc(source)} in {result.seconds:.2f} s")
 
 
 @catalog_app.command("serve")
@@ -223,7 +214,7 @@ def catalog_serve(
     from .catalog import make_server
 
     server = make_server(directory, port)
-    _console().print(f"serving {directory} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C to stop)")
+    _console().print(f"serving {esc(directory)} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -255,7 +246,7 @@ def smoke(
         raise UsageError(f"{recipe}: no such recipe file")
     loaded = load_recipe(recipe) if recipe is not None else None
     err = _console(stderr=True)
-    progress = None if format is Format.json else (lambda message: err.print(f"[dim]{message}[/dim]", markup=True))
+    progress = None if format is Format.json else (lambda message: err.print(f"[dim]{esc(message)}[/dim]"))
     report = run_smoke(model_dir, loaded, device=device.value, progress=progress)
     if format is Format.json:
         emit_json(report.to_dict())
@@ -327,18 +318,18 @@ def _print_plan(result: Any, wrote: bool) -> None:
     table = Table("source", "kind", "pinned to", "license", "status", "weights")
     for s in result.sources:
         where = f"{s.repo_id}@{s.revision[:12]}" if s.kind == "hub" else f"{s.model}  sha256:{s.content_sha256[:12]}"
-        table.add_row(s.name + (" (donor)" if s.name == result.donor else ""), s.kind, where, s.license or "-", s.status,
-                      f"{s.weight_bytes / 1e9:.2f} GB")
+        table.add_row(esc(s.name + (" (donor)" if s.name == result.donor else "")), esc(s.kind), esc(where), esc(s.license or "-"),
+                      esc(s.status), f"{s.weight_bytes / 1e9:.2f} GB")
     out.print(table)
     for c in result.checks:
         colour = {"passed": "green", "warning": "yellow", "failed": "red"}[c.status]
-        out.print(f"[{colour}]{c.status:<7}[/{colour}] {c.name}: {c.message}", markup=True)
+        out.print(f"[{colour}]{c.status:<7}[/{colour}] {esc(c.name)}: {esc(c.message)}")
     if result.estimate is not None:
         e = result.estimate
-        out.print(f"needs {e.output_bytes / 1e9:.2f} GB of disk under {e.out} ({(e.disk_free_bytes or 0) / 1e9:.2f} GB free) "
+        out.print(f"needs {e.output_bytes / 1e9:.2f} GB of disk under {esc(e.out)} ({(e.disk_free_bytes or 0) / 1e9:.2f} GB free) "
                   f"and about {e.memory_bytes / 1e9:.2f} GB of memory ({(e.memory_available_bytes or 0) / 1e9:.2f} GB available)")
     if result.lock_path is not None:
-        out.print(f"wrote {result.lock_path}" if wrote else f"{result.lock_path} is up to date")
+        out.print(f"wrote {esc(result.lock_path)}" if wrote else f"{esc(result.lock_path)} is up to date")
 
 
 @app.command()
@@ -366,13 +357,13 @@ def merge(
         return
     out = _console()
     for warning in result_plan.warnings:
-        out.print(f"[yellow]warning[/yellow] {warning}", markup=True)
+        out.print(f"[yellow]warning[/yellow] {esc(warning)}")
     size = sum(f["size"] for f in result.files.values())
     if result.reused:
-        out.print(f"reused {result.out}: its provenance.json matches recipe {loaded.sha256[:12]} and the pinned sources")
+        out.print(f"reused {esc(result.out)}: its provenance.json matches recipe {loaded.sha256[:12]} and the pinned sources")
     else:
-        out.print(f"merged {loaded.repo_id} into {result.out} ({size / 1e9:.2f} GB, {len(result.files)} files) "
-                  f"on {result.device} in {result.seconds:.1f} s")
+        out.print(f"merged {esc(loaded.repo_id)} into {esc(result.out)} ({size / 1e9:.2f} GB, {len(result.files)} files) "
+                  f"on {esc(result.device)} in {result.seconds:.1f} s")
 
 
 @app.command()
@@ -395,7 +386,7 @@ def publish(
 
     text = format is Format.text
     err = _console(stderr=True)
-    note = (lambda message: err.print(f"[dim]{message}[/dim]", markup=True)) if text else (lambda message: None)
+    note = (lambda message: err.print(f"[dim]{esc(message)}[/dim]")) if text else (lambda message: None)
     outcome = run(
         recipe, targets=target, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run,
         force=force, device=device.value, update=update, console=err if text else None, note=note,
@@ -405,24 +396,25 @@ def publish(
         return
     out = _console()
     if outcome.unchanged:
-        out.print(f"{outcome.repo_id} is already published from recipe {outcome.recipe_sha256[:12]} "
-                  f"on {', '.join(outcome.targets)}: nothing to do")
+        out.print(f"{esc(outcome.repo_id)} is already published from recipe {outcome.recipe_sha256[:12]} "
+                  f"on {esc(', '.join(outcome.targets))}: nothing to do")
         return
-    out.print(f"model: {outcome.model_dir}")
-    out.print(f"card:  {outcome.card}")
+    out.print(f"model: {esc(outcome.model_dir)}")
+    out.print(f"card:  {esc(outcome.card)}")
     for p in outcome.plans:
         if p.up_to_date:
-            out.print(f"{p.target}: {p.location} is up to date; nothing would be sent")
+            out.print(f"{esc(p.target)}: {esc(p.location)} is up to date; nothing would be sent")
         else:
-            out.print(f"{p.target}: would send {len(p.upload)} files ({p.upload_bytes / 1e6:.1f} MB) to {p.location}"
+            out.print(f"{esc(p.target)}: would send {len(p.upload)} files ({p.upload_bytes / 1e6:.1f} MB) to {esc(p.location)}"
                       + (f" and delete {len(p.delete)}" if p.delete else ""))
             for rel in p.upload:
-                out.print(f"  + {rel}")
+                out.print(f"  + {esc(rel)}")
             for rel in p.delete:
-                out.print(f"  - {rel}")
+                out.print(f"  - {esc(rel)}")
     for r in outcome.results:
         verb = "published" if r.changed else "unchanged"
-        out.print(f"{r.target}: {verb} {r.location}" + (f" ({r.revision})" if r.revision else "") + (f", {r.detail}" if r.detail and r.changed else ""))
+        out.print(f"{esc(r.target)}: {verb} {esc(r.location)}" + (f" ({esc(r.revision)})" if r.revision else "")
+                  + (f", {esc(r.detail)}" if r.detail and r.changed else ""))
 
 
 @app.command("list")
@@ -436,14 +428,14 @@ def list_models(format: FormatOption = Format.text) -> None:
         emit_json(found)
         return
     if not found:
-        _console().print(f"no models in {registry_home()} yet; run `registry publish RECIPE`")
+        _console().print(f"no models in {esc(registry_home())} yet; run `registry publish RECIPE`")
         return
     from rich.table import Table
 
     table = Table("repo id", "version", "smoke", "path")
     for entry in found:
         smoke = {True: "passed", False: "failed", None: "-"}[entry.get("smoke_passed")]
-        table.add_row(entry["repo_id"], entry["version"], smoke, str(registry_home() / entry["path"]))
+        table.add_row(esc(entry["repo_id"]), esc(entry["version"]), smoke, esc(registry_home() / entry["path"]))
     _console().print(table)
 
 
@@ -464,12 +456,12 @@ def show(
         return
     out = _console()
     for entry in found:
-        out.print(f"{entry['version']}  recipe {entry['recipe_sha256'][:12]}  {registry_home() / entry['path']}")
+        out.print(f"{esc(entry['version'])}  recipe {esc(entry['recipe_sha256'][:12])}  {esc(registry_home() / entry['path'])}")
     card = registry_home() / found[-1]["path"] / "README.md"
     if card.is_file():
         from rich.markdown import Markdown
 
-        out.print(Markdown(card.read_text(encoding="utf-8")))
+        out.print(Markdown(shown(card.read_text(encoding="utf-8"), lines=True)))
 
 
 ci_app = typer.Typer(
@@ -505,12 +497,12 @@ def ci_changed(
         emit_json(changes.to_dict())
         return
     out = _console()
-    out.print(f"{len(changes.recipes)} recipe(s) changed since {changes.base_sha[:12]} (merge base of {changes.base} and HEAD)", markup=False)
+    out.print(f"{len(changes.recipes)} recipe(s) changed since {changes.base_sha[:12]} (merge base of {esc(changes.base)} and HEAD)")
     for r in changes.recipes:
         runs = ", ".join(name for name, on in (("plan", r.plan), ("dry run", r.dry_run)) if on) or "validate only"
-        out.print(f"  {r.recipe}  {'; '.join(r.reasons)}  [{runs}]", markup=False)
+        out.print(f"  {esc(r.recipe)}  {esc('; '.join(r.reasons))}  \\[{runs}]")
     for path in changes.deleted:
-        out.print(f"  {path}  deleted", markup=False)
+        out.print(f"  {esc(path)}  deleted")
 
 
 @ci_app.command("summary")
@@ -539,14 +531,16 @@ def ci_summary(
     if format is Format.json:
         emit_json(summary.to_dict())
     else:
-        sys.stdout.write(summary.markdown)
+        write(summary.markdown)
 
 
 def _report(exc: RegistryError) -> None:
     err = _console(stderr=True)
-    lines = str(exc).splitlines() or [type(exc).__name__]
-    for line in lines:
-        err.print(f"[bold red]error:[/bold red] {line}", markup=True, highlight=False)
+    # Messages quote user text (file names, repo ids, values): each line is escaped, so none can start
+    # a line of its own. A RecipeError holds one problem per line; other errors join lines with \n.
+    lines = [str(p) for p in exc.problems] if isinstance(exc, RecipeError) else str(exc).split("\n")
+    for line in lines if any(lines) else [type(exc).__name__]:
+        err.print(f"[bold red]error:[/bold red] {esc(line)}")
 
 
 def main(argv: list[str] | None = None) -> None:

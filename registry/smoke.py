@@ -1035,27 +1035,28 @@ def print_report(report: SmokeReport, console: Any) -> None:
     """The report as rich tables: one row per check, then the long-context prompts."""
     from rich.table import Table
 
+    from .output import esc
+
     colour = {"passed": "green", "failed": "red", "skipped": "yellow", "retrieved": "green", "missed": "red"}
-    table = Table("check", "status", "reason", title=f"smoke ({report.device})")
+    table = Table("check", "status", "reason", title=f"smoke ({esc(report.device)})")
     for check in report.checks:
-        table.add_row(check.name, f"[{colour[check.status]}]{check.status}[/]", check.reason)
+        table.add_row(esc(check.name), f"[{colour[check.status]}]{check.status}[/]", esc(check.reason))
     console.print(table)
     if report.short:
-        console.print(f"short: {report.short.new_tokens} tokens, stopped on {report.short.stopped}: {report.short.output!r}",
-                      markup=False)
+        console.print(f"short: {report.short.new_tokens} tokens, stopped on {esc(report.short.stopped)}: {esc(repr(report.short.output))}")
     if report.long:
         long = Table("tokens", "depth", "status", "seconds", "peak memory", "note", title="long context")
         for run in report.long:
             peak = f"{run.peak_memory_bytes / _MIB:.0f} MiB" if run.peak_memory_bytes else ""
             seconds = f"{run.seconds:.2f}" if run.seconds is not None else ""
             long.add_row(str(run.tokens), f"{run.depth:g}", f"[{colour[run.status]}]{run.status}[/]", seconds, peak,
-                         run.reason or "")
+                         esc(run.reason or ""))
         console.print(long)
     if report.parity:
         parity = Table("model", "nll", "retrieved", title="parity")
         for row in report.parity:
             value = f"{row.nll:.3f}" if row.nll is not None and math.isfinite(row.nll) else "nan"
-            parity.add_row(row.model, value, f"{row.long_retrieved}/{row.long_total}")
+            parity.add_row(esc(row.model), value, f"{row.long_retrieved}/{row.long_total}")
         console.print(parity)
-    verdict = "[green]passed[/]" if report.passed else f"[red]failed[/] ({', '.join(c.name for c in report.failed())})"
+    verdict = "[green]passed[/]" if report.passed else f"[red]failed[/] ({esc(', '.join(c.name for c in report.failed()))})"
     console.print(f"smoke {verdict}")

@@ -217,7 +217,7 @@ def test_changed_reports_added_modified_renamed_and_deleted_recipes_against_the_
         "|---|---|---|---|---|\n"
         f"| `recipes/added.yaml` | added | no | no | {note} |\n"
         f"| `recipes/alpha.yaml` | modified | no | no | {note} |\n"
-        f"| `recipes/team/new_name.yaml` | renamed from recipes/old_name.yaml | no | no | {note} |\n"
+        f"| `recipes/team/new_name.yaml` | renamed from `recipes/old_name.yaml` | no | no | {note} |\n"
         "\n"
         "Deleted: `recipes/gone.yaml` (published models are left as they are).\n"
     )
@@ -408,7 +408,7 @@ def test_summary_shows_validation_weight_diffs_dry_runs_and_card_previews(pr: Pa
         + "\nWeights, dtype and normalize are unchanged against `main`.\n\n"
         "**Dry run:** smoke tests FAILED: short passed, long failed (0 of 6 needles retrieved)\n"
         + details(render_with_smoke(pr, "recipes/examples/toy.yaml", reports))
-        + valid("recipes/team/new_name.yaml", "team/renamed", "renamed from recipes/old_name.yaml; templates changed")
+        + valid("recipes/team/new_name.yaml", "team/renamed", "renamed from `recipes/old_name.yaml`; templates changed")
         + "\nMerge settings against `main`:\n\n| Setting | Before | After |\n|---|---|---|\n| normalize | `true` | `false` |\n"
         "\n" + not_run + details(cards["recipes/team/new_name.yaml"])
     )

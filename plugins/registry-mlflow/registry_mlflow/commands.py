@@ -44,10 +44,13 @@ def versions(
     if format is Format.json:
         emit_json({"model": name, "registry_uri": redact(resolve_uris(options)[0]), "versions": found})
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table("version", "recipe", "smoke", "aliases", "source", title=name)
+    from registry.output import console, esc
+
+    table = Table("version", "recipe", "smoke", "aliases", "source", title=esc(name))
     for v in found:
-        table.add_row(str(v["version"]), (v["recipe_sha256"] or "-")[:12], v["smoke"] or "-", ", ".join(v["aliases"]), v["source"])
-    Console(highlight=False, soft_wrap=True).print(table)
+        table.add_row(*(esc(cell) for cell in (
+            v["version"], (v["recipe_sha256"] or "-")[:12], v["smoke"] or "-", ", ".join(v["aliases"]), v["source"],
+        )))
+    console().print(table)
