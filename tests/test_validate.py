@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import typer.main
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from registry.errors import RecipeError
+from registry.output import shown
 from registry.recipe import Recipe, json_schema, load_recipe, parse_recipe
 
 HERE = Path(__file__).parent
@@ -355,3 +363,140 @@ def test_validate_imports_no_heavy_library():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "HEAVY []"
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: user text in any field or file name is printed literally and never drives the terminal
+# or a CI runner, whichever command shows it and in either format.
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Recipe Author", "GIT_AUTHOR_EMAIL": "author@example.com",
+    "GIT_COMMITTER_NAME": "Recipe Author", "GIT_COMMITTER_EMAIL": "author@example.com",
+    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+}
+HOSTILE_PIECES = [
+    "[/red]", "[bold]", "[/]", "[draft] ", "[link=http://x]", "\\", ":smile:", "::error ::x", "\n::error file=a::b",
+    "\n::set-output name=x::y", "\n::add-mask::s", "\r::warning::w", "\n  ::notice::n", "\u00a0::group::g", "\n##[error]e",
+    "\x1b[31m", "\x1b]0;title\x07", "\x07", "\x00", "\x7f", "\x9b2J", "\u2028", "\u202e", "\t", "`", "|", "*", "#", "'", '"',
+]
+hostile = st.lists(
+    st.one_of(st.sampled_from(HOSTILE_PIECES), st.text(alphabet="ab/[]:#\n\r\t\x1b\\ ", max_size=4)), min_size=1, max_size=4,
+).map("".join)
+markup_words = st.lists(st.sampled_from(["[/red]", "[bold]", "[/]", "::error::x", "##[error]", ":smile:", "\\", "*", "a"]),
+                        min_size=1, max_size=3).map("".join)
+file_names = st.lists(
+    st.one_of(st.sampled_from([p.replace("\x00", "") for p in HOSTILE_PIECES]), st.text(alphabet="ab[]:#\n\r\t\x1b\\ '", max_size=4)),
+    min_size=1, max_size=3,
+).map(lambda parts: "".join(parts).replace("/", "").lstrip(".")).filter(bool).map(lambda stem: stem + ".yaml")
+# Control characters other than \t and \n (and the C1 set, line separators and bidi controls) must never be printed raw.
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def hostile_recipe(data: st.DataObject) -> tuple[str, dict]:
+    """A recipe with hostile text in every string field; half of them valid, so that the card renders."""
+    valid = data.draw(st.booleans())
+
+    def text(word: bool = False) -> str:
+        # Paths, tags and ids refuse control characters and spaces: a recipe meant to be valid gets markup there.
+        return data.draw(markup_words if word and valid else hostile)
+
+    fields = {
+        "repo_id": data.draw(st.sampled_from(["team/merge", "team/m.v2"])) if valid else text(),
+        "summary": text(),
+        "license": "other", "license_name": text(), "license_link": text(),
+        "ancestor": text(),
+        "tags": [text(word=True), text(word=True)],
+        "sources": {
+            "a": {"model": "${CHECKPOINTS}/" + text(word=True), "label": text()},
+            "b": {"model": "./" + text(word=True), "label": text()},
+        },
+        "merge": {"merge_method": "linear", "models": [
+            {"model": "a", "parameters": {"weight": 0.3}}, {"model": "b", "parameters": {"weight": 0.7}}]},
+        "smoke": {"short": {"prompt": text()}},
+    }
+    if valid:
+        for key in ("ancestor", "license", "license_name", "license_link"):  # Hub ids and URLs: no room for markup
+            fields.pop(key)
+    return fields["repo_id"], fields
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """The CLI in this process (as fast as a property test needs), its exit code and both streams."""
+    from registry.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    built_once = mock.patch.object(typer.main, "get_command", _build_command_once)
+    with built_once, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+# typer rebuilds the click command tree on every call (0.1 s): the property test builds it once.
+_build_command_once = functools.cache(typer.main.get_command)
+
+
+def assert_inert(code: int, out: str, err: str) -> None:
+    assert code in (0, 1), (code, out, err)
+    assert "Traceback" not in err and "internal error" not in err, err
+    for stream in (out, err):
+        assert not RAW_CONTROL.search(stream), stream
+        for line in stream.split("\n"):
+            assert not line.lstrip().startswith(("::", "##[")), line
+
+
+def git_run(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, env={**os.environ, **GIT_ENV}, check=True)
+    return done.stdout.decode().strip()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_user_text_is_printed_literally_and_never_as_a_workflow_command(data):
+    repo_id, fields = hostile_recipe(data)
+    name = data.draw(file_names)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        repo = Path(tmp)
+        git_run(repo, "init", "-q", "-b", "main")
+        git_run(repo, "commit", "-q", "--allow-empty", "-m", "base")
+        base = git_run(repo, "rev-parse", "HEAD")
+        (repo / "recipes").mkdir()
+        (repo / "recipes" / name).write_text(yaml.safe_dump(fields, allow_unicode=True), encoding="utf-8")
+        git_run(repo, "add", "-A")
+        git_run(repo, "commit", "-q", "-m", "hostile recipe")
+        path = f"recipes/{name}"
+
+        code, out, err = run_cli("validate", "recipes")
+        assert_inert(code, out, err)
+        valid = code == 0
+        lines = out.splitlines()
+        if valid:
+            assert lines == [f"ok    {shown(path)}  ({shown(repo_id)})", "1 recipe valid"]
+        else:
+            assert lines[-1] == "1 of 1 recipe invalid"
+            assert all(line.startswith(f"error {shown(path)}:") for line in lines[:-1])
+        code, out, err = run_cli("validate", "--format", "json", "recipes")
+        assert_inert(code, out, err)
+        assert [r["file"] for r in json.loads(out)["recipes"]] == [path]
+
+        for args in (["card", path], ["card", path, "--format", "json"], ["card", path, "-o", f"{name}.md"]):
+            code, out, err = run_cli(*args)
+            assert_inert(code, out, err)
+            assert code == (0 if valid else 1)
+            if "--format" in args and valid:
+                assert json.loads(out)["repo_id"] == repo_id
+            if "-o" in args and valid:
+                assert out.startswith(f"wrote {shown(name)}.md for {shown(repo_id)} (")
+
+        code, out, err = run_cli("ci", "changed", "--base", base)
+        assert_inert(code, out, err)
+        assert f"\n  {shown(path)}  added  [validate only]\n" in out
+        code, out, err = run_cli("ci", "changed", "--base", base, "--format", "json")
+        assert_inert(code, out, err)
+        assert [(e["recipe"], e["valid"]) for e in json.loads(out)["include"]] == [(path, valid)]
+        for fmt in ("text", "json"):
+            code, out, err = run_cli("ci", "summary", "--base", base, "--format", fmt)
+            assert_inert(code, out, err)
