@@ -536,9 +536,11 @@ def ci_summary(
 
 def _report(exc: RegistryError) -> None:
     err = _console(stderr=True)
-    # Messages quote user text (file names, repo ids, values): each line is escaped, so none can start
-    # a line of its own. A RecipeError holds one problem per line; other errors join lines with \n.
-    lines = [str(p) for p in exc.problems] if isinstance(exc, RecipeError) else str(exc).split("\n")
+    # Messages quote user text (file names, repo ids, values), escaped here so that none can start a line.
+    if isinstance(exc, RecipeError):
+        lines = [str(p) for p in exc.problems]
+    else:
+        lines = str(exc).split("\n") if exc.multiline else [str(exc)]
     for line in lines if any(lines) else [type(exc).__name__]:
         err.print(f"[bold red]error:[/bold red] {esc(line)}")
 

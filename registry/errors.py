@@ -9,6 +9,9 @@ class RegistryError(Exception):
     """Base class for every error the CLI reports as one line without a traceback."""
 
     exit_code = 1
+    # True where the message is several one-line messages joined by "\n" (each is printed as an error line);
+    # otherwise a line break in it comes from a quoted value and is shown escaped.
+    multiline = False
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -60,6 +63,8 @@ class RecipeError(RegistryError):
 
 class SourceError(RegistryError):
     """A source model cannot be found, read, pinned or merged with the others."""
+
+    multiline = True
 
 
 class MergeError(RegistryError):

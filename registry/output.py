@@ -34,6 +34,8 @@ _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # A runner splits output into lines at \r, \n and \r\n, trims leading whitespace, then looks for these.
 _COMMAND_AT_LINE_START = re.compile(r"(^|[\r\n])([^\S\r\n]*)(?=::|##\[)")
 _MARKERS = ("::", "##[")
+# What rich's markup parser reads as a tag (rich.markup.RE_TAGS, less the backslashes before it).
+_TAG_AT = re.compile(r"\[[a-z#/@][^\[]*?\]")
 
 
 def _escape_char(match: re.Match[str]) -> str:
@@ -53,15 +55,26 @@ def shown(value: object, *, lines: bool = False) -> str:
 
 def esc(value: object) -> str:
     """A user-supplied value for rich markup: printed as shown() gives it, brackets and backslashes included."""
-    from rich.markup import escape
-
     text = shown(value)
-    body = text.rstrip("\\")
-    if body == text:
-        return escape(text)
-    # rich reads backslashes just before a tag as escapes. Trailing ones are doubled and closed by an
-    # empty style, so they print as written whether markup or plain text follows.
-    return escape(body) + "\\" * (2 * (len(text) - len(body))) + "[dim][/dim]"
+    if "[" not in text and "\\" not in text:
+        return text
+    # rich drops one backslash before a '[' that starts no tag, and halves a run of them before one that does
+    # (an odd run makes the tag text). rich.markup.escape handles only the second case.
+    out: list[str] = []
+    run = 0
+    for i, char in enumerate(text):
+        if char == "\\":
+            run += 1
+            continue
+        if char == "[":
+            out.append("\\" * (2 * run + 1) if _TAG_AT.match(text, i) else "\\" * (run + 1 if run else 0))
+        else:
+            out.append("\\" * run)
+        out.append(char)
+        run = 0
+    # An empty style ends the value: its last backslashes escape nothing after it, and a '[' in it cannot
+    # pair with a ']' that follows it.
+    return "".join(out) + "\\" * (2 * run) + "[dim][/dim]"
 
 
 def guard(text: str, line_start: bool = True) -> str:

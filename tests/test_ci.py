@@ -767,3 +767,134 @@ def test_workflow_policies() -> None:
     assert with_token == [("publish", "Publish")]
     assert "HF_TOKEN" in next(s for _, s in steps(publish) if s.get("name") == "Publish")["env"]
     assert "secrets" not in json.dumps({k: v for k, v in job.items() if k != "steps"})
+
+
+# ---------------------------------------------------------------------------------------------
+# File names as git stores them: read as bytes, shown escaped, never a workflow command
+
+HOSTILE_NAMES = [
+    "recipes/a\n::error ::x.yaml",
+    "recipes/cr\rname.yaml",
+    "recipes/esc\x1b[31m.yaml",
+    'recipes/quote"d \'name\'.yaml',
+    "recipes/tab\tname.yaml",
+    "recipes/[draft] merge.yaml",
+]
+
+
+def no_workflow_command(*streams: str) -> bool:
+    return not any(line.lstrip().startswith(("::", "##[")) for s in streams for line in re.split(r"\r\n|\r|\n", s))
+
+
+def test_file_names_are_read_from_git_as_bytes_and_shown_escaped(upstream: Path, tmp_path: Path) -> None:
+    before = git(upstream, "rev-parse", "HEAD")
+    files: dict[str, str | None] = {
+        name: ALPHA.replace("team/alpha", f"team/hostile-{i}") for i, name in enumerate(HOSTILE_NAMES)
+    }
+    # A rename to a hostile name, and a file name that is not UTF-8 outside recipes/ (never shown, so it does no harm).
+    files.update({"recipes/old_name.yaml": None, "recipes/new\r::warning ::w.yaml": OLD_NAME, "docs/\udcff.txt": "x\n"})
+    commit(upstream, "hostile names", files)
+    summary = tmp_path / "step_summary"
+    data = json.loads(registry("ci", "changed", "--base", before, "--format", "json", cwd=upstream).stdout)
+    assert [(e["recipe"], e["reason"]) for e in data["include"]] == sorted(
+        [(name, "added") for name in HOSTILE_NAMES]
+        + [("recipes/new\r::warning ::w.yaml", "renamed from recipes/old_name.yaml")]
+    )
+
+    run = registry("ci", "changed", "--base", before, cwd=upstream, env={"GITHUB_STEP_SUMMARY": str(summary)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[1:] == [
+        "  recipes/[draft] merge.yaml  added  [validate only]",
+        "  recipes/a\\n::error ::x.yaml  added  [validate only]",
+        "  recipes/cr\\rname.yaml  added  [validate only]",
+        "  recipes/esc\\x1b[31m.yaml  added  [validate only]",
+        "  recipes/new\\r::warning ::w.yaml  renamed from recipes/old_name.yaml  [validate only]",
+        '  recipes/quote"d \'name\'.yaml  added  [validate only]',
+        "  recipes/tab\\tname.yaml  added  [validate only]",
+    ]
+    assert no_workflow_command(run.stdout, run.stderr)
+    # Markdown: names as code spans (whitespace folded to one line), never a line of their own.
+    assert "| `recipes/a ::error ::x.yaml` | added |" in summary.read_text()
+    assert "| `recipes/new ::warning ::w.yaml` | renamed from `recipes/old_name.yaml` |" in summary.read_text()
+
+    run = registry("ci", "summary", "--base", before, cwd=upstream)
+    assert run.returncode == 0, run.stderr
+    assert no_workflow_command(run.stdout, run.stderr)
+    assert "\n### `recipes/new ::warning ::w.yaml`\n" in run.stdout
+
+
+def test_a_renamed_recipe_names_its_old_path_as_code(upstream: Path) -> None:
+    # The old path holds Markdown that would make a link, bold text and a code span if it were inserted as it is.
+    old = "recipes/[x](http:evil) **b** `c`.yaml"
+    commit(upstream, "hostile name", {"recipes/old_name.yaml": None, old: OLD_NAME})
+    before = git(upstream, "rev-parse", "HEAD")
+    commit(upstream, "rename", {old: None, "recipes/renamed.yaml": OLD_NAME})
+    run = registry("ci", "summary", "--base", before, cwd=upstream)
+    assert run.returncode == 0, run.stderr
+    sha = load_recipe(upstream / "recipes/renamed.yaml").sha256[:12]
+    assert (f"\n**Valid** · `team/renamed` · recipe sha256 `{sha}` · renamed from ``recipes/[x](http:evil) **b** `c`.yaml``\n"
+            in run.stdout)
+
+
+def test_a_recipe_file_name_that_is_not_utf8_is_refused(upstream: Path) -> None:
+    before = git(upstream, "rev-parse", "HEAD")
+    commit(upstream, "bad name", {"recipes/caf\udce9.yaml": ALPHA.replace("team/alpha", "team/cafe")})
+    for fmt in ("text", "json"):
+        run = registry("ci", "changed", "--base", before, "--format", fmt, cwd=upstream)
+        assert (run.returncode, run.stdout) == (1, "")
+        assert run.stderr == (
+            "error: the file name 'recipes/caf\\xe9.yaml' is not UTF-8 (rename it: recipe and template file names "
+            "appear in job names, summaries and JSON)\n"
+        )
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("::error::x\n", "\\::error::x\n"),
+    ("ok\n::set-output name=a::b\n", "ok\n\\::set-output name=a::b\n"),
+    ("ok\r::add-mask::s\r\n", "ok\r\\::add-mask::s\r\n"),  # a runner splits lines at \r too
+    ("  \t::warning::w", "  \t\\::warning::w"),  # and trims leading whitespace, Unicode spaces included
+    ("\u00a0\u2003::notice::n", "\u00a0\u2003\\::notice::n"),
+    ("##[error]old syntax\n", "\\##[error]old syntax\n"),
+    ("ok ::error::x\nan ##[error]\n", "ok ::error::x\nan ##[error]\n"),  # not at a line start: left alone
+    ("a line\n:", "a line\n\\:"),  # a cut-short start that the next write could complete
+    ("## Heading\n", "## Heading\n"),
+])
+def test_guard_makes_every_workflow_command_inert(text: str, expected: str) -> None:
+    from registry.output import guard
+
+    assert guard(text) == expected
+
+
+def test_guarded_stream_remembers_line_starts_across_writes() -> None:
+    import io
+
+    from registry.output import GuardedStream
+
+    buffer = io.StringIO()
+    stream = GuardedStream(buffer)
+    for piece in ("  ", "::error::a\n", "ok", "::b\n", "\t", "##[group]c\n"):
+        stream.write(piece)
+    assert buffer.getvalue() == "  \\::error::a\nok::b\n\t\\##[group]c\n"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("[/red]", "[/red]"),
+    ("[draft] merge.yaml", "[draft] merge.yaml"),
+    ("\\[bold]x\\", "\\[bold]x\\"),
+    ("C:\\dir\\", "C:\\dir\\"),
+    (":smile: [link=http://x]y", ":smile: [link=http://x]y"),
+    ("a\x1b[31m\x07\x00\x7f\x9b", "a\\x1b[31m\\x07\\x00\\x7f\\x9b"),
+    ("one\ntwo\rthree\tfour", "one\\ntwo\\rthree\\tfour"),
+    ("\u202eevil\u2028", "\\u202eevil\\u2028"),
+    ("caf\udce9", "caf\\xe9"),
+])
+def test_user_text_in_markup_prints_literally(value: str, expected: str) -> None:
+    import io
+
+    from registry.output import GuardedStream, esc
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    out = Console(file=GuardedStream(buffer), highlight=False, soft_wrap=True, emoji=False)
+    out.print(f"[green]ok[/green] {esc(value)}[red]|[/red]{esc(value)} end")
+    assert buffer.getvalue() == f"ok {expected}|{expected} end\n"

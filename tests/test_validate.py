@@ -500,3 +500,37 @@ def test_user_text_is_printed_literally_and_never_as_a_workflow_command(data):
         for fmt in ("text", "json"):
             code, out, err = run_cli("ci", "summary", "--base", base, "--format", fmt)
             assert_inert(code, out, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# User text in the human output: literal, escaped, one line
+
+TWO_MODELS = "merge: {merge_method: linear, models: [{model: o/a, parameters: {weight: 1}}, {model: o/b, parameters: {weight: 1}}]}\n"
+HUB_ID_RULE = "use letters, digits, '-', '_' and '.', without '--' or '..' and not starting or ending with '-' or '.'"
+
+
+def test_markup_and_control_characters_in_names_and_values_print_literally(tmp_path):
+    recipes = tmp_path / "recipes"
+    (recipes / "[").mkdir(parents=True)
+    (recipes / "[draft] merge.yaml").write_text("repo_id: team/draft\n" + TWO_MODELS)
+    (recipes / "[" / "x].yaml").write_text('repo_id: "[/red]\\e[31m\\n::error::x"\n' + TWO_MODELS)
+    run = registry("validate", "recipes", cwd=tmp_path)
+    assert (run.returncode, run.stderr) == (1, "")
+    assert run.stdout.splitlines() == [
+        f"error recipes/[/x].yaml:1:10: repo_id: '[/red]\\x1b[31m\\n::error::x' is not a Hub repo id: {HUB_ID_RULE}",
+        "ok    recipes/[draft] merge.yaml  (team/draft)",
+        "1 of 2 recipes invalid",
+    ]
+
+
+def test_plan_reports_a_markup_repo_id_as_one_error_line(tmp_path):
+    (tmp_path / "r.yaml").write_text('repo_id: "[/red]"\n' + TWO_MODELS)
+    run = registry("plan", "r.yaml", cwd=tmp_path)
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr == f"error: r.yaml:1:10: repo_id: '[/red]' is not a Hub repo id: {HUB_ID_RULE}\n"
+
+
+def test_error_messages_quoting_a_path_stay_on_their_line():
+    run = registry("validate", "no/such\n::error::x[/b].yaml")
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr == "error: no/such\\n::error::x[/b].yaml: no such file or directory\n"
