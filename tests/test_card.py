@@ -553,3 +553,25 @@ def test_usage_snippet_runs_against_a_tiny_model(tmp_path, capsys):
         ids = model.generate(**prompt, max_new_tokens=6, do_sample=False)
     expected = tokenizer.decode(ids[0, prompt["input_ids"].shape[-1]:], skip_special_tokens=True)
     assert printed == expected + "\n"
+
+
+def test_card_on_stdout_shows_control_characters_escaped_and_starts_no_workflow_command(tmp_path):
+    text = recipe_text(summary="::error file=README.md::pwned", cos_label="GRPO \x9b31m cosine")
+    (tmp_path / "r.yaml").write_text(text, encoding="utf-8")
+    card = render(text)
+    assert "\n::error file=README.md::pwned\n" in card and "\x9b" in card  # the card itself keeps the text as written
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "registry", "card", "r.yaml", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env={**os.environ, "REGISTRY_LOAD_PLUGINS": ""})
+
+    run = cli()
+    assert (run.returncode, run.stderr) == (0, "")
+    # On the terminal or in a CI log: the summary line made inert, Markdown renders "\:" as ":".
+    assert run.stdout == card.replace("\n::error file=", "\n\\::error file=").replace("\x9b", "\\x9b")
+    run = cli("--format", "json")
+    assert json.loads(run.stdout)["card"] == card
+    assert "\x9b" not in run.stdout
+    run = cli("-o", "[draft] README\x1b.md")
+    assert run.stdout == "wrote [draft] README\\x1b.md for team/test-merge (no reports)\n"
+    assert (tmp_path / "[draft] README\x1b.md").read_text(encoding="utf-8") == card
