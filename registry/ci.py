@@ -1,7 +1,7 @@
 """CI: which recipes a change touches (a GitHub Actions matrix) and the Markdown summary a pull request shows.
 
-`changed` reads the change from git (`git diff --name-status -M <merge-base>...HEAD`), never from the
-file system, so it sees renames and deletions; a change under `templates/` touches every recipe (it
+`changed` reads the change from git (`git diff --name-status -z -M <merge-base>...HEAD`, as bytes), never
+from the file system, so it sees renames and deletions and reads every file name exactly; a change under `templates/` touches every recipe (it
 changes their cards) and a change to `x.lock.json` touches `x.yaml`. `summary` validates each touched
 recipe, renders its card, compares its merge settings with the base version (`git show <base>:<path>`)
 and shows the dry run's smoke report when one was downloaded, all within GitHub's comment limit.
