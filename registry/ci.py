@@ -433,9 +433,8 @@ def changes_markdown(changes: Changes) -> str:
     if changes.recipes:
         lines += ["| Recipe | Why | Plan | Dry run | Notes |", "|---|---|---|---|---|"]
         for r in changes.recipes:
-            lines.append(
-                f"| {code(r.recipe, table=True)} | {reasons_markdown(r.reasons, table=True)} | {_yes(r.plan)} | {_yes(r.dry_run)} | {cell('; '.join(r.notes))} |"
-            )
+            why = reasons_markdown(r.reasons, table=True)
+            lines.append(f"| {code(r.recipe, table=True)} | {why} | {_yes(r.plan)} | {_yes(r.dry_run)} | {cell('; '.join(r.notes))} |")
     else:
         lines.append("No recipe is touched.")
     if changes.deleted:
