@@ -48,14 +48,12 @@ class WeightFilterEntry(_Model):
 
 
 class SourcePin(_Model):
-    """A source of the merge as provenance records it: pins and labels, never a local path."""
+    """A source of the merge as provenance records it: what was read, never a local path or a label."""
 
     kind: Literal["local", "hub"]
-    repo_id: str | None = None
-    revision: str | None = None
-    content_sha256: str | None = None
-    label: str | None = None
-    hub_id: str | None = None
+    repo_id: str | None = None  # a Hub source's repo
+    revision: str | None = None  # its commit sha
+    content_sha256: str | None = None  # a local source's weights
     weight: float | list[WeightFilterEntry] | None = None
 
     @property
@@ -72,7 +70,11 @@ class FileRecord(_Model):
 
 
 class Provenance(Report):
-    """What a merge was made of and what it wrote; the merge identity keys it."""
+    """What a merge was made of and what it wrote: merge facts only, keyed by the merge identity.
+
+    Text fields (repo id, summary, labels, license) are the card's: editing them reuses the merge,
+    so they must not be recorded here.
+    """
 
     FILE: ClassVar[str] = PROVENANCE_FILE
     FORMAT: ClassVar[int] = 2
@@ -80,8 +82,6 @@ class Provenance(Report):
 
     format: Literal[2] = 2
     merge_identity: str
-    recipe_sha256: str
-    repo_id: str
     merge_method: str
     normalize: bool | None = None
     dtype: str
@@ -147,7 +147,7 @@ class Smoke(Report):
     STAGE: ClassVar[str] = "smoke"
 
     format: Literal[2] = 2
-    smoke_identity: str | None = None
+    smoke_identity: str | None = None  # None: run on a folder without a recipe
     merge_identity: str | None = None
     passed: bool
     device: str

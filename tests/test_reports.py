@@ -12,9 +12,9 @@ from registry import reports
 from registry.reports import CheckEntry, FileRecord, Provenance, ReportError, Smoke, SourcePin
 
 PROVENANCE = Provenance(
-    merge_identity="a" * 64, recipe_sha256="b" * 64, repo_id="team/m", merge_method="linear", normalize=True,
+    merge_identity="a" * 64, merge_method="linear", normalize=True,
     dtype="bfloat16", config_donor="cos", device="cpu",
-    sources={"cos": SourcePin(kind="local", content_sha256="c" * 64, label="cosine", weight=0.3),
+    sources={"cos": SourcePin(kind="local", content_sha256="c" * 64, weight=0.3),
              "fmt": SourcePin(kind="hub", repo_id="team/fmt", revision="d" * 40, weight=0.7)},
     files={"model.safetensors": FileRecord(sha256="e" * 64, size=10)},
     versions={"registry": "0.1.0", "mergekit": "0.1.5"},
