@@ -8,6 +8,7 @@ pins. When all say yes, nothing is merged, nothing imported beyond the Hub clien
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -108,7 +109,7 @@ def publish(
     outcome = PublishOutcome(str(recipe_path), recipe.repo_id, recipe.sha256, [c.name for c in chosen], dry_run=dry_run)
     # A target that will refuse (a token without write access) says so before sources are hashed or merged.
     for c in chosen:
-        _at(c, lambda: c.target.check_access(recipe, c.options))
+        _at(c, partial(c.target.check_access, recipe, c.options))
 
     from .merge import default_output
 

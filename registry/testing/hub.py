@@ -6,6 +6,11 @@ with upload and verify, ndjson commits (pull requests, ``parentCommit`` checks),
 info, trees, model listing, ``whoami`` and file downloads (``/resolve``). Every commit keeps a full
 snapshot, so any revision can be read back. Private repos are invisible without the owner's token.
 
+Tokens carry a role (`Token`: "read", "write" or "fineGrained" with scoped permissions such as
+``repo.write`` on a user, org or repo) and org members a role ("read", "contributor", "write",
+"admin"); writes are refused as the Hub refuses them, and ``/api/whoami-v2`` reports both in the
+Hub's shape (``orgs[].roleInOrg``, ``auth.accessToken.role``, ``auth.accessToken.fineGrained``).
+
 Tests read ``server.requests`` (or ``server.find(...)``/``server.count(...)``) to see what the client sent,
 and ``server.inject(...)`` makes chosen requests fail with an HTTP status or a dropped connection.
 
