@@ -423,6 +423,9 @@ def publish(
     for r in outcome.results:
         verb = "published" if r.changed else "unchanged"
         out.print(f"{r.target}: {verb} {r.location}" + (f" ({r.revision})" if r.revision else "") + (f", {r.detail}" if r.detail and r.changed else ""))
+    for done in [*outcome.plans, *outcome.results]:
+        if done.kept:
+            out.print(f"{done.target}: kept {len(done.kept)} files that registry did not publish: {', '.join(done.kept)}", markup=False)
 
 
 @app.command("list")

@@ -8,6 +8,7 @@ pins. When all say yes, nothing is merged, nothing imported beyond the Hub clien
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -106,6 +107,9 @@ def publish(
     overrides = {"private": private, "revision": revision, "create_pr": create_pr}
     chosen = choose_targets(recipe, targets, overrides)
     outcome = PublishOutcome(str(recipe_path), recipe.repo_id, recipe.sha256, [c.name for c in chosen], dry_run=dry_run)
+    # A target that will refuse (a token without write access) says so before sources are hashed or merged.
+    for c in chosen:
+        _at(c, partial(c.target.check_access, recipe, c.options))
 
     from .merge import default_output
 

@@ -248,7 +248,7 @@ def test_publish_registers_a_version_with_files_card_tags_and_alias(target_cls, 
     result = target.publish(bundle, opts)
     assert result.to_dict() == {
         "target": "mlflow", "location": f"models:/cos-fmt/1 at {uri}", "revision": "1", "changed": True,
-        "detail": "version 1; alias 'latest-smoke-passed' moved to it",
+        "detail": "version 1; alias 'latest-smoke-passed' moved to it", "kept": [],
     }
     version = client.get_model_version("cos-fmt", "1")
     assert version.description == CARD_BODY.format(repo_id="team/cos-fmt", short="passed")
@@ -276,7 +276,7 @@ def test_publish_registers_a_version_with_files_card_tags_and_alias(target_cls, 
     # Same recipe, same pins: nothing is sent, no version is created.
     assert target.is_current(recipe, PINS, opts)
     assert target.plan(bundle, opts).to_dict() == {
-        "target": "mlflow", "location": f"models:/cos-fmt/1 at {uri}", "up_to_date": True, "upload": [], "delete": [], "upload_bytes": 0,
+        "target": "mlflow", "location": f"models:/cos-fmt/1 at {uri}", "up_to_date": True, "upload": [], "delete": [], "upload_bytes": 0, "kept": [],
     }
     again = target.publish(bundle, opts)
     assert (again.changed, again.revision, again.detail) == (False, "1", "already published as version 1")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from models import TinyConfig, build_family
-from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, hub_client
+from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, LIMITED_TOKENS, ORG_WRITERS, hub_client
 
 RECIPE = """\
 repo_id: {repo_id}
@@ -170,6 +170,54 @@ def test_missing_or_rejected_token_is_one_line(hub_server, workspace):
         "error: hf: the Hub rejected the token (401): run `hf auth login` or set a valid HF_TOKEN"
     )
     assert "hf_this_token_is_not_valid" not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["publish", "dry-run"])
+@pytest.mark.parametrize("kind", sorted(LIMITED_TOKENS))
+def test_a_token_that_cannot_write_is_refused_before_any_merge(hub_server, workspace, kind, dry_run):
+    from registry.recipe import load_recipe
+
+    # Weights no other test uses: this recipe's build folder exists only if something merged it.
+    recipe = write_recipe(workspace, "read-only", REPO_ID, wa=0.45, wb=0.55)
+    build = workspace / ".registry" / "build" / load_recipe(recipe).sha256[:12]
+    token = LIMITED_TOKENS[kind]
+    run = publish(workspace, recipe, "--target", "hf", *(["--dry-run"] if dry_run else []), env=hub_server.client_env(token))
+    reason = {
+        "read token": "it is a read-only token",
+        "fine-grained token scoped to the user": f"the fine-grained token has no repo.write permission on {HUB_ORG}",
+        "org member with the read role": f"carol has the read role in {HUB_ORG}",
+    }[kind]
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: hf: the token cannot write to {HUB_ORG}: {reason}; nothing was merged or sent "
+        f"(use a token with write access to {HUB_ORG}: `hf auth login` or HF_TOKEN)"
+    )
+    assert "Traceback" not in run.stderr and token not in run.stdout + run.stderr
+    assert not build.exists() and not recipe.with_name("read-only.lock.json").exists()
+    assert [r.line for r in hub_server.requests if r.path != "/api/agent-harnesses"] == ["GET /api/whoami-v2"]
+
+
+def test_republishing_keeps_files_someone_else_committed_and_says_so(hub_server, workspace):
+    env = hub_server.client_env(HUB_TOKEN)
+    first = publish(workspace, write_recipe(workspace, "tiny", REPO_ID), "--target", "hf", env=env)
+    assert first.returncode == 0, first.stderr
+    colleague = hub_client(hub_server, ORG_WRITERS["admin"])
+    colleague.upload_file(path_or_fileobj=b"# Notes", path_in_repo="notes.md", repo_id=REPO_ID)
+    colleague.upload_file(path_or_fileobj=b"usage", path_in_repo="docs/usage.md", repo_id=REPO_ID)
+
+    changed = write_recipe(workspace, "tiny-changed", REPO_ID, wa=0.4, wb=0.6)
+    dry = publish(workspace, changed, "--target", "hf", "--dry-run", "--format", "json", env=env)
+    assert dry.returncode == 0, dry.stderr
+    [plan] = json.loads(dry.stdout)["plans"]
+    assert (plan["delete"], plan["kept"]) == ([], ["docs/usage.md", "notes.md"])
+    again = publish(workspace, changed, "--target", "hf", env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1] == (
+        "hf: kept 2 files that registry did not publish: docs/usage.md, notes.md"
+    )
+    files = hub_client(hub_server).list_repo_files(REPO_ID)
+    assert {"notes.md", "docs/usage.md", "README.md", "model.safetensors"} <= set(files)
+    assert Path(hub_client(hub_server).hf_hub_download(REPO_ID, "notes.md")).read_bytes() == b"# Notes"
 
 
 def test_publish_to_the_local_registry_loads_with_transformers(workspace):

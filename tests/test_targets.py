@@ -13,7 +13,18 @@ from registry.publish import Bundle, bundle_files
 from registry.publish.hf import HfOptions, HfTarget
 from registry.publish.local import LocalTarget, list_latest, read_index
 from registry.recipe import parse_recipe
-from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, hub_client
+from registry.testing.fixtures import (
+    HUB_ORG,
+    HUB_TOKEN,
+    HUB_USER,
+    LIMITED_TOKENS,
+    ORG_READER_TOKEN,
+    ORG_WRITERS,
+    OTHER_TOKEN,
+    READ_TOKEN,
+    SCOPED_TOKEN,
+    hub_client,
+)
 
 RECIPE = """\
 repo_id: {repo_id}
@@ -29,17 +40,20 @@ PINS = {
 }
 
 
-def make_model(folder: Path, recipe, *, weights: bytes = b"", big: bool = False) -> Path:
-    """A finished model folder as merge+smoke+card leave it (contents are stand-ins)."""
+def make_model(folder: Path, recipe, *, weights: bytes = b"", big: bool = False, extra: dict[str, str] | None = None) -> Path:
+    """A finished model folder as merge+smoke+card leave it (contents are stand-ins); `extra`: more merged files."""
     folder.mkdir(parents=True, exist_ok=True)
     blob = weights or hashlib.sha256(recipe.sha256.encode()).digest() * 1024
     if big:
         blob = blob * 400  # > 10 MB, so the Hub client takes the LFS path
     (folder / "model.safetensors").write_bytes(blob)
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    for rel, text in (extra or {}).items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
     files = {
         name: {"sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(), "size": (folder / name).stat().st_size}
-        for name in ("model.safetensors", "config.json")
+        for name in ("model.safetensors", "config.json", *(extra or {}))
     }
     (folder / "provenance.json").write_text(json.dumps({"format": 1, "recipe_sha256": recipe.sha256, "sources": PINS, "files": files}))
     (folder / "smoke.json").write_text(json.dumps({"format": 1, "passed": True}))
@@ -190,9 +204,86 @@ def test_hf_conflict_leaves_the_repo_as_it_was(hub_server, hf, tmp_path):
     )
     sha, files = remote_state(api, recipe.repo_id)
     assert files == sorted([*before[1], "theirs.txt"])
-    # A rerun publishes on top of the other push.
-    assert HfTarget().publish(bundle, HfOptions()).changed
-    assert "theirs.txt" not in remote_state(api, recipe.repo_id)[1]
+    # A rerun publishes on top of the other push, and keeps the other person's file.
+    rerun = HfTarget().publish(bundle, HfOptions())
+    assert (rerun.changed, rerun.kept) == (True, ["theirs.txt"])
+    assert "theirs.txt" in remote_state(api, recipe.repo_id)[1]
+
+
+def test_hf_deletes_only_what_an_earlier_publish_put_there(hub_server, hf, tmp_path):
+    first_recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy"))
+    extra = {"tokenizer.json": "{}", "extra/vocab.txt": "a\nb\n"}
+    first = hf.publish(make_bundle(make_model(tmp_path / "v1", first_recipe, extra=extra), first_recipe), HfOptions())
+    assert first.kept == []
+    colleague = hub_client(hub_server, ORG_WRITERS["admin"])
+    colleague.upload_file(path_or_fileobj=b"# notes", path_in_repo="notes.md", repo_id=first_recipe.repo_id)
+    colleague.upload_file(path_or_fileobj=b"x", path_in_repo="docs/extra/usage.md", repo_id=first_recipe.repo_id)
+
+    # The recipe changes and its merge no longer has tokenizer.json nor extra/vocab.txt.
+    recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy").replace("0.3", "0.4"))
+    bundle = make_bundle(make_model(tmp_path / "v2", recipe), recipe)
+    plan = hf.plan(bundle, HfOptions())
+    assert (plan.delete, plan.kept) == (["extra/vocab.txt", "tokenizer.json"], ["docs/extra/usage.md", "notes.md"])
+    hub_server.clear_requests()
+    result = hf.publish(bundle, HfOptions())
+    assert (result.changed, result.kept) == (True, ["docs/extra/usage.md", "notes.md"])
+    assert remote_state(hub_client(hub_server), recipe.repo_id)[1] == [
+        ".gitattributes", "README.md", "config.json", "docs/extra/usage.md", "model.safetensors", "notes.md",
+        "provenance.json", "smoke.json",
+    ]
+    assert hub_server.count(r"^POST .*/commit/") == 1
+
+    # Published again as it is: nothing to send, the other files still noted.
+    again = hf.publish(bundle, HfOptions())
+    assert (again.changed, again.kept) == (False, ["docs/extra/usage.md", "notes.md"])
+    assert hub_server.count(r"^POST .*/commit/") == 1
+
+
+def test_hf_deletes_nothing_when_the_repo_has_no_provenance(hub_server, hf, tmp_path):
+    recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy"))
+    api = hub_client(hub_server)
+    api.create_repo(recipe.repo_id)
+    api.upload_file(path_or_fileobj=b"weights by hand", path_in_repo="model.bin", repo_id=recipe.repo_id)
+    plan = hf.plan(make_bundle(make_model(tmp_path / "build", recipe), recipe), HfOptions())
+    assert (plan.delete, plan.kept) == ([], ["model.bin"])
+
+
+@pytest.mark.parametrize("kind", sorted(LIMITED_TOKENS))
+def test_hf_refuses_a_token_that_cannot_write_before_anything_else(hub_server, monkeypatch, kind):
+    recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy"))
+    monkeypatch.setenv("HF_TOKEN", LIMITED_TOKENS[kind])
+    reason = {
+        "read token": "it is a read-only token",
+        "fine-grained token scoped to the user": f"the fine-grained token has no repo.write permission on {HUB_ORG}",
+        "org member with the read role": f"carol has the read role in {HUB_ORG}",
+    }[kind]
+    with pytest.raises(PublishError) as info:
+        HfTarget().check_access(recipe, HfOptions())
+    assert str(info.value) == (
+        f"the token cannot write to {HUB_ORG}: {reason}; nothing was merged or sent "
+        f"(use a token with write access to {HUB_ORG}: `hf auth login` or HF_TOKEN)"
+    )
+    assert LIMITED_TOKENS[kind] not in str(info.value)
+    assert [r.line for r in hub_server.requests if r.path != "/api/agent-harnesses"] == ["GET /api/whoami-v2"]
+
+
+def test_hf_access_check_lets_every_token_that_can_write_through(hub_server, monkeypatch):
+    def refusal(token, repo_id, **options):
+        monkeypatch.setenv("HF_TOKEN", token)
+        try:
+            HfTarget().check_access(parse_recipe(RECIPE.format(repo_id=repo_id)), HfOptions(**options))
+        except PublishError as exc:
+            return exc.message.split(": ", 1)[1]
+        return None
+
+    for role, token in ORG_WRITERS.items():
+        assert refusal(token, f"{HUB_ORG}/toy") is None, role
+    assert refusal(SCOPED_TOKEN, f"{HUB_USER}/toy") is None
+    assert refusal(OTHER_TOKEN, f"{HUB_ORG}/toy") == f"bob is not a member of {HUB_ORG}; nothing was merged or sent"
+    assert refusal(OTHER_TOKEN, "bob/toy") is None
+    # A pull request needs no write role in the namespace, but still a token that may write.
+    assert refusal(ORG_READER_TOKEN, f"{HUB_ORG}/toy", create_pr=True) is None
+    assert refusal(READ_TOKEN, f"{HUB_ORG}/toy", create_pr=True) == "it is a read-only token; nothing was merged or sent"
 
 
 def test_hf_dropped_upload_changes_nothing_and_a_rerun_completes(hub_server, hf, tmp_path, monkeypatch):

@@ -61,12 +61,13 @@ class PublishResult:
     revision: str | None
     changed: bool
     detail: str = ""
+    kept: list[str] = field(default_factory=list)  # files there that no publish of ours put there, left alone
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
         return {
             "target": self.target, "location": self.location, "revision": self.revision,
-            "changed": self.changed, "detail": self.detail,
+            "changed": self.changed, "detail": self.detail, "kept": self.kept,
         }
 
 
@@ -80,12 +81,13 @@ class PublishPlan:
     upload: list[str] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     upload_bytes: int = 0
+    kept: list[str] = field(default_factory=list)  # files not in the bundle that no publish of ours put there
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
         return {
             "target": self.target, "location": self.location, "up_to_date": self.up_to_date,
-            "upload": self.upload, "delete": self.delete, "upload_bytes": self.upload_bytes,
+            "upload": self.upload, "delete": self.delete, "upload_bytes": self.upload_bytes, "kept": self.kept,
         }
 
 
@@ -94,6 +96,12 @@ class Target:
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = TargetOptions
+
+    def check_access(self, recipe: Recipe, options: BaseModel) -> None:
+        """Raise PublishError now if this target will refuse the publish (a token that may not write, say).
+
+        Called for every target before any work, --dry-run included, so it must be cheap.
+        """
 
     def is_current(self, recipe: Recipe, pins: dict[str, Any], options: BaseModel) -> bool:
         """True when the target already holds this recipe built from these source pins.

@@ -2,8 +2,10 @@
 
 One publish is one atomic commit of every file, made on top of the revision's head as it was read
 (`parent_commit`), so a concurrent push is a clear conflict and never a silent overwrite. Before
-anything heavy runs, the remote card's recipe hash, the remote provenance's source pins and the
-remote file hashes tell whether the model is already there; then nothing is sent at all.
+anything heavy runs, `whoami` tells whether the token may write to the repo's namespace, and the
+remote card's recipe hash, the remote provenance's source pins and the remote file hashes tell
+whether the model is already there; then nothing is sent at all. A commit deletes only the files
+an earlier publish recorded in the remote `provenance.json`; anyone else's files are kept.
 """
 
 from __future__ import annotations
@@ -46,6 +48,29 @@ class HfTarget(Target):
 
     # -- what is there already ----------------------------------------------------------------
 
+    def check_access(self, recipe, options) -> None:
+        """Refuse a token that cannot write to the recipe's repo, before any merge."""
+        from huggingface_hub.errors import HfHubHTTPError
+
+        api = self._client()
+
+        def whoami():
+            try:
+                return api.whoami()
+            except HfHubHTTPError as exc:
+                if exc.response is not None and exc.response.status_code == 404:
+                    return None  # a server without whoami: the commit will tell
+                raise
+
+        identity = self._retry(whoami, "check the token")
+        reason = write_refusal(identity, recipe.repo_id, pull_request=options.create_pr) if identity else None
+        if reason is not None:
+            namespace = recipe.repo_id.split("/")[0]
+            raise PublishError(
+                f"the token cannot write to {namespace}: {reason}; nothing was merged or sent",
+                f"use a token with write access to {namespace}: `hf auth login` or HF_TOKEN",
+            )
+
     def is_current(self, recipe, pins, options) -> bool:
         info = self._remote_info(recipe.repo_id, options)
         if info is None or _card_recipe_sha(info) != recipe.sha256:
@@ -66,11 +91,23 @@ class HfTarget(Target):
         info = self._remote_info(bundle.repo_id, options)
         remote = _remote_files(info) if info is not None else {}
         upload = [rel for rel, f in sorted(bundle.files.items()) if not _same_file(f, remote.get(rel))]
-        delete = sorted(rel for rel in remote if rel not in bundle.files and rel != ".gitattributes")
+        extra = sorted(rel for rel in remote if rel not in bundle.files and rel != ".gitattributes")
+        # Only what an earlier publish put there goes; a file someone else committed is theirs to remove.
+        ours = self._published_files(bundle.repo_id, info) if extra else set()
+        delete = [rel for rel in extra if rel in ours]
         return PublishPlan(
             self.name, self._url(bundle.repo_id, options), up_to_date=not upload and not delete,
             upload=upload, delete=delete, upload_bytes=sum(bundle.files[rel].size for rel in upload),
+            kept=[rel for rel in extra if rel not in ours],
         )
+
+    def _published_files(self, repo_id: str, info) -> set[str]:
+        """The files the remote provenance.json lists: what an earlier publish of this tool put there."""
+        if info is None:
+            return set()
+        provenance = self._remote_provenance(repo_id, info.sha)
+        files = provenance.get("files") if isinstance(provenance, dict) else None
+        return set(files) if isinstance(files, dict) else set()
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -85,13 +122,14 @@ class HfTarget(Target):
             raise PublishError(f"{repo_id}@{revision} cannot be read back after creating it")
         plan = self.plan(bundle, options)
         if plan.up_to_date and _card_recipe_sha(info) == bundle.recipe_sha256:
-            return PublishResult(self.name, plan.location, info.sha, changed=False, detail="already published")
+            return PublishResult(self.name, plan.location, info.sha, changed=False, detail="already published", kept=plan.kept)
         commit = self._commit(bundle, options, parent=info.sha, plan=plan)
         if options.create_pr:
-            return PublishResult(self.name, commit.pr_url or plan.location, commit.pr_revision, changed=True, detail="pull request opened")
+            return PublishResult(self.name, commit.pr_url or plan.location, commit.pr_revision, changed=True,
+                                 detail="pull request opened", kept=plan.kept)
         tag = f"recipe-{bundle.short_sha}"
         self._retry(lambda: api.create_tag(repo_id, tag=tag, revision=commit.oid, exist_ok=True), f"tag {tag}")
-        return PublishResult(self.name, plan.location, commit.oid, changed=True, detail=f"tagged {tag}")
+        return PublishResult(self.name, plan.location, commit.oid, changed=True, detail=f"tagged {tag}", kept=plan.kept)
 
     def _commit(self, bundle: Bundle, options, *, parent: str, plan: PublishPlan):
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -194,13 +232,13 @@ class HfTarget(Target):
             return None
 
     def _remote_provenance(self, repo_id: str, sha: str) -> dict[str, Any] | None:
-        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+        from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
 
         api = self._client()
         try:
             path = self._retry(lambda: api.hf_hub_download(repo_id, "provenance.json", revision=sha), "read provenance.json")
             return json.loads(open(path, encoding="utf-8").read())
-        except (EntryNotFoundError, json.JSONDecodeError):
+        except (RemoteEntryNotFoundError, json.JSONDecodeError):
             return None
         except HfHubHTTPError as exc:
             if exc.response is not None and exc.response.status_code == 404:
@@ -209,13 +247,18 @@ class HfTarget(Target):
 
     def _retry(self, call: Callable[[], T], what: str) -> T:
         """Run a Hub call, retrying 429 and 5xx with backoff that honours Retry-After."""
-        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            RemoteEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         for attempt in range(MAX_ATTEMPTS):
             try:
                 return call()
-            except (RepositoryNotFoundError, RevisionNotFoundError):
-                raise
+            except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
+                raise  # answers, not failures: the caller knows what a missing repo, revision or file means
             except HfHubHTTPError as exc:
                 status = exc.response.status_code if exc.response is not None else None
                 if status in (401, 403):
@@ -244,6 +287,37 @@ class HfTarget(Target):
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
+
+
+WRITE_ROLES = ("write", "admin", "contributor")  # org roles that may create repos (a contributor: and write its own)
+
+
+def write_refusal(identity: dict[str, Any], repo_id: str, *, pull_request: bool = False) -> str | None:
+    """Why the token `identity` (whoami-v2) cannot write to repo_id's namespace; None when it can or cannot be told."""
+    namespace = repo_id.split("/")[0]
+    user = identity.get("name")
+    auth = identity.get("auth") if isinstance(identity.get("auth"), dict) else {}
+    token = auth.get("accessToken") if isinstance(auth.get("accessToken"), dict) else {}
+    role = token.get("role")
+    if role == "read":
+        return "it is a read-only token"
+    if role == "fineGrained":
+        fine = token.get("fineGrained") if isinstance(token.get("fineGrained"), dict) else {}
+        granted = set(fine.get("global") or [])
+        for scope in fine.get("scoped") or []:
+            if isinstance(scope, dict) and (scope.get("entity") or {}).get("name") in (namespace, repo_id):
+                granted.update(scope.get("permissions") or [])
+        needed = ("repo.write", "discussion.write") if pull_request else ("repo.write",)
+        if not granted & set(needed):
+            return f"the fine-grained token has no {' or '.join(needed)} permission on {namespace}"
+    if pull_request or namespace == user:
+        return None  # anyone who may write opens pull requests; a user's own namespace is theirs
+    orgs = {o.get("name"): o.get("roleInOrg") for o in identity.get("orgs") or [] if isinstance(o, dict)}
+    if namespace not in orgs:
+        return f"{user} is not a member of {namespace}"
+    if orgs[namespace] is not None and orgs[namespace] not in WRITE_ROLES:
+        return f"{user} has the {orgs[namespace]} role in {namespace}"
+    return None
 
 
 def _card_recipe_sha(info) -> str | None:
