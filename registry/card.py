@@ -13,13 +13,13 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import CardError, UsageError
 from .hub_rules import LICENSES, repo_id_problem
+from .leaks import find_leaks
 from .recipe import MergeInput, Recipe, parse_ref
 from .templating import template_loader
 
@@ -566,101 +566,3 @@ def check_card(text: str, recipe: Recipe, environ: Mapping[str, str] | None = No
             f"card metadata for {recipe.repo_id} lacks registry.recipe_sha256 {recipe.sha256[:12]}…, which publishing compares",
             "keep the default template's front matter block",
         )
-
-
-@dataclass(frozen=True)
-class Leak:
-    """Something path- or secret-shaped in a rendered card, and where."""
-
-    line: int
-    col: int
-    section: str
-    what: str
-
-    def __str__(self) -> str:
-        return f"line {self.line}:{self.col} ({self.section}) contains {self.what}"
-
-
-# Where a path may start: line start, whitespace, or punctuation that opens a value or a quote.
-_PATH_START = r"(?:(?<=^)|(?<=[\s\"'`(\[{=,:;*|>]))"
-_SEGMENT = r"[A-Za-z0-9._~@+%-]+"
-_WELL_KNOWN_ROOTS = "home|Users|root|tmp|mnt|scratch|data|local|opt|srv|media|workspace|gpfs|lustre|nfs|Volumes"
-_PATTERNS: list[tuple[re.Pattern[str], str, bool]] = [
-    # (pattern, what it is, whether the match may be shown in the message)
-    (re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}"), "a Hugging Face token (hf_…)", False),
-    (re.compile(r"(?<![A-Za-z0-9_])api_org_[A-Za-z0-9]{30,}"), "a Hugging Face organization token (api_org_…)", False),
-    (re.compile(r"(?<![A-Za-z0-9_])gh[pousr]_[A-Za-z0-9]{36,}"), "a GitHub token", False),
-    (re.compile(r"(?<![A-Z0-9])AKIA[0-9A-Z]{16}(?![A-Z0-9])"), "an AWS access key id", False),
-    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key", False),
-    (re.compile(r"\$\{[^}\n]*\}"), "an environment reference", True),
-    (re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*[\\/]|%[A-Za-z_][A-Za-z0-9_]*%[\\/]"), "an environment reference", True),
-    (re.compile(r"(?<![A-Za-z0-9])[A-Za-z]:[\\/]+[^\s|`'\"<>]*"), "a Windows path", True),
-    (re.compile(r"(?<![\w\\])\\{2,}[A-Za-z0-9._$-]+\\+[A-Za-z0-9._$-]+[^\s|`'\"<>]*"), "a network (UNC) path", True),
-    (re.compile(r"(?<![\w/.~-])~(?:[A-Za-z_][A-Za-z0-9._-]*)?[\\/][^\s|`'\"<>]*"), "a home-relative path", True),
-    (
-        re.compile(
-            _PATH_START + rf"/(?:(?:{_SEGMENT}/)+{_SEGMENT}?|(?:{_WELL_KNOWN_ROOTS})(?![A-Za-z0-9._-]))[^\s|`'\"<>]*",
-            re.M,
-        ),
-        "an absolute path",
-        True,
-    ),
-]
-_ESCAPABLE = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH", re.I)
-_PATHLIKE = re.compile(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)")
-
-
-def find_leaks(text: str, environ: Mapping[str, str] | None = None) -> list[Leak]:
-    """Every path- or secret-shaped thing in `text`, including values of secret or path-valued environment variables."""
-    environ = os.environ if environ is None else environ
-    # Scan the text as a reader sees it: `hf\_abc` in the Markdown is `hf_abc` on the page.
-    plain, where = _unescaped(text)
-    # (start, end, rank, what): environment values first, so a token is named by its variable.
-    candidates: list[tuple[int, int, int, str]] = []
-    for name, value in sorted(environ.items()):
-        if _SECRET_NAME.search(name) and len(value) >= 8:
-            for match in re.finditer(re.escape(value), plain):
-                candidates.append((match.start(), match.end(), 0, f"the value of environment variable {name}"))
-        elif _PATHLIKE.match(value) and len(path := value.rstrip("/\\")) >= 5:
-            for match in re.finditer(r"(?<![\w./\\-])" + re.escape(path) + r"(?![\w.-])", plain):
-                candidates.append((match.start(), match.end(), 0, f"the value of environment variable {name} (a path)"))
-    for rank, (pattern, what, show) in enumerate(_PATTERNS, 1):
-        for match in pattern.finditer(plain):
-            shown = match.group()
-            shown = shown if len(shown) <= 60 else shown[:57] + "…"
-            candidates.append((match.start(), match.end(), rank, f"{what} '{shown}'" if show else what))
-    leaks: list[Leak] = []
-    covered = -1
-    # One leak per place: a Windows path also looks like a UNC path once its backslashes are escaped.
-    for start, end, _, what in sorted(candidates, key=lambda c: (c[0], c[2])):
-        if start < covered:
-            continue
-        covered = end
-        at = where[start]
-        line = text.count("\n", 0, at) + 1
-        col = at - (text.rfind("\n", 0, at) + 1) + 1
-        leaks.append(Leak(line, col, _section_at(text, at), what))
-    return leaks
-
-
-def _unescaped(text: str) -> tuple[str, list[int]]:
-    """`text` without Markdown backslash escapes, and the offset in `text` of each character kept."""
-    chars: list[str] = []
-    where: list[int] = []
-    i = 0
-    while i < len(text):
-        where.append(i)
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPABLE:
-            i += 1
-        chars.append(text[i])
-        i += 1
-    return "".join(chars), where
-
-
-def _section_at(text: str, offset: int) -> str:
-    before = text[:offset]
-    if before.startswith("---\n") and before.count("\n---\n") == 0:
-        return "front matter"
-    headings = re.findall(r"^#{2,6} +(.+)$", before, re.M)
-    return headings[-1].strip() if headings else "title"

@@ -14,7 +14,6 @@ import pytest
 
 from registry.card import (
     card_context,
-    find_leaks,
     front_matter,
     md,
     metadata_problems,
@@ -24,6 +23,7 @@ from registry.card import (
 )
 from registry.errors import CardError
 from registry.hookspecs import hookimpl
+from registry.leaks import find_leaks
 from registry.plugins import get_plugin_manager
 from registry.recipe import load_recipe, parse_recipe
 

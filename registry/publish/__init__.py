@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from ..errors import PublishError
+from ..leaks import scan_file
 from ..sources import sha256_file
 
 if TYPE_CHECKING:
@@ -119,8 +122,13 @@ class Target:
         raise NotImplementedError
 
 
-def bundle_files(model_dir: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, FileEntry]:
-    """Every file of a finished model folder (card included), with sha256s, reusing `known` hashes."""
+def bundle_files(
+    model_dir: Path, known: dict[str, dict[str, Any]] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, FileEntry]:
+    """Every file of a finished model folder (card included), with sha256s, reusing `known` hashes.
+
+    Raises PublishError when any of them holds a secret (see `check_no_secrets`), so no target receives it.
+    """
     known = known or {}
     files: dict[str, FileEntry] = {}
     for path in sorted(model_dir.rglob("*")):
@@ -131,7 +139,21 @@ def bundle_files(model_dir: Path, known: dict[str, dict[str, Any]] | None = None
         info = known.get(rel)
         sha = info["sha256"] if info and info.get("size") == size else sha256_file(path)
         files[rel] = FileEntry(path, sha, size)
+    check_no_secrets(files, environ)
     return files
+
+
+def check_no_secrets(files: Mapping[str, FileEntry], environ: Mapping[str, str] | None = None) -> None:
+    """Raise PublishError naming the first file, line and kind of secret found in `files` (never the secret itself)."""
+    found = [(rel, leak) for rel, entry in sorted(files.items()) for leak in scan_file(entry.path, environ)]
+    if not found:
+        return
+    rel, leak = found[0]
+    more = f" ({len(found) - 1} more)" if len(found) > 1 else ""
+    raise PublishError(
+        f"{rel}:{leak.line}:{leak.col} holds {leak.what}{more}; nothing was published",
+        "remove it from the source, report or template the file came from, then publish again",
+    )
 
 
 PIN_FIELDS = ("kind", "repo_id", "revision", "content_sha256")
