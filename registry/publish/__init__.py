@@ -61,12 +61,13 @@ class PublishResult:
     revision: str | None
     changed: bool
     detail: str = ""
+    notes: list[str] = field(default_factory=list)  # what the target tidied up on the way, for the user
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
         return {
             "target": self.target, "location": self.location, "revision": self.revision,
-            "changed": self.changed, "detail": self.detail,
+            "changed": self.changed, "detail": self.detail, "notes": self.notes,
         }
 
 
