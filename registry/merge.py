@@ -765,8 +765,7 @@ def _install(staging: staging_dirs.Staging, out: Path) -> None:
     if out.exists():
         old = staging_dirs.set_aside(out, out.with_name(f"{out.name}.old-{os.getpid()}"))
     _stop_here("rename")
-    staging.unmark()
-    os.rename(staging.path, out)
+    staging.install(out)
     _fsync(out.parent)
     _stop_here("renamed")
     if old is not None:

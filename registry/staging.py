@@ -27,9 +27,12 @@ class Staging:
         self.path = path
         self._fd: int | None = fd
 
-    def unmark(self) -> None:
-        """Remove the marker, just before the folder is renamed into place as a finished output."""
-        (self.path / MARKER).unlink(missing_ok=True)
+    def install(self, final: Path) -> None:
+        """Rename the finished folder to `final`, then drop its marker (one left by a kill just between
+        names another folder, so it never makes `final` a leftover)."""
+        os.replace(self.path, final)
+        self.path = final
+        (final / MARKER).unlink(missing_ok=True)
 
     def remove(self) -> None:
         """Delete the folder (if still there) and release it."""

@@ -99,8 +99,7 @@ class LocalTarget(Target):
             _fsync_tree(staging.path)
             # Renamed under the index lock, so `reconcile` never takes a version still being indexed for debris.
             with _locked_index(self.home) as index:
-                staging.unmark()
-                os.replace(staging.path, final)
+                staging.install(final)
                 index["models"].append(entry)
         except OSError as exc:
             staging.remove()
@@ -158,7 +157,7 @@ def reconcile(home: Path | None = None) -> list[str]:
         with _locked_index(home) as index:
             for gone in staging_dirs.remove_leftovers(home, _INDEX_STAGING):
                 notes.append(f"removed {gone.relative_to(home)}: left by an interrupted index update")
-            indexed = {m.get("path") for m in index["models"]}
+            indexed = {m.get("path") for m in index["models"]} | {f"models/{m.get('repo_id')}/{m.get('version')}" for m in index["models"]}
             for repo in _repo_folders(home):
                 repo_id = repo.relative_to(home / "models").as_posix()
                 for gone in staging_dirs.remove_leftovers(repo, _STAGING):
