@@ -471,10 +471,10 @@ def test_a_refused_output_leaves_the_users_neighbours_untouched(family, tmp_path
 
     with pytest.raises(SystemExit) as code:
         main(["merge", str(path), "-o", str(out), "--device", "cpu"])
+    assert tree(work) == before  # byte for byte, and nothing added (not even a lock file)
     assert code.value.code == 2
     assert capsys.readouterr().err == (
         f"error: {out} exists and is not a registry merge output; choose another folder with -o or remove it\n")
-    assert tree(work) == before  # byte for byte, and nothing added (not even a lock file)
 
 
 def test_only_marked_leftovers_of_dead_merges_are_removed(family, tmp_path: Path, home: Path) -> None:
