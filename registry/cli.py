@@ -445,7 +445,7 @@ def list_models(format: FormatOption = Format.text) -> None:
     from rich.table import Table
 
     table = Table("repo id", "version", "smoke", "path")
-    for entry, folder in zip(found, folders):
+    for entry, folder in zip(found, folders, strict=True):
         smoke = {True: "passed", False: "failed", None: "-"}[entry.get("smoke_passed")]
         table.add_row(entry["repo_id"], entry["version"], smoke, str(folder))
     _console().print(table)
@@ -468,7 +468,7 @@ def show(
         emit_json(found)
         return
     out = _console()
-    for entry, folder in zip(found, folders):
+    for entry, folder in zip(found, folders, strict=True):
         out.print(f"{entry['version']}  recipe {entry['recipe_sha256'][:12]}  {folder}")
     card = folders[-1] / "README.md"
     if card.is_file():
