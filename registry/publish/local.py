@@ -153,6 +153,7 @@ def reconcile(home: Path | None = None) -> list[str]:
     if not (home / INDEX).is_file() and not (home / "models").is_dir():
         return []
     notes: list[str] = []
+    adopted: list[dict[str, Any]] = []
     try:
         with _locked_index(home) as index:
             for gone in staging_dirs.remove_leftovers(home, _INDEX_STAGING):
@@ -168,10 +169,11 @@ def reconcile(home: Path | None = None) -> list[str]:
                         continue
                     entry = _adoptable(repo_id, folder, rel)
                     if entry is not None:
-                        index["models"].append(entry)
+                        adopted.append(entry)
                         notes.append(f"adopted {repo_id} {folder.name} into the index: a publish was interrupted after writing it")
-            # Oldest first within each model, as publishing appends them.
-            index["models"].sort(key=lambda m: str(m.get("published_at", "")))
+            if adopted:
+                # Oldest first, as publishing appends them (a stable sort keeps the order of equal times).
+                index["models"] = sorted([*index["models"], *adopted], key=lambda m: str(m.get("published_at", "")))
     except OSError:
         return notes  # a registry this user cannot write is only read
     return notes
@@ -199,14 +201,15 @@ def _adoptable(repo_id: str, folder: Path, rel: str) -> dict[str, Any] | None:
         if (not isinstance(recorded, dict) or not recorded or provenance.get("repo_id") != repo_id
                 or not str(provenance.get("recipe_sha256", "")).startswith(match[2])):
             return None
-        for name, info in recorded.items():
-            file = folder / name
-            if not file.is_file() or file.stat().st_size != info.get("size") or sha256_file(file) != info.get("sha256"):
-                return None
+        # Sizes first: an incomplete folder is left without reading it.
+        if not all((folder / name).is_file() and (folder / name).stat().st_size == info.get("size") for name, info in recorded.items()):
+            return None
+        if any(sha256_file(folder / name) != info.get("sha256") for name, info in recorded.items()):
+            return None
         files = bundle_files(folder, known=recorded)
         metadata = front_matter((folder / CARD_NAME).read_text(encoding="utf-8")) or {}
-    except (OSError, ValueError, RegistryError):
-        return None
+    except (OSError, ValueError, TypeError, AttributeError, RegistryError):
+        return None  # not a complete version folder of this registry: left alone
     when = dt.datetime.strptime(match[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
     passed = smoke.get("passed") if smoke else None
     return _entry(repo_id, folder.name, when, provenance["recipe_sha256"], rel,
