@@ -99,17 +99,17 @@ def read_models(source: str = "local", home: Path | None = None, api: Any = None
 def read_local(home: Path | None = None) -> list[CatalogModel]:
     """The newest version of every model in the local registry."""
     from . import registry_home
-    from .publish.local import list_latest
+    from .publish.local import list_latest, version_folder
 
     home = home or registry_home()
-    root = home.resolve()
     models = []
     for entry in list_latest(home):
         repo_id = str(entry.get("repo_id"))
         _check_repo_id(repo_id, f"{home}/index.json")
-        folder = (home / str(entry.get("path", ""))).resolve()
         # The index is only data: a path leading out of the registry is not followed.
-        inside = folder.is_relative_to(root) and folder != root
+        found = version_folder(home, entry)
+        inside = found is not None
+        folder = found or home
         card = _read_text(folder / CARD_NAME) if inside else None
         meta, _ = split_front_matter(card or "")
         files = entry.get("files") or {}

@@ -350,12 +350,13 @@ def merge(
     format: FormatOption = Format.text,
 ) -> None:
     """Merge the recipe's pinned sources with mergekit into a complete, reproducible output folder."""
-    from .merge import default_output, merge as run
+    from .merge import check_output, default_output, merge as run
     from .recipe import load_recipe
     from .sources import plan as make_plan, write_lock
 
     loaded = load_recipe(recipe)
     out_dir = output or default_output(loaded)
+    check_output(out_dir.absolute())  # before sources are hashed or the lock file written
     text = format is Format.text
     with _HashBar(text) as bar:
         result_plan = make_plan(loaded, update=update, out=out_dir, device=device.value, on_hash=bar.update)
@@ -432,9 +433,12 @@ def publish(
 def list_models(format: FormatOption = Format.text) -> None:
     """List the models in the local registry (the newest version of each)."""
     from . import registry_home
-    from .publish.local import list_latest
+    from .publish.local import checked_version_folder, list_latest, reconcile
 
+    for message in reconcile():
+        _console(stderr=True).print(message, markup=False)
     found = list_latest()
+    folders = [checked_version_folder(registry_home(), entry) for entry in found]
     if format is Format.json:
         emit_json(found)
         return
@@ -444,9 +448,9 @@ def list_models(format: FormatOption = Format.text) -> None:
     from rich.table import Table
 
     table = Table("repo id", "version", "smoke", "path")
-    for entry in found:
+    for entry, folder in zip(found, folders, strict=True):
         smoke = {True: "passed", False: "failed", None: "-"}[entry.get("smoke_passed")]
-        table.add_row(entry["repo_id"], entry["version"], smoke, str(registry_home() / entry["path"]))
+        table.add_row(entry["repo_id"], entry["version"], smoke, str(folder))
     _console().print(table)
 
 
@@ -457,18 +461,19 @@ def show(
 ) -> None:
     """Show a model of the local registry: every version, and the newest card."""
     from . import registry_home
-    from .publish.local import versions
+    from .publish.local import checked_version_folder, versions
 
     found = versions(None, repo_id)
     if not found:
         raise UsageError(f"'{repo_id}' is not in the local registry {registry_home()}; `registry list` shows what is")
+    folders = [checked_version_folder(registry_home(), entry) for entry in found]
     if format is Format.json:
         emit_json(found)
         return
     out = _console()
-    for entry in found:
-        out.print(f"{entry['version']}  recipe {entry['recipe_sha256'][:12]}  {registry_home() / entry['path']}")
-    card = registry_home() / found[-1]["path"] / "README.md"
+    for entry, folder in zip(found, folders, strict=True):
+        out.print(f"{entry['version']}  recipe {entry['recipe_sha256'][:12]}  {folder}")
+    card = folders[-1] / "README.md"
     if card.is_file():
         from rich.markdown import Markdown
 

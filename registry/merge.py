@@ -4,7 +4,9 @@
 replaced by the pinned folders, the config/tokenizer donor set explicitly so mergekit never picks it
 from a set), runs `run_merge` into `<out>.staging-<pid>`, writes `provenance.json` beside the weights,
 fsyncs everything and renames the folder into place. A killed merge leaves only `.staging-`/`.old-`
-siblings, which the next run removes; a finished merge whose provenance matches is reused.
+siblings, marked as the registry's own (see staging.py), which the next run removes; a finished merge
+whose provenance matches is reused. Before the rename, every source file is checked to still be the one
+the plan pinned, and every checkpoint the merge read to be unchanged since it was opened.
 
 For tests, REGISTRY_TEST_STOP_AT=<point> makes the process stop itself (SIGSTOP) at a named point
 ("shard": a shard was written to staging; "rename": just before staging is renamed into place;
@@ -35,8 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from . import __version__, registry_home
+from . import staging as staging_dirs
 from .errors import MergeError, RegistryError, UsageError
-from .sources import Estimate, PinnedSource, Plan, fetch, sha256_file
+from .sources import Estimate, HashCache, PinnedSource, Plan, fetch, sha256_file, stat_identity
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -243,26 +246,35 @@ def merge(
     """
     started = time.perf_counter()
     out = Path(os.path.abspath(out or default_output(recipe)))
+    # Refused before anything is created or removed beside it.
+    check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        _remove_stale(out)
         found = read_provenance(out)
         if matches(found, recipe, plan, out):
             return MergeResult(out, True, found.get("device", "cpu"), time.perf_counter() - started, found)
-        if out.exists() and found is None and (not out.is_dir() or any(out.iterdir())):
-            raise UsageError(f"{out} exists and is not a registry merge output; choose another folder with -o or remove it")
+        check_output(out)  # again under the lock: another process may have written it meanwhile
+        # Under the lock, the marked staging and set-aside siblings of `out` belong to merges that died.
+        staging_dirs.remove_leftovers(out.parent, f"{out.name}.")
         device = _pick_device(device)
         est = estimate_resources(recipe, plan.sources, plan.donor, out, device, shard_bytes)
         check_resources(est)
         paths = {s.name: fetch(s) for s in plan.sources}
-        staging = out.with_name(f"{out.name}.staging-{os.getpid()}")
+        staging = staging_dirs.create(out.with_name(f"{out.name}.staging-{os.getpid()}"))
         try:
-            provenance = _merge_into(staging, recipe, plan, paths, device, console, est.shard_bytes)
+            provenance = _merge_into(staging.path, recipe, plan, paths, device, console, est.shard_bytes)
             _install(staging, out)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging.remove()
             raise
+        staging.close()
     return MergeResult(out, False, device, time.perf_counter() - started, provenance)
+
+
+def check_output(out: Path) -> None:
+    """Refuse an output path that is neither free, an empty folder, nor a registry merge output."""
+    if out.exists() and read_provenance(out) is None and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not a registry merge output; choose another folder with -o or remove it")
 
 
 @contextmanager
@@ -278,13 +290,6 @@ def _exclusive(out: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _remove_stale(out: Path) -> None:
-    # Under the lock, any staging or set-aside folder belongs to a merge that died.
-    for pattern in (f"{out.name}.staging-*", f"{out.name}.old-*"):
-        for stale in out.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _pick_device(device: str) -> str:
@@ -354,15 +359,17 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
         quiet=console is None,
     )
     shard_hashes: dict[str, tuple[str, int]] = {}
+    opened: dict[str, tuple[int, ...]] = {}
     try:
         # run_merge mutates the configuration it is given: it gets its own.
-        with _mergekit_hooks(console, shard_hashes, options.write_threads), _quiet_transformers():
+        with _mergekit_hooks(console, shard_hashes, options.write_threads, opened), _quiet_transformers():
             run_merge(MergeConfiguration.model_validate(config), str(staging), options,
                       config_source=yaml.safe_dump(config, sort_keys=False))
     except RegistryError:
         raise
     except Exception as exc:
         raise MergeError(f"mergekit failed while merging {recipe.repo_id}: {type(exc).__name__}: {exc}") from exc
+    check_sources_unchanged(plan, paths, opened)
     donor = paths[plan.donor]
     for name in CARRY_FILES:
         if not (staging / name).exists() and (donor / name).is_file():
@@ -373,6 +380,39 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
         _fsync(f)
     _fsync(staging)
     return provenance
+
+
+def check_sources_unchanged(plan: Plan, paths: dict[str, Path], opened: dict[str, tuple[int, ...]]) -> None:
+    """Raise MergeError unless every file the merge read was pinned by `plan`, is unchanged since it was
+    opened, and every pinned source file still has the pinned content (sha256; the stat-keyed hash cache
+    vouches for a file it hashed in this very version)."""
+    pinned: dict[str, tuple[str, str, str | None]] = {}  # absolute path -> (source, file, sha256)
+    for src in plan.sources:
+        folder = paths[src.name]
+        for name, info in src.files.items():
+            pinned[os.path.abspath(folder / name)] = (src.name, name, info.sha256)
+        for name, digest in src.tokenizer.items():
+            pinned.setdefault(os.path.abspath(folder / name), (src.name, name, digest))
+    hint = "leave the source folders alone until a merge ends, then merge again; --update accepts new weights"
+    for path in opened:
+        if path not in pinned:
+            raise MergeError(f"the merge read {path}, which `registry plan` did not pin; a source folder changed during the merge", hint)
+    cache = HashCache()
+    for path, (source, name, sha) in pinned.items():
+        try:
+            identity = stat_identity(os.stat(path))
+            changed = path in opened and opened[path] != identity
+            if not changed and sha is not None:
+                digest = cache.get(Path(path))
+                if digest is None:
+                    digest = sha256_file(Path(path))
+                    changed = stat_identity(os.stat(path)) != identity
+                changed = changed or digest != sha
+        except OSError:
+            changed = True
+        if changed:
+            raise MergeError(f"source '{source}' changed during the merge: {name} is not the file `registry plan` pinned; "
+                             "the merge was discarded", hint)
 
 
 class _DeferredModule(types.ModuleType):
@@ -425,6 +465,8 @@ def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_ha
 
     files = {}
     for f in sorted(staging.iterdir(), key=lambda p: p.name):
+        if f.name == staging_dirs.MARKER:
+            continue
         known = shard_hashes.get(_shard_origin(f.name, staging))
         size = f.stat().st_size
         files[f.name] = {"sha256": known[0] if known and known[1] == size else sha256_file(f), "size": size}
@@ -453,9 +495,12 @@ def _shard_origin(name: str, staging: Path) -> str:
 
 
 @contextmanager
-def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, int]], write_threads: int) -> Iterator[None]:
+def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, int]], write_threads: int,
+                    opened: dict[str, tuple[int, ...]] | None = None) -> Iterator[None]:
     """Route mergekit's tqdm bars to rich, read checkpoints with SafetensorsReader and write shards with
-    write_safetensors (hashed and fsynced on the way), each as soon as it is full, by `write_threads` threads."""
+    write_safetensors (hashed and fsynced on the way), each as soon as it is full, by `write_threads` threads.
+
+    `opened` receives the stat identity of every checkpoint file as it was opened, by absolute path."""
     import mergekit.graph
     import mergekit.merge
     import mergekit.tokenizer.build
@@ -472,7 +517,10 @@ def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, 
 
     def open_shard(cls: Any, shard_path: str, use_lazy_unpickle: bool = False, device: str | None = None) -> Any:
         if shard_path.lower().endswith(".safetensors"):
-            return SafetensorsReader(Path(shard_path))
+            reader = SafetensorsReader(Path(shard_path))
+            if opened is not None:
+                opened[os.path.abspath(shard_path)] = reader.identity
+            return reader
         return original_get.__func__(cls, shard_path, use_lazy_unpickle, device)
 
     def save_shard(self: Any, shard_data: dict[str, Any], shard_path: str) -> None:
@@ -552,7 +600,10 @@ class SafetensorsReader:
         try:
             length = int.from_bytes(os.pread(self.fd, 8, 0), "little")
             self.header = json.loads(os.pread(self.fd, length, 8))
-            self.size = os.fstat(self.fd).st_size
+            st = os.fstat(self.fd)
+            self.size = st.st_size
+            # The file actually read, whatever is at its path later.
+            self.identity = stat_identity(st)
         except (OSError, ValueError):
             os.close(self.fd)
             raise
@@ -708,18 +759,17 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _install(staging: Path, out: Path) -> None:
+def _install(staging: staging_dirs.Staging, out: Path) -> None:
     """Rename the complete staging folder to `out`, setting aside (then removing) a previous output."""
     old = None
     if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
+        old = staging_dirs.set_aside(out, out.with_name(f"{out.name}.old-{os.getpid()}"))
     _stop_here("rename")
-    os.rename(staging, out)
+    staging.install(out)
     _fsync(out.parent)
     _stop_here("renamed")
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        old.remove()
 
 
 def _stop_here(point: str) -> None:

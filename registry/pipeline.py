@@ -158,6 +158,8 @@ def publish(
             outcome.results.append(c.target.publish(bundle, c.options))
         except RegistryError as exc:
             raise PublishError(_partial(outcome.results, c.name, exc.message), exc.hint) from None
+        for message in outcome.results[-1].notes:
+            note(f"{c.name}: {message}")
     return outcome
 
 

@@ -694,6 +694,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "registry"
 
 
+def stat_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file from another without reading it: size, mtime, ctime, inode, device."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
 class HashCache:
     """sha256 of files keyed by path and stat (size, mtime, ctime, inode), as git's index does.
 
@@ -710,7 +715,7 @@ class HashCache:
 
     @staticmethod
     def _key(st: os.stat_result) -> list[int]:
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+        return list(stat_identity(st))
 
     def get(self, path: Path) -> str | None:
         """The cached sha256 of `path`, if the file has not changed since it was hashed."""

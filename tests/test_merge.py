@@ -357,7 +357,8 @@ def test_sigkill_once_a_shard_is_in_staging_leaves_no_model_and_a_rerun_complete
     root, seen, _ = killed
     at_kill = seen["A at shard"]
     staging = [name for name in at_kill if name.startswith("outA.staging-")]
-    assert len(staging) == 1 and at_kill[staging[0]] == ["model-1.safetensors"]
+    # Marked as the registry's own, which is what lets the rerun remove it.
+    assert len(staging) == 1 and at_kill[staging[0]] == [".registry-staging", "model-1.safetensors"]
     assert "outA" not in at_kill and "outA" not in seen["A at shard killed"]
     assert looks_like_model(root / "outA") and not [n for n in snapshot(root) if n.startswith("outA.")]
     assert read_provenance(root / "outA")["recipe_sha256"] == load_recipe(root / "r1.yaml").sha256
@@ -369,6 +370,7 @@ def test_sigkill_before_the_final_rename_leaves_no_model_and_a_rerun_completes(k
     # The previous output (recipe r2) was set aside; the new one is complete but still named staging.
     assert "outB" not in at_kill and "outB" not in seen["B at rename killed"]
     assert [n.split("-")[0] for n in sorted(at_kill) if n.startswith("outB.")] == ["outB.old", "outB.staging"]
+    assert all(".registry-staging" in at_kill[n] for n in at_kill if n.startswith("outB."))
     assert results["B"]["reused"] is False
     assert not [n for n in snapshot(root) if n.startswith("outB.")]
     assert read_provenance(root / "outB")["recipe_sha256"] == load_recipe(root / "r1.yaml").sha256
@@ -438,3 +440,135 @@ def test_a_merge_imports_mergekit_without_peft_which_still_loads_on_use(tmp_path
         "assert peft.PeftModel is mergekit.common.peft.PeftModel\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a merge may remove beside its output: only its own marked leftovers
+
+
+def tree(root: Path) -> dict[str, bytes | str | None]:
+    """Every path under `root` with its bytes (a link: its target; a folder: None)."""
+    return {p.relative_to(root).as_posix(): os.readlink(p) if p.is_symlink() else None if p.is_dir() else p.read_bytes()
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("taken", ["folder", "file"])
+def test_a_refused_output_leaves_the_users_neighbours_untouched(family, tmp_path: Path, home: Path, capsys, taken: str) -> None:
+    path = write_recipe(tmp_path / "r.yaml", family.a, family.b)
+    work = tmp_path / "work"
+    out = work / "DIR"
+    if taken == "folder":
+        out.mkdir(parents=True)
+        (out / "thesis.tex").write_text("mine\n")
+    else:
+        work.mkdir()
+        out.write_text("mine\n")
+    for name in ("DIR.old-backup", "DIR.staging-x", "DIR.old-1", "DIR.staging-2"):
+        (work / name / "sub").mkdir(parents=True)
+        (work / name / "notes.txt").write_text(f"{name}\n")
+        (work / name / "sub" / "data.bin").write_bytes(os.urandom(64))
+    before = tree(work)
+
+    with pytest.raises(SystemExit) as code:
+        main(["merge", str(path), "-o", str(out), "--device", "cpu"])
+    assert tree(work) == before  # byte for byte, and nothing added (not even a lock file)
+    assert code.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {out} exists and is not a registry merge output; choose another folder with -o or remove it\n")
+
+
+def test_only_marked_leftovers_of_dead_merges_are_removed(family, tmp_path: Path, home: Path) -> None:
+    from registry import staging
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family.a, family.b))
+    out = tmp_path / "out"
+    # What a killed merge leaves: its staging folder, marked, with no process holding the marker.
+    dead = staging.create(tmp_path / "out.staging-4242")
+    (dead.path / "model-1.safetensors").write_bytes(b"partial")
+    dead.close()
+    dead_old = staging.create(tmp_path / "out.old-4243")
+    dead_old.close()
+    # Same names, not the registry's: no marker, a marker naming another folder, a marker that is a link.
+    (tmp_path / "out.staging-1").mkdir()
+    (tmp_path / "out.staging-1" / "model-1.safetensors").write_bytes(b"mine")
+    copied = staging.create(tmp_path / "elsewhere")
+    copied.close()
+    os.rename(copied.path, tmp_path / "out.old-2")  # a leftover the user moved: its marker names 'elsewhere'
+    (tmp_path / "out.staging-3").mkdir()
+    (tmp_path / "marker").write_text(json.dumps({"folder": "out.staging-3"}))
+    (tmp_path / "out.staging-3" / ".registry-staging").symlink_to(tmp_path / "marker")
+    # A merge still running (it holds its marker).
+    live = staging.create(tmp_path / "out.staging-5")
+    kept = {name: tree(tmp_path / name) for name in ("out.staging-1", "out.old-2", "out.staging-3", "out.staging-5")}
+
+    merge(recipe, plan(recipe), out, "cpu")
+    live.close()
+
+    assert sorted(p.name for p in tmp_path.glob("out.*")) == sorted(kept)
+    assert {name: tree(tmp_path / name) for name in kept} == kept
+    assert not (out / ".registry-staging").exists() and looks_like_model(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge reads what was pinned
+
+
+def swap(x: Path, y: Path, how: str) -> None:
+    """Exchange the contents of files `x` and `y`: by renaming, or by rewriting each in place (its mtime kept)."""
+    if how == "rename":
+        tmp = x.with_name(x.name + ".swap")
+        os.rename(x, tmp)
+        os.rename(y, x)
+        os.rename(tmp, y)
+        return
+    data_x, data_y = x.read_bytes(), y.read_bytes()
+    for path, data in ((x, data_y), (y, data_x)):
+        st = path.stat()
+        path.write_bytes(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture
+def copies(family, tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the fine-tunes a and b that a test may change."""
+    import shutil
+
+    return shutil.copytree(family.a, tmp_path / "cos"), shutil.copytree(family.b, tmp_path / "fmt")
+
+
+@pytest.mark.parametrize("how", ["rename", "rewrite-keeping-mtime"])
+@pytest.mark.parametrize("cache", ["cache", "no-cache"])
+def test_weights_swapped_after_planning_are_refused_and_nothing_is_written(copies, tmp_path: Path, home: Path,
+                                                                           how: str, cache: str) -> None:
+    from registry.errors import MergeError
+
+    cos, fmt = copies
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", cos, fmt))
+    pinned = plan(recipe)
+    swap(cos / "model.safetensors", fmt / "model.safetensors", how)
+    if cache == "no-cache":
+        (home / "cache" / "file-hashes.json").unlink()
+    with pytest.raises(MergeError) as exc:
+        merge(recipe, pinned, tmp_path / "out", "cpu")
+    assert str(exc.value) == (
+        "source 'a' changed during the merge: model.safetensors is not the file `registry plan` pinned; the merge was "
+        "discarded (leave the source folders alone until a merge ends, then merge again; --update accepts new weights)"
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_weights_swapped_while_the_merge_runs_are_refused(copies, tmp_path: Path) -> None:
+    cos, fmt = copies
+    home = tmp_path / "home"
+    path = write_recipe(tmp_path / "r.yaml", cos, fmt)
+    proc = start(path, tmp_path / "out", home, 1, "shard")
+    wait_stopped(proc)  # the sources are open and read; a shard is written
+    swap(cos / "model.safetensors", fmt / "model.safetensors", "rename")
+    proc.send_signal(signal.SIGCONT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert (proc.returncode, stdout) == (1, "")
+    assert stderr == (
+        "error: source 'a' changed during the merge: model.safetensors is not the file `registry plan` pinned; the merge "
+        "was discarded (leave the source folders alone until a merge ends, then merge again; --update accepts new weights)\n"
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]

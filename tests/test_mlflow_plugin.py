@@ -248,7 +248,7 @@ def test_publish_registers_a_version_with_files_card_tags_and_alias(target_cls, 
     result = target.publish(bundle, opts)
     assert result.to_dict() == {
         "target": "mlflow", "location": f"models:/cos-fmt/1 at {uri}", "revision": "1", "changed": True,
-        "detail": "version 1; alias 'latest-smoke-passed' moved to it", "kept": [],
+        "detail": "version 1; alias 'latest-smoke-passed' moved to it", "kept": [], "notes": [],
     }
     version = client.get_model_version("cos-fmt", "1")
     assert version.description == CARD_BODY.format(repo_id="team/cos-fmt", short="passed")

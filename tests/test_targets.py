@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def make_model(folder: Path, recipe, *, weights: bytes = b"", big: bool = False,
         name: {"sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(), "size": (folder / name).stat().st_size}
         for name in ("model.safetensors", "config.json", *(extra or {}))
     }
-    (folder / "provenance.json").write_text(json.dumps({"format": 1, "recipe_sha256": recipe.sha256, "sources": PINS, "files": files}))
+    (folder / "provenance.json").write_text(json.dumps({"format": 1, "recipe_sha256": recipe.sha256, "repo_id": recipe.repo_id,
+                                                     "sources": PINS, "files": files}))
     (folder / "smoke.json").write_text(json.dumps({"format": 1, "passed": True}))
     (folder / "README.md").write_text(
         f"---\nbase_model:\n- org/a\n- org/b\nbase_model_relation: merge\nlicense: mit\n"
@@ -328,3 +330,154 @@ def test_cli_flags_override_the_targets_they_apply_to():
     with pytest.raises(UsageError) as info:
         choose_targets(recipe, ["local"], {"private": True, "revision": None, "create_pr": None})
     assert str(info.value) == "--private applies to none of the targets: local"
+
+
+# ---------------------------------------------------------------------------------------------
+# local: what a killed publish leaves, and index paths leading out of the home
+
+KILL = """\
+import os, signal, sys
+from pathlib import Path
+from registry.publish import Bundle, bundle_files
+from registry.publish.local import LocalTarget
+
+home, folder, repo_id, sha, point = sys.argv[1:]
+PINS = {pins!r}
+real_link, real_replace, links = os.link, os.replace, []
+
+def link(src, dst, *args, **kwargs):
+    links.append(dst)
+    if point == "copying" and len(links) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_link(src, dst, *args, **kwargs)
+
+def replace(src, dst, *args, **kwargs):
+    if (point == "renaming" and Path(src).name.startswith(".staging-")) or (point == "indexing" and Path(dst).name == "index.json"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+
+# SIGKILL at a known point of the real code: these only decide when the process dies.
+os.link, os.replace = link, replace
+bundle = Bundle(repo_id, sha, PINS, bundle_files(Path(folder)), smoke_passed=True, metadata={{"license": "mit"}})
+LocalTarget(Path(home)).publish(bundle, LocalTarget.Options())
+"""
+
+
+def killed_publish(home: Path, folder: Path, recipe, point: str) -> None:
+    """Run a local publish in a process of its own and SIGKILL it at `point`."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", KILL.format(pins=PINS), str(home), str(folder), recipe.repo_id, recipe.sha256, point],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+
+
+def cli(args: list[str], home: Path, monkeypatch, capsys) -> tuple[int, str, str]:
+    from registry.cli import main
+
+    monkeypatch.setenv("REGISTRY_HOME", str(home))
+    with pytest.raises(SystemExit) as code:
+        main(args)
+    out = capsys.readouterr()
+    return code.value.code, out.out, out.err
+
+
+def files_under(root: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(root).as_posix(): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("point", ["copying", "renaming", "indexing"])
+@pytest.mark.parametrize("then", ["list", "publish"])
+def test_a_killed_local_publish_is_reconciled_by_the_next_list_or_publish(tmp_path, monkeypatch, capsys, point, then):
+    recipe = parse_recipe(RECIPE.format(repo_id="team/toy"))
+    home = tmp_path / "home"
+    target = LocalTarget(home)
+    old = target.publish(make_bundle(make_model(tmp_path / "old", recipe, weights=b"old" * 100), recipe), target.Options())
+    folder = make_model(tmp_path / "build", recipe)
+    killed_publish(home, folder, recipe, point)
+
+    repo = home / "models" / "team" / "toy"
+    debris = sorted(p.name for p in repo.iterdir() if p.name != old.revision) + sorted(p.name for p in home.glob(".index*"))
+    if point == "indexing":
+        # The version folder was renamed into place; the new index was written but not yet moved over the old one.
+        assert len(debris) == 2 and _re_version(debris[0]) and debris[1].startswith(".index.json.staging-")
+        assert json.loads((home / debris[1] / "index.json").read_text())["models"][-1]["version"] == debris[0]
+    else:
+        assert len(debris) == 1 and debris[0].startswith(".staging-")
+        present = sorted(p.name for p in (repo / debris[0]).iterdir())
+        expected = ["README.md", "config.json", "model.safetensors", "provenance.json", "smoke.json"]
+        assert present == ([".registry-staging"] + expected[:2] if point == "copying" else [".registry-staging"] + expected)
+    # The user's own folders with the same kinds of names, and a version folder that is not complete.
+    for mine in (repo / ".staging-mine", home / ".index.json.staging-1"):
+        mine.mkdir()
+        (mine / "keep.txt").write_text("mine\n")
+    broken = repo / f"20250101T000000Z-{recipe.sha256[:12]}"
+    shutil.copytree(folder, broken)
+    (broken / "model.safetensors").write_bytes(b"x" * (broken / "model.safetensors").stat().st_size)
+    mine_before = {p: files_under(p) for p in (repo / ".staging-mine", home / ".index.json.staging-1", broken)}
+
+    if then == "list":
+        code, out, err = cli(["list", "--format", "json"], home, monkeypatch, capsys)
+        assert code in (0, None)
+        notes = err.splitlines()
+        listed = json.loads(out)
+    else:
+        result = target.publish(make_bundle(folder, recipe), target.Options())
+        notes = result.notes
+        listed = list_latest(home)
+    if point == "indexing":
+        assert notes == [
+            f"removed {debris[1]}: left by an interrupted index update",
+            f"adopted team/toy {debris[0]} into the index: a publish was interrupted after writing it",
+        ]
+        assert listed[0]["version"] == debris[0]
+        entry = read_index(home)["models"][-1]
+        assert entry["files"] == {rel: {"sha256": f.sha256, "size": f.size} for rel, f in make_bundle(folder, recipe).files.items()}
+        assert (entry["repo_id"], entry["recipe_sha256"], entry["smoke_passed"], entry["pins"]) == ("team/toy", recipe.sha256, True, PINS)
+        if then == "publish":
+            assert (result.changed, result.revision) == (False, debris[0])
+    else:
+        assert notes == [f"removed models/team/toy/{debris[0]}: left by an interrupted publish of team/toy"]
+        if then == "list":
+            assert listed[0]["version"] == old.revision
+        else:
+            assert result.changed and listed[0]["version"] == result.revision
+    assert [m["version"] for m in read_index(home)["models"]][0] == old.revision
+    assert broken.name not in {m["version"] for m in read_index(home)["models"]}
+    assert {p: files_under(p) for p in mine_before} == mine_before
+    assert not [p for p in repo.iterdir() if (p / ".registry-staging").exists()]
+
+    # Reconciled once: the next look finds nothing to say.
+    assert cli(["list"], home, monkeypatch, capsys)[2] == ""
+
+
+def _re_version(name: str) -> bool:
+    import re
+
+    return re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{12}(-\d+)?", name) is not None
+
+
+@pytest.mark.parametrize("path", ["../../etc", "/etc", "models/team/toy/link", "models/../..", ""])
+def test_an_index_path_leading_out_of_the_home_is_never_followed(tmp_path, monkeypatch, capsys, path):
+    from registry.catalog import read_local
+
+    recipe = parse_recipe(RECIPE.format(repo_id="team/toy"))
+    home = tmp_path / "reg" / "home"
+    target = LocalTarget(home)
+    first = target.publish(make_bundle(make_model(tmp_path / "build", recipe), recipe), target.Options())
+    outside = tmp_path / "outside"
+    shutil.copytree(first.location, outside)
+    (outside / "README.md").write_text("---\nlicense: mit\n---\nnot the registry's\n")
+    (home / "models" / "team" / "toy" / "link").symlink_to(outside)
+    index = read_index(home)
+    index["models"][0]["path"] = path
+    (home / "index.json").write_text(json.dumps(index))
+
+    message = (f"error: {home / 'index.json'}: team/toy {first.revision} has path {path!r}, which leads outside the "
+               "registry home; it is not followed (remove or correct that entry of the index)\n")
+    for command in (["show", "team/toy"], ["show", "team/toy", "--format", "json"], ["list"], ["list", "--format", "json"]):
+        assert cli(command, home, monkeypatch, capsys) == (1, "", message), command
+    [model] = read_local(home)
+    assert (model.card, model.provenance, model.smoke) == ("", None, None)
+    assert not target.is_current(recipe, PINS, target.Options())

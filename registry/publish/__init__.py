@@ -65,12 +65,13 @@ class PublishResult:
     changed: bool
     detail: str = ""
     kept: list[str] = field(default_factory=list)  # files there that no publish of ours put there, left alone
+    notes: list[str] = field(default_factory=list)  # what the target tidied up on the way, for the user
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
         return {
             "target": self.target, "location": self.location, "revision": self.revision,
-            "changed": self.changed, "detail": self.detail, "kept": self.kept,
+            "changed": self.changed, "detail": self.detail, "kept": self.kept, "notes": self.notes,
         }
 
 
