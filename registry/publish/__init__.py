@@ -12,6 +12,7 @@ from ..sources import sha256_file
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
+    from ..reports import FileRecord, Provenance, Smoke
 
 CARD_NAME = "README.md"
 
@@ -33,14 +34,25 @@ class FileEntry:
 
 @dataclass
 class Bundle:
-    """Everything a target publishes for one recipe: the model folder's files and the card."""
+    """Everything a target publishes for one recipe: the model folder's files, its reports and its card.
+
+    Targets read the reports and the card from here, never from the files again.
+    """
 
     repo_id: str
     recipe_sha256: str
     pins: dict[str, Any]
     files: dict[str, FileEntry]  # path in repo -> file here
-    smoke_passed: bool | None
-    metadata: dict[str, Any] = field(default_factory=dict)  # the card's front matter
+    provenance: Provenance
+    smoke: Smoke | None
+    card: str  # README.md as rendered
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The card's front matter, parsed."""
+        from ..card import front_matter
+
+        return front_matter(self.card) or {}
 
     @property
     def short_sha(self) -> str:
@@ -111,8 +123,8 @@ class Target:
         raise NotImplementedError
 
 
-def bundle_files(model_dir: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, FileEntry]:
-    """Every file of a finished model folder (card included), with sha256s, reusing `known` hashes."""
+def bundle_files(model_dir: Path, known: dict[str, FileRecord] | None = None) -> dict[str, FileEntry]:
+    """Every file of a finished model folder (card included), with sha256s, reusing `known` hashes (provenance's files)."""
     known = known or {}
     files: dict[str, FileEntry] = {}
     for path in sorted(model_dir.rglob("*")):
@@ -121,7 +133,7 @@ def bundle_files(model_dir: Path, known: dict[str, dict[str, Any]] | None = None
             continue
         size = path.stat().st_size
         info = known.get(rel)
-        sha = info["sha256"] if info and info.get("size") == size else sha256_file(path)
+        sha = info.sha256 if info is not None and info.size == size else sha256_file(path)
         files[rel] = FileEntry(path, sha, size)
     return files
 
