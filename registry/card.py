@@ -407,13 +407,9 @@ def read_reports(model_dir: Path) -> tuple[Provenance | None, Smoke | None]:
 def check_reports(recipe: Recipe, provenance: Provenance | None, smoke: Smoke | None) -> None:
     """Raise CardError when the reports were not made for this recipe's merge and smoke settings."""
     if provenance is not None:
-        recorded, wanted = sorted(provenance.sources), sorted(item.key for item in recipe.inputs())
-        if recorded != wanted:
-            raise CardError(
-                f"{PROVENANCE_FILE} was written for another merge (sources {', '.join(recorded)}; "
-                f"this recipe merges {', '.join(wanted)})",
-                "re-run `registry merge`",
-            )
+        difference = _other_merge(recipe, provenance)
+        if difference:
+            raise CardError(f"{PROVENANCE_FILE} was written for another merge: {difference}", "re-run `registry merge`")
     if smoke is None or smoke.merge_identity is None or provenance is None:
         return
     if smoke.merge_identity != provenance.merge_identity:
@@ -424,6 +420,21 @@ def check_reports(recipe: Recipe, provenance: Provenance | None, smoke: Smoke | 
         )
     if smoke.smoke_identity is not None and smoke.smoke_identity != smoke_identity(provenance.merge_identity, recipe):
         raise CardError(f"{SMOKE_FILE} was made with other smoke settings than {recipe.repo_id}'s", "re-run `registry smoke`")
+
+
+def _other_merge(recipe: Recipe, provenance: Provenance) -> str | None:
+    """How the merge settings provenance records differ from the recipe's (pins aside: checking them needs hashing)."""
+    inputs = recipe.inputs()
+    recorded, wanted = sorted(provenance.sources), sorted(item.key for item in inputs)
+    # Reports key a source by its alias, or by the reference as written when it has none.
+    if recorded != wanted and recorded != sorted(item.name for item in inputs):
+        return f"its sources are {', '.join(recorded)}, this recipe merges {', '.join(wanted)}"
+    for item in inputs:
+        pin = provenance.sources.get(item.key) or provenance.sources[item.name]
+        had = [w.model_dump() for w in pin.weight] if isinstance(pin.weight, list) else pin.weight
+        if had != _plain_weight(item.weight):
+            return f"its weight of {item.key} is {json.dumps(had)}, this recipe's is {json.dumps(_plain_weight(item.weight))}"
+    return None
 
 
 def _render(env: Any, name: str, context: dict[str, Any]) -> str:
