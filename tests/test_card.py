@@ -516,8 +516,8 @@ def test_environment_secret_refuses_the_card_without_printing_it(monkeypatch, tm
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr == (
-        "error: card for team/test-merge not written: line 27:24 (Merge details) contains the value of environment "
-        "variable HF_TOKEN (1 more) (remove it from the recipe, report or template it came from)\n"
+        "error: card for team/test-merge not written: line 14:27 (front matter) contains the value of environment "
+        "variable HF_TOKEN (2 more) (remove it from the recipe, report or template it came from)\n"
     )
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
