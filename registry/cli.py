@@ -176,7 +176,7 @@ def card(
     elif output is None:
         sys.stdout.write(text)
     else:
-        found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke)) if data) or "no reports"
+        found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke)) if data is not None) or "no reports"
         _console().print(f"wrote {output} for {loaded.repo_id} ({found})")
 
 
