@@ -176,7 +176,7 @@ def card(
     elif output is None:
         sys.stdout.write(text)
     else:
-        found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke)) if data) or "no reports"
+        found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke)) if data is not None) or "no reports"
         _console().print(f"wrote {output} for {loaded.repo_id} ({found})")
 
 
@@ -258,7 +258,9 @@ def smoke(
     progress = None if format is Format.json else (lambda message: err.print(f"[dim]{message}[/dim]", markup=True))
     report = run_smoke(model_dir, loaded, device=device.value, progress=progress)
     if format is Format.json:
-        emit_json(report.to_dict())
+        from .reports import data
+
+        emit_json(data(report.to_report()))
     else:
         print_report(report, _console())
     if not report.passed:
@@ -350,17 +352,18 @@ def merge(
     format: FormatOption = Format.text,
 ) -> None:
     """Merge the recipe's pinned sources with mergekit into a complete, reproducible output folder."""
-    from .merge import check_output, default_output, merge as run
+    from .merge import build_root, check_output, default_output, merge as run
     from .recipe import load_recipe
     from .sources import plan as make_plan, write_lock
 
     loaded = load_recipe(recipe)
-    out_dir = output or default_output(loaded)
-    check_output(out_dir.absolute())  # before sources are hashed or the lock file written
+    if output is not None:
+        check_output(output.absolute())  # before sources are hashed or the lock file written
     text = format is Format.text
     with _HashBar(text) as bar:
-        result_plan = make_plan(loaded, update=update, out=out_dir, device=device.value, on_hash=bar.update)
+        result_plan = make_plan(loaded, update=update, out=output or build_root(), device=device.value, on_hash=bar.update)
     write_lock(result_plan)
+    out_dir = output or default_output(loaded, result_plan)
     result = run(loaded, result_plan, out_dir, device.value, console=_console(stderr=True) if text else None)
     if not text:
         emit_json({**result.to_dict(), "warnings": result_plan.warnings})
@@ -370,7 +373,8 @@ def merge(
         out.print(f"[yellow]warning[/yellow] {warning}", markup=True)
     size = sum(f["size"] for f in result.files.values())
     if result.reused:
-        out.print(f"reused {result.out}: its provenance.json matches recipe {loaded.sha256[:12]} and the pinned sources")
+        out.print(f"reused {result.out}: its provenance.json has this merge's identity {result.provenance.merge_identity[:12]} "
+                  "(merge settings and pinned sources)")
     else:
         out.print(f"merged {loaded.repo_id} into {result.out} ({size / 1e9:.2f} GB, {len(result.files)} files) "
                   f"on {result.device} in {result.seconds:.1f} s")
@@ -526,7 +530,7 @@ def ci_summary(
     recipes: Annotated[Optional[list[str]], typer.Argument(help="Recipe files [default: those the change touches].")] = None,
     base: BaseOption = None,
     reports: Annotated[
-        Optional[Path], typer.Option("--reports", help="Folder searched for provenance.json and smoke.json from dry runs.")
+        Optional[Path], typer.Option("--reports", help="Folder of the dry runs' reports: provenance.json and smoke.json in report-<recipe slug>/ (the workflow's artifacts).")
     ] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the Markdown to this file.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1024, help="Most UTF-8 bytes of Markdown (GitHub comments take 65,536 characters).")] = 64_512,

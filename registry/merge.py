@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Self
 from . import __version__, registry_home
 from . import staging as staging_dirs
 from .errors import MergeError, RegistryError, UsageError
+from .identity import merge_identity
+from .reports import PROVENANCE_FILE, Provenance, SourcePin, read_current, write as write_report
 from .sources import Estimate, HashCache, PinnedSource, Plan, fetch, sha256_file, stat_identity
 
 if TYPE_CHECKING:
@@ -46,8 +48,6 @@ if TYPE_CHECKING:
 
     from .recipe import Recipe
 
-PROVENANCE = "provenance.json"
-PROVENANCE_FORMAT = 1
 # Output shards of about an eighth of the model, within these bounds. mergekit's default (5 GB) holds a
 # whole 1.5B model in memory and writes it after the last tensor; smaller shards are written, hashed and
 # fsynced by background threads while later tensors are merged.
@@ -74,12 +74,12 @@ class MergeResult:
     reused: bool
     device: str
     seconds: float
-    provenance: dict[str, Any]
+    provenance: Provenance
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:
         """Output files (provenance.json aside) with their sha256 and size."""
-        return self.provenance["files"]
+        return {name: f.model_dump() for name, f in self.provenance.files.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (for `registry merge --format json`)."""
@@ -88,14 +88,19 @@ class MergeResult:
             "reused": self.reused,
             "device": self.device,
             "seconds": round(self.seconds, 3),
-            "recipe_sha256": self.provenance["recipe_sha256"],
+            "merge_identity": self.provenance.merge_identity,
             "files": self.files,
         }
 
 
-def default_output(recipe: Recipe) -> Path:
-    """`<registry home>/build/<first 12 hex of the recipe sha256>`."""
-    return registry_home() / "build" / recipe.sha256[:12]
+def build_root() -> Path:
+    """Where merges go by default: `<registry home>/build`."""
+    return registry_home() / "build"
+
+
+def default_output(recipe: Recipe, plan: Plan) -> Path:
+    """`<build root>/<first 12 hex of the merge identity>`: text edits keep the folder, weight edits change it."""
+    return build_root() / merge_identity(recipe, plan)[:12]
 
 
 def output_dtype(recipe: Recipe, donor: PinnedSource) -> str:
@@ -200,29 +205,29 @@ def _memory_available() -> int | None:
 # Finished outputs
 
 
-def read_provenance(out: Path) -> dict[str, Any] | None:
-    """The provenance.json of a finished merge at `out`, or None."""
-    try:
-        data = json.loads((out / PROVENANCE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == PROVENANCE_FORMAT else None
+def source_pin(src: PinnedSource) -> SourcePin:
+    """A source as provenance records it: its pin and weight (labels are the card's, paths never leave)."""
+    weight: Any = src.weight
+    if isinstance(weight, list):
+        weight = [w.model_dump() for w in weight]
+    return SourcePin(kind=src.kind, repo_id=src.repo_id, revision=src.revision, content_sha256=src.content_sha256,
+                     weight=weight)
 
 
-def matches(provenance: dict[str, Any] | None, recipe: Recipe, plan: Plan, out: Path) -> bool:
-    """True when `out` holds a finished merge of this recipe from these exact source pins."""
-    if not provenance or provenance.get("recipe_sha256") != recipe.sha256 or provenance.get("config_donor") != plan.donor:
+def matches(provenance: Provenance | None, recipe: Recipe, plan: Plan, out: Path) -> bool:
+    """True when `out` holds a finished merge with this merge identity from these exact source pins."""
+    if provenance is None or provenance.merge_identity != merge_identity(recipe, plan) or provenance.config_donor != plan.donor:
         return False
-    recorded = provenance.get("sources") or {}
+    recorded = provenance.sources
     if set(recorded) != {s.name for s in plan.sources}:
         return False
     for src in plan.sources:
-        mine = src.provenance()
-        if any(recorded[src.name].get(k) != mine[k] for k in ("kind", "repo_id", "revision", "content_sha256")):
+        mine, theirs = source_pin(src), recorded[src.name]
+        if any(getattr(theirs, k) != getattr(mine, k) for k in ("kind", "repo_id", "revision", "content_sha256")):
             return False
-    files = provenance.get("files") or {}
+    files = provenance.files
     return bool(files) and all(
-        (out / name).is_file() and (out / name).stat().st_size == info.get("size") for name, info in files.items()
+        (out / name).is_file() and (out / name).stat().st_size == info.size for name, info in files.items()
     )
 
 
@@ -239,20 +244,20 @@ def merge(
     console: Console | None = None,
     shard_bytes: int | None = None,
 ) -> MergeResult:
-    """Merge the plan's sources into `out` (default: default_output(recipe)), or reuse a finished merge there.
+    """Merge the plan's sources into `out` (default: default_output(recipe, plan)), or reuse a finished merge there.
 
     `device` is auto|cpu|cuda; `console` shows progress bars (None: quiet); `shard_bytes` overrides the
     output shard size (default: shard_size()).
     """
     started = time.perf_counter()
-    out = Path(os.path.abspath(out or default_output(recipe)))
+    out = Path(os.path.abspath(out or default_output(recipe, plan)))
     # Refused before anything is created or removed beside it.
     check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        found = read_provenance(out)
+        found = read_current(Provenance, out)
         if matches(found, recipe, plan, out):
-            return MergeResult(out, True, found.get("device", "cpu"), time.perf_counter() - started, found)
+            return MergeResult(out, True, found.device, time.perf_counter() - started, found)
         check_output(out)  # again under the lock: another process may have written it meanwhile
         # Under the lock, the marked staging and set-aside siblings of `out` belong to merges that died.
         staging_dirs.remove_leftovers(out.parent, f"{out.name}.")
@@ -273,7 +278,7 @@ def merge(
 
 def check_output(out: Path) -> None:
     """Refuse an output path that is neither free, an empty folder, nor a registry merge output."""
-    if out.exists() and read_provenance(out) is None and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not (out / PROVENANCE_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not a registry merge output; choose another folder with -o or remove it")
 
 
@@ -339,7 +344,7 @@ def mergekit_config(recipe: Recipe, plan: Plan, paths: dict[str, Path]) -> dict[
 
 
 def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path], device: str,
-                console: Console | None, shard_bytes: int) -> dict[str, Any]:
+                console: Console | None, shard_bytes: int) -> Provenance:
     import yaml
 
     _import_mergekit()
@@ -375,7 +380,7 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
         if not (staging / name).exists() and (donor / name).is_file():
             shutil.copyfile(donor / name, staging / name)
     provenance = _provenance(recipe, plan, staging, device, shard_hashes)
-    _write_json(staging / PROVENANCE, provenance)
+    write_report(provenance, staging)
     for f in staging.iterdir():
         _fsync(f)
     _fsync(staging)
@@ -460,7 +465,7 @@ def _import_mergekit() -> None:
             gc.enable()
 
 
-def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_hashes: dict[str, tuple[str, int]]) -> dict[str, Any]:
+def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_hashes: dict[str, tuple[str, int]]) -> Provenance:
     from importlib.metadata import version
 
     files = {}
@@ -470,20 +475,18 @@ def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_ha
         known = shard_hashes.get(_shard_origin(f.name, staging))
         size = f.stat().st_size
         files[f.name] = {"sha256": known[0] if known and known[1] == size else sha256_file(f), "size": size}
-    return {
-        "format": PROVENANCE_FORMAT,
-        "recipe_sha256": recipe.sha256,
-        "repo_id": recipe.repo_id,
-        "merge_method": recipe.merge.merge_method,
-        "normalize": recipe.merge.parameters.normalize,
-        "dtype": output_dtype(recipe, plan.source(plan.donor)),
-        "sources": {s.name: s.provenance() for s in plan.sources},
-        "config_donor": plan.donor,
-        "files": files,
-        "versions": {name: version(name) if name != "registry" else __version__
-                     for name in ("registry", "mergekit", "torch", "transformers")},
-        "device": device,
-    }
+    return Provenance(
+        merge_identity=merge_identity(recipe, plan),
+        merge_method=recipe.merge.merge_method,
+        normalize=recipe.merge.parameters.normalize,
+        dtype=output_dtype(recipe, plan.source(plan.donor)),
+        sources={s.name: source_pin(s) for s in plan.sources},
+        config_donor=plan.donor,
+        files=files,
+        versions={name: version(name) if name != "registry" else __version__
+                  for name in ("registry", "mergekit", "torch", "transformers")},
+        device=device,
+    )
 
 
 def _shard_origin(name: str, staging: Path) -> str:
@@ -784,6 +787,3 @@ def _fsync(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

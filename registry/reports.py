@@ -215,9 +215,14 @@ def read_current(kind: type[R], folder: str | Path) -> R | None:
         return None
 
 
+def data(report: Report) -> dict[str, Any]:
+    """The report as the plain JSON data its file holds (non-finite numbers become null)."""
+    return _finite(report.model_dump(mode="json"))
+
+
 def dumps(report: Report) -> str:
-    """The report as the JSON its file holds (non-finite numbers become null)."""
-    return json.dumps(_finite(report.model_dump(mode="json")), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    """The report as the JSON its file holds."""
+    return json.dumps(data(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def write(report: Report, folder: str | Path) -> Path:
@@ -241,5 +246,5 @@ def _finite(value: Any) -> Any:
 
 __all__ = [
     "PROVENANCE_FILE", "SMOKE_FILE", "CheckEntry", "FileRecord", "LongEntry", "ParityEntry", "Provenance", "Report",
-    "ReportError", "ShortEntry", "Smoke", "SourcePin", "dumps", "parse", "read", "read_current", "write",
+    "ReportError", "ShortEntry", "Smoke", "SourcePin", "data", "dumps", "parse", "read", "read_current", "write",
 ]

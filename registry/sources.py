@@ -240,9 +240,10 @@ def plan(
     estimate = None
     if out is not None or check_resources:
         from .merge import check_resources as _check
-        from .merge import default_output, estimate_resources
+        from .merge import build_root, estimate_resources
 
-        estimate = estimate_resources(recipe, sources, donor, out or default_output(recipe), device)
+        # Before the pins are known the build folder is not named yet; its filesystem is the build root's.
+        estimate = estimate_resources(recipe, sources, donor, out or build_root(), device)
         if check_resources:
             _check(estimate)
 

@@ -269,3 +269,43 @@ def test_a_failing_smoke_test_blocks_publishing_unless_forced(workspace):
     outcome = json.loads(forced.stdout)
     assert outcome["smoke"] == {"passed": False, "reused": True, "failed": outcome["smoke"]["failed"]}
     assert outcome["results"][0]["changed"]
+
+
+def test_a_summary_edit_reuses_merge_and_smoke_and_a_threshold_edit_reruns_smoke_only(tmp_path):
+    """The toy example: the build folder and smoke.json are keyed by the merge and smoke identities."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "recipes" / "examples" / "toy_cos_fmt.yaml").read_text()
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(text.replace("../../tests/fixtures/toy", str(root / "tests" / "fixtures" / "toy")))
+
+    def run() -> dict:
+        done = publish(tmp_path, recipe, "--format", "json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def stages(outcome: dict) -> tuple:
+        return outcome["merge"], outcome["smoke"]["passed"], outcome["smoke"]["reused"], outcome["results"][0]["changed"]
+
+    first = run()
+    assert stages(first) == ("merged", True, False, True)
+    smoke_json = Path(first["model_dir"]) / "smoke.json"
+    written = smoke_json.stat().st_mtime_ns
+
+    recipe.write_text(recipe.read_text().replace("summary: Linear merge", "summary: Edited linear merge"))
+    edited = run()
+    # Same merge, same smoke settings: only the card is new, so is the local version holding it.
+    assert stages(edited) == ("reused", True, True, True)
+    assert edited["model_dir"] == first["model_dir"] and smoke_json.stat().st_mtime_ns == written
+    assert "Edited linear merge" in Path(edited["card"]).read_text()
+
+    recipe.write_text(recipe.read_text().replace("    lengths: [256, 512]", "    lengths: [256, 512]\n  parity: {nll_margin: 0.5}"))
+    stricter = run()
+    assert stages(stricter) == ("reused", True, False, True)
+    assert stricter["model_dir"] == first["model_dir"] and smoke_json.stat().st_mtime_ns != written
+    from registry.identity import smoke_identity
+    from registry.recipe import load_recipe
+    from registry.reports import Provenance, Smoke, read
+
+    provenance, smoke = read(Provenance, smoke_json.parent), read(Smoke, smoke_json.parent)
+    assert smoke.merge_identity == provenance.merge_identity
+    assert smoke.smoke_identity == smoke_identity(provenance.merge_identity, load_recipe(recipe))

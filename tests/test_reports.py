@@ -70,3 +70,75 @@ def test_a_report_that_is_a_symlink_is_refused(tmp_path: Path):
     (tmp_path / "provenance.json").symlink_to(tmp_path / "elsewhere.json")
     with pytest.raises(ReportError, match="not a regular file"):
         reports.read(Provenance, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands that read reports: a bad one is one line naming the file, exit 1, no traceback
+
+TOY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "examples" / "toy_cos_fmt.yaml"
+STAGE = {"provenance.json": "merge", "smoke.json": "smoke"}
+BAD = {
+    "corrupt": ('{"format": 2, "passed": tru', "not valid JSON (Expecting value: line 1 column 25 (char 24))"),
+    "unknown format": ('{"format": 1, "passed": true}', "unknown {file} format 1 (this registry reads format 2)"),
+    "incomplete": ('{"format": 2}', None),
+}
+
+
+def _bad(folder: Path, file: str, bad: str) -> str:
+    """Write a bad `file` into `folder`; the message the command must print for it."""
+    content, message = BAD[bad]
+    path = folder / file
+    path.unlink(missing_ok=True)  # a published file is a hard link to the build's: replace, never edit
+    path.write_text(content)
+    if message is None:  # the first field a report of this kind requires
+        message = {"provenance.json": "merge_identity: Field required", "smoke.json": "passed: Field required"}[file]
+    return f"error: {path}: {message.format(file=file)} (run `registry {STAGE[file]}` again to rewrite it)\n"
+
+
+def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    from registry.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+@pytest.mark.parametrize("file", sorted(STAGE))
+def test_registry_card_names_a_bad_report_of_the_model_folder(tmp_path: Path, capsys, monkeypatch, file: str, bad: str):
+    monkeypatch.delenv("REGISTRY_DEBUG", raising=False)
+    reports.write(PROVENANCE, tmp_path)
+    expected = _bad(tmp_path, file, bad)
+    assert _cli(capsys, "card", str(TOY_RECIPE), "--model-dir", str(tmp_path)) == (1, "", expected)
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_registry_smoke_names_a_bad_provenance_before_loading_anything(tmp_path: Path, capsys, monkeypatch, bad: str):
+    monkeypatch.delenv("REGISTRY_DEBUG", raising=False)
+    (tmp_path / "config.json").write_text("{}")
+    expected = _bad(tmp_path, "provenance.json", bad)
+    assert _cli(capsys, "smoke", str(tmp_path), "--device", "cpu") == (1, "", expected)
+    assert not (tmp_path / "smoke.json").exists()
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+@pytest.mark.parametrize("file", sorted(STAGE))
+def test_registry_catalog_build_names_a_bad_report_in_the_local_registry(tmp_path: Path, capsys, monkeypatch, file: str, bad: str):
+    from registry.publish import Bundle, bundle_files
+    from registry.publish.local import LocalOptions, LocalTarget
+
+    monkeypatch.delenv("REGISTRY_DEBUG", raising=False)
+    home, model = tmp_path / "home", tmp_path / "model"
+    monkeypatch.setenv("REGISTRY_HOME", str(home))
+    model.mkdir()
+    smoke = Smoke(passed=True, device="cpu", checks=[CheckEntry(name="short", status="passed", reason="answered")])
+    card = "---\nregistry:\n  recipe_sha256: " + "b" * 64 + "\n---\n\n# tiny\n"
+    (model / "README.md").write_text(card)
+    reports.write(PROVENANCE, model)
+    reports.write(smoke, model)
+    bundle = Bundle("team/tiny", "b" * 64, {}, bundle_files(model), PROVENANCE, smoke, card)
+    published = Path(LocalTarget(home).publish(bundle, LocalOptions()).location)
+    expected = _bad(published, file, bad)
+    assert _cli(capsys, "catalog", "build", "-o", str(tmp_path / "site")) == (1, "", expected)
+    assert reports.read(Provenance, model) == PROVENANCE and reports.read(Smoke, model) == smoke  # the build's are intact

@@ -14,6 +14,7 @@ from registry.publish import Bundle, bundle_files
 from registry.publish.hf import HfOptions, HfTarget
 from registry.publish.local import LocalTarget, list_latest, read_index
 from registry.recipe import parse_recipe
+from registry.reports import CheckEntry, Provenance, Smoke, read, write
 from registry.testing.fixtures import (
     HUB_ORG,
     HUB_TOKEN,
@@ -56,18 +57,21 @@ def make_model(folder: Path, recipe, *, weights: bytes = b"", big: bool = False,
         name: {"sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(), "size": (folder / name).stat().st_size}
         for name in ("model.safetensors", "config.json", *(extra or {}))
     }
-    (folder / "provenance.json").write_text(json.dumps({"format": 1, "recipe_sha256": recipe.sha256, "repo_id": recipe.repo_id,
-                                                     "sources": PINS, "files": files}))
-    (folder / "smoke.json").write_text(json.dumps({"format": 1, "passed": True}))
+    merge_id = hashlib.sha256(blob).hexdigest()  # stands in for the merge identity: one per weights
+    write(Provenance(merge_identity=merge_id, merge_method="linear", dtype="bfloat16", sources=PINS, config_donor="org/a",
+                     files=files, versions={"registry": "0.1.0"}, device="cpu"), folder)
+    write(Smoke(merge_identity=merge_id, passed=True, device="cpu",
+                checks=[CheckEntry(name="short", status="passed", reason="answered")]), folder)
     (folder / "README.md").write_text(
         f"---\nbase_model:\n- org/a\n- org/b\nbase_model_relation: merge\nlicense: mit\n"
-        f"registry:\n  recipe_sha256: {recipe.sha256}\n---\n\n# {recipe.repo_id}\n"
+        f"registry:\n  recipe_sha256: {recipe.sha256}\n  merge_identity: {merge_id}\n---\n\n# {recipe.repo_id}\n"
     )
     return folder
 
 
 def make_bundle(folder: Path, recipe) -> Bundle:
-    return Bundle(recipe.repo_id, recipe.sha256, PINS, bundle_files(folder), smoke_passed=True, metadata={"license": "mit"})
+    return Bundle(recipe.repo_id, recipe.sha256, PINS, bundle_files(folder), read(Provenance, folder), read(Smoke, folder),
+                  (folder / "README.md").read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def test_hf_publish_one_commit_then_nothing(hub_server, hf, tmp_path):
     api = hub_client(hub_server)
     info = api.model_info(recipe.repo_id, files_metadata=True)
     assert info.private and info.sha == result.revision
-    assert info.card_data.to_dict()["registry"] == {"recipe_sha256": recipe.sha256}
+    assert info.card_data.to_dict()["registry"] == {"recipe_sha256": recipe.sha256, "merge_identity": bundle.provenance.merge_identity}
     lfs = {s.rfilename: s.lfs.sha256 for s in info.siblings if s.lfs}
     assert lfs == {"model.safetensors": bundle.files["model.safetensors"].sha256}
     for rel, entry in bundle.files.items():
@@ -340,6 +344,7 @@ import os, signal, sys
 from pathlib import Path
 from registry.publish import Bundle, bundle_files
 from registry.publish.local import LocalTarget
+from registry.reports import Provenance, Smoke, read
 
 home, folder, repo_id, sha, point = sys.argv[1:]
 PINS = {pins!r}
@@ -358,7 +363,9 @@ def replace(src, dst, *args, **kwargs):
 
 # SIGKILL at a known point of the real code: these only decide when the process dies.
 os.link, os.replace = link, replace
-bundle = Bundle(repo_id, sha, PINS, bundle_files(Path(folder)), smoke_passed=True, metadata={{"license": "mit"}})
+folder = Path(folder)
+bundle = Bundle(repo_id, sha, PINS, bundle_files(folder), read(Provenance, folder), read(Smoke, folder),
+                (folder / "README.md").read_text())
 LocalTarget(Path(home)).publish(bundle, LocalTarget.Options())
 """
 
@@ -481,3 +488,20 @@ def test_an_index_path_leading_out_of_the_home_is_never_followed(tmp_path, monke
     [model] = read_local(home)
     assert (model.card, model.provenance, model.smoke) == ("", None, None)
     assert not target.is_current(recipe, PINS, target.Options())
+
+
+@pytest.mark.parametrize("remote", [
+    '{"format": 1, "recipe_sha256": "x", "sources": {}, "files": {}}',  # written by an older registry
+    '{"format": 2, "merge_identity": ',  # corrupt
+    None,  # another merge's provenance beside this card
+])
+def test_hf_a_remote_provenance_of_another_format_or_merge_is_not_current(hub_server, hf, tmp_path, remote):
+    recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy-format"))
+    bundle = make_bundle(make_model(tmp_path / "build", recipe), recipe)
+    options = HfOptions()
+    hf.publish(bundle, options)
+    assert hf.is_current(recipe, PINS, options)
+    if remote is None:
+        remote = bundle.provenance.model_copy(update={"merge_identity": "f" * 64}).model_dump_json()
+    hub_client(hub_server).upload_file(path_or_fileobj=remote.encode(), path_in_repo="provenance.json", repo_id=recipe.repo_id)
+    assert not hf.is_current(recipe, PINS, options)

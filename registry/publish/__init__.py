@@ -15,6 +15,7 @@ from ..sources import sha256_file
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
+    from ..reports import FileRecord, Provenance, Smoke
 
 CARD_NAME = "README.md"
 
@@ -36,14 +37,25 @@ class FileEntry:
 
 @dataclass
 class Bundle:
-    """Everything a target publishes for one recipe: the model folder's files and the card."""
+    """Everything a target publishes for one recipe: the model folder's files, its reports and its card.
+
+    Targets read the reports and the card from here, never from the files again.
+    """
 
     repo_id: str
     recipe_sha256: str
     pins: dict[str, Any]
     files: dict[str, FileEntry]  # path in repo -> file here
-    smoke_passed: bool | None
-    metadata: dict[str, Any] = field(default_factory=dict)  # the card's front matter
+    provenance: Provenance
+    smoke: Smoke | None
+    card: str  # README.md as rendered
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The card's front matter, parsed."""
+        from ..card import front_matter
+
+        return front_matter(self.card) or {}
 
     @property
     def short_sha(self) -> str:
@@ -124,9 +136,9 @@ class Target:
 
 
 def bundle_files(
-    model_dir: Path, known: dict[str, dict[str, Any]] | None = None, environ: Mapping[str, str] | None = None
+    model_dir: Path, known: dict[str, FileRecord] | None = None, environ: Mapping[str, str] | None = None
 ) -> dict[str, FileEntry]:
-    """Every file of a finished model folder (card included), with sha256s, reusing `known` hashes.
+    """Every file of a finished model folder (card included), with sha256s, reusing `known` hashes (provenance's files).
 
     Raises PublishError when any of them holds a secret (see `check_no_secrets`), so no target receives it.
     """
@@ -138,7 +150,7 @@ def bundle_files(
             continue
         size = path.stat().st_size
         info = known.get(rel)
-        sha = info["sha256"] if info and info.get("size") == size else sha256_file(path)
+        sha = info.sha256 if info is not None and info.size == size else sha256_file(path)
         files[rel] = FileEntry(path, sha, size)
     check_no_secrets(files, environ)
     return files

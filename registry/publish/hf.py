@@ -11,14 +11,15 @@ an earlier publish recorded in the remote `provenance.json`; anyone else's files
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from ..errors import PublishError
+from ..errors import PublishError, ReportError
 from ..hookspecs import hookimpl
+from ..reports import Provenance, parse
 from . import Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
 
 T = TypeVar("T")
@@ -73,17 +74,18 @@ class HfTarget(Target):
 
     def is_current(self, recipe, pins, options) -> bool:
         info = self._remote_info(recipe.repo_id, options)
-        if info is None or _card_recipe_sha(info) != recipe.sha256:
+        if info is None or _card_registry(info).get("recipe_sha256") != recipe.sha256:
             return False
         provenance = self._remote_provenance(recipe.repo_id, info.sha)
-        if provenance is None or provenance.get("recipe_sha256") != recipe.sha256:
+        # The card and the weights beside it must describe the same merge.
+        if provenance is None or _card_registry(info).get("merge_identity") != provenance.merge_identity:
             return False
-        if not same_pins(provenance.get("sources"), pins):
+        if not same_pins({alias: pin.model_dump() for alias, pin in provenance.sources.items()}, pins):
             return False
         remote = _remote_files(info)
-        for rel, meta in provenance.get("files", {}).items():
+        for rel, meta in provenance.files.items():
             have = remote.get(rel)
-            if have is None or (have["sha256"] is not None and have["sha256"] != meta.get("sha256")):
+            if have is None or (have["sha256"] is not None and have["sha256"] != meta.sha256):
                 return False
         return True
 
@@ -106,8 +108,7 @@ class HfTarget(Target):
         if info is None:
             return set()
         provenance = self._remote_provenance(repo_id, info.sha)
-        files = provenance.get("files") if isinstance(provenance, dict) else None
-        return set(files) if isinstance(files, dict) else set()
+        return set(provenance.files) if provenance is not None else set()
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -231,14 +232,15 @@ class HfTarget(Target):
         except (RepositoryNotFoundError, RevisionNotFoundError):
             return None
 
-    def _remote_provenance(self, repo_id: str, sha: str) -> dict[str, Any] | None:
+    def _remote_provenance(self, repo_id: str, sha: str) -> Provenance | None:
+        """The provenance published at `sha`; None when there is none, or it is corrupt or of another format (not current)."""
         from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
 
         api = self._client()
         try:
-            path = self._retry(lambda: api.hf_hub_download(repo_id, "provenance.json", revision=sha), "read provenance.json")
-            return json.loads(open(path, encoding="utf-8").read())
-        except (RemoteEntryNotFoundError, json.JSONDecodeError):
+            path = self._retry(lambda: api.hf_hub_download(repo_id, Provenance.FILE, revision=sha), f"read {Provenance.FILE}")
+            return parse(Provenance, Path(path).read_bytes(), f"{repo_id}@{sha[:12]}/{Provenance.FILE}")
+        except (RemoteEntryNotFoundError, ReportError):
             return None
         except HfHubHTTPError as exc:
             if exc.response is not None and exc.response.status_code == 404:
@@ -320,10 +322,15 @@ def write_refusal(identity: dict[str, Any], repo_id: str, *, pull_request: bool 
     return None
 
 
-def _card_recipe_sha(info) -> str | None:
+def _card_registry(info) -> dict[str, Any]:
+    """The remote card's `registry:` block (recipe_sha256, merge_identity), empty when it has none."""
     data = info.card_data.to_dict() if info.card_data is not None else {}
-    registry = data.get("registry") or {}
-    return registry.get("recipe_sha256") if isinstance(registry, dict) else None
+    registry = data.get("registry")
+    return registry if isinstance(registry, dict) else {}
+
+
+def _card_recipe_sha(info) -> str | None:
+    return _card_registry(info).get("recipe_sha256")
 
 
 def _remote_files(info) -> dict[str, dict[str, Any]]:

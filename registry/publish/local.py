@@ -83,9 +83,9 @@ class LocalTarget(Target):
                 break
             version = f"{now:%Y%m%dT%H%M%SZ}-{bundle.short_sha}-{n}"
         final = parent / version
-        entry = _entry(bundle.repo_id, version, now, bundle.recipe_sha256, final.relative_to(self.home).as_posix(),
-                       bundle.smoke_passed, bundle.pins, {rel: (f.sha256, f.size) for rel, f in bundle.files.items()},
-                       bundle.metadata)
+        entry = _entry(bundle.repo_id, version, now, bundle.recipe_sha256, bundle.provenance.merge_identity,
+                       final.relative_to(self.home).as_posix(), bundle.smoke.passed if bundle.smoke is not None else None,
+                       bundle.pins, {rel: (f.sha256, f.size) for rel, f in bundle.files.items()}, bundle.metadata)
         try:
             parent.mkdir(parents=True, exist_ok=True)
             staging = staging_dirs.create(parent / f"{_STAGING}{version}-{os.getpid()}")
@@ -108,14 +108,16 @@ class LocalTarget(Target):
         return PublishResult(self.name, str(final), version, changed=True, notes=notes)
 
 
-def _entry(repo_id: str, version: str, when: dt.datetime, recipe_sha256: str, path: str, smoke_passed: bool | None,
-           pins: dict[str, Any], files: dict[str, tuple[str, int]], metadata: dict[str, Any]) -> dict[str, Any]:
+def _entry(repo_id: str, version: str, when: dt.datetime, recipe_sha256: str, merge_id: str, path: str,
+           smoke_passed: bool | None, pins: dict[str, Any], files: dict[str, tuple[str, int]],
+           metadata: dict[str, Any]) -> dict[str, Any]:
     """One version's record in index.json."""
     return {
         "repo_id": repo_id,
         "version": version,
         "published_at": when.isoformat(timespec="seconds").replace("+00:00", "Z"),
         "recipe_sha256": recipe_sha256,
+        "merge_identity": merge_id,
         "path": path,
         "smoke_passed": smoke_passed,
         "pins": pins,
@@ -197,23 +199,25 @@ def _adoptable(repo_id: str, folder: Path, rel: str) -> dict[str, Any] | None:
         return None
     try:
         provenance, smoke = read_reports(folder)
-        recorded = (provenance or {}).get("files")
-        if (not isinstance(recorded, dict) or not recorded or provenance.get("repo_id") != repo_id
-                or not str(provenance.get("recipe_sha256", "")).startswith(match[2])):
+        metadata = front_matter((folder / CARD_NAME).read_text(encoding="utf-8")) or {}
+        registry = metadata.get("registry") if isinstance(metadata.get("registry"), dict) else {}
+        recipe_sha256 = str(registry.get("recipe_sha256", ""))
+        if (provenance is None or not provenance.files or not recipe_sha256.startswith(match[2])
+                or registry.get("merge_identity") != provenance.merge_identity):
             return None
+        recorded = provenance.files
         # Sizes first: an incomplete folder is left without reading it.
-        if not all((folder / name).is_file() and (folder / name).stat().st_size == info.get("size") for name, info in recorded.items()):
+        if not all((folder / name).is_file() and (folder / name).stat().st_size == info.size for name, info in recorded.items()):
             return None
-        if any(sha256_file(folder / name) != info.get("sha256") for name, info in recorded.items()):
+        if any(sha256_file(folder / name) != info.sha256 for name, info in recorded.items()):
             return None
         files = bundle_files(folder, known=recorded)
-        metadata = front_matter((folder / CARD_NAME).read_text(encoding="utf-8")) or {}
     except (OSError, ValueError, TypeError, AttributeError, RegistryError):
         return None  # not a complete version folder of this registry: left alone
     when = dt.datetime.strptime(match[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
-    passed = smoke.get("passed") if smoke else None
-    return _entry(repo_id, folder.name, when, provenance["recipe_sha256"], rel,
-                  passed if isinstance(passed, bool) else None, provenance.get("sources") or {},
+    pins = {alias: pin.model_dump() for alias, pin in provenance.sources.items()}
+    return _entry(repo_id, folder.name, when, recipe_sha256, provenance.merge_identity, rel,
+                  smoke.passed if smoke is not None else None, pins,
                   {r: (f.sha256, f.size) for r, f in files.items()}, metadata)
 
 
