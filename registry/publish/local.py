@@ -29,7 +29,7 @@ from .. import staging as staging_dirs
 from ..errors import PublishError
 from ..hookspecs import hookimpl
 from ..sources import sha256_file
-from . import CARD_NAME, Bundle, PublishPlan, PublishResult, Target, TargetOptions, bundle_files, same_pins
+from . import CARD_NAME, PIN_FIELDS, Bundle, PublishPlan, PublishResult, Target, TargetOptions, bundle_files, same_pins
 
 INDEX = "index.json"
 _STAGING = ".staging-"
@@ -215,7 +215,7 @@ def _adoptable(repo_id: str, folder: Path, rel: str) -> dict[str, Any] | None:
     except (OSError, ValueError, TypeError, AttributeError, RegistryError):
         return None  # not a complete version folder of this registry: left alone
     when = dt.datetime.strptime(match[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
-    pins = {alias: pin.model_dump() for alias, pin in provenance.sources.items()}
+    pins = {alias: {f: getattr(pin, f) for f in PIN_FIELDS} for alias, pin in provenance.sources.items()}
     return _entry(repo_id, folder.name, when, recipe_sha256, provenance.merge_identity, rel,
                   smoke.passed if smoke is not None else None, pins,
                   {r: (f.sha256, f.size) for r, f in files.items()}, metadata)
