@@ -444,6 +444,8 @@ def run_short(model: Any, tokenizer: Any, config: ShortSmoke) -> ShortRun:
         [{"role": "user", "content": config.prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
     )
     ids = list(encoded["input_ids"])
+    if not ids:
+        raise SmokeError("the chat template and tokenizer encode the short prompt to no tokens; check the tokenizer files")
     gen = greedy_generate(model, ids, config.max_new_tokens, eos_token_ids(model, tokenizer))
     body = gen.tokens[:-1] if gen.stopped == "eos" else gen.tokens
     return ShortRun(
@@ -498,15 +500,25 @@ class NeedlePromptBuilder:
     (" " + question) are counted; the needle goes in at the sentence boundary nearest to
     depth * haystack length. Pieces are tokenized once and concatenated as token ids, so the count
     is exact whatever the tokenizer; a tokenizer that prepends BOS gets it in front.
+
+    A filler or question that the tokenizer encodes to no tokens is a SmokeError naming `model`:
+    the haystack could never grow to length, and a prompt without its question tests nothing.
     """
 
-    def __init__(self, tokenizer: Any, filler: str, needle: str, question: str):
+    def __init__(self, tokenizer: Any, filler: str, needle: str, question: str, *, model: str = "the model"):
         self.tokenizer = tokenizer
         self.needle = needle
         sentences = [s for s in re.split(r"(?<=[.!?])\s+", filler.strip()) if s]
         self.first_ids = [self._encode(s) for s in sentences]
         self.next_ids = [self._encode(" " + s) for s in sentences]
         self.question_ids = self._encode(" " + question)
+        for what, setting, ids in (("filler", "filler", self.first_ids), ("filler", "filler", self.next_ids),
+                                   ("question", "question", [self.question_ids])):
+            if not any(ids):
+                raise SmokeError(
+                    f"the tokenizer of {model} encodes the long-context {what} to no tokens, so no pass-key prompt "
+                    f"can be built; check the model's tokenizer files, or set smoke.long.{setting} to text it encodes"
+                )
         with_special = list(tokenizer("a")["input_ids"])
         plain = self._encode("a")
         cut = len(with_special) - len(plain)
@@ -538,14 +550,17 @@ class NeedlePromptBuilder:
         """The filler's token ids cut to `n`, and the sentence boundaries within them."""
         hay: list[int] = []
         bounds = [0]
-        i = 0
-        while len(hay) < n:
+        # Some sentence adds a token in every pass over them (checked in __init__), so this many steps always suffice.
+        for i in range((n + 2) * len(self.next_ids)):
+            if len(hay) >= n:
+                return hay[:n], bounds
             k = i % len(self.next_ids)
             hay += self.next_ids[k] if hay or lead_space else self.first_ids[k]
             if len(hay) <= n:
                 bounds.append(len(hay))
-            i += 1
-        return hay[:n], bounds
+        if len(hay) >= n:
+            return hay[:n], bounds
+        raise SmokeError(f"the long-context filler did not reach {n} tokens; set smoke.long.filler to longer text")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,9 +715,9 @@ def run_long_prompt(
 
 
 def run_long(model: Any, tokenizer: Any, config: LongSmoke, device: str, cells: list[tuple[int, float]] | None = None,
-             progress: Callable[[str], None] | None = None) -> list[LongRun]:
-    """Every (length, depth) of the long-context check, in order (or just `cells`)."""
-    builder = NeedlePromptBuilder(tokenizer, config.filler, config.needle, config.question)
+             progress: Callable[[str], None] | None = None, model_name: str = "the model") -> list[LongRun]:
+    """Every (length, depth) of the long-context check, in order (or just `cells`); `model_name` is for messages."""
+    builder = NeedlePromptBuilder(tokenizer, config.filler, config.needle, config.question, model=model_name)
     lengths, limit = long_lengths(config, model.config)
     todo = cells if cells is not None else [(n, d) for n in lengths for d in config.depths]
     runs = []
@@ -966,7 +981,8 @@ class SmokeContext:
                     short = None
                 value = nll(model, tokenizer, self.parity_text())
                 # Every planned prompt, whether or not the merge has run yet; parity compares where both ran.
-                long = run_long(model, tokenizer, self.config.long, self.device) if self.config.parity.retrieval else []
+                long = (run_long(model, tokenizer, self.config.long, self.device, model_name=f"parent '{source.name}' ({source.path})")
+                        if self.config.parity.retrieval else [])
                 self._parents[source.name] = ParentEval(source.name, short, value, long)
                 _free(model, tokenizer)
                 del model, tokenizer

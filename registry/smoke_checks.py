@@ -89,7 +89,7 @@ def short_check(ctx: SmokeContext) -> CheckResult:
 def long_check(ctx: SmokeContext) -> CheckResult:
     """The needle-in-a-haystack prompts: finite logits everywhere; retrieval judged by parity (or min_retrieved)."""
     cfg = ctx.config.long
-    ctx.long = run_long(ctx.model, ctx.tokenizer, cfg, ctx.device, progress=ctx.note)
+    ctx.long = run_long(ctx.model, ctx.tokenizer, cfg, ctx.device, progress=ctx.note, model_name=f"the model in {ctx.model_dir}")
     ran = [r for r in ctx.long if r.status != "skipped"]
     skipped = len(ctx.long) - len(ran)
     details = {"ran": len(ran), "skipped": skipped}

@@ -125,6 +125,62 @@ def test_needle_prompt_too_short_for_the_needle_is_an_error(tiny_loaded):
         builder.build(10, 0.5, "12345")
 
 
+def _digits_tokenizer(out: Path):
+    """A BPE tokenizer that knows only digits and the chat tokens, with no unknown token: letters encode to nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE({**{t: i for i, t in enumerate(specials)}, **{str(d): 3 + d for d in range(10)}}, []))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def _within(seconds: float, call):
+    """call() in a thread: its exception or result, or a failure (not a hung test) when it is still running."""
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds}s: a prompt-building loop has no bound"
+    return outcome
+
+
+@pytest.mark.parametrize(("filler", "question", "what"), [
+    (FILLER, QUESTION, "filler"),  # no letter is in the vocabulary
+    ("The grass is green.", "1 2 3", "filler"),
+    ("1. 2 3. 4 5 6.", QUESTION, "question"),
+])
+def test_a_tokenizer_that_encodes_the_prompt_text_to_nothing_is_a_clear_error_not_a_hang(tmp_path, filler, question, what):
+    _digits_tokenizer(tmp_path)
+    _random_model(tmp_path)
+    config = SmokeConfig(short=ShortSmoke(max_new_tokens=2),
+                         long=LongSmoke(lengths=[128], depths=[0.5], max_new_tokens=2, filler=filler, question=question))
+    outcome = _within(120, lambda: _run(tmp_path, config))
+    error = outcome.get("error")
+    assert isinstance(error, SmokeError), outcome
+    assert str(error) == (
+        f"the tokenizer of the model in {tmp_path} encodes the long-context {what} to no tokens, so no pass-key prompt "
+        f"can be built; check the model's tokenizer files, or set smoke.long.{what} to text it encodes"
+    )
+    # The same through the builder, for any caller, with the default name.
+    outcome = _within(60, lambda: NeedlePromptBuilder(load_model(tmp_path, "cpu")[1], filler, NEEDLE, question).build(128, 0.5, "12345"))
+    assert str(outcome.get("error")).startswith(f"the tokenizer of the model encodes the long-context {what} to no tokens")
+
+
 def test_pass_keys_are_fixed_per_length_and_depth():
     assert pass_key(512, 0.5, 5) == pass_key(512, 0.5, 5)
     assert len({pass_key(n, d, 5) for n in (256, 512) for d in (0.1, 0.5, 0.9)}) == 6
