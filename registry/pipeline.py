@@ -194,7 +194,7 @@ def _smoked(recipe, model_dir: Path, device, outcome, note, console) -> tuple[di
     if not reused:
         from .smoke import run_smoke
 
-        report = run_smoke(model_dir, recipe, device=device, progress=note)
+        report = run_smoke(model_dir, recipe, device=device, progress=note, strict=True)
         smoke = json.loads((model_dir / SMOKE_FILE).read_text())
         if console is not None:
             from .smoke import print_report

@@ -191,6 +191,11 @@ class SourceModel:
     weight: float | list[WeightFilter] | None
     path: Path | None
     missing: str | None = None
+    # Its folder is at hand but holds other weights than the merge read (a content sha256 mismatch).
+    changed: bool = False
+
+
+CHANGED_SINCE_MERGE = "its weights changed since the merge (their sha256 is not the one in provenance.json)"
 
 
 def read_provenance(model_dir: str | Path) -> dict[str, Any] | None:
@@ -239,12 +244,14 @@ def merge_sources(recipe: Recipe | None, provenance: dict[str, Any] | None) -> l
             if inp.ref.kind == "local":
                 path, missing = resolve_local_source(inp.ref.value, recipe_dir)
                 merged_from = (pinned.get(inp.name) or {}).get("content_sha256")
-                if path is not None and merged_from and folder_content_sha256(path) != merged_from:
-                    path, missing = None, "its weights changed since the merge (their sha256 is not the one in provenance.json)"
+                changed = path is not None and bool(merged_from) and folder_content_sha256(path) != merged_from
+                if changed:
+                    path, missing = None, CHANGED_SINCE_MERGE
             else:
                 revision = (pinned.get(inp.name) or {}).get("revision") or inp.ref.revision
                 path, missing = _hub_cached(inp.ref.value, revision)
-            out.append(SourceModel(inp.name, inp.ref.kind, inp.weight, path, missing))
+                changed = False
+            out.append(SourceModel(inp.name, inp.ref.kind, inp.weight, path, missing, changed))
         return out
     for name, info in pinned.items():
         weight = info.get("weight")
@@ -904,8 +911,11 @@ class SmokeContext:
     """What checks see: the model folder, recipe, config and device, lazily loaded models, earlier results."""
 
     def __init__(self, model_dir: Path, recipe: Recipe | None, config: SmokeConfig, device: str,
-                 provenance: dict[str, Any] | None, progress: Callable[[str], None] | None = None):
+                 provenance: dict[str, Any] | None, progress: Callable[[str], None] | None = None,
+                 *, strict: bool = False):
         self.model_dir = model_dir
+        # Set by `registry publish`: what cannot be verified there (a source changed since the merge) fails.
+        self.strict = strict
         self.recipe = recipe
         self.config = config
         self.device = device
@@ -1009,14 +1019,19 @@ def run_smoke(
     checks: list[SmokeCheckLike] | None = None,
     write: bool = True,
     progress: Callable[[str], None] | None = None,
+    strict: bool = False,
 ) -> SmokeReport:
-    """Run the smoke checks on a model folder and return (and by default write) the report."""
+    """Run the smoke checks on a model folder and return (and by default write) the report.
+
+    `strict` (what `registry publish` passes): a source whose weights changed since the merge fails the
+    weights check instead of skipping it, since nothing published may rest on an unverified merge.
+    """
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise SmokeError(f"{folder}: no config.json here; pass the folder `registry merge` wrote")
     provenance = read_provenance(folder)
     config = recipe.smoke if recipe is not None else SmokeConfig()
-    ctx = SmokeContext(folder, recipe, config, resolve_device(device), provenance, progress)
+    ctx = SmokeContext(folder, recipe, config, resolve_device(device), provenance, progress, strict=strict)
     results = []
     debug = os.environ.get("REGISTRY_DEBUG") == "1"
     for check in checks if checks is not None else get_smoke_checks():

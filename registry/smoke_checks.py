@@ -29,6 +29,16 @@ def weights_check(ctx: SmokeContext) -> CheckResult:
     sources = ctx.sources()
     if not sources:
         return CheckResult("weights", "skipped", "no recipe or provenance.json names the sources; pass --recipe")
+    changed = [s for s in sources if s.changed]
+    if changed and ctx.strict:
+        names = ("source " if len(changed) == 1 else "sources ") + ", ".join(f"'{s.name}'" for s in changed)
+        return CheckResult(
+            "weights", "failed",
+            f"{names} changed since the merge (the sha256 of the weights is not the one in provenance.json), "
+            "so the merge cannot be checked against it; restore the source, or accept its new weights with "
+            "`registry publish --update`",
+            {"changed": [s.name for s in changed]},
+        )
     missing = [s for s in sources if s.path is None]
     if missing:
         return CheckResult("weights", "skipped", _not_at_hand(missing))
