@@ -736,9 +736,9 @@ def test_repetition_is_judged_against_the_parents_when_they_are_at_hand(toy_merg
     fmt = judged.details["parents"]["fmt"]
     assert judged.details["parents"]["a"] == {"repeated_ngrams": repeated, "longest_run": run}
     assert fmt["repeated_ngrams"] < repeated  # what makes the case: ft_fmt's text repeats less than the merge's
-    assert (judged.status, judged.reason) == (
-        "failed", f"degenerate output (more than the parent that repeats least): {repeated:.0%} of 1-grams repeat "
-                  f"(limit {fmt['repeated_ngrams']:.0%}), longest run of one token {run} (limit {max(16, min(run, fmt['longest_run']))})")
+    expected = (f"degenerate output (more than the parent that repeats least): {repeated:.0%} of 1-grams repeat "
+                f"(limit {fmt['repeated_ngrams']:.0%}), longest run of one token {run} (limit {max(16, min(run, fmt['longest_run']))})")
+    assert (judged.status, judged.reason) == ("failed", expected)
 
 
 # ---------------------------------------------------------------------------------------------
