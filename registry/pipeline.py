@@ -199,7 +199,7 @@ def _smoked(recipe, model_dir: Path, device, outcome, note, console) -> tuple[Pr
     if not reused:
         from .smoke import run_smoke
 
-        report = run_smoke(model_dir, recipe, device=device, progress=note)
+        report = run_smoke(model_dir, recipe, device=device, progress=note, strict=True)
         smoke = read(Smoke, model_dir)  # as written: non-finite numbers are null there
         if console is not None:
             from .smoke import print_report

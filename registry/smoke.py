@@ -172,6 +172,11 @@ class SourceModel:
     weight: float | list[WeightFilter] | None
     path: Path | None
     missing: str | None = None
+    # Its folder is at hand but holds other weights than the merge read (a content sha256 mismatch).
+    changed: bool = False
+
+
+CHANGED_SINCE_MERGE = "its weights changed since the merge (their sha256 is not the one in provenance.json)"
 
 
 def resolve_local_source(text: str, recipe_dir: Path | None) -> tuple[Path | None, str | None]:
@@ -206,12 +211,14 @@ def merge_sources(recipe: Recipe | None, provenance: Provenance | None) -> list[
             if inp.ref.kind == "local":
                 path, missing = resolve_local_source(inp.ref.value, recipe_dir)
                 merged_from = pin.content_sha256 if (pin := pinned.get(inp.name)) else None
-                if path is not None and merged_from and folder_content_sha256(path) != merged_from:
-                    path, missing = None, "its weights changed since the merge (their sha256 is not the one in provenance.json)"
+                changed = path is not None and bool(merged_from) and folder_content_sha256(path) != merged_from
+                if changed:
+                    path, missing = None, CHANGED_SINCE_MERGE
             else:
                 revision = (pin.revision if (pin := pinned.get(inp.name)) else None) or inp.ref.revision
                 path, missing = _hub_cached(inp.ref.value, revision)
-            out.append(SourceModel(inp.name, inp.ref.kind, inp.weight, path, missing))
+                changed = False
+            out.append(SourceModel(inp.name, inp.ref.kind, inp.weight, path, missing, changed))
         return out
     for name, info in pinned.items():
         weight: Any = info.weight
@@ -465,15 +472,24 @@ class NeedlePromptBuilder:
     (" " + question) are counted; the needle goes in at the sentence boundary nearest to
     depth * haystack length. Pieces are tokenized once and concatenated as token ids, so the count
     is exact whatever the tokenizer; a tokenizer that prepends BOS gets it in front.
+
+    A filler or question that the tokenizer encodes to no tokens is a SmokeError naming `model`:
+    the haystack could never grow to length, and a prompt without its question tests nothing.
     """
 
-    def __init__(self, tokenizer: Any, filler: str, needle: str, question: str):
+    def __init__(self, tokenizer: Any, filler: str, needle: str, question: str, *, model: str = "the model"):
         self.tokenizer = tokenizer
         self.needle = needle
         sentences = [s for s in re.split(r"(?<=[.!?])\s+", filler.strip()) if s]
         self.first_ids = [self._encode(s) for s in sentences]
         self.next_ids = [self._encode(" " + s) for s in sentences]
         self.question_ids = self._encode(" " + question)
+        for what, ids in (("filler", self.first_ids), ("filler", self.next_ids), ("question", [self.question_ids])):
+            if not any(ids):
+                raise SmokeError(
+                    f"the tokenizer of {model} encodes the long-context {what} to no tokens, so no pass-key prompt "
+                    f"can be built; check the model's tokenizer files, or set smoke.long.{what} to text it encodes"
+                )
         with_special = list(tokenizer("a")["input_ids"])
         plain = self._encode("a")
         cut = len(with_special) - len(plain)
@@ -505,14 +521,17 @@ class NeedlePromptBuilder:
         """The filler's token ids cut to `n`, and the sentence boundaries within them."""
         hay: list[int] = []
         bounds = [0]
-        i = 0
-        while len(hay) < n:
+        # Some sentence adds a token in every pass over them (checked in __init__), so this many steps always suffice.
+        for i in range((n + 2) * len(self.next_ids)):
+            if len(hay) >= n:
+                return hay[:n], bounds
             k = i % len(self.next_ids)
             hay += self.next_ids[k] if hay or lead_space else self.first_ids[k]
             if len(hay) <= n:
                 bounds.append(len(hay))
-            i += 1
-        return hay[:n], bounds
+        if len(hay) >= n:
+            return hay[:n], bounds
+        raise SmokeError(f"the long-context filler did not reach {n} tokens; set smoke.long.filler to longer text")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,9 +686,9 @@ def run_long_prompt(
 
 
 def run_long(model: Any, tokenizer: Any, config: LongSmoke, device: str, cells: list[tuple[int, float]] | None = None,
-             progress: Callable[[str], None] | None = None) -> list[LongRun]:
-    """Every (length, depth) of the long-context check, in order (or just `cells`)."""
-    builder = NeedlePromptBuilder(tokenizer, config.filler, config.needle, config.question)
+             progress: Callable[[str], None] | None = None, model_name: str = "the model") -> list[LongRun]:
+    """Every (length, depth) of the long-context check, in order (or just `cells`); `model_name` is for messages."""
+    builder = NeedlePromptBuilder(tokenizer, config.filler, config.needle, config.question, model=model_name)
     lengths, limit = long_lengths(config, model.config)
     todo = cells if cells is not None else [(n, d) for n in lengths for d in config.depths]
     runs = []
@@ -856,8 +875,11 @@ class SmokeContext:
     """What checks see: the model folder, recipe, config and device, lazily loaded models, earlier results."""
 
     def __init__(self, model_dir: Path, recipe: Recipe | None, config: SmokeConfig, device: str,
-                 provenance: Provenance | None, progress: Callable[[str], None] | None = None):
+                 provenance: Provenance | None, progress: Callable[[str], None] | None = None,
+                 *, strict: bool = False):
         self.model_dir = model_dir
+        # Set by `registry publish`: what cannot be verified there (a source changed since the merge) fails.
+        self.strict = strict
         self.recipe = recipe
         self.config = config
         self.device = device
@@ -933,7 +955,8 @@ class SmokeContext:
                     short = None
                 value = nll(model, tokenizer, self.parity_text())
                 # Every planned prompt, whether or not the merge has run yet; parity compares where both ran.
-                long = run_long(model, tokenizer, self.config.long, self.device) if self.config.parity.retrieval else []
+                long = (run_long(model, tokenizer, self.config.long, self.device, model_name=f"parent '{source.name}' ({source.path})")
+                        if self.config.parity.retrieval else [])
                 self._parents[source.name] = ParentEval(source.name, short, value, long)
                 _free(model, tokenizer)
                 del model, tokenizer
@@ -960,14 +983,19 @@ def run_smoke(
     checks: list[SmokeCheckLike] | None = None,
     write: bool = True,
     progress: Callable[[str], None] | None = None,
+    strict: bool = False,
 ) -> SmokeReport:
-    """Run the smoke checks on a model folder and return (and by default write) the report."""
+    """Run the smoke checks on a model folder and return (and by default write) the report.
+
+    `strict` (what `registry publish` passes): a source whose weights changed since the merge fails the
+    weights check instead of skipping it, so a publish never passes a merge it could not verify.
+    """
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise SmokeError(f"{folder}: no config.json here; pass the folder `registry merge` wrote")
     provenance = read_report(Provenance, folder)
     config = recipe.smoke if recipe is not None else SmokeConfig()
-    ctx = SmokeContext(folder, recipe, config, resolve_device(device), provenance, progress)
+    ctx = SmokeContext(folder, recipe, config, resolve_device(device), provenance, progress, strict=strict)
     results = []
     debug = os.environ.get("REGISTRY_DEBUG") == "1"
     for check in checks if checks is not None else get_smoke_checks():

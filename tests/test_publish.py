@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from models import TinyConfig, build_family
+from registry.smoke_checks import BUILTIN_CHECKS
 from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, LIMITED_TOKENS, ORG_WRITERS, hub_client
 
 RECIPE = """\
@@ -309,3 +311,53 @@ def test_a_summary_edit_reuses_merge_and_smoke_and_a_threshold_edit_reruns_smoke
     provenance, smoke = read(Provenance, smoke_json.parent), read(Smoke, smoke_json.parent)
     assert smoke.merge_identity == provenance.merge_identity
     assert smoke.smoke_identity == smoke_identity(provenance.merge_identity, load_recipe(recipe))
+
+
+TOY = Path(__file__).parent / "fixtures" / "toy"
+
+
+def test_a_source_changed_between_the_merge_and_the_smoke_test_fails_the_publish(tmp_path, monkeypatch):
+    from registry.errors import PublishError
+    from registry.pipeline import publish as publish_recipe
+    from registry.recipe import load_recipe
+    from registry.smoke import run_smoke
+
+    for name in ("cos", "fmt"):
+        shutil.copytree(TOY / f"ft_{name}", tmp_path / "models" / name)
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(
+        "repo_id: team/toy\nsources:\n  cos: {model: ./models/cos}\n  fmt: {model: ./models/fmt}\n"
+        "merge:\n  merge_method: linear\n  models:\n"
+        "    - {model: cos, parameters: {weight: 0.3}}\n    - {model: fmt, parameters: {weight: 0.7}}\n"
+        "  parameters: {normalize: true}\n  dtype: bfloat16\n"
+        "smoke:\n  short: {max_new_tokens: 8}\n  long: {lengths: [128], depths: [0.5]}\n"
+    )
+    monkeypatch.setenv("REGISTRY_HOME", str(tmp_path / ".registry"))
+    monkeypatch.chdir(tmp_path)
+
+    def change_cos_after_the_merge(message: str) -> None:
+        if message.startswith("merged into"):
+            weights = tmp_path / "models" / "cos" / "model.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 1  # one bit of the last tensor
+            weights.write_bytes(bytes(data))
+
+    changed = (
+        "source 'cos' changed since the merge (the sha256 of the weights is not the one in provenance.json), so the "
+        "merge cannot be checked against it; restore the source, or accept its new weights with `registry publish --update`"
+    )
+    with pytest.raises(PublishError) as refused:
+        publish_recipe(recipe, targets=["local"], device="cpu", note=change_cos_after_the_merge)
+    assert str(refused.value) == (
+        f"smoke test failed (weights: {changed}); nothing was published (fix the recipe, or publish anyway with --force)")
+    assert not (tmp_path / ".registry" / "models").exists()
+    build = tmp_path / ".registry" / "build" / load_recipe(recipe).sha256[:12]
+    saved = json.loads((build / "smoke.json").read_text())
+    assert saved["passed"] is False and saved["checks"][0] == {
+        "name": "weights", "status": "failed", "reason": changed, "details": saved["checks"][0]["details"]}
+    assert saved["checks"][0]["details"]["changed"] == ["cos"]
+    # `registry smoke` on its own still reports what it could not check, as a skip with the reason.
+    [weights] = run_smoke(build, load_recipe(recipe), device="cpu", write=False,
+                          checks=[c for c in BUILTIN_CHECKS if c.name == "weights"]).checks
+    assert (weights.status, weights.reason) == (
+        "skipped", "source 'cos' is not at hand: its weights changed since the merge (their sha256 is not the one in provenance.json)")
