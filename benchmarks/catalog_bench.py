@@ -89,20 +89,22 @@ def recipe_text(i: int, rng: random.Random, earlier: list[str]) -> str:
     )
 
 
-def reports(recipe, rng: random.Random) -> tuple[dict, dict | None]:
-    """provenance.json and smoke.json (or None) as the merge and smoke stages write them."""
+def reports(recipe, rng: random.Random):
+    """provenance.json and smoke.json (or None) as the merge and smoke stages write them: (Provenance, Smoke | None)."""
+    from registry.reports import Provenance, Smoke
+
     sources = {}
     for item in recipe.inputs():
         hub = item.ref.kind == "hub"
-        sources[item.name] = {
+        sources[item.key] = {
             "kind": item.ref.kind, "repo_id": item.ref.value if hub else None,
             "revision": f"{rng.getrandbits(160):040x}" if hub else None,
             "content_sha256": None if hub else f"{rng.getrandbits(256):064x}",
-            "label": item.source.label if item.source else None, "hub_id": item.source.hub_id if item.source else None,
             "weight": item.weight if not isinstance(item.weight, list) else [{"filter": w.filter, "value": w.value} for w in item.weight],
         }
+    merge_id = f"{rng.getrandbits(256):064x}"
     provenance = {
-        "format": 1, "recipe_sha256": recipe.sha256, "repo_id": recipe.repo_id, "merge_method": "linear",
+        "merge_identity": merge_id, "merge_method": "linear",
         "normalize": True, "dtype": "bfloat16", "sources": sources, "config_donor": next(iter(sources)),
         "files": {"model.safetensors": {"sha256": f"{rng.getrandbits(256):064x}", "size": rng.randint(10**8, 4 * 10**9)},
                   "config.json": {"sha256": f"{rng.getrandbits(256):064x}", "size": 700}},
@@ -111,7 +113,7 @@ def reports(recipe, rng: random.Random) -> tuple[dict, dict | None]:
     }
     roll = rng.random()
     if roll < 0.15:
-        return provenance, None
+        return Provenance.model_validate(provenance), None
     passed = roll < 0.75
     lengths = [4096, 32768, 131072][: rng.randint(1, 3)]
     long_rows = [
@@ -120,7 +122,7 @@ def reports(recipe, rng: random.Random) -> tuple[dict, dict | None]:
         for n in lengths
     ]
     smoke = {
-        "format": 1, "passed": passed, "device": provenance["device"], "recipe_sha256": recipe.sha256,
+        "merge_identity": merge_id, "passed": passed, "device": provenance["device"],
         "checks": [
             {"name": "short", "status": "passed", "reason": "ended by the model", "details": {}},
             {"name": "long", "status": "passed" if passed else "failed",
@@ -131,7 +133,7 @@ def reports(recipe, rng: random.Random) -> tuple[dict, dict | None]:
         "long": long_rows,
         "parity": [{"model": "merged", "nll": round(rng.uniform(1.5, 3), 3), "long_retrieved": 3, "long_total": 3}],
     }
-    return provenance, smoke
+    return Provenance.model_validate(provenance), Smoke.model_validate(smoke)
 
 
 def make_registry(home: Path, work: Path, count: int) -> float:
@@ -140,6 +142,7 @@ def make_registry(home: Path, work: Path, count: int) -> float:
     from registry.publish import Bundle, bundle_files
     from registry.publish.local import LocalOptions, LocalTarget
     from registry.recipe import parse_recipe
+    from registry.reports import write
 
     start = time.perf_counter()
     rng = random.Random(20240601)
@@ -150,16 +153,14 @@ def make_registry(home: Path, work: Path, count: int) -> float:
         provenance, smoke = reports(recipe, rng)
         folder = work / f"m{i:04d}"
         folder.mkdir(parents=True)
-        (folder / "README.md").write_text(render_card(recipe, provenance, smoke, []))
-        (folder / "provenance.json").write_text(json.dumps(provenance))
+        card = render_card(recipe, provenance, smoke, [])
+        (folder / "README.md").write_text(card)
+        write(provenance, folder)
         if smoke is not None:
-            (folder / "smoke.json").write_text(json.dumps(smoke))
+            write(smoke, folder)
         (folder / "config.json").write_text('{"model_type": "qwen2"}')
         (folder / "model.safetensors").write_bytes(b"\0" * 256)
-        from registry.card import front_matter
-
-        meta = front_matter((folder / "README.md").read_text()) or {}
-        target.publish(Bundle(recipe.repo_id, recipe.sha256, {}, bundle_files(folder), smoke["passed"] if smoke else None, meta), LocalOptions())
+        target.publish(Bundle(recipe.repo_id, recipe.sha256, {}, bundle_files(folder), provenance, smoke, card), LocalOptions())
         earlier.append(recipe.repo_id)
     return time.perf_counter() - start
 

@@ -2,7 +2,8 @@
 
     python benchmarks/validate_cold.py [--runs 21]
 
-Runs are interleaved so both commands see the same machine state. Target: median <= 0.3 s.
+Runs are interleaved so both commands see the same machine state. Target: the median is at most
+15x the median of `python -c pass` (the interpreter's own start-up, measured in the same run).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGET_S = 0.3
+TARGET_RATIO = 15.0
 
 
 def timed(cmd: list[str]) -> float:
@@ -41,9 +42,10 @@ def main() -> int:
     for name, ts in times.items():
         print(f"{name:<28} {medians[name]:>7.3f}s {min(ts):>7.3f}s {max(ts):>7.3f}s")
     ours, base = medians["registry validate recipes/"], medians["python -c pass"]
-    print(f"ratio {ours / base:.1f}x python start-up; registry's own cost {ours - base:.3f}s; target median <= {TARGET_S}s: "
-          f"{'met' if ours <= TARGET_S else 'MISSED'}")
-    return 0 if ours <= TARGET_S else 1
+    ratio = ours / base
+    print(f"ratio {ratio:.1f}x python start-up (target <= {TARGET_RATIO:g}x: {'met' if ratio <= TARGET_RATIO else 'MISSED'}); "
+          f"registry's own cost {ours - base:.3f}s")
+    return 0 if ratio <= TARGET_RATIO else 1
 
 
 if __name__ == "__main__":

@@ -13,20 +13,19 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import CardError, UsageError
 from .hub_rules import LICENSES, repo_id_problem
+from .identity import smoke_identity
+from .leaks import find_leaks
 from .recipe import MergeInput, Recipe, parse_ref
+from .reports import PROVENANCE_FILE, SMOKE_FILE, Provenance, Smoke, read as read_report
 from .templating import template_loader
 
 CARD_TEMPLATE = "model_card.md.j2"
-REPORT_FORMAT = 1
-PROVENANCE_FILE = "provenance.json"
-SMOKE_FILE = "smoke.json"
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 
 
@@ -165,7 +164,7 @@ def base_models(recipe: Recipe) -> list[str]:
     return found
 
 
-def card_metadata(recipe: Recipe, provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def card_metadata(recipe: Recipe, provenance: Provenance | None = None) -> dict[str, Any]:
     """The card's YAML front matter: what the Hub reads for a merge, plus the fields publishing compares."""
     meta: dict[str, Any] = {}
     parents = base_models(recipe)
@@ -182,15 +181,26 @@ def card_metadata(recipe: Recipe, provenance: Mapping[str, Any] | None = None) -
     tags = ["merge", "mergekit", recipe.merge.merge_method]
     meta["tags"] = tags + [t for t in dict.fromkeys(recipe.tags) if t not in tags]
     # The version of registry that built the weights when known, so re-rendering a card does not churn it.
-    version = _get(provenance, "versions", "registry") or __version__
-    meta["registry"] = {"recipe_sha256": recipe.sha256, "version": str(version)}
+    version = (provenance.versions.get("registry") if provenance is not None else None) or __version__
+    registry: dict[str, Any] = {"recipe_sha256": recipe.sha256}
+    if provenance is not None:
+        registry["merge_identity"] = provenance.merge_identity
+    registry["version"] = str(version)
+    # The sources' text facts, which provenance (merge facts only) does not record; the catalog reads them here.
+    described = {
+        item.key: {k: v for k, v in (("label", item.source.label), ("hub_id", item.source.hub_id)) if v}
+        for item in recipe.inputs() if item.source is not None and (item.source.label or item.source.hub_id)
+    }
+    if described:
+        registry["sources"] = described
+    meta["registry"] = registry
     return meta
 
 
 def card_context(
     recipe: Recipe,
-    provenance: Mapping[str, Any] | None = None,
-    smoke: Mapping[str, Any] | None = None,
+    provenance: Provenance | None = None,
+    smoke: Smoke | None = None,
     sections: Iterable[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """Everything a card template sees, as plain data built from an allow-list of fields (never a local path)."""
@@ -213,7 +223,7 @@ def card_context(
         "merge": {
             "method": merge.merge_method,
             "normalize": merge.parameters.normalize,
-            "dtype": merge.dtype or _get(provenance, "dtype"),
+            "dtype": merge.dtype or (provenance.dtype if provenance is not None else None),
             "out_dtype": merge.out_dtype,
             "config_donor": _config_donor(recipe, provenance, names),
         },
@@ -226,15 +236,15 @@ def card_context(
     }
 
 
-def _source_context(item: MergeInput, provenance: Mapping[str, Any] | None) -> dict[str, Any]:
+def _source_context(item: MergeInput, provenance: Provenance | None) -> dict[str, Any]:
     name = item.key
     # Reports key a source by its alias, or by the reference as written when it has none.
-    pinned = _get(provenance, "sources", name) or _get(provenance, "sources", item.name)
-    pinned = pinned if isinstance(pinned, Mapping) else {}
+    recorded = provenance.sources if provenance is not None else {}
+    pinned = recorded.get(name) or recorded.get(item.name)
     label = item.source.label if item.source else None
     hub_id = item.source.hub_id if item.source else None
     repo_id = item.ref.value if item.ref.kind == "hub" else None
-    revision = (pinned.get("revision") if repo_id else None) or item.ref.revision
+    revision = (pinned.revision if repo_id and pinned else None) or item.ref.revision
     return {
         "alias": name,
         "label": label,
@@ -242,9 +252,9 @@ def _source_context(item: MergeInput, provenance: Mapping[str, Any] | None) -> d
         "repo_id": repo_id,
         "revision": revision,
         # Only a commit sha from provenance.json is a pin; a branch or tag in the recipe can move.
-        "pinned": bool(repo_id and pinned.get("revision")),
+        "pinned": bool(repo_id and pinned and pinned.revision),
         "hub_id": hub_id,
-        "content_sha256": pinned.get("content_sha256") if item.ref.kind == "local" else None,
+        "content_sha256": pinned.content_sha256 if pinned and item.ref.kind == "local" else None,
         "weight": _plain_weight(item.weight),
         "weight_text": _weight_text(item.weight),
     }
@@ -265,10 +275,9 @@ def _weight_text(weight: Any) -> str:
     return "; ".join(parts)
 
 
-def _config_donor(recipe: Recipe, provenance: Mapping[str, Any] | None, names: Mapping[str, str]) -> str | None:
-    donor = _get(provenance, "config_donor")
-    if donor is not None:
-        return _safe_name(str(donor), names)
+def _config_donor(recipe: Recipe, provenance: Provenance | None, names: Mapping[str, str]) -> str | None:
+    if provenance is not None:
+        return _safe_name(provenance.config_donor, names)
     return _safe_name(recipe.merge.base_model, names) if recipe.merge.base_model else None
 
 
@@ -304,73 +313,31 @@ def _safe_config(recipe: Recipe, names: Mapping[str, str]) -> dict[str, Any]:
     return config
 
 
-def _smoke_context(smoke: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
-    short = smoke.get("short")
-    long_rows = _list(smoke, "long", SMOKE_FILE)
-    retrieved = [row.get("tokens") for row in long_rows if row.get("status") == "retrieved" and isinstance(row.get("tokens"), int)]
+def _smoke_context(smoke: Smoke, names: Mapping[str, str]) -> dict[str, Any]:
+    short = smoke.short
     return {
-        "passed": bool(smoke.get("passed")),
-        "longest_retrieved": max(retrieved, default=None),
-        "device": smoke.get("device"),
-        "checks": [
-            {"name": str(c.get("name")), "status": str(c.get("status")), "reason": c.get("reason") or ""}
-            for c in _list(smoke, "checks", SMOKE_FILE)
-        ],
-        "short": None if not short else {
-            "prompt": short.get("prompt") or "",
-            "output": short.get("output") or "",
-            "new_tokens": short.get("new_tokens"),
-            "stopped": short.get("stopped"),
-        },
+        "passed": smoke.passed,
+        "longest_retrieved": smoke.longest_retrieved,
+        "device": smoke.device,
+        "checks": [{"name": c.name, "status": c.status, "reason": c.reason} for c in smoke.checks],
+        "short": None if short is None else short.model_dump(),
         "long": [
-            {
-                "tokens": row.get("tokens"),
-                "depth": row.get("depth"),
-                "status": row.get("status"),
-                "reason": row.get("reason"),
-                "finite": row.get("finite"),
-                "seconds": row.get("seconds"),
-                "peak_memory_bytes": row.get("peak_memory_bytes"),
-            }
-            for row in long_rows
+            row.model_dump(include={"tokens", "depth", "status", "reason", "finite", "seconds", "peak_memory_bytes"})
+            for row in smoke.long
         ],
         "parity": [
-            {
-                "model": "merged" if row.get("model") == "merged" else _safe_name(str(row.get("model")), names),
-                "nll": row.get("nll"),
-                "long_retrieved": row.get("long_retrieved"),
-                "long_total": row.get("long_total"),
-            }
-            for row in _list(smoke, "parity", SMOKE_FILE)
+            {**row.model_dump(), "model": "merged" if row.model == "merged" else _safe_name(row.model, names)}
+            for row in smoke.parity
         ],
     }
 
 
-def _provenance_context(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    files = provenance.get("files") or {}
-    versions = provenance.get("versions") or {}
-    if not isinstance(files, dict) or not isinstance(versions, dict) or not all(isinstance(f, Mapping) for f in files.values()):
-        raise CardError(f"{PROVENANCE_FILE}: 'files' and 'versions' must be mappings", "re-run `registry merge`")
+def _provenance_context(provenance: Provenance) -> dict[str, Any]:
     return {
-        "device": provenance.get("device"),
-        "files": [{"name": name, "sha256": f.get("sha256"), "size": f.get("size")} for name, f in sorted(files.items())],
-        "versions": [{"name": name, "version": str(v)} for name, v in versions.items()],
+        "device": provenance.device,
+        "files": [{"name": name, **f.model_dump()} for name, f in sorted(provenance.files.items())],
+        "versions": [{"name": name, "version": v} for name, v in provenance.versions.items()],
     }
-
-
-def _get(data: Mapping[str, Any] | None, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, Mapping):
-            return None
-        data = data.get(key)
-    return data
-
-
-def _list(data: Mapping[str, Any], key: str, file: str) -> list[Mapping[str, Any]]:
-    value = data.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
-        raise CardError(f"{file}: '{key}' must be a list of objects", "re-run the stage that wrote it")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,13 +346,12 @@ def _list(data: Mapping[str, Any], key: str, file: str) -> list[Mapping[str, Any
 
 def render_card(
     recipe: Recipe,
-    provenance: Mapping[str, Any] | None = None,
-    smoke: Mapping[str, Any] | None = None,
+    provenance: Provenance | None = None,
+    smoke: Smoke | None = None,
     template_dirs: Sequence[Path | str] | None = None,
 ) -> str:
     """The model card (README.md text) for `recipe`; raises CardError rather than return a card that leaks."""
-    _check_report(recipe, provenance, PROVENANCE_FILE, "registry merge")
-    _check_report(recipe, smoke, SMOKE_FILE, "registry smoke")
+    check_reports(recipe, provenance, smoke)
     if template_dirs is None:
         from .templating import template_dirs as default_dirs
 
@@ -401,8 +367,8 @@ def render_card(
 def write_card(
     recipe: Recipe,
     path: Path,
-    provenance: Mapping[str, Any] | None = None,
-    smoke: Mapping[str, Any] | None = None,
+    provenance: Provenance | None = None,
+    smoke: Smoke | None = None,
     template_dirs: Sequence[Path | str] | None = None,
 ) -> str:
     """Render the card and write it to `path` (whole or not at all); returns the text."""
@@ -417,7 +383,7 @@ def write_card(
     return text
 
 
-def plugin_sections(recipe: Recipe, provenance: Mapping[str, Any] | None, smoke: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+def plugin_sections(recipe: Recipe, provenance: Provenance | None, smoke: Smoke | None) -> list[tuple[str, str]]:
     """Extra (title, markdown) sections from plugins' `card_sections` hooks."""
     from .plugins import get_plugin_manager
 
@@ -431,38 +397,44 @@ def plugin_sections(recipe: Recipe, provenance: Mapping[str, Any] | None, smoke:
     return sections
 
 
-def read_reports(model_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def read_reports(model_dir: Path) -> tuple[Provenance | None, Smoke | None]:
     """provenance.json and smoke.json from a model folder; None for each one that is absent."""
     if not model_dir.is_dir():
         raise UsageError(f"{model_dir}: no such model folder", "give --model-dir the folder `registry merge` wrote")
-    return _read_json(model_dir / PROVENANCE_FILE, "registry merge"), _read_json(model_dir / SMOKE_FILE, "registry smoke")
+    return read_report(Provenance, model_dir), read_report(Smoke, model_dir)
 
 
-def _read_json(path: Path, stage: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as exc:
-        raise CardError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}", f"re-run `{stage}`") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CardError(f"{path}: cannot be read: {exc}", f"re-run `{stage}`") from None
-    if not isinstance(data, dict):
-        raise CardError(f"{path}: expected a JSON object", f"re-run `{stage}`")
-    return data
-
-
-def _check_report(recipe: Recipe, report: Mapping[str, Any] | None, file: str, stage: str) -> None:
-    if report is None:
+def check_reports(recipe: Recipe, provenance: Provenance | None, smoke: Smoke | None) -> None:
+    """Raise CardError when the reports were not made for this recipe's merge and smoke settings."""
+    if provenance is not None:
+        difference = _other_merge(recipe, provenance)
+        if difference:
+            raise CardError(f"{PROVENANCE_FILE} was written for another merge: {difference}", "re-run `registry merge`")
+    if smoke is None or smoke.merge_identity is None or provenance is None:
         return
-    if report.get("format") != REPORT_FORMAT:
-        raise CardError(f"{file}: format {report.get('format')!r} is not {REPORT_FORMAT}", f"re-run `{stage}` with this version of registry")
-    sha = report.get("recipe_sha256")
-    if sha is not None and sha != recipe.sha256:
+    if smoke.merge_identity != provenance.merge_identity:
         raise CardError(
-            f"{file} was written for another recipe (sha256 {str(sha)[:12]}…, this one is {recipe.sha256[:12]}…)",
-            f"re-run `{stage}`",
+            f"{SMOKE_FILE} was made for another merge (merge identity {smoke.merge_identity[:12]}…, "
+            f"{PROVENANCE_FILE} has {provenance.merge_identity[:12]}…)",
+            "re-run `registry smoke`",
         )
+    if smoke.smoke_identity is not None and smoke.smoke_identity != smoke_identity(provenance.merge_identity, recipe):
+        raise CardError(f"{SMOKE_FILE} was made with other smoke settings than {recipe.repo_id}'s", "re-run `registry smoke`")
+
+
+def _other_merge(recipe: Recipe, provenance: Provenance) -> str | None:
+    """How the merge settings provenance records differ from the recipe's (pins aside: checking them needs hashing)."""
+    inputs = recipe.inputs()
+    recorded, wanted = sorted(provenance.sources), sorted(item.key for item in inputs)
+    # Reports key a source by its alias, or by the reference as written when it has none.
+    if recorded != wanted and recorded != sorted(item.name for item in inputs):
+        return f"its sources are {', '.join(recorded)}, this recipe merges {', '.join(wanted)}"
+    for item in inputs:
+        pin = provenance.sources.get(item.key) or provenance.sources[item.name]
+        had = [w.model_dump() for w in pin.weight] if isinstance(pin.weight, list) else pin.weight
+        if had != _plain_weight(item.weight):
+            return f"its weight of {item.key} is {json.dumps(had)}, this recipe's is {json.dumps(_plain_weight(item.weight))}"
+    return None
 
 
 def _render(env: Any, name: str, context: dict[str, Any]) -> str:
@@ -561,106 +533,9 @@ def check_card(text: str, recipe: Recipe, environ: Mapping[str, str] | None = No
     problems = metadata_problems(meta)
     if problems:
         raise CardError(f"card metadata for {recipe.repo_id}: {problems[0]}", "fix the recipe or the template's front matter")
-    if _get(meta, "registry", "recipe_sha256") != recipe.sha256:
+    registry = meta.get("registry")
+    if not isinstance(registry, dict) or registry.get("recipe_sha256") != recipe.sha256:
         raise CardError(
             f"card metadata for {recipe.repo_id} lacks registry.recipe_sha256 {recipe.sha256[:12]}…, which publishing compares",
             "keep the default template's front matter block",
         )
-
-
-@dataclass(frozen=True)
-class Leak:
-    """Something path- or secret-shaped in a rendered card, and where."""
-
-    line: int
-    col: int
-    section: str
-    what: str
-
-    def __str__(self) -> str:
-        return f"line {self.line}:{self.col} ({self.section}) contains {self.what}"
-
-
-# Where a path may start: line start, whitespace, or punctuation that opens a value or a quote.
-_PATH_START = r"(?:(?<=^)|(?<=[\s\"'`(\[{=,:;*|>]))"
-_SEGMENT = r"[A-Za-z0-9._~@+%-]+"
-_WELL_KNOWN_ROOTS = "home|Users|root|tmp|mnt|scratch|data|local|opt|srv|media|workspace|gpfs|lustre|nfs|Volumes"
-_PATTERNS: list[tuple[re.Pattern[str], str, bool]] = [
-    # (pattern, what it is, whether the match may be shown in the message)
-    (re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}"), "a Hugging Face token (hf_…)", False),
-    (re.compile(r"(?<![A-Za-z0-9_])api_org_[A-Za-z0-9]{30,}"), "a Hugging Face organization token (api_org_…)", False),
-    (re.compile(r"(?<![A-Za-z0-9_])gh[pousr]_[A-Za-z0-9]{36,}"), "a GitHub token", False),
-    (re.compile(r"(?<![A-Z0-9])AKIA[0-9A-Z]{16}(?![A-Z0-9])"), "an AWS access key id", False),
-    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key", False),
-    (re.compile(r"\$\{[^}\n]*\}"), "an environment reference", True),
-    (re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*[\\/]|%[A-Za-z_][A-Za-z0-9_]*%[\\/]"), "an environment reference", True),
-    (re.compile(r"(?<![A-Za-z0-9])[A-Za-z]:[\\/]+[^\s|`'\"<>]*"), "a Windows path", True),
-    (re.compile(r"(?<![\w\\])\\{2,}[A-Za-z0-9._$-]+\\+[A-Za-z0-9._$-]+[^\s|`'\"<>]*"), "a network (UNC) path", True),
-    (re.compile(r"(?<![\w/.~-])~(?:[A-Za-z_][A-Za-z0-9._-]*)?[\\/][^\s|`'\"<>]*"), "a home-relative path", True),
-    (
-        re.compile(
-            _PATH_START + rf"/(?:(?:{_SEGMENT}/)+{_SEGMENT}?|(?:{_WELL_KNOWN_ROOTS})(?![A-Za-z0-9._-]))[^\s|`'\"<>]*",
-            re.M,
-        ),
-        "an absolute path",
-        True,
-    ),
-]
-_ESCAPABLE = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH", re.I)
-_PATHLIKE = re.compile(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)")
-
-
-def find_leaks(text: str, environ: Mapping[str, str] | None = None) -> list[Leak]:
-    """Every path- or secret-shaped thing in `text`, including values of secret or path-valued environment variables."""
-    environ = os.environ if environ is None else environ
-    # Scan the text as a reader sees it: `hf\_abc` in the Markdown is `hf_abc` on the page.
-    plain, where = _unescaped(text)
-    # (start, end, rank, what): environment values first, so a token is named by its variable.
-    candidates: list[tuple[int, int, int, str]] = []
-    for name, value in sorted(environ.items()):
-        if _SECRET_NAME.search(name) and len(value) >= 8:
-            for match in re.finditer(re.escape(value), plain):
-                candidates.append((match.start(), match.end(), 0, f"the value of environment variable {name}"))
-        elif _PATHLIKE.match(value) and len(path := value.rstrip("/\\")) >= 5:
-            for match in re.finditer(r"(?<![\w./\\-])" + re.escape(path) + r"(?![\w.-])", plain):
-                candidates.append((match.start(), match.end(), 0, f"the value of environment variable {name} (a path)"))
-    for rank, (pattern, what, show) in enumerate(_PATTERNS, 1):
-        for match in pattern.finditer(plain):
-            shown = match.group()
-            shown = shown if len(shown) <= 60 else shown[:57] + "…"
-            candidates.append((match.start(), match.end(), rank, f"{what} '{shown}'" if show else what))
-    leaks: list[Leak] = []
-    covered = -1
-    # One leak per place: a Windows path also looks like a UNC path once its backslashes are escaped.
-    for start, end, _, what in sorted(candidates, key=lambda c: (c[0], c[2])):
-        if start < covered:
-            continue
-        covered = end
-        at = where[start]
-        line = text.count("\n", 0, at) + 1
-        col = at - (text.rfind("\n", 0, at) + 1) + 1
-        leaks.append(Leak(line, col, _section_at(text, at), what))
-    return leaks
-
-
-def _unescaped(text: str) -> tuple[str, list[int]]:
-    """`text` without Markdown backslash escapes, and the offset in `text` of each character kept."""
-    chars: list[str] = []
-    where: list[int] = []
-    i = 0
-    while i < len(text):
-        where.append(i)
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPABLE:
-            i += 1
-        chars.append(text[i])
-        i += 1
-    return "".join(chars), where
-
-
-def _section_at(text: str, offset: int) -> str:
-    before = text[:offset]
-    if before.startswith("---\n") and before.count("\n---\n") == 0:
-        return "front matter"
-    headings = re.findall(r"^#{2,6} +(.+)$", before, re.M)
-    return headings[-1].strip() if headings else "title"

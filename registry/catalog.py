@@ -19,21 +19,21 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import CatalogError, UsageError
 from .hub_rules import repo_id_problem
+from .reports import Provenance, Report, Smoke, parse, read as read_report
 from .templating import default_template_dir, template_dirs, template_loader
 
 TEMPLATE_FOLDER = "catalog"
 HUB_URL = "https://huggingface.co"
 CARD_NAME = "README.md"
-SMOKE_FILE = "smoke.json"
-PROVENANCE_FILE = "provenance.json"
 RECIPE_FILE = "recipe.yaml"
 # Written into every built site, so a rebuild may replace the folder and nothing else.
 MARKER = ".registry-catalog"
 SMOKE_STATES = ("passed", "failed", "not run")
+R = TypeVar("R", bound=Report)
 # Same front-matter block as huggingface_hub.repocard, so the catalog and the Hub agree on the metadata.
 _FRONT_MATTER = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 
@@ -45,8 +45,8 @@ class CatalogModel:
     repo_id: str
     card: str  # README.md, front matter included
     metadata: dict[str, Any]
-    smoke: dict[str, Any] | None = None
-    provenance: dict[str, Any] | None = None
+    smoke: Smoke | None = None
+    provenance: Provenance | None = None
     recipe: str | None = None  # the recipe YAML, when it was published beside the model
     version: str | None = None
     published_at: str | None = None
@@ -99,17 +99,17 @@ def read_models(source: str = "local", home: Path | None = None, api: Any = None
 def read_local(home: Path | None = None) -> list[CatalogModel]:
     """The newest version of every model in the local registry."""
     from . import registry_home
-    from .publish.local import list_latest
+    from .publish.local import list_latest, version_folder
 
     home = home or registry_home()
-    root = home.resolve()
     models = []
     for entry in list_latest(home):
         repo_id = str(entry.get("repo_id"))
         _check_repo_id(repo_id, f"{home}/index.json")
-        folder = (home / str(entry.get("path", ""))).resolve()
         # The index is only data: a path leading out of the registry is not followed.
-        inside = folder.is_relative_to(root) and folder != root
+        found = version_folder(home, entry)
+        inside = found is not None
+        folder = found or home
         card = _read_text(folder / CARD_NAME) if inside else None
         meta, _ = split_front_matter(card or "")
         files = entry.get("files") or {}
@@ -117,8 +117,8 @@ def read_local(home: Path | None = None) -> list[CatalogModel]:
             repo_id=repo_id,
             card=card or "",
             metadata=meta if meta is not None else dict(entry.get("metadata") or {}),
-            smoke=_read_json(folder / SMOKE_FILE) if inside else None,
-            provenance=_read_json(folder / PROVENANCE_FILE) if inside else None,
+            smoke=read_report(Smoke, folder) if inside else None,
+            provenance=read_report(Provenance, folder) if inside else None,
             recipe=_read_text(folder / RECIPE_FILE) if inside and RECIPE_FILE in files else None,
             version=entry.get("version"),
             published_at=entry.get("published_at"),
@@ -158,14 +158,17 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
         _check_repo_id(info.id, endpoint)
         card = text(CARD_NAME) or ""
         meta, _ = split_front_matter(card)
-        smoke, provenance = text(SMOKE_FILE), text(PROVENANCE_FILE)
+        def report(kind: type[R]) -> R | None:
+            found = text(kind.FILE)
+            return parse(kind, found, f"{endpoint}/{info.id}/{kind.FILE}") if found is not None else None
+
         modified = getattr(info, "last_modified", None)
         return CatalogModel(
             repo_id=info.id,
             card=card,
             metadata=meta if meta is not None else dict(getattr(info, "card_data", None) or {}),
-            smoke=_loads(smoke),
-            provenance=_loads(provenance),
+            smoke=report(Smoke),
+            provenance=report(Provenance),
             recipe=text(RECIPE_FILE),
             version=info.sha,
             published_at=modified.isoformat(timespec="seconds").replace("+00:00", "Z") if modified else None,
@@ -209,18 +212,6 @@ def _read_text(path: Path) -> str | None:
         return path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return _loads(_read_text(path))
-
-
-def _loads(text: str | None) -> dict[str, Any] | None:
-    try:
-        data = json.loads(text) if text else None
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -379,9 +370,8 @@ def merge_method(model: CatalogModel) -> str:
     """The merge method: from provenance.json, else the card's tags, else 'unknown'."""
     from .recipe import KNOWN_METHODS
 
-    method = (model.provenance or {}).get("merge_method")
-    if isinstance(method, str) and method:
-        return method
+    if model.provenance is not None and model.provenance.merge_method:
+        return model.provenance.merge_method
     for tag in _strings(model.metadata.get("tags")):
         if tag in KNOWN_METHODS:
             return tag
@@ -390,7 +380,7 @@ def merge_method(model: CatalogModel) -> str:
 
 def smoke_status(model: CatalogModel) -> str:
     """'passed', 'failed' or 'not run', from smoke.json when published, else the registry index."""
-    passed = model.smoke.get("passed") if model.smoke else model.smoke_passed
+    passed = model.smoke.passed if model.smoke is not None else model.smoke_passed
     return "not run" if passed is None else "passed" if passed is True else "failed"
 
 
@@ -434,9 +424,8 @@ def catalog_context(models: Sequence[CatalogModel]) -> dict[str, Any]:
 
 def _entry(model: CatalogModel, html: Any, summary: str) -> dict[str, Any]:
     meta = model.metadata
-    provenance = model.provenance or {}
-    sources = provenance.get("sources") if isinstance(provenance.get("sources"), dict) else {}
-    labels = [str(s.get("label")) for s in sources.values() if isinstance(s, dict) and s.get("label")]
+    described = _described_sources(meta)
+    labels = [d["label"] for d in described.values() if d.get("label")]
     license_id = meta.get("license") if isinstance(meta.get("license"), str) else "unknown"
     license_name = meta.get("license_name") if isinstance(meta.get("license_name"), str) else None
     tags = list(dict.fromkeys(_strings(meta.get("tags"))))
@@ -465,7 +454,7 @@ def _entry(model: CatalogModel, html: Any, summary: str) -> dict[str, Any]:
         "published_at": model.published_at,
         "card_html": html,
         "recipe": model.recipe,
-        "merge": _merge_context(provenance, sources),
+        "merge": _merge_context(model.provenance, described),
         "smoke_report": _smoke_context(model.smoke),
         # Filters read these; JSON so that any tag text round-trips (the template escapes it).
         "data": {
@@ -476,53 +465,56 @@ def _entry(model: CatalogModel, html: Any, summary: str) -> dict[str, Any]:
     }
 
 
-def _merge_context(provenance: Mapping[str, Any], sources: Mapping[str, Any]) -> dict[str, Any] | None:
-    if not provenance:
-        return None
-    rows = []
-    for alias, pin in sources.items():
-        pin = pin if isinstance(pin, dict) else {}
-        weight = pin.get("weight")
-        if isinstance(weight, list):
-            weight = "; ".join(
-                f"{w.get('value')} for {w.get('filter')}" if w.get("filter") else f"{w.get('value')} otherwise"
-                for w in weight if isinstance(w, dict)
-            )
-        rows.append({
-            "alias": str(alias),
-            "label": pin.get("label"),
-            "kind": pin.get("kind"),
-            "model": pin.get("repo_id") or pin.get("hub_id"),
-            "pin": pin.get("revision") or pin.get("content_sha256"),
-            "weight": weight,
-        })
+def _described_sources(meta: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """The card's text facts about each source (`registry.sources`: label, hub_id), as strings."""
+    registry = meta.get("registry")
+    found = registry.get("sources") if isinstance(registry, dict) else None
+    if not isinstance(found, dict):
+        return {}
     return {
-        "method": provenance.get("merge_method"),
-        "normalize": provenance.get("normalize"),
-        "dtype": provenance.get("dtype"),
-        "config_donor": provenance.get("config_donor"),
-        "device": provenance.get("device"),
-        "sources": rows,
-        "versions": provenance.get("versions") if isinstance(provenance.get("versions"), dict) else {},
+        str(alias): {k: v for k, v in facts.items() if k in ("label", "hub_id") and isinstance(v, str)}
+        for alias, facts in found.items() if isinstance(facts, dict)
     }
 
 
-def _smoke_context(smoke: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if not smoke:
+def _merge_context(provenance: Provenance | None, described: Mapping[str, Mapping[str, str]]) -> dict[str, Any] | None:
+    if provenance is None:
         return None
-
-    def rows(key: str) -> list[dict[str, Any]]:
-        value = smoke.get(key)
-        return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []
-
-    short = smoke.get("short")
+    rows = []
+    for alias, pin in provenance.sources.items():
+        weight: Any = pin.weight
+        if isinstance(weight, list):
+            weight = "; ".join(f"{w.value} for {w.filter}" if w.filter else f"{w.value} otherwise" for w in weight)
+        facts = described.get(alias, {})
+        rows.append({
+            "alias": alias,
+            "label": facts.get("label"),
+            "kind": pin.kind,
+            "model": pin.repo_id or facts.get("hub_id"),
+            "pin": pin.pin or None,
+            "weight": weight,
+        })
     return {
-        "passed": smoke.get("passed") is True,
-        "device": smoke.get("device"),
-        "checks": rows("checks"),
-        "short": short if isinstance(short, dict) else None,
-        "long": rows("long"),
-        "parity": rows("parity"),
+        "method": provenance.merge_method,
+        "normalize": provenance.normalize,
+        "dtype": provenance.dtype,
+        "config_donor": provenance.config_donor,
+        "device": provenance.device,
+        "sources": rows,
+        "versions": provenance.versions,
+    }
+
+
+def _smoke_context(smoke: Smoke | None) -> dict[str, Any] | None:
+    if smoke is None:
+        return None
+    return {
+        "passed": smoke.passed,
+        "device": smoke.device,
+        "checks": [c.model_dump() for c in smoke.checks],
+        "short": smoke.short.model_dump() if smoke.short is not None else None,
+        "long": [r.model_dump() for r in smoke.long],
+        "parity": [r.model_dump() for r in smoke.parity],
     }
 
 

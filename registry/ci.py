@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import RecipeError, RegistryError, UsageError
+from .errors import RecipeError, RegistryError, ReportError, UsageError
 from .recipe import ModelRef, Recipe, load_recipe, parse_recipe
+from .reports import Provenance, Smoke, read as read_report
 
 RECIPES_DIR = "recipes"
 EXAMPLES_DIR = "recipes/examples"
@@ -667,20 +668,32 @@ def _format_setting(value: Any) -> str:
     return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
-def find_reports(folder: Path | None) -> dict[str, dict[str, Any]]:
-    """provenance.json and smoke.json files under `folder`, keyed by their recipe_sha256."""
-    found: dict[str, dict[str, Any]] = {}
+@dataclass
+class DryRunReports:
+    """What one recipe's dry run left: its reports, or why they cannot be read."""
+
+    provenance: Provenance | None = None
+    smoke: Smoke | None = None
+    problem: str | None = None
+
+
+def report_folder(recipe: str) -> str:
+    """The folder a recipe's dry-run reports land in: the workflow's artifact name, report-<slug>."""
+    return f"report-{slug(recipe)}"
+
+
+def find_reports(folder: Path | None) -> dict[str, DryRunReports]:
+    """The dry runs' reports under `folder`, keyed by the folder holding them (report-<slug>, one per recipe)."""
+    found: dict[str, DryRunReports] = {}
     if folder is None or not folder.is_dir():
         return found
-    for name in ("provenance.json", "smoke.json"):
-        for path in sorted(folder.rglob(name)):
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            sha = data.get("recipe_sha256") if isinstance(data, dict) else None
-            if isinstance(sha, str):
-                found.setdefault(sha, {})[name.removesuffix(".json")] = data
+    holders = {path.parent for kind in (Provenance, Smoke) for path in folder.rglob(kind.FILE)}
+    for holder in sorted(holders):
+        entry = found.setdefault(holder.name, DryRunReports())
+        try:
+            entry.provenance, entry.smoke = read_report(Provenance, holder), read_report(Smoke, holder)
+        except ReportError as exc:
+            entry.problem = str(exc)
     return found
 
 
@@ -722,7 +735,7 @@ def _repo_path(path: str, root: Path) -> str:
         raise UsageError(f"{path} is not inside the repository at {root}") from None
 
 
-def _summarize(path: str, root: Path, changes: Changes | None, reports: Mapping[str, dict[str, Any]]) -> RecipeSummary:
+def _summarize(path: str, root: Path, changes: Changes | None, reports: Mapping[str, DryRunReports]) -> RecipeSummary:
     entry = changes.find(path) if changes else None
     item = RecipeSummary(path, valid=True, reasons=list(entry.reasons) if entry else [])
     if not (root / path).is_file():
@@ -742,10 +755,12 @@ def _summarize(path: str, root: Path, changes: Changes | None, reports: Mapping[
     item.repo_id, item.sha256 = recipe.repo_id, recipe.sha256
     if changes is not None and changes.base_sha != ZERO_SHA:
         item.diff, item.diff_note = _base_diff(recipe, path, entry, root, changes.base_sha)
-    report = reports.get(recipe.sha256, {})
-    provenance, smoke = report.get("provenance"), report.get("smoke")
-    if smoke is not None:
-        item.smoke_passed = smoke.get("passed") is True
+    report = reports.get(report_folder(path), DryRunReports())
+    provenance, smoke = report.provenance, report.smoke
+    if report.problem is not None:
+        item.dry_run = f"its report cannot be read: {report.problem}"
+    elif smoke is not None:
+        item.smoke_passed = smoke.passed
         item.dry_run = _smoke_line(smoke)
     elif provenance is not None:
         item.dry_run = "merged, but no smoke report was found: see the recipe's job log"
@@ -779,20 +794,18 @@ def _base_diff(recipe: Recipe, path: str, entry: ChangedRecipe | None, root: Pat
     return recipe_diff(before, recipe), None
 
 
-def _smoke_line(smoke: Mapping[str, Any]) -> str:
-    checks = smoke.get("checks") if isinstance(smoke.get("checks"), list) else []
+def _smoke_line(smoke: Smoke) -> str:
     parts = []
-    for check in checks:
-        if isinstance(check, dict):
-            part = f"{check.get('name')} {check.get('status')}"
-            if check.get("status") == "failed" and check.get("reason"):
-                part += f" ({check.get('reason')})"
-            parts.append(part)
-    verdict = "smoke tests passed" if smoke.get("passed") is True else "smoke tests FAILED"
+    for check in smoke.checks:
+        part = f"{check.name} {check.status}"
+        if check.status == "failed" and check.reason:
+            part += f" ({check.reason})"
+        parts.append(part)
+    verdict = "smoke tests passed" if smoke.passed else "smoke tests FAILED"
     return verdict + (": " + ", ".join(parts) if parts else "")
 
 
-def _card(recipe: Recipe, root: Path, provenance: Any, smoke: Any) -> tuple[str | None, str | None]:
+def _card(recipe: Recipe, root: Path, provenance: Provenance | None, smoke: Smoke | None) -> tuple[str | None, str | None]:
     from .card import render_card
     from .templating import template_dirs
 

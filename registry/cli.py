@@ -167,7 +167,7 @@ def card(
     elif output is None:
         write(text)
     else:
-        found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke)) if data) or "no reports"
+        found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke)) if data is not None) or "no reports"
         _console().print(f"wrote {esc(output)} for {esc(loaded.repo_id)} ({found})")
 
 
@@ -249,7 +249,9 @@ def smoke(
     progress = None if format is Format.json else (lambda message: err.print(f"[dim]{esc(message)}[/dim]"))
     report = run_smoke(model_dir, loaded, device=device.value, progress=progress)
     if format is Format.json:
-        emit_json(report.to_dict())
+        from .reports import data
+
+        emit_json(data(report.to_report()))
     else:
         print_report(report, _console())
     if not report.passed:
@@ -341,16 +343,18 @@ def merge(
     format: FormatOption = Format.text,
 ) -> None:
     """Merge the recipe's pinned sources with mergekit into a complete, reproducible output folder."""
-    from .merge import default_output, merge as run
+    from .merge import build_root, check_output, default_output, merge as run
     from .recipe import load_recipe
     from .sources import plan as make_plan, write_lock
 
     loaded = load_recipe(recipe)
-    out_dir = output or default_output(loaded)
+    if output is not None:
+        check_output(output.absolute())  # before sources are hashed or the lock file written
     text = format is Format.text
     with _HashBar(text) as bar:
-        result_plan = make_plan(loaded, update=update, out=out_dir, device=device.value, on_hash=bar.update)
+        result_plan = make_plan(loaded, update=update, out=output or build_root(), device=device.value, on_hash=bar.update)
     write_lock(result_plan)
+    out_dir = output or default_output(loaded, result_plan)
     result = run(loaded, result_plan, out_dir, device.value, console=_console(stderr=True) if text else None)
     if not text:
         emit_json({**result.to_dict(), "warnings": result_plan.warnings})
@@ -360,7 +364,8 @@ def merge(
         out.print(f"[yellow]warning[/yellow] {esc(warning)}")
     size = sum(f["size"] for f in result.files.values())
     if result.reused:
-        out.print(f"reused {esc(result.out)}: its provenance.json matches recipe {loaded.sha256[:12]} and the pinned sources")
+        out.print(f"reused {esc(result.out)}: its provenance.json has this merge's identity {result.provenance.merge_identity[:12]} "
+                  "(merge settings and pinned sources)")
     else:
         out.print(f"merged {esc(loaded.repo_id)} into {esc(result.out)} ({size / 1e9:.2f} GB, {len(result.files)} files) "
                   f"on {esc(result.device)} in {result.seconds:.1f} s")
@@ -415,15 +420,21 @@ def publish(
         verb = "published" if r.changed else "unchanged"
         out.print(f"{esc(r.target)}: {verb} {esc(r.location)}" + (f" ({esc(r.revision)})" if r.revision else "")
                   + (f", {esc(r.detail)}" if r.detail and r.changed else ""))
+    for done in [*outcome.plans, *outcome.results]:
+        if done.kept:
+            out.print(f"{esc(done.target)}: kept {len(done.kept)} files that registry did not publish: {esc(', '.join(done.kept))}")
 
 
 @app.command("list")
 def list_models(format: FormatOption = Format.text) -> None:
     """List the models in the local registry (the newest version of each)."""
     from . import registry_home
-    from .publish.local import list_latest
+    from .publish.local import checked_version_folder, list_latest, reconcile
 
+    for message in reconcile():
+        _console(stderr=True).print(esc(message))
     found = list_latest()
+    folders = [checked_version_folder(registry_home(), entry) for entry in found]
     if format is Format.json:
         emit_json(found)
         return
@@ -433,9 +444,9 @@ def list_models(format: FormatOption = Format.text) -> None:
     from rich.table import Table
 
     table = Table("repo id", "version", "smoke", "path")
-    for entry in found:
+    for entry, folder in zip(found, folders, strict=True):
         smoke = {True: "passed", False: "failed", None: "-"}[entry.get("smoke_passed")]
-        table.add_row(esc(entry["repo_id"]), esc(entry["version"]), smoke, esc(registry_home() / entry["path"]))
+        table.add_row(esc(entry["repo_id"]), esc(entry["version"]), smoke, esc(folder))
     _console().print(table)
 
 
@@ -446,18 +457,19 @@ def show(
 ) -> None:
     """Show a model of the local registry: every version, and the newest card."""
     from . import registry_home
-    from .publish.local import versions
+    from .publish.local import checked_version_folder, versions
 
     found = versions(None, repo_id)
     if not found:
         raise UsageError(f"'{repo_id}' is not in the local registry {registry_home()}; `registry list` shows what is")
+    folders = [checked_version_folder(registry_home(), entry) for entry in found]
     if format is Format.json:
         emit_json(found)
         return
     out = _console()
-    for entry in found:
-        out.print(f"{esc(entry['version'])}  recipe {esc(entry['recipe_sha256'][:12])}  {esc(registry_home() / entry['path'])}")
-    card = registry_home() / found[-1]["path"] / "README.md"
+    for entry, folder in zip(found, folders, strict=True):
+        out.print(f"{esc(entry['version'])}  recipe {esc(entry['recipe_sha256'][:12])}  {esc(folder)}")
+    card = folders[-1] / "README.md"
     if card.is_file():
         from rich.markdown import Markdown
 
@@ -510,7 +522,7 @@ def ci_summary(
     recipes: Annotated[Optional[list[str]], typer.Argument(help="Recipe files [default: those the change touches].")] = None,
     base: BaseOption = None,
     reports: Annotated[
-        Optional[Path], typer.Option("--reports", help="Folder searched for provenance.json and smoke.json from dry runs.")
+        Optional[Path], typer.Option("--reports", help="Folder of the dry runs' reports: provenance.json and smoke.json in report-<recipe slug>/ (the workflow's artifacts).")
     ] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the Markdown to this file.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1024, help="Most UTF-8 bytes of Markdown (GitHub comments take 65,536 characters).")] = 64_512,

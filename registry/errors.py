@@ -85,3 +85,7 @@ class CatalogError(RegistryError):
 
 class PublishError(RegistryError):
     """A publish target refused or failed; nothing half-written is left behind."""
+
+
+class ReportError(RegistryError):
+    """A file one stage left for the next is corrupt, incomplete or of an unknown format version."""

@@ -25,7 +25,7 @@ def register_template_dirs():
 
 @hookspec
 def card_sections(recipe, result):
-    """Return extra Markdown sections (a list of (title, markdown) pairs) for a model card."""
+    """Return extra Markdown sections ((title, markdown) pairs) for a card; `result` maps provenance/smoke to their reports or None."""
 
 
 @hookspec

@@ -4,7 +4,9 @@
 replaced by the pinned folders, the config/tokenizer donor set explicitly so mergekit never picks it
 from a set), runs `run_merge` into `<out>.staging-<pid>`, writes `provenance.json` beside the weights,
 fsyncs everything and renames the folder into place. A killed merge leaves only `.staging-`/`.old-`
-siblings, which the next run removes; a finished merge whose provenance matches is reused.
+siblings, marked as the registry's own (see staging.py), which the next run removes; a finished merge
+whose provenance matches is reused. Before the rename, every source file is checked to still be the one
+the plan pinned, and every checkpoint the merge read to be unchanged since it was opened.
 
 For tests, REGISTRY_TEST_STOP_AT=<point> makes the process stop itself (SIGSTOP) at a named point
 ("shard": a shard was written to staging; "rename": just before staging is renamed into place;
@@ -35,16 +37,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from . import __version__, registry_home
+from . import staging as staging_dirs
 from .errors import MergeError, RegistryError, UsageError
-from .sources import Estimate, PinnedSource, Plan, fetch, sha256_file
+from .identity import merge_identity
+from .reports import PROVENANCE_FILE, Provenance, SourcePin, read_current, write as write_report
+from .sources import Estimate, HashCache, PinnedSource, Plan, fetch, sha256_file, stat_identity
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from .recipe import Recipe
 
-PROVENANCE = "provenance.json"
-PROVENANCE_FORMAT = 1
 # Output shards of about an eighth of the model, within these bounds. mergekit's default (5 GB) holds a
 # whole 1.5B model in memory and writes it after the last tensor; smaller shards are written, hashed and
 # fsynced by background threads while later tensors are merged.
@@ -71,12 +74,12 @@ class MergeResult:
     reused: bool
     device: str
     seconds: float
-    provenance: dict[str, Any]
+    provenance: Provenance
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:
         """Output files (provenance.json aside) with their sha256 and size."""
-        return self.provenance["files"]
+        return {name: f.model_dump() for name, f in self.provenance.files.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (for `registry merge --format json`)."""
@@ -85,14 +88,19 @@ class MergeResult:
             "reused": self.reused,
             "device": self.device,
             "seconds": round(self.seconds, 3),
-            "recipe_sha256": self.provenance["recipe_sha256"],
+            "merge_identity": self.provenance.merge_identity,
             "files": self.files,
         }
 
 
-def default_output(recipe: Recipe) -> Path:
-    """`<registry home>/build/<first 12 hex of the recipe sha256>`."""
-    return registry_home() / "build" / recipe.sha256[:12]
+def build_root() -> Path:
+    """Where merges go by default: `<registry home>/build`."""
+    return registry_home() / "build"
+
+
+def default_output(recipe: Recipe, plan: Plan) -> Path:
+    """`<build root>/<first 12 hex of the merge identity>`: text edits keep the folder, weight edits change it."""
+    return build_root() / merge_identity(recipe, plan)[:12]
 
 
 def output_dtype(recipe: Recipe, donor: PinnedSource) -> str:
@@ -197,29 +205,29 @@ def _memory_available() -> int | None:
 # Finished outputs
 
 
-def read_provenance(out: Path) -> dict[str, Any] | None:
-    """The provenance.json of a finished merge at `out`, or None."""
-    try:
-        data = json.loads((out / PROVENANCE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == PROVENANCE_FORMAT else None
+def source_pin(src: PinnedSource) -> SourcePin:
+    """A source as provenance records it: its pin and weight (labels are the card's, paths never leave)."""
+    weight: Any = src.weight
+    if isinstance(weight, list):
+        weight = [w.model_dump() for w in weight]
+    return SourcePin(kind=src.kind, repo_id=src.repo_id, revision=src.revision, content_sha256=src.content_sha256,
+                     weight=weight)
 
 
-def matches(provenance: dict[str, Any] | None, recipe: Recipe, plan: Plan, out: Path) -> bool:
-    """True when `out` holds a finished merge of this recipe from these exact source pins."""
-    if not provenance or provenance.get("recipe_sha256") != recipe.sha256 or provenance.get("config_donor") != plan.donor:
+def matches(provenance: Provenance | None, recipe: Recipe, plan: Plan, out: Path) -> bool:
+    """True when `out` holds a finished merge with this merge identity from these exact source pins."""
+    if provenance is None or provenance.merge_identity != merge_identity(recipe, plan) or provenance.config_donor != plan.donor:
         return False
-    recorded = provenance.get("sources") or {}
+    recorded = provenance.sources
     if set(recorded) != {s.name for s in plan.sources}:
         return False
     for src in plan.sources:
-        mine = src.provenance()
-        if any(recorded[src.name].get(k) != mine[k] for k in ("kind", "repo_id", "revision", "content_sha256")):
+        mine, theirs = source_pin(src), recorded[src.name]
+        if any(getattr(theirs, k) != getattr(mine, k) for k in ("kind", "repo_id", "revision", "content_sha256")):
             return False
-    files = provenance.get("files") or {}
+    files = provenance.files
     return bool(files) and all(
-        (out / name).is_file() and (out / name).stat().st_size == info.get("size") for name, info in files.items()
+        (out / name).is_file() and (out / name).stat().st_size == info.size for name, info in files.items()
     )
 
 
@@ -236,33 +244,42 @@ def merge(
     console: Console | None = None,
     shard_bytes: int | None = None,
 ) -> MergeResult:
-    """Merge the plan's sources into `out` (default: default_output(recipe)), or reuse a finished merge there.
+    """Merge the plan's sources into `out` (default: default_output(recipe, plan)), or reuse a finished merge there.
 
     `device` is auto|cpu|cuda; `console` shows progress bars (None: quiet); `shard_bytes` overrides the
     output shard size (default: shard_size()).
     """
     started = time.perf_counter()
-    out = Path(os.path.abspath(out or default_output(recipe)))
+    out = Path(os.path.abspath(out or default_output(recipe, plan)))
+    # Refused before anything is created or removed beside it.
+    check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        _remove_stale(out)
-        found = read_provenance(out)
+        found = read_current(Provenance, out)
         if matches(found, recipe, plan, out):
-            return MergeResult(out, True, found.get("device", "cpu"), time.perf_counter() - started, found)
-        if out.exists() and found is None and (not out.is_dir() or any(out.iterdir())):
-            raise UsageError(f"{out} exists and is not a registry merge output; choose another folder with -o or remove it")
+            return MergeResult(out, True, found.device, time.perf_counter() - started, found)
+        check_output(out)  # again under the lock: another process may have written it meanwhile
+        # Under the lock, the marked staging and set-aside siblings of `out` belong to merges that died.
+        staging_dirs.remove_leftovers(out.parent, f"{out.name}.")
         device = _pick_device(device)
         est = estimate_resources(recipe, plan.sources, plan.donor, out, device, shard_bytes)
         check_resources(est)
         paths = {s.name: fetch(s) for s in plan.sources}
-        staging = out.with_name(f"{out.name}.staging-{os.getpid()}")
+        staging = staging_dirs.create(out.with_name(f"{out.name}.staging-{os.getpid()}"))
         try:
-            provenance = _merge_into(staging, recipe, plan, paths, device, console, est.shard_bytes)
+            provenance = _merge_into(staging.path, recipe, plan, paths, device, console, est.shard_bytes)
             _install(staging, out)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging.remove()
             raise
+        staging.close()
     return MergeResult(out, False, device, time.perf_counter() - started, provenance)
+
+
+def check_output(out: Path) -> None:
+    """Refuse an output path that is neither free, an empty folder, nor a registry merge output."""
+    if out.exists() and not (out / PROVENANCE_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not a registry merge output; choose another folder with -o or remove it")
 
 
 @contextmanager
@@ -278,13 +295,6 @@ def _exclusive(out: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _remove_stale(out: Path) -> None:
-    # Under the lock, any staging or set-aside folder belongs to a merge that died.
-    for pattern in (f"{out.name}.staging-*", f"{out.name}.old-*"):
-        for stale in out.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _pick_device(device: str) -> str:
@@ -334,7 +344,7 @@ def mergekit_config(recipe: Recipe, plan: Plan, paths: dict[str, Path]) -> dict[
 
 
 def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path], device: str,
-                console: Console | None, shard_bytes: int) -> dict[str, Any]:
+                console: Console | None, shard_bytes: int) -> Provenance:
     import yaml
 
     _import_mergekit()
@@ -354,25 +364,60 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
         quiet=console is None,
     )
     shard_hashes: dict[str, tuple[str, int]] = {}
+    opened: dict[str, tuple[int, ...]] = {}
     try:
         # run_merge mutates the configuration it is given: it gets its own.
-        with _mergekit_hooks(console, shard_hashes, options.write_threads), _quiet_transformers():
+        with _mergekit_hooks(console, shard_hashes, options.write_threads, opened), _quiet_transformers():
             run_merge(MergeConfiguration.model_validate(config), str(staging), options,
                       config_source=yaml.safe_dump(config, sort_keys=False))
     except RegistryError:
         raise
     except Exception as exc:
         raise MergeError(f"mergekit failed while merging {recipe.repo_id}: {type(exc).__name__}: {exc}") from exc
+    check_sources_unchanged(plan, paths, opened)
     donor = paths[plan.donor]
     for name in CARRY_FILES:
         if not (staging / name).exists() and (donor / name).is_file():
             shutil.copyfile(donor / name, staging / name)
     provenance = _provenance(recipe, plan, staging, device, shard_hashes)
-    _write_json(staging / PROVENANCE, provenance)
+    write_report(provenance, staging)
     for f in staging.iterdir():
         _fsync(f)
     _fsync(staging)
     return provenance
+
+
+def check_sources_unchanged(plan: Plan, paths: dict[str, Path], opened: dict[str, tuple[int, ...]]) -> None:
+    """Raise MergeError unless every file the merge read was pinned by `plan`, is unchanged since it was
+    opened, and every pinned source file still has the pinned content (sha256; the stat-keyed hash cache
+    vouches for a file it hashed in this very version)."""
+    pinned: dict[str, tuple[str, str, str | None]] = {}  # absolute path -> (source, file, sha256)
+    for src in plan.sources:
+        folder = paths[src.name]
+        for name, info in src.files.items():
+            pinned[os.path.abspath(folder / name)] = (src.name, name, info.sha256)
+        for name, digest in src.tokenizer.items():
+            pinned.setdefault(os.path.abspath(folder / name), (src.name, name, digest))
+    hint = "leave the source folders alone until a merge ends, then merge again; --update accepts new weights"
+    for path in opened:
+        if path not in pinned:
+            raise MergeError(f"the merge read {path}, which `registry plan` did not pin; a source folder changed during the merge", hint)
+    cache = HashCache()
+    for path, (source, name, sha) in pinned.items():
+        try:
+            identity = stat_identity(os.stat(path))
+            changed = path in opened and opened[path] != identity
+            if not changed and sha is not None:
+                digest = cache.get(Path(path))
+                if digest is None:
+                    digest = sha256_file(Path(path))
+                    changed = stat_identity(os.stat(path)) != identity
+                changed = changed or digest != sha
+        except OSError:
+            changed = True
+        if changed:
+            raise MergeError(f"source '{source}' changed during the merge: {name} is not the file `registry plan` pinned; "
+                             "the merge was discarded", hint)
 
 
 class _DeferredModule(types.ModuleType):
@@ -420,28 +465,28 @@ def _import_mergekit() -> None:
             gc.enable()
 
 
-def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_hashes: dict[str, tuple[str, int]]) -> dict[str, Any]:
+def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_hashes: dict[str, tuple[str, int]]) -> Provenance:
     from importlib.metadata import version
 
     files = {}
     for f in sorted(staging.iterdir(), key=lambda p: p.name):
+        if f.name == staging_dirs.MARKER:
+            continue
         known = shard_hashes.get(_shard_origin(f.name, staging))
         size = f.stat().st_size
         files[f.name] = {"sha256": known[0] if known and known[1] == size else sha256_file(f), "size": size}
-    return {
-        "format": PROVENANCE_FORMAT,
-        "recipe_sha256": recipe.sha256,
-        "repo_id": recipe.repo_id,
-        "merge_method": recipe.merge.merge_method,
-        "normalize": recipe.merge.parameters.normalize,
-        "dtype": output_dtype(recipe, plan.source(plan.donor)),
-        "sources": {s.name: s.provenance() for s in plan.sources},
-        "config_donor": plan.donor,
-        "files": files,
-        "versions": {name: version(name) if name != "registry" else __version__
-                     for name in ("registry", "mergekit", "torch", "transformers")},
-        "device": device,
-    }
+    return Provenance(
+        merge_identity=merge_identity(recipe, plan),
+        merge_method=recipe.merge.merge_method,
+        normalize=recipe.merge.parameters.normalize,
+        dtype=output_dtype(recipe, plan.source(plan.donor)),
+        sources={s.name: source_pin(s) for s in plan.sources},
+        config_donor=plan.donor,
+        files=files,
+        versions={name: version(name) if name != "registry" else __version__
+                  for name in ("registry", "mergekit", "torch", "transformers")},
+        device=device,
+    )
 
 
 def _shard_origin(name: str, staging: Path) -> str:
@@ -453,9 +498,12 @@ def _shard_origin(name: str, staging: Path) -> str:
 
 
 @contextmanager
-def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, int]], write_threads: int) -> Iterator[None]:
+def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, int]], write_threads: int,
+                    opened: dict[str, tuple[int, ...]] | None = None) -> Iterator[None]:
     """Route mergekit's tqdm bars to rich, read checkpoints with SafetensorsReader and write shards with
-    write_safetensors (hashed and fsynced on the way), each as soon as it is full, by `write_threads` threads."""
+    write_safetensors (hashed and fsynced on the way), each as soon as it is full, by `write_threads` threads.
+
+    `opened` receives the stat identity of every checkpoint file as it was opened, by absolute path."""
     import mergekit.graph
     import mergekit.merge
     import mergekit.tokenizer.build
@@ -472,7 +520,10 @@ def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, 
 
     def open_shard(cls: Any, shard_path: str, use_lazy_unpickle: bool = False, device: str | None = None) -> Any:
         if shard_path.lower().endswith(".safetensors"):
-            return SafetensorsReader(Path(shard_path))
+            reader = SafetensorsReader(Path(shard_path))
+            if opened is not None:
+                opened[os.path.abspath(shard_path)] = reader.identity
+            return reader
         return original_get.__func__(cls, shard_path, use_lazy_unpickle, device)
 
     def save_shard(self: Any, shard_data: dict[str, Any], shard_path: str) -> None:
@@ -552,7 +603,10 @@ class SafetensorsReader:
         try:
             length = int.from_bytes(os.pread(self.fd, 8, 0), "little")
             self.header = json.loads(os.pread(self.fd, length, 8))
-            self.size = os.fstat(self.fd).st_size
+            st = os.fstat(self.fd)
+            self.size = st.st_size
+            # The file actually read, whatever is at its path later.
+            self.identity = stat_identity(st)
         except (OSError, ValueError):
             os.close(self.fd)
             raise
@@ -708,18 +762,17 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _install(staging: Path, out: Path) -> None:
+def _install(staging: staging_dirs.Staging, out: Path) -> None:
     """Rename the complete staging folder to `out`, setting aside (then removing) a previous output."""
     old = None
     if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
+        old = staging_dirs.set_aside(out, out.with_name(f"{out.name}.old-{os.getpid()}"))
     _stop_here("rename")
-    os.rename(staging, out)
+    staging.install(out)
     _fsync(out.parent)
     _stop_here("renamed")
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        old.remove()
 
 
 def _stop_here(point: str) -> None:
@@ -734,6 +787,3 @@ def _fsync(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -8,6 +8,7 @@ pins. When all say yes, nothing is merged, nothing imported beyond the Hub clien
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -19,9 +20,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from .recipe import Recipe
+    from .reports import Provenance, Smoke
     from .sources import Plan
-
-SMOKE_FILE = "smoke.json"
 
 
 @dataclass
@@ -106,11 +106,14 @@ def publish(
     overrides = {"private": private, "revision": revision, "create_pr": create_pr}
     chosen = choose_targets(recipe, targets, overrides)
     outcome = PublishOutcome(str(recipe_path), recipe.repo_id, recipe.sha256, [c.name for c in chosen], dry_run=dry_run)
+    # A target that will refuse (a token without write access) says so before sources are hashed or merged.
+    for c in chosen:
+        _at(c, partial(c.target.check_access, recipe, c.options))
 
-    from .merge import default_output
+    from .merge import build_root, default_output
 
-    out = default_output(recipe)
-    plan = make_plan(recipe, update=update, out=out, device=device)
+    plan = make_plan(recipe, update=update, out=build_root(), device=device)
+    out = default_output(recipe, plan)
     if not dry_run:
         write_lock(plan)
     pins = pins_of(plan)
@@ -125,14 +128,14 @@ def publish(
 
     model_dir = _merged(recipe, plan, out, device, console, outcome, note)
     provenance, smoke = _smoked(recipe, model_dir, device, outcome, note, console)
-    if not smoke["passed"] and not force:
-        failed = "; ".join(f"{c['name']}: {c['reason']}" for c in smoke["checks"] if c["status"] == "failed")
+    if not smoke.passed and not force:
+        failed = "; ".join(f"{c.name}: {c.reason}" for c in smoke.failed())
         raise PublishError(
             f"smoke test failed ({failed}); nothing was published",
             "fix the recipe, or publish anyway with --force",
         )
 
-    from .card import front_matter, write_card
+    from .card import write_card
 
     card_path = model_dir / CARD_NAME
     text = write_card(recipe, card_path, provenance, smoke)
@@ -141,9 +144,10 @@ def publish(
         repo_id=recipe.repo_id,
         recipe_sha256=recipe.sha256,
         pins=pins,
-        files=bundle_files(model_dir, known=provenance.get("files")),
-        smoke_passed=bool(smoke["passed"]),
-        metadata=front_matter(text) or {},
+        files=bundle_files(model_dir, known=provenance.files),
+        provenance=provenance,
+        smoke=smoke,
+        card=text,
     )
     for c in chosen:
         if dry_run:
@@ -154,6 +158,8 @@ def publish(
             outcome.results.append(c.target.publish(bundle, c.options))
         except RegistryError as exc:
             raise PublishError(_partial(outcome.results, c.name, exc.message), exc.hint) from None
+        for message in outcome.results[-1].notes:
+            note(f"{c.name}: {message}")
     return outcome
 
 
@@ -166,7 +172,7 @@ def _at(chosen: Chosen, call: Callable[[], Any]) -> Any:
 
 
 def pins_of(plan: Plan) -> dict[str, dict[str, Any]]:
-    """The plan's source pins in the shape provenance.json records them."""
+    """The plan's source pins, as the lock file records them."""
     return {s.name: s.provenance() for s in plan.sources}
 
 
@@ -180,32 +186,27 @@ def _merged(recipe, plan, out, device, console, outcome, note) -> Path:
     return result.out
 
 
-def _smoked(recipe, model_dir: Path, device, outcome, note, console) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The merge's provenance and smoke report; a report already there for this merge is reused."""
-    import json
+def _smoked(recipe, model_dir: Path, device, outcome, note, console) -> tuple[Provenance, Smoke]:
+    """The merge's provenance and smoke report; a report made for this merge with these smoke settings is reused."""
+    from .identity import smoke_identity
+    from .reports import Provenance, Smoke, read, read_current
 
-    from .card import read_reports
-
-    provenance, smoke = read_reports(model_dir)
+    provenance = read(Provenance, model_dir)
     if provenance is None:
         raise PublishError(f"{model_dir} has no provenance.json; run `registry merge` again")
-    # A new merge replaces the whole folder, so a smoke.json in it was made for this very merge.
-    reused = outcome.merge == "reused" and smoke is not None and smoke.get("recipe_sha256") == recipe.sha256
+    smoke = read_current(Smoke, model_dir)
+    reused = smoke is not None and smoke.smoke_identity == smoke_identity(provenance.merge_identity, recipe)
     if not reused:
         from .smoke import run_smoke
 
-        report = run_smoke(model_dir, recipe, device=device, progress=note)
-        smoke = json.loads((model_dir / SMOKE_FILE).read_text())
+        report = run_smoke(model_dir, recipe, device=device, progress=note, strict=True)
+        smoke = read(Smoke, model_dir)  # as written: non-finite numbers are null there
         if console is not None:
             from .smoke import print_report
 
             print_report(report, console)
-    outcome.smoke = {
-        "passed": bool(smoke["passed"]),
-        "reused": reused,
-        "failed": [c["name"] for c in smoke["checks"] if c["status"] == "failed"],
-    }
-    note(f"smoke test {'passed' if smoke['passed'] else 'FAILED'}{' (reused)' if reused else ''}")
+    outcome.smoke = {"passed": smoke.passed, "reused": reused, "failed": [c.name for c in smoke.failed()]}
+    note(f"smoke test {'passed' if smoke.passed else 'FAILED'}{' (reused)' if reused else ''}")
     return provenance, smoke
 
 

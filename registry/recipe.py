@@ -208,6 +208,14 @@ class ParitySmoke(Strict):
     nll_margin: float = Field(default=0.2, ge=0.0)
     # ... or a retrieved fraction under the worse parent's by more than this.
     retrieval_margin: float = Field(default=0.25, ge=0.0, le=1.0)
+    # "Far worse than the better parent", which is what a merge with an unrelated parent looks like.
+    # NLL over the better parent's by more than this (nats/token; 0.5 = perplexity x1.65). Toy merges of
+    # the fine-tunes at 0.1/0.9 … 0.9/0.1 stay within 0.023 of it; the toy merged 0.5/0.5 with an
+    # untrained model of the same shape is 1.8-2.3 over it (docs/architecture.md, "Smoke verdicts").
+    best_nll_margin: float = Field(default=0.5, ge=0.0)
+    # Fewer pass keys than this share of the better parent's, where the better parent retrieves every
+    # key or every parent retrieves some: good toy merges keep 6 of 6, the untrained merge keeps 0-2.
+    best_retrieval_share: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
 class WeightsSmoke(Strict):

@@ -26,14 +26,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import RegistryError, SmokeError
 from .recipe import SmokeConfig, WeightFilter
+from .identity import smoke_identity
+from .reports import Provenance, Smoke, read as read_report, write as write_report
 from .sources import SHARD_INDEX, expand_local, folder_content_sha256
 
 if TYPE_CHECKING:
     from .recipe import LongSmoke, Recipe, ShortSmoke
 
-FORMAT = 1
-SMOKE_FILE = "smoke.json"
-PROVENANCE_FILE = "provenance.json"
 Status = Literal["passed", "failed", "skipped"]
 # Prefill chunk sizes tried, largest first, when a whole-prompt forward would not fit in memory.
 AUTO_CHUNKS = (8192, 4096, 2048, 1024, 512)
@@ -67,9 +66,6 @@ class ShortRun:
     repeated_ngrams: float
     longest_run: int
 
-    def to_dict(self) -> dict[str, Any]:
-        """The smoke.json `short` entry."""
-        return {"prompt": self.prompt, "output": self.output, "new_tokens": self.new_tokens, "stopped": self.stopped}
 
 
 @dataclass
@@ -101,51 +97,36 @@ class ParityRow:
 
 @dataclass
 class SmokeReport:
-    """Everything `registry smoke` found; `to_dict()` is the smoke.json format."""
+    """Everything `registry smoke` found, in memory; `to_report()` is what smoke.json records."""
 
     passed: bool
     device: str
-    recipe_sha256: str | None
+    smoke_identity: str | None  # None: run without a recipe or on a folder without provenance
+    merge_identity: str | None
     checks: list[CheckResult]
     short: ShortRun | None
     long: list[LongRun]
     parity: list[ParityRow]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The report as JSON-ready data (non-finite numbers become null)."""
-        return _finite({
-            "format": FORMAT,
-            "passed": self.passed,
-            "device": self.device,
-            "recipe_sha256": self.recipe_sha256,
-            "checks": [asdict(c) for c in self.checks],
-            "short": self.short.to_dict() if self.short else None,
-            "long": [asdict(r) for r in self.long],
-            "parity": [asdict(r) for r in self.parity],
-        })
-
-    def write(self, model_dir: str | Path) -> Path:
-        """Write smoke.json into `model_dir` and return its path."""
-        path = Path(model_dir) / SMOKE_FILE
-        # A new file renamed over the old one: a published copy hard-linked to the old one keeps its content.
-        tmp = path.with_name(f".{SMOKE_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n")
-        os.replace(tmp, path)
-        return path
+    def to_report(self) -> Smoke:
+        """The typed smoke.json report (reports.write writes it)."""
+        short = self.short
+        return Smoke(
+            smoke_identity=self.smoke_identity,
+            merge_identity=self.merge_identity,
+            passed=self.passed,
+            device=self.device,
+            # A check's details are its own data: anything not JSON-shaped is recorded as text.
+            checks=[{**asdict(c), "details": json.loads(json.dumps(c.details, default=str))} for c in self.checks],
+            short=None if short is None else {"prompt": short.prompt, "output": short.output, "new_tokens": short.new_tokens,
+                                              "stopped": short.stopped},
+            long=[asdict(r) for r in self.long],
+            parity=[asdict(r) for r in self.parity],
+        )
 
     def failed(self) -> list[CheckResult]:
         """The checks that failed."""
         return [c for c in self.checks if c.status == "failed"]
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,20 +172,11 @@ class SourceModel:
     weight: float | list[WeightFilter] | None
     path: Path | None
     missing: str | None = None
+    # Its folder is at hand but holds other weights than the merge read (a content sha256 mismatch).
+    changed: bool = False
 
 
-def read_provenance(model_dir: str | Path) -> dict[str, Any] | None:
-    """The merge's provenance.json in `model_dir`, or None when there is none."""
-    path = Path(model_dir) / PROVENANCE_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SmokeError(f"{path}: unreadable provenance ({exc}); re-run `registry merge` or delete the file") from None
-    if not isinstance(data, dict):
-        raise SmokeError(f"{path}: provenance must be a JSON object; re-run `registry merge`")
-    return data
+CHANGED_SINCE_MERGE = "its weights changed since the merge (their sha256 is not the one in provenance.json)"
 
 
 def resolve_local_source(text: str, recipe_dir: Path | None) -> tuple[Path | None, str | None]:
@@ -229,32 +201,34 @@ def _hub_cached(repo_id: str, revision: str | None) -> tuple[Path | None, str | 
         return None, "it is not in the local Hub cache"
 
 
-def merge_sources(recipe: Recipe | None, provenance: dict[str, Any] | None) -> list[SourceModel]:
+def merge_sources(recipe: Recipe | None, provenance: Provenance | None) -> list[SourceModel]:
     """The merge's sources with their weights, and their folders where they are at hand."""
-    pinned = (provenance or {}).get("sources") or {}
+    pinned = provenance.sources if provenance is not None else {}
     out: list[SourceModel] = []
     if recipe is not None:
         recipe_dir = recipe.path.resolve().parent if recipe.path else None
         for inp in recipe.inputs():
             if inp.ref.kind == "local":
                 path, missing = resolve_local_source(inp.ref.value, recipe_dir)
-                merged_from = (pinned.get(inp.name) or {}).get("content_sha256")
-                if path is not None and merged_from and folder_content_sha256(path) != merged_from:
-                    path, missing = None, "its weights changed since the merge (their sha256 is not the one in provenance.json)"
+                merged_from = pin.content_sha256 if (pin := pinned.get(inp.name)) else None
+                changed = path is not None and bool(merged_from) and folder_content_sha256(path) != merged_from
+                if changed:
+                    path, missing = None, CHANGED_SINCE_MERGE
             else:
-                revision = (pinned.get(inp.name) or {}).get("revision") or inp.ref.revision
+                revision = (pin.revision if (pin := pinned.get(inp.name)) else None) or inp.ref.revision
                 path, missing = _hub_cached(inp.ref.value, revision)
-            out.append(SourceModel(inp.name, inp.ref.kind, inp.weight, path, missing))
+                changed = False
+            out.append(SourceModel(inp.name, inp.ref.kind, inp.weight, path, missing, changed))
         return out
     for name, info in pinned.items():
-        weight = info.get("weight")
+        weight: Any = info.weight
         if isinstance(weight, list):
-            weight = [WeightFilter.model_validate(w) for w in weight]
-        if info.get("kind") == "hub" and info.get("repo_id"):
-            path, missing = _hub_cached(info["repo_id"], info.get("revision"))
+            weight = [WeightFilter.model_validate(w.model_dump()) for w in weight]
+        if info.kind == "hub" and info.repo_id:
+            path, missing = _hub_cached(info.repo_id, info.revision)
         else:
             path, missing = None, "it is a local folder: pass --recipe to locate it"
-        out.append(SourceModel(name, info.get("kind", "local"), weight, path, missing))
+        out.append(SourceModel(name, info.kind, weight, path, missing))
     return out
 
 
@@ -498,15 +472,24 @@ class NeedlePromptBuilder:
     (" " + question) are counted; the needle goes in at the sentence boundary nearest to
     depth * haystack length. Pieces are tokenized once and concatenated as token ids, so the count
     is exact whatever the tokenizer; a tokenizer that prepends BOS gets it in front.
+
+    A filler or question that the tokenizer encodes to no tokens is a SmokeError naming `model`:
+    the haystack could never grow to length, and a prompt without its question tests nothing.
     """
 
-    def __init__(self, tokenizer: Any, filler: str, needle: str, question: str):
+    def __init__(self, tokenizer: Any, filler: str, needle: str, question: str, *, model: str = "the model"):
         self.tokenizer = tokenizer
         self.needle = needle
         sentences = [s for s in re.split(r"(?<=[.!?])\s+", filler.strip()) if s]
         self.first_ids = [self._encode(s) for s in sentences]
         self.next_ids = [self._encode(" " + s) for s in sentences]
         self.question_ids = self._encode(" " + question)
+        for what, ids in (("filler", self.first_ids), ("filler", self.next_ids), ("question", [self.question_ids])):
+            if not any(ids):
+                raise SmokeError(
+                    f"the tokenizer of {model} encodes the long-context {what} to no tokens, so no pass-key prompt "
+                    f"can be built; check the model's tokenizer files, or set smoke.long.{what} to text it encodes"
+                )
         with_special = list(tokenizer("a")["input_ids"])
         plain = self._encode("a")
         cut = len(with_special) - len(plain)
@@ -538,14 +521,17 @@ class NeedlePromptBuilder:
         """The filler's token ids cut to `n`, and the sentence boundaries within them."""
         hay: list[int] = []
         bounds = [0]
-        i = 0
-        while len(hay) < n:
+        # Some sentence adds a token in every pass over them (checked in __init__), so this many steps always suffice.
+        for i in range((n + 2) * len(self.next_ids)):
+            if len(hay) >= n:
+                return hay[:n], bounds
             k = i % len(self.next_ids)
             hay += self.next_ids[k] if hay or lead_space else self.first_ids[k]
             if len(hay) <= n:
                 bounds.append(len(hay))
-            i += 1
-        return hay[:n], bounds
+        if len(hay) >= n:
+            return hay[:n], bounds
+        raise SmokeError(f"the long-context filler did not reach {n} tokens; set smoke.long.filler to longer text")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,9 +686,9 @@ def run_long_prompt(
 
 
 def run_long(model: Any, tokenizer: Any, config: LongSmoke, device: str, cells: list[tuple[int, float]] | None = None,
-             progress: Callable[[str], None] | None = None) -> list[LongRun]:
-    """Every (length, depth) of the long-context check, in order (or just `cells`)."""
-    builder = NeedlePromptBuilder(tokenizer, config.filler, config.needle, config.question)
+             progress: Callable[[str], None] | None = None, model_name: str = "the model") -> list[LongRun]:
+    """Every (length, depth) of the long-context check, in order (or just `cells`); `model_name` is for messages."""
+    builder = NeedlePromptBuilder(tokenizer, config.filler, config.needle, config.question, model=model_name)
     lengths, limit = long_lengths(config, model.config)
     todo = cells if cells is not None else [(n, d) for n in lengths for d in config.depths]
     runs = []
@@ -889,8 +875,11 @@ class SmokeContext:
     """What checks see: the model folder, recipe, config and device, lazily loaded models, earlier results."""
 
     def __init__(self, model_dir: Path, recipe: Recipe | None, config: SmokeConfig, device: str,
-                 provenance: dict[str, Any] | None, progress: Callable[[str], None] | None = None):
+                 provenance: Provenance | None, progress: Callable[[str], None] | None = None,
+                 *, strict: bool = False):
         self.model_dir = model_dir
+        # Set by `registry publish`: what cannot be verified there (a source changed since the merge) fails.
+        self.strict = strict
         self.recipe = recipe
         self.config = config
         self.device = device
@@ -934,13 +923,13 @@ class SmokeContext:
         """Whether the merge normalized its weights."""
         if self.recipe is not None:
             return self.recipe.merge.parameters.normalize
-        return bool((self.provenance or {}).get("normalize", True))
+        return self.provenance is None or self.provenance.normalize is not False
 
     def merge_dtype(self) -> str | None:
         """The dtype the merge computed in, when known."""
         if self.recipe is not None:
             return self.recipe.merge.dtype
-        return (self.provenance or {}).get("dtype")
+        return self.provenance.dtype if self.provenance is not None else None
 
     def long_cells(self) -> list[tuple[int, float]]:
         """The (length, depth) pairs the merged model ran (not skipped)."""
@@ -966,7 +955,8 @@ class SmokeContext:
                     short = None
                 value = nll(model, tokenizer, self.parity_text())
                 # Every planned prompt, whether or not the merge has run yet; parity compares where both ran.
-                long = run_long(model, tokenizer, self.config.long, self.device) if self.config.parity.retrieval else []
+                long = (run_long(model, tokenizer, self.config.long, self.device, model_name=f"parent '{source.name}' ({source.path})")
+                        if self.config.parity.retrieval else [])
                 self._parents[source.name] = ParentEval(source.name, short, value, long)
                 _free(model, tokenizer)
                 del model, tokenizer
@@ -993,14 +983,19 @@ def run_smoke(
     checks: list[SmokeCheckLike] | None = None,
     write: bool = True,
     progress: Callable[[str], None] | None = None,
+    strict: bool = False,
 ) -> SmokeReport:
-    """Run the smoke checks on a model folder and return (and by default write) the report."""
+    """Run the smoke checks on a model folder and return (and by default write) the report.
+
+    `strict` (what `registry publish` passes): a source whose weights changed since the merge fails the
+    weights check instead of skipping it, so a publish never passes a merge it could not verify.
+    """
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise SmokeError(f"{folder}: no config.json here; pass the folder `registry merge` wrote")
-    provenance = read_provenance(folder)
+    provenance = read_report(Provenance, folder)
     config = recipe.smoke if recipe is not None else SmokeConfig()
-    ctx = SmokeContext(folder, recipe, config, resolve_device(device), provenance, progress)
+    ctx = SmokeContext(folder, recipe, config, resolve_device(device), provenance, progress, strict=strict)
     results = []
     debug = os.environ.get("REGISTRY_DEBUG") == "1"
     for check in checks if checks is not None else get_smoke_checks():
@@ -1016,18 +1011,19 @@ def run_smoke(
             result = CheckResult(check.name, "failed", f"the check raised {type(exc).__name__}: {_one_line(exc)}")
         result.details.setdefault("seconds", round(time.perf_counter() - start, 3))
         results.append(result)
-    sha = recipe.sha256 if recipe is not None else (provenance or {}).get("recipe_sha256")
+    merge_id = provenance.merge_identity if provenance is not None else None
     report = SmokeReport(
         passed=all(r.status != "failed" for r in results),
         device=ctx.device,
-        recipe_sha256=sha,
+        smoke_identity=smoke_identity(merge_id, recipe) if merge_id is not None and recipe is not None else None,
+        merge_identity=merge_id,
         checks=results,
         short=ctx.short,
         long=ctx.long,
         parity=ctx.parity,
     )
     if write:
-        report.write(folder)
+        write_report(report.to_report(), folder)
     return report
 
 

@@ -29,6 +29,16 @@ def weights_check(ctx: SmokeContext) -> CheckResult:
     sources = ctx.sources()
     if not sources:
         return CheckResult("weights", "skipped", "no recipe or provenance.json names the sources; pass --recipe")
+    changed = [s for s in sources if s.changed]
+    if changed and ctx.strict:
+        names = ("source " if len(changed) == 1 else "sources ") + ", ".join(f"'{s.name}'" for s in changed)
+        return CheckResult(
+            "weights", "failed",
+            f"{names} changed since the merge (the sha256 of the weights is not the one in provenance.json), "
+            "so the merge cannot be checked against it; restore the source, or accept its new weights with "
+            "`registry publish --update`",
+            {"changed": [s.name for s in changed]},
+        )
     missing = [s for s in sources if s.path is None]
     if missing:
         return CheckResult("weights", "skipped", _not_at_hand(missing))
@@ -67,15 +77,16 @@ def short_check(ctx: SmokeContext) -> CheckResult:
         return CheckResult("short", "failed", f"the generation decoded to empty text ({run.new_tokens} tokens)", details)
     max_ngrams, max_run = cfg.max_repeated_ngrams, cfg.max_token_run
     if run.repeated_ngrams > max_ngrams or run.longest_run > max_run:
-        # Greedy reasoning models repeat too: the bar rises to the worst parent's level when parents are at hand.
+        # Greedy reasoning models repeat too: the bar rises to the parents' level when they are at hand, but
+        # only as far as the parent that repeats least, so a parent that loops (an untrained one) lifts nothing.
         parents = {name: p.short for name, p in ctx.parents().items() if p.short} if _parents_at_hand(ctx) else {}
         if parents:
             details["parents"] = {n: {"repeated_ngrams": round(p.repeated_ngrams, 4), "longest_run": p.longest_run}
                                   for n, p in parents.items()}
-            max_ngrams = max(max_ngrams, *(p.repeated_ngrams for p in parents.values()))
-            max_run = max(max_run, *(p.longest_run for p in parents.values()))
+            max_ngrams = max(max_ngrams, min(p.repeated_ngrams for p in parents.values()))
+            max_run = max(max_run, min(p.longest_run for p in parents.values()))
         if run.repeated_ngrams > max_ngrams or run.longest_run > max_run:
-            than = " (more than every parent)" if parents else ""
+            than = (" (more than the parent that repeats least)" if len(parents) > 1 else " (more than the parent)") if parents else ""
             return CheckResult(
                 "short", "failed",
                 f"degenerate output{than}: {run.repeated_ngrams:.0%} of {cfg.ngram}-grams repeat "
@@ -89,7 +100,7 @@ def short_check(ctx: SmokeContext) -> CheckResult:
 def long_check(ctx: SmokeContext) -> CheckResult:
     """The needle-in-a-haystack prompts: finite logits everywhere; retrieval judged by parity (or min_retrieved)."""
     cfg = ctx.config.long
-    ctx.long = run_long(ctx.model, ctx.tokenizer, cfg, ctx.device, progress=ctx.note)
+    ctx.long = run_long(ctx.model, ctx.tokenizer, cfg, ctx.device, progress=ctx.note, model_name=f"the model in {ctx.model_dir}")
     ran = [r for r in ctx.long if r.status != "skipped"]
     skipped = len(ctx.long) - len(ran)
     details = {"ran": len(ran), "skipped": skipped}
@@ -109,7 +120,7 @@ def long_check(ctx: SmokeContext) -> CheckResult:
 
 
 def parity_check(ctx: SmokeContext) -> CheckResult:
-    """The merge against each parent: fails when it is clearly worse than all of them."""
+    """The merge against each parent: fails when it is clearly worse than all of them, or far worse than the better one."""
     cfg = ctx.config.parity
     if not cfg.enabled:
         return CheckResult("parity", "skipped", "disabled in the recipe (smoke.parity.enabled: false)")
@@ -132,6 +143,7 @@ def parity_check(ctx: SmokeContext) -> CheckResult:
         ctx.parity.append(ParityRow(name, p.nll, sum(ran[name][c].status == "retrieved" for c in cells), len(cells)))
     rows = ctx.parity[1:]
     details = {"nll_margin": cfg.nll_margin, "retrieval_margin": cfg.retrieval_margin,
+               "best_nll_margin": cfg.best_nll_margin, "best_retrieval_share": cfg.best_retrieval_share,
                "missing": [s.name for s in sources if s.path is None]}
     both = "both parents" if len(rows) == 2 else ("every parent" if len(rows) > 2 else f"parent '{rows[0].model}'")
     parent_nlls = ", ".join(f"{r.model} {_num(r.nll)}" for r in rows)
@@ -141,6 +153,14 @@ def parity_check(ctx: SmokeContext) -> CheckResult:
             "parity", "failed",
             f"NLL on the fixed text is {_num(merged_nll)} nats/token, worse than {both} ({parent_nlls}) "
             f"by more than nll_margin {cfg.nll_margin}",
+            details,
+        )
+    best = min((r for r in rows if r.nll is not None and math.isfinite(r.nll)), key=lambda r: r.nll, default=None)
+    if best is not None and merged_nll > best.nll + cfg.best_nll_margin:
+        return CheckResult(
+            "parity", "failed",
+            f"NLL on the fixed text is {_num(merged_nll)} nats/token, more than best_nll_margin {cfg.best_nll_margin} "
+            f"over the better parent '{best.model}' ({parent_nlls})",
             details,
         )
     retrieval = ""
@@ -153,6 +173,16 @@ def parity_check(ctx: SmokeContext) -> CheckResult:
                 "parity", "failed",
                 f"retrieved {merged_hits} of {len(cells)} pass keys, worse than {both} ({parent_hits}) "
                 f"by more than retrieval_margin {cfg.retrieval_margin:.0%}",
+                details,
+            )
+        # A capability the better parent has fully, or every parent has, is not expected to vanish in the merge.
+        top = max(rows, key=lambda r: r.long_retrieved)
+        expected = top.long_retrieved == len(cells) or min(r.long_retrieved for r in rows) > 0
+        if expected and merged_hits < cfg.best_retrieval_share * top.long_retrieved:
+            return CheckResult(
+                "parity", "failed",
+                f"retrieved {merged_hits} of {len(cells)} pass keys, under best_retrieval_share "
+                f"{cfg.best_retrieval_share:.0%} of the better parent '{top.model}' ({parent_hits})",
                 details,
             )
     missing = f"; {_not_at_hand([s for s in sources if s.path is None])}" if details["missing"] else ""

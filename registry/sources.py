@@ -240,9 +240,10 @@ def plan(
     estimate = None
     if out is not None or check_resources:
         from .merge import check_resources as _check
-        from .merge import default_output, estimate_resources
+        from .merge import build_root, estimate_resources
 
-        estimate = estimate_resources(recipe, sources, donor, out or default_output(recipe), device)
+        # Before the pins are known the build folder is not named yet; its filesystem is the build root's.
+        estimate = estimate_resources(recipe, sources, donor, out or build_root(), device)
         if check_resources:
             _check(estimate)
 
@@ -694,6 +695,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "registry"
 
 
+def stat_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file from another without reading it: size, mtime, ctime, inode, device."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
 class HashCache:
     """sha256 of files keyed by path and stat (size, mtime, ctime, inode), as git's index does.
 
@@ -710,7 +716,7 @@ class HashCache:
 
     @staticmethod
     def _key(st: os.stat_result) -> list[int]:
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+        return list(stat_identity(st))
 
     def get(self, path: Path) -> str | None:
         """The cached sha256 of `path`, if the file has not changed since it was hashed."""

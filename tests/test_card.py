@@ -14,7 +14,6 @@ import pytest
 
 from registry.card import (
     card_context,
-    find_leaks,
     front_matter,
     md,
     metadata_problems,
@@ -22,10 +21,13 @@ from registry.card import (
     render_card,
     write_card,
 )
-from registry.errors import CardError
+from registry.errors import CardError, ReportError
 from registry.hookspecs import hookimpl
+from registry.identity import smoke_identity
+from registry.leaks import find_leaks
 from registry.plugins import get_plugin_manager
 from registry.recipe import load_recipe, parse_recipe
+from registry.reports import Provenance, Smoke, SourcePin
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -58,6 +60,17 @@ merge:
     - {{model: fmt, parameters: {{weight: 0.7}}}}
   dtype: bfloat16
 """
+
+
+def provenance_of(sources: dict[str, SourcePin], **fields) -> Provenance:
+    """A provenance report with these sources; the other merge facts are placeholders unless given."""
+    return Provenance(**{"merge_identity": "a" * 64, "merge_method": "linear", "dtype": "bfloat16", "config_donor": "cos",
+                         "files": {}, "versions": {}, "device": "cpu", **fields}, sources=sources)
+
+
+def smoke_of(**fields) -> Smoke:
+    """A smoke report made without a recipe (no identities), from smoke.json-shaped data."""
+    return Smoke.model_validate({"passed": True, "device": "cpu", "checks": [], **fields})
 
 
 def render(text: str, **kwargs) -> str:
@@ -112,7 +125,12 @@ def test_reference_card_parses_back_with_huggingface_hub():
         "pipeline_tag": "text-generation",
         "license": "mit",
         "tags": ["merge", "mergekit", "linear", "open-rs", "grpo", "reasoning"],
-        "registry": {"recipe_sha256": load_recipe(COS_FMT).sha256, "version": "0.1.0"},
+        "registry": {
+            "recipe_sha256": load_recipe(COS_FMT).sha256,
+            "merge_identity": "d1c26791d33ecfcf53eae6d279eaadc4aa32b01aa681f1deb494ffa527a8c47f",
+            "version": "0.1.0",
+            "sources": {"cos": {"label": "GRPO, cosine reward, step 50"}, "fmt": {"label": "GRPO, format reward, step 50"}},
+        },
     }
     assert metadata_problems(card.data.to_dict()) == []
     assert card.text.startswith("\n# merge_linear_cos0.3fmt0.7_MRL4096_ROLLOUT4_LR1e-6\n")
@@ -226,7 +244,7 @@ def test_plugin_sections_come_before_provenance(plugins):
 
     plugins(EvalPlugin())
     plugins(QuietPlugin())
-    smoke = {"format": 1, "passed": True, "device": "cpu", "recipe_sha256": None, "checks": []}
+    smoke = smoke_of()
     card = render(recipe_text(), smoke=smoke)
     assert seen["args"] == ("team/test-merge", {"provenance": None, "smoke": smoke})
     assert "\n## Evaluation\n\n| task | score |\n|---|---:|\n| gsm8k | 71.2 |\n\n## Provenance\n" in card
@@ -242,19 +260,6 @@ def test_template_errors_name_the_template_line(tmp_path):
     with pytest.raises(CardError) as err:
         render(recipe_text(), template_dirs=[tmp_path])
     assert "model_card.md.j2:1: template syntax error: Unexpected end of template." in str(err.value)
-
-
-def test_malformed_report_values_are_a_card_error():
-    smoke = {"format": 1, "passed": True, "checks": [], "long": [{"tokens": "many", "depth": 0.5, "status": "retrieved"}]}
-    with pytest.raises(CardError) as err:
-        render(recipe_text(), smoke=smoke)
-    assert str(err.value).endswith(  # line 99 is the long-context table row
-        "model_card.md.j2:99: cannot show a value: invalid literal for int() with base 10: 'many' "
-        "(check provenance.json and smoke.json, or re-run the stage that wrote them)"
-    )
-    with pytest.raises(CardError) as err:
-        render(recipe_text(), smoke={"format": 1, "passed": True, "checks": {"short": "passed"}})
-    assert str(err.value) == "smoke.json: 'checks' must be a list of objects (re-run the stage that wrote it)"
 
 
 def test_template_without_registry_metadata_is_refused(tmp_path):
@@ -292,7 +297,13 @@ merge:
 """
     recipe = parse_recipe(text, "t.yaml")
     sha = "0123456789abcdef0123456789abcdef01234567"
-    provenance = {"format": 1, "recipe_sha256": recipe.sha256, "sources": {"a": {"kind": "hub", "repo_id": "open-r1/OpenR1-Qwen-1.5B", "revision": sha}}}
+    provenance = provenance_of({
+        "a": SourcePin(kind="hub", repo_id="open-r1/OpenR1-Qwen-1.5B", revision=sha,
+                       weight=[{"filter": "self_attn", "value": 0.2}, {"value": 0.5}]),
+        "b": SourcePin(kind="local", content_sha256="b" * 64, weight=0.5),
+        # Recorded without a commit: the card says it is not pinned rather than invent one.
+        "Qwen/Qwen2.5-1.5B@main": SourcePin(kind="hub", repo_id="Qwen/Qwen2.5-1.5B", weight=0.1),
+    }, config_donor="a")
     card = render_card(recipe, provenance, None, template_dirs=())
     meta = front_matter(card)
     assert meta["base_model"] == ["open-r1/OpenR1-Qwen-1.5B", "team/b-published", "Qwen/Qwen2.5-1.5B"]
@@ -302,7 +313,7 @@ merge:
     rows = [line for line in section(card, "Source models").splitlines() if line.startswith("| `")]
     assert rows == [
         f"| `a` | Open R1 | [open-r1/OpenR1-Qwen-1.5B](https://huggingface.co/open-r1/OpenR1-Qwen-1.5B) | commit [`{sha}`](https://huggingface.co/open-r1/OpenR1-Qwen-1.5B/tree/{sha}) |",
-        "| `b` | Ours | local checkpoint, published as [team/b-published](https://huggingface.co/team/b-published) | not recorded |",
+        "| `b` | Ours | local checkpoint, published as [team/b-published](https://huggingface.co/team/b-published) | weights sha256 `" + "b" * 64 + "` |",
         "| `Qwen/Qwen2.5-1.5B@main` | none | [Qwen/Qwen2.5-1.5B](https://huggingface.co/Qwen/Qwen2.5-1.5B) | `main`, not pinned to a commit |",
     ]
     assert "| `a` | Open R1 | 0.2 for self\\_attn; 0.5 otherwise |" in card
@@ -325,26 +336,56 @@ def test_metadata_checks_mirror_the_hub(meta, problem):
     assert metadata_problems(meta) == [problem]
 
 
-def test_reports_for_another_recipe_are_refused(reference_reports):
-    provenance, smoke = reference_reports
+@pytest.mark.parametrize("edits, message", [
+    ([("weight: 0.3", "weight: 0.4")], "its weight of cos is 0.3, this recipe's is 0.4"),
+    ([("model: fmt,", "model: other,"), ("  fmt: {model", "  other: {model")], "its sources are cos, fmt, this recipe merges cos, other"),
+])
+def test_provenance_of_another_merge_is_refused(reference_reports, edits, message):
+    provenance, _ = reference_reports
+    text = recipe_text()
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new)
+    assert render(recipe_text(), provenance=provenance)  # the same merge settings: accepted
     with pytest.raises(CardError) as err:
-        render(recipe_text(), provenance=provenance)
-    sha = parse_recipe(recipe_text(), "t.yaml").sha256
+        render(text, provenance=provenance)
+    assert str(err.value) == f"provenance.json was written for another merge: {message} (re-run `registry merge`)"
+
+
+def test_smoke_report_of_another_merge_or_other_settings_is_refused(reference_reports):
+    provenance, smoke = reference_reports
+    recipe = load_recipe(COS_FMT)
+    assert smoke.smoke_identity == smoke_identity(provenance.merge_identity, recipe)
+    other_merge = smoke.model_copy(update={"merge_identity": "f" * 64})
+    with pytest.raises(CardError) as err:
+        render_card(recipe, provenance, other_merge, template_dirs=())
     assert str(err.value) == (
-        f"provenance.json was written for another recipe (sha256 98c311d6f9bc…, this one is {sha[:12]}…) (re-run `registry merge`)"
+        f"smoke.json was made for another merge (merge identity ffffffffffff…, provenance.json has {provenance.merge_identity[:12]}…) "
+        "(re-run `registry smoke`)"
+    )
+    stricter = recipe.model_copy(update={"smoke": recipe.smoke.model_copy(update={"parity": recipe.smoke.parity.model_copy(
+        update={"nll_margin": 0.1})})})
+    with pytest.raises(CardError) as err:
+        render_card(stricter, provenance, smoke, template_dirs=())
+    assert str(err.value) == (
+        "smoke.json was made with other smoke settings than Zachary1150/merge_linear_cos0.3fmt0.7_MRL4096_ROLLOUT4_LR1e-6's "
+        "(re-run `registry smoke`)"
     )
 
 
 def test_unreadable_report_names_file_and_position(tmp_path):
-    (tmp_path / "smoke.json").write_text('{"format": 1,\n "passed": tru}\n')
-    with pytest.raises(CardError) as err:
+    (tmp_path / "smoke.json").write_text('{"format": 2,\n "passed": tru}\n')
+    with pytest.raises(ReportError) as err:
         read_reports(tmp_path)
-    assert str(err.value) == f"{tmp_path / 'smoke.json'}:2:12: not valid JSON: Expecting value (re-run `registry smoke`)"
+    assert str(err.value) == (
+        f"{tmp_path / 'smoke.json'}: not valid JSON (Expecting value: line 2 column 12 (char 25)) "
+        "(run `registry smoke` again to rewrite it)"
+    )
 
 
 def test_failed_smoke_is_shown_as_failed(tmp_path):
-    smoke = {
-        "format": 1, "passed": False, "device": "cpu", "recipe_sha256": None,
+    smoke = smoke_of(**{
+        "passed": False, "device": "cpu",
         "checks": [{"name": "long", "status": "failed", "reason": "pass key missed at 512 tokens", "details": {}}],
         "short": {"prompt": "Hi", "output": "```\n| not a table |\n```", "new_tokens": 5, "stopped": "eos"},
         "long": [
@@ -352,8 +393,8 @@ def test_failed_smoke_is_shown_as_failed(tmp_path):
             {"tokens": 512, "depth": 0.5, "status": "missed", "reason": None, "finite": False, "seconds": 0.1, "peak_memory_bytes": 2_000_000},
             {"tokens": 131072, "depth": 0.5, "status": "skipped", "reason": "longer than cpu_max_tokens 8192", "finite": None, "seconds": None, "peak_memory_bytes": None},
         ],
-        "parity": [{"model": "merged", "nll": 5.5, "long_retrieved": 1, "long_total": 2}, {"model": "cos", "nll": None, "long_retrieved": None, "long_total": None}],
-    }
+        "parity": [{"model": "merged", "nll": 5.5, "long_retrieved": 1, "long_total": 2}, {"model": "cos", "nll": None, "long_retrieved": 0, "long_total": 0}],
+    })
     card = render(recipe_text(), smoke=smoke)
     assert "\n> **Warning:** this model failed its smoke tests; see the smoke tests below.\n" in card
     body = section(card, "Smoke tests")
@@ -384,14 +425,12 @@ def test_reference_models_leaked_paths_stay_out(tmp_path):
     )
     bare_recipe = load_recipe(bare)
     # Reports name a source without an alias by its reference as written: here, the path itself.
-    provenance = {
-        "format": 1, "recipe_sha256": bare_recipe.sha256, "config_donor": LEAKED_PATHS[0],
-        "sources": {path: {"kind": "local", "content_sha256": digit * 64} for path, digit in zip(LEAKED_PATHS, "ab")},
-    }
-    smoke = {
-        "format": 1, "passed": True, "recipe_sha256": bare_recipe.sha256, "checks": [],
-        "parity": [{"model": "merged", "nll": 2.0}, {"model": LEAKED_PATHS[0], "nll": 2.1}, {"model": "elsewhere", "nll": 2.2}],
-    }
+    provenance = provenance_of(
+        {path: SourcePin(kind="local", content_sha256=digit * 64, weight=w) for path, digit, w in zip(LEAKED_PATHS, "ab", (0.3, 0.7))},
+        config_donor=LEAKED_PATHS[0],
+    )
+    smoke = smoke_of(parity=[{"model": model, "nll": nll, "long_retrieved": 0, "long_total": 0}
+                             for model, nll in (("merged", 2.0), (LEAKED_PATHS[0], 2.1), ("elsewhere", 2.2))])
     card = render_card(bare_recipe, provenance, smoke, template_dirs=())
     assert "```yaml\nmerge_method: linear\nmodels:\n- model: model_1\n  parameters:\n    weight: 0.3\n- model: model_2\n" in card
     assert "| `model_1` | none | local checkpoint, not on the Hub | weights sha256 `" + "a" * 64 + "` |" in card
@@ -402,7 +441,6 @@ def test_reference_models_leaked_paths_stay_out(tmp_path):
     recipe = load_recipe(COS_FMT).model_copy(deep=True)
     recipe.sources["cos"].model, recipe.sources["fmt"].model = LEAKED_PATHS
     provenance, smoke = read_reports(REFERENCE_DIR)
-    provenance["recipe_sha256"] = smoke["recipe_sha256"] = recipe.sha256  # the paths are part of the recipe hash
     recipe_card = render_card(recipe, provenance, smoke, template_dirs=())
     for text in (card, recipe_card):
         for piece in ("/local", "scratch", "zli2", "global_step_50", "actor/huggingface", "MRL4096"):
@@ -433,21 +471,23 @@ def test_source_paths_never_enter_the_card(path):
 @pytest.mark.parametrize(
     "label, found",
     [
-        ("from /local/scratch/zach/cos", "line 27:16 (Merge details) contains an absolute path '/local/scratch/zach/cos'"),
-        ("copied from /home", "line 27:23 (Merge details) contains an absolute path '/home'"),
-        ("C:\\Users\\zach\\cos", "line 27:11 (Merge details) contains a Windows path 'C:\\Users\\zach\\cos'"),
-        ("\\\\server\\share\\cos", "line 27:11 (Merge details) contains a network (UNC) path '\\\\server\\share\\cos'"),
-        ("~/ckpt/cos", "line 27:11 (Merge details) contains a home-relative path '~/ckpt/cos'"),
-        ("${CHECKPOINTS}/cos", "line 27:11 (Merge details) contains an environment reference '${CHECKPOINTS}'"),
-        ("$HOME/cos", "line 27:11 (Merge details) contains an environment reference '$HOME/'"),
-        ("hf_" + "a1B2" * 9, "line 27:11 (Merge details) contains a Hugging Face token (hf_…)"),
+        # The label shows in the front matter (registry.sources) first, then in two tables.
+        ("from /local/scratch/zach/cos", "line 14:19 (front matter) contains an absolute path '/local/scratch/zach/cos' (2 more)"),
+        ("copied from /home", "line 14:26 (front matter) contains an absolute path '/home' (2 more)"),
+        ("C:\\Users\\zach\\cos", "line 14:14 (front matter) contains a Windows path 'C:\\Users\\zach\\cos' (2 more)"),
+        # Read as Markdown, the front matter's `\\server` is one escaped backslash: the table catches it.
+        ("\\\\server\\share\\cos", "line 32:11 (Merge details) contains a network (UNC) path '\\\\server\\share\\cos' (1 more)"),
+        ("~/ckpt/cos", "line 14:14 (front matter) contains a home-relative path '~/ckpt/cos' (2 more)"),
+        ("${CHECKPOINTS}/cos", "line 14:14 (front matter) contains an environment reference '${CHECKPOINTS}' (2 more)"),
+        ("$HOME/cos", "line 14:14 (front matter) contains an environment reference '$HOME/' (2 more)"),
+        ("hf_" + "a1B2" * 9, "line 14:14 (front matter) contains a Hugging Face token (hf_…) (2 more)"),
     ],
 )
 def test_path_or_secret_in_a_label_refuses_the_card(label, found):
     with pytest.raises(CardError) as err:
         render(recipe_text(cos_label=label))
     message = str(err.value)
-    assert message == f"card for team/test-merge not written: {found} (1 more) (remove it from the recipe, report or template it came from)"
+    assert message == f"card for team/test-merge not written: {found} (remove it from the recipe, report or template it came from)"
     assert "a1B2a1B2" not in message
 
 
@@ -458,7 +498,7 @@ def test_environment_secret_refuses_the_card_without_printing_it(monkeypatch, tm
     with pytest.raises(CardError) as err:
         render(recipe_text(summary=f"token {token} oops"))
     assert str(err.value) == (
-        "card for team/test-merge not written: line 16:7 (title) contains the value of environment variable HF_TOKEN "
+        "card for team/test-merge not written: line 21:7 (title) contains the value of environment variable HF_TOKEN "
         "(remove it from the recipe, report or template it came from)"
     )
     with pytest.raises(CardError) as err:
@@ -476,8 +516,8 @@ def test_environment_secret_refuses_the_card_without_printing_it(monkeypatch, tm
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr == (
-        "error: card for team/test-merge not written: line 27:24 (Merge details) contains the value of environment "
-        "variable HF_TOKEN (1 more) (remove it from the recipe, report or template it came from)\n"
+        "error: card for team/test-merge not written: line 14:27 (front matter) contains the value of environment "
+        "variable HF_TOKEN (2 more) (remove it from the recipe, report or template it came from)\n"
     )
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 

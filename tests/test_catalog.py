@@ -28,11 +28,13 @@ from registry.catalog import (
 )
 from registry.publish import Bundle, bundle_files
 from registry.publish.local import LocalOptions, LocalTarget
+from registry.reports import Provenance, Smoke
+from registry.reports import write as write_report
 from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, HUB_USER
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("REGISTRY_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
@@ -87,23 +89,26 @@ def publish(
         meta.update(license_name=license_name, license_link="https://example.com/licence")
     meta["tags"] = ["merge", "mergekit", method, *tags]
     recipe_sha = (repo_id.encode().hex() * 8)[:64]
-    meta["registry"] = {"recipe_sha256": recipe_sha, "version": "0.1.0"}
-    (folder / "README.md").write_text(card_text(repo_id, meta, summary, extra))
-    provenance = {
-        "format": 1, "recipe_sha256": recipe_sha, "repo_id": repo_id, "merge_method": method, "normalize": True,
-        "dtype": "bfloat16", "config_donor": "cos",
+    merge_id = (repo_id.encode().hex() * 8)[-64:]
+    # The sources' labels are the card's: its registry block carries them (provenance holds merge facts only).
+    meta["registry"] = {"recipe_sha256": recipe_sha, "merge_identity": merge_id, "version": "0.1.0",
+                        "sources": {"cos": {"label": labels[0]}, "fmt": {"label": labels[1]}}}
+    card = card_text(repo_id, meta, summary, extra)
+    (folder / "README.md").write_text(card)
+    provenance = Provenance.model_validate({
+        "merge_identity": merge_id, "merge_method": method, "normalize": True, "dtype": "bfloat16", "config_donor": "cos",
         "sources": {
-            "cos": {"kind": "hub", "repo_id": parents[0], "revision": "c" * 40, "content_sha256": None,
-                    "label": labels[0], "hub_id": None, "weight": 0.3},
-            "fmt": {"kind": "local", "repo_id": None, "revision": None, "content_sha256": "d" * 64,
-                    "label": labels[1], "hub_id": None, "weight": [{"filter": "mlp", "value": 0.5}, {"filter": None, "value": 0.7}]},
+            "cos": {"kind": "hub", "repo_id": parents[0], "revision": "c" * 40, "weight": 0.3},
+            "fmt": {"kind": "local", "content_sha256": "d" * 64,
+                    "weight": [{"filter": "mlp", "value": 0.5}, {"filter": None, "value": 0.7}]},
         },
         "files": {}, "versions": {"registry": "0.1.0", "mergekit": "0.1.5"}, "device": "cpu",
-    }
-    (folder / "provenance.json").write_text(json.dumps(provenance))
+    })
+    write_report(provenance, folder)
+    report = None
     if smoke is not None:
-        report = {
-            "format": 1, "passed": smoke, "device": "cpu", "recipe_sha256": recipe_sha,
+        report = Smoke.model_validate({
+            "merge_identity": merge_id, "passed": smoke, "device": "cpu",
             "checks": [
                 {"name": "short", "status": "passed", "reason": "answered through the chat template", "details": {}},
                 {"name": "long", "status": "passed" if smoke else "failed",
@@ -113,11 +118,11 @@ def publish(
             "long": [{"tokens": 512, "depth": 0.5, "status": "retrieved" if smoke else "missed", "reason": None,
                       "finite": True, "seconds": 0.41, "peak_memory_bytes": 123456}],
             "parity": [],
-        }
-        (folder / "smoke.json").write_text(json.dumps(report))
+        })
+        write_report(report, folder)
     (folder / "config.json").write_text('{"model_type": "qwen2"}')
     (folder / "model.safetensors").write_bytes(b"\0" * 64)
-    bundle = Bundle(repo_id, recipe_sha, {}, bundle_files(folder), smoke, meta)
+    bundle = Bundle(repo_id, recipe_sha, {}, bundle_files(folder), provenance, report, card)
     LocalTarget(home).publish(bundle, LocalOptions())
 
 
@@ -248,7 +253,7 @@ def test_search_and_filters_hide_exactly_the_right_rows(page: Watched, base_url:
     assert visible_rows(p) == [BASE, CHILD, THIRD]
     p.fill("input[name=q]", "SECOND child")  # case does not matter
     assert visible_rows(p) == [THIRD]
-    p.fill("input[name=q]", "code fine-tune")  # a source label from provenance.json
+    p.fill("input[name=q]", "code fine-tune")  # a source label from the card's registry block
     assert visible_rows(p) == [CHILD]
     assert p.inner_text("#count") == "1 of 4 models"
     p.fill("input[name=q]", "")
@@ -475,7 +480,7 @@ def hub_card(repo_id: str, parents: list[str], tags: list[str], summary: str) ->
 def test_build_from_a_hub_org_lists_its_merges_with_cards_and_smoke(hub_server: Any, hub_api: Any, tmp_path: Path):
     parent, child = f"{HUB_ORG}/merged-parent", f"{HUB_ORG}/merged-child"
     upload_model(hub_api, parent, hub_card(parent, ["up/a", "up/b"], ["merge", "linear"], "The parent merge"),
-                 smoke={"format": 1, "passed": True, "checks": []})
+                 smoke={"format": 2, "passed": True, "device": "cpu", "checks": []})
     upload_model(hub_api, child, hub_card(child, [parent, "up/c"], ["merge", "linear", "code"], "The child merge"))
     upload_model(hub_api, f"{HUB_ORG}/not-a-merge", hub_card(f"{HUB_ORG}/not-a-merge", ["up/a"], ["finetune"], "no"))
     upload_model(hub_api, f"{HUB_USER}/elsewhere", hub_card(f"{HUB_USER}/elsewhere", ["up/a", "up/b"], ["merge"], "other owner"))
@@ -483,7 +488,7 @@ def test_build_from_a_hub_org_lists_its_merges_with_cards_and_smoke(hub_server: 
     models = read_models(f"hf:{HUB_ORG}", api=hub_api)
     assert [(m.repo_id, m.url, m.metadata["base_model"], m.smoke) for m in models] == [
         (child, f"{hub_server.endpoint}/{child}", [parent, "up/c"], None),
-        (parent, f"{hub_server.endpoint}/{parent}", ["up/a", "up/b"], {"format": 1, "passed": True, "checks": []}),
+        (parent, f"{hub_server.endpoint}/{parent}", ["up/a", "up/b"], Smoke(passed=True, device="cpu", checks=[])),
     ]
 
     run = subprocess.run(
@@ -587,3 +592,17 @@ def test_empty_registry_builds_an_empty_catalog(tmp_path: Path):
     result = build_site(read_local(tmp_path / "empty"), tmp_path / "site", [])
     assert (result.models, result.pages) == (0, ["index.html"])
     assert "<p>Nothing has been published yet.</p>" in (tmp_path / "site" / "index.html").read_text()
+
+
+def test_a_hub_model_with_a_report_of_another_format_is_one_clear_error(hub_server: Any, hub_api: Any):
+    from registry.errors import ReportError
+
+    repo = f"{HUB_ORG}/old-format"
+    upload_model(hub_api, repo, hub_card(repo, ["up/a", "up/b"], ["merge"], "an older registry wrote it"),
+                 smoke={"format": 1, "passed": True, "checks": []})
+    with pytest.raises(ReportError) as failed:
+        read_models(f"hf:{HUB_ORG}", api=hub_api)
+    assert str(failed.value) == (
+        f"{hub_server.endpoint}/{repo}/smoke.json: unknown smoke.json format 1 (this registry reads format 2) "
+        "(run `registry smoke` again to rewrite it)"
+    )

@@ -29,6 +29,9 @@ from registry.card import render_card
 from registry.cli import app
 from registry.output import GuardedStream, console, esc, guard
 from registry.recipe import load_recipe, parse_recipe
+from registry.reports import Smoke
+from registry.reports import read as read_report
+from registry.reports import write as write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -368,9 +371,9 @@ def test_summary_shows_validation_weight_diffs_dry_runs_and_card_previews(pr: Pa
     commit(pr, "team card v2", {"templates/model_card.md.j2": TEMPLATE.replace("v1", "v2")})
     reports = tmp_path / "reports" / "report-recipes-examples-toy.yaml"
     reports.mkdir(parents=True)
-    toy_sha = load_recipe(pr / "recipes/examples/toy.yaml").sha256
+    # The workflow's artifact for recipes/examples/toy.yaml: the folder's name says which recipe it belongs to.
     (reports / "smoke.json").write_text(json.dumps({
-        "format": 1, "passed": False, "device": "cpu", "recipe_sha256": toy_sha,
+        "format": 2, "passed": False, "device": "cpu",
         "checks": [
             {"name": "short", "status": "passed", "reason": "coherent", "details": {}},
             {"name": "long", "status": "failed", "reason": "0 of 6 needles retrieved", "details": {}},
@@ -442,7 +445,7 @@ def render_with_smoke(repo: Path, path: str, reports: Path) -> str:
     old = Path.cwd()
     os.chdir(repo)
     try:
-        smoke = json.loads((reports / "smoke.json").read_text())
+        smoke = read_report(Smoke, reports)
         return render_card(load_recipe(repo / path), None, smoke, [repo / "templates"])
     finally:
         os.chdir(old)
@@ -893,3 +896,18 @@ def test_user_text_in_markup_prints_literally(value: str, expected: str) -> None
     with contextlib.redirect_stdout(buffer):
         console().print(f"[green]ok[/green] {esc(value)}[red]|[/red]{esc(value)} end")
     assert buffer.getvalue() == f"ok {expected}|{expected} end\n"
+
+
+def test_dry_run_reports_are_found_by_their_recipe_folder_and_a_bad_one_is_one_line(tmp_path: Path) -> None:
+    good, bad = tmp_path / ci.report_folder("recipes/a.yaml"), tmp_path / ci.report_folder("recipes/b.yaml")
+    good.mkdir()
+    bad.mkdir()
+    write_report(Smoke(passed=True, device="cpu", checks=[]), good)
+    (bad / "provenance.json").write_text('{"format": 1}')
+    found = ci.find_reports(tmp_path)
+    assert sorted(found) == ["report-recipes-a.yaml", "report-recipes-b.yaml"]
+    assert (found["report-recipes-a.yaml"].smoke.passed, found["report-recipes-a.yaml"].provenance) == (True, None)
+    assert found["report-recipes-b.yaml"].problem == (
+        f"{bad / 'provenance.json'}: unknown provenance.json format 1 (this registry reads format 2) "
+        "(run `registry merge` again to rewrite it)"
+    )

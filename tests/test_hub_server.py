@@ -20,7 +20,17 @@ import pytest
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError
 
-from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, HUB_USER, OTHER_TOKEN, hub_client
+from registry.testing.fixtures import (
+    HUB_ORG,
+    HUB_TOKEN,
+    HUB_USER,
+    ORG_READER_TOKEN,
+    ORG_WRITERS,
+    OTHER_TOKEN,
+    READ_TOKEN,
+    SCOPED_TOKEN,
+    hub_client,
+)
 from registry.testing.hub import LFS_THRESHOLD, HubServer
 
 REPO = f"{HUB_USER}/tiny-merge"
@@ -280,6 +290,59 @@ def test_whoami_and_invalid_tokens(hub_server: HubServer, hub_api: HfApi) -> Non
     with pytest.raises(HfHubHTTPError) as invalid:
         hub_client(hub_server, "hf_not_a_token").whoami()
     assert invalid.value.response.status_code == 401
+
+
+def test_whoami_reports_token_roles_fine_grained_scopes_and_org_roles(hub_server: HubServer) -> None:
+    def whoami(token: str) -> tuple[Any, ...]:
+        me = hub_client(hub_server, token).whoami()
+        access = me["auth"]["accessToken"]
+        return me["name"], {o["name"]: o["roleInOrg"] for o in me["orgs"]}, access["role"], access.get("fineGrained")
+
+    assert whoami(HUB_TOKEN) == (HUB_USER, {HUB_ORG: "write"}, "write", None)
+    assert whoami(READ_TOKEN) == (HUB_USER, {HUB_ORG: "write"}, "read", None)
+    name, orgs, role, fine = whoami(SCOPED_TOKEN)
+    assert (name, orgs, role) == (HUB_USER, {HUB_ORG: "write"}, "fineGrained")
+    assert fine["global"] == [] and [(s["entity"]["type"], s["entity"]["name"], s["permissions"]) for s in fine["scoped"]] == [
+        ("user", HUB_USER, ["repo.content.read", "repo.write"])
+    ]
+    assert whoami(ORG_READER_TOKEN) == ("carol", {HUB_ORG: "read"}, "write", None)
+    assert whoami(ORG_WRITERS["contributor"]) == ("dave", {HUB_ORG: "contributor"}, "write", None)
+    assert whoami(ORG_WRITERS["admin"]) == ("erin", {HUB_ORG: "admin"}, "write", None)
+
+
+def test_writes_need_a_token_and_a_role_that_allow_them(hub_server: HubServer, hub_api: HfApi) -> None:
+    org_repo = f"{HUB_ORG}/shared"
+    hub_api.create_repo(org_repo, private=True)
+
+    def status(token: str, call: str, repo_id: str) -> int:
+        api = hub_client(hub_server, token)
+        try:
+            if call == "create":
+                api.create_repo(repo_id)
+            elif call == "commit":
+                api.upload_file(path_or_fileobj=b"x", path_in_repo=f"{token}.txt", repo_id=repo_id)
+            else:
+                api.model_info(repo_id)
+        except HfHubHTTPError as exc:
+            return exc.response.status_code
+        return 200
+
+    # A read token reads everything its user may read and writes nothing, not even its user's own repos.
+    assert [status(READ_TOKEN, c, r) for c, r in [("read", org_repo), ("create", f"{HUB_USER}/mine"),
+                                                  ("commit", org_repo)]] == [200, 403, 403]
+    # A fine-grained token writes where it is scoped (the user's namespace), nowhere else; unscoped
+    # for reading the org, its private repos are invisible to it.
+    assert [status(SCOPED_TOKEN, c, r) for c, r in [("create", f"{HUB_USER}/scoped"), ("commit", f"{HUB_USER}/scoped"),
+                                                    ("create", f"{HUB_ORG}/scoped"), ("commit", org_repo)]] == [200, 200, 403, 404]
+    # Org roles: read reads; contributor creates and writes its own repos only; write and admin write all.
+    assert [status(ORG_READER_TOKEN, c, r) for c, r in [("read", org_repo), ("create", f"{HUB_ORG}/carol"),
+                                                        ("commit", org_repo)]] == [200, 403, 403]
+    contributor = ORG_WRITERS["contributor"]
+    assert [status(contributor, c, r) for c, r in [("create", f"{HUB_ORG}/dave"), ("commit", f"{HUB_ORG}/dave"),
+                                                   ("commit", org_repo)]] == [200, 200, 403]
+    assert [status(ORG_WRITERS["admin"], c, r) for c, r in [("create", f"{HUB_ORG}/erin"), ("commit", org_repo)]] == [200, 200]
+    assert status(OTHER_TOKEN, "read", org_repo) == 404
+    assert hub_api.list_repo_files(org_repo) == [".gitattributes", f"{ORG_WRITERS['admin']}.txt"]
 
 
 def test_list_models_by_author_tag_and_search(hub_server: HubServer, hub_api: HfApi) -> None:

@@ -16,8 +16,10 @@ import torch
 from models import build_family, edit_json, read_state, rewrite_tensors
 
 from registry.cli import main
-from registry.merge import merge, read_provenance
+from registry.identity import merge_identity
+from registry.merge import merge
 from registry.recipe import load_recipe
+from registry.reports import Provenance, SourcePin, read
 from registry.sources import plan
 
 # mergekit imports numpy.core, which numpy 2 deprecates.
@@ -38,6 +40,12 @@ merge:
       parameters: {{weight: {wb}}}
   dtype: bfloat16
 {extra}"""
+
+
+def read_provenance(out: Path) -> Provenance:
+    found = read(Provenance, out)
+    assert found is not None, f"no provenance.json in {out}"
+    return found
 
 
 def write_recipe(path: Path, a: Path | str, b: Path | str, wa: object = 0.3, wb: object = 0.7, extra: str = "") -> Path:
@@ -128,7 +136,7 @@ def test_output_carries_donor_files_and_provenance(family, tmp_path: Path, home:
     p = plan(recipe)
     result = merge(recipe, p, None, "cpu")
 
-    out = home / "build" / recipe.sha256[:12]
+    out = home / "build" / merge_identity(recipe, p)[:12]
     assert result.out == out and result.reused is False
     assert sorted(f.name for f in out.iterdir()) == [
         "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "provenance.json",
@@ -148,17 +156,16 @@ def test_output_carries_donor_files_and_provenance(family, tmp_path: Path, home:
     import transformers
 
     assert provenance == {
-        "format": 1,
-        "recipe_sha256": recipe.sha256,
-        "repo_id": "team/tiny-merge",
+        "format": 2,
+        "merge_identity": merge_identity(recipe, p),
         "merge_method": "linear",
         "normalize": True,
         "dtype": "bfloat16",
         "sources": {
             "a": {"kind": "local", "repo_id": None, "revision": None, "content_sha256": p.source("a").content_sha256,
-                  "label": "fine-tune A", "hub_id": None, "weight": 0.3},
+                  "weight": 0.3},
             "b": {"kind": "local", "repo_id": None, "revision": None, "content_sha256": p.source("b").content_sha256,
-                  "label": None, "hub_id": None, "weight": 0.7},
+                  "weight": 0.7},
         },
         "config_donor": "b",
         "files": files,
@@ -170,6 +177,25 @@ def test_output_carries_donor_files_and_provenance(family, tmp_path: Path, home:
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     again = merge(recipe, plan(recipe), None, "cpu")
     assert again.reused is True and (out / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_text_edits_reuse_the_build_folder_and_a_weight_edit_gets_its_own(family, tmp_path: Path, home: Path) -> None:
+    path = write_recipe(tmp_path / "r.yaml", family.a, family.b)
+    recipe = load_recipe(path)
+    first = merge(recipe, plan(recipe), None, "cpu")
+    mtime = (first.out / "model.safetensors").stat().st_mtime_ns
+    path.write_text(path.read_text().replace("license: mit", "license: apache-2.0\nsummary: Edited\ntags: [edited]")
+                    .replace("label: fine-tune A", "label: renamed"))
+    edited = load_recipe(path)
+    assert edited.sha256 != recipe.sha256
+    again = merge(edited, plan(edited), None, "cpu")
+    assert (again.out, again.reused) == (first.out, True)
+    assert (first.out / "model.safetensors").stat().st_mtime_ns == mtime
+
+    reweighted = load_recipe(write_recipe(path, family.a, family.b, 0.4, 0.6))
+    third = merge(reweighted, plan(reweighted), None, "cpu")
+    assert third.reused is False and third.out.parent == first.out.parent and third.out != first.out
+    assert read_provenance(first.out).merge_identity == again.provenance.merge_identity != third.provenance.merge_identity
 
 
 def test_cli_reuses_a_finished_merge_and_says_so(family, tmp_path: Path, home: Path, capsys: pytest.CaptureFixture) -> None:
@@ -184,9 +210,9 @@ def test_cli_reuses_a_finished_merge_and_says_so(family, tmp_path: Path, home: P
     with pytest.raises(SystemExit) as code:
         main(["merge", str(path), "-o", str(tmp_path / "out"), "--device", "cpu"])
     assert code.value.code == 0
-    recipe = load_recipe(path)
     assert capsys.readouterr().out == (
-        f"reused {tmp_path / 'out'}: its provenance.json matches recipe {recipe.sha256[:12]} and the pinned sources\n"
+        f"reused {tmp_path / 'out'}: its provenance.json has this merge's identity {first['merge_identity'][:12]} "
+        "(merge settings and pinned sources)\n"
     )
 
 
@@ -202,10 +228,7 @@ def test_a_hub_source_is_merged_at_its_pinned_commit(family, tmp_path: Path, hom
     fp32, _ = expected_tensors(family.a, family.b, 0.3, 0.7)
     merged = read_state(result.out)
     assert sorted(merged) == sorted(fp32) and all(torch.equal(merged[k], fp32[k]) for k in fp32)
-    assert result.provenance["sources"]["a"] == {
-        "kind": "hub", "repo_id": "alice/tiny-a", "revision": sha, "content_sha256": None,
-        "label": "fine-tune A", "hub_id": None, "weight": 0.3,
-    }
+    assert result.provenance.sources["a"] == SourcePin(kind="hub", repo_id="alice/tiny-a", revision=sha, weight=0.3)
     assert str(tmp_path) not in (result.out / "provenance.json").read_text()  # the snapshot lies under tmp_path
 
 
@@ -357,10 +380,11 @@ def test_sigkill_once_a_shard_is_in_staging_leaves_no_model_and_a_rerun_complete
     root, seen, _ = killed
     at_kill = seen["A at shard"]
     staging = [name for name in at_kill if name.startswith("outA.staging-")]
-    assert len(staging) == 1 and at_kill[staging[0]] == ["model-1.safetensors"]
+    # Marked as the registry's own, which is what lets the rerun remove it.
+    assert len(staging) == 1 and at_kill[staging[0]] == [".registry-staging", "model-1.safetensors"]
     assert "outA" not in at_kill and "outA" not in seen["A at shard killed"]
     assert looks_like_model(root / "outA") and not [n for n in snapshot(root) if n.startswith("outA.")]
-    assert read_provenance(root / "outA")["recipe_sha256"] == load_recipe(root / "r1.yaml").sha256
+    assert read_provenance(root / "outA").merge_identity == read_provenance(root / "ref").merge_identity
 
 
 def test_sigkill_before_the_final_rename_leaves_no_model_and_a_rerun_completes(killed) -> None:
@@ -369,9 +393,10 @@ def test_sigkill_before_the_final_rename_leaves_no_model_and_a_rerun_completes(k
     # The previous output (recipe r2) was set aside; the new one is complete but still named staging.
     assert "outB" not in at_kill and "outB" not in seen["B at rename killed"]
     assert [n.split("-")[0] for n in sorted(at_kill) if n.startswith("outB.")] == ["outB.old", "outB.staging"]
+    assert all(".registry-staging" in at_kill[n] for n in at_kill if n.startswith("outB."))
     assert results["B"]["reused"] is False
     assert not [n for n in snapshot(root) if n.startswith("outB.")]
-    assert read_provenance(root / "outB")["recipe_sha256"] == load_recipe(root / "r1.yaml").sha256
+    assert read_provenance(root / "outB").merge_identity == read_provenance(root / "ref").merge_identity
 
 
 def test_sigkill_after_the_rename_leaves_a_complete_model_that_is_reused(killed) -> None:
@@ -379,15 +404,15 @@ def test_sigkill_after_the_rename_leaves_a_complete_model_that_is_reused(killed)
     assert "outA" in seen["A at renamed"] and looks_like_model(root / "outA")
     assert results["A"]["reused"] is True
     provenance = read_provenance(root / "outA")
-    assert all(sha256(root / "outA" / name) == info["sha256"] for name, info in provenance["files"].items())
+    assert all(sha256(root / "outA" / name) == info.sha256 for name, info in provenance.files.items())
 
 
 def test_outputs_are_bit_identical_under_any_hash_seed(killed) -> None:
     root, _, _ = killed
-    ref = read_provenance(root / "ref")["files"]
+    ref = read_provenance(root / "ref").files
     # outA: PYTHONHASHSEED=1; outB: PYTHONHASHSEED=2; ref: this test process's seed.
     for out in ("outA", "outB"):
-        assert read_provenance(root / out)["files"] == ref
+        assert read_provenance(root / out).files == ref
         assert {f.name: sha256(f) for f in (root / out).glob("*.safetensors")} == {
             f.name: sha256(f) for f in (root / "ref").glob("*.safetensors")}
     assert sorted(name for name in snapshot(root) if looks_like_model(root / name)) == ["outA", "outB", "ref"]
@@ -438,3 +463,135 @@ def test_a_merge_imports_mergekit_without_peft_which_still_loads_on_use(tmp_path
         "assert peft.PeftModel is mergekit.common.peft.PeftModel\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a merge may remove beside its output: only its own marked leftovers
+
+
+def tree(root: Path) -> dict[str, bytes | str | None]:
+    """Every path under `root` with its bytes (a link: its target; a folder: None)."""
+    return {p.relative_to(root).as_posix(): os.readlink(p) if p.is_symlink() else None if p.is_dir() else p.read_bytes()
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("taken", ["folder", "file"])
+def test_a_refused_output_leaves_the_users_neighbours_untouched(family, tmp_path: Path, home: Path, capsys, taken: str) -> None:
+    path = write_recipe(tmp_path / "r.yaml", family.a, family.b)
+    work = tmp_path / "work"
+    out = work / "DIR"
+    if taken == "folder":
+        out.mkdir(parents=True)
+        (out / "thesis.tex").write_text("mine\n")
+    else:
+        work.mkdir()
+        out.write_text("mine\n")
+    for name in ("DIR.old-backup", "DIR.staging-x", "DIR.old-1", "DIR.staging-2"):
+        (work / name / "sub").mkdir(parents=True)
+        (work / name / "notes.txt").write_text(f"{name}\n")
+        (work / name / "sub" / "data.bin").write_bytes(os.urandom(64))
+    before = tree(work)
+
+    with pytest.raises(SystemExit) as code:
+        main(["merge", str(path), "-o", str(out), "--device", "cpu"])
+    assert tree(work) == before  # byte for byte, and nothing added (not even a lock file)
+    assert code.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {out} exists and is not a registry merge output; choose another folder with -o or remove it\n")
+
+
+def test_only_marked_leftovers_of_dead_merges_are_removed(family, tmp_path: Path, home: Path) -> None:
+    from registry import staging
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family.a, family.b))
+    out = tmp_path / "out"
+    # What a killed merge leaves: its staging folder, marked, with no process holding the marker.
+    dead = staging.create(tmp_path / "out.staging-4242")
+    (dead.path / "model-1.safetensors").write_bytes(b"partial")
+    dead.close()
+    dead_old = staging.create(tmp_path / "out.old-4243")
+    dead_old.close()
+    # Same names, not the registry's: no marker, a marker naming another folder, a marker that is a link.
+    (tmp_path / "out.staging-1").mkdir()
+    (tmp_path / "out.staging-1" / "model-1.safetensors").write_bytes(b"mine")
+    copied = staging.create(tmp_path / "elsewhere")
+    copied.close()
+    os.rename(copied.path, tmp_path / "out.old-2")  # a leftover the user moved: its marker names 'elsewhere'
+    (tmp_path / "out.staging-3").mkdir()
+    (tmp_path / "marker").write_text(json.dumps({"folder": "out.staging-3"}))
+    (tmp_path / "out.staging-3" / ".registry-staging").symlink_to(tmp_path / "marker")
+    # A merge still running (it holds its marker).
+    live = staging.create(tmp_path / "out.staging-5")
+    kept = {name: tree(tmp_path / name) for name in ("out.staging-1", "out.old-2", "out.staging-3", "out.staging-5")}
+
+    merge(recipe, plan(recipe), out, "cpu")
+    live.close()
+
+    assert sorted(p.name for p in tmp_path.glob("out.*")) == sorted(kept)
+    assert {name: tree(tmp_path / name) for name in kept} == kept
+    assert not (out / ".registry-staging").exists() and looks_like_model(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge reads what was pinned
+
+
+def swap(x: Path, y: Path, how: str) -> None:
+    """Exchange the contents of files `x` and `y`: by renaming, or by rewriting each in place (its mtime kept)."""
+    if how == "rename":
+        tmp = x.with_name(x.name + ".swap")
+        os.rename(x, tmp)
+        os.rename(y, x)
+        os.rename(tmp, y)
+        return
+    data_x, data_y = x.read_bytes(), y.read_bytes()
+    for path, data in ((x, data_y), (y, data_x)):
+        st = path.stat()
+        path.write_bytes(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture
+def copies(family, tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the fine-tunes a and b that a test may change."""
+    import shutil
+
+    return shutil.copytree(family.a, tmp_path / "cos"), shutil.copytree(family.b, tmp_path / "fmt")
+
+
+@pytest.mark.parametrize("how", ["rename", "rewrite-keeping-mtime"])
+@pytest.mark.parametrize("cache", ["cache", "no-cache"])
+def test_weights_swapped_after_planning_are_refused_and_nothing_is_written(copies, tmp_path: Path, home: Path,
+                                                                           how: str, cache: str) -> None:
+    from registry.errors import MergeError
+
+    cos, fmt = copies
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", cos, fmt))
+    pinned = plan(recipe)
+    swap(cos / "model.safetensors", fmt / "model.safetensors", how)
+    if cache == "no-cache":
+        (home / "cache" / "file-hashes.json").unlink()
+    with pytest.raises(MergeError) as exc:
+        merge(recipe, pinned, tmp_path / "out", "cpu")
+    assert str(exc.value) == (
+        "source 'a' changed during the merge: model.safetensors is not the file `registry plan` pinned; the merge was "
+        "discarded (leave the source folders alone until a merge ends, then merge again; --update accepts new weights)"
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_weights_swapped_while_the_merge_runs_are_refused(copies, tmp_path: Path) -> None:
+    cos, fmt = copies
+    home = tmp_path / "home"
+    path = write_recipe(tmp_path / "r.yaml", cos, fmt)
+    proc = start(path, tmp_path / "out", home, 1, "shard")
+    wait_stopped(proc)  # the sources are open and read; a shard is written
+    swap(cos / "model.safetensors", fmt / "model.safetensors", "rename")
+    proc.send_signal(signal.SIGCONT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert (proc.returncode, stdout) == (1, "")
+    assert stderr == (
+        "error: source 'a' changed during the merge: model.safetensors is not the file `registry plan` pinned; the merge "
+        "was discarded (leave the source folders alone until a merge ends, then merge again; --update accepts new weights)\n"
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]

@@ -22,6 +22,8 @@ from registry.errors import PublishError
 from registry.publish import Bundle, bundle_files
 from registry.publish.hf import HfTarget
 from registry.recipe import parse_recipe
+from registry.reports import Provenance, Smoke
+from registry.reports import write as write_report
 from registry.testing.fixtures import HUB_ORG, HUB_TOKEN
 
 ROOT = Path(__file__).parent.parent
@@ -165,19 +167,24 @@ def make_bundle(folder: Path, repo_id: str, *, weight: float = 0.3, smoke_passed
     (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 16, "vocab_size": 64}))
     short = "passed" if smoke_passed else "failed"
     checks = [
-        {"name": "short", "status": short, "reason": None if smoke_passed else "output is 4 repeated tokens", "details": {}},
+        {"name": "short", "status": short, "reason": "" if smoke_passed else "output is 4 repeated tokens", "details": {}},
         {"name": "long", "status": "skipped", "reason": "context_tokens exceeds the model's 32768", "details": {}},
     ]
-    (folder / "smoke.json").write_text(json.dumps({"format": 1, "passed": smoke_passed, "device": "cpu", "recipe_sha256": recipe.sha256, "checks": checks}))
-    (folder / "provenance.json").write_text(json.dumps({"format": 1, "recipe_sha256": recipe.sha256, "repo_id": repo_id, "sources": pins or PINS}))
+    merge_id = hashlib.sha256(f"{repo_id} {weight} {json.dumps(pins or PINS, sort_keys=True)}".encode()).hexdigest()
+    smoke = Smoke(merge_identity=merge_id, passed=smoke_passed, device="cpu", checks=checks)
+    fields = ("kind", "repo_id", "revision", "content_sha256", "weight")
+    provenance = Provenance(merge_identity=merge_id, merge_method="linear", dtype="float32", config_donor="cos",
+                            sources={alias: {f: pin.get(f) for f in fields} for alias, pin in (pins or PINS).items()},
+                            files={}, versions={"registry": "0.1.0"}, device="cpu")
+    write_report(smoke, folder)
+    write_report(provenance, folder)
     body = body if body is not None else CARD_BODY.format(repo_id=repo_id, short=short)
-    (folder / "README.md").write_text(
+    card = (
         "---\nbase_model:\n- org/cos\n- org/fmt\nbase_model_relation: merge\nlicense: mit\n"
-        f"registry:\n  recipe_sha256: {recipe.sha256}\n---\n\n" + body
+        f"registry:\n  recipe_sha256: {recipe.sha256}\n  merge_identity: {merge_id}\n---\n\n" + body
     )
-    metadata = {"base_model": ["org/cos", "org/fmt"], "base_model_relation": "merge", "license": "mit",
-                "registry": {"recipe_sha256": recipe.sha256}}
-    bundle = Bundle(repo_id, recipe.sha256, pins or PINS, bundle_files(folder), smoke_passed=smoke_passed, metadata=metadata)
+    (folder / "README.md").write_text(card)
+    bundle = Bundle(repo_id, recipe.sha256, pins or PINS, bundle_files(folder), provenance, smoke, card)
     return recipe, bundle
 
 
@@ -248,7 +255,7 @@ def test_publish_registers_a_version_with_files_card_tags_and_alias(target_cls, 
     result = target.publish(bundle, opts)
     assert result.to_dict() == {
         "target": "mlflow", "location": f"models:/cos-fmt/1 at {uri}", "revision": "1", "changed": True,
-        "detail": "version 1; alias 'latest-smoke-passed' moved to it",
+        "detail": "version 1; alias 'latest-smoke-passed' moved to it", "kept": [], "notes": [],
     }
     version = client.get_model_version("cos-fmt", "1")
     assert version.description == CARD_BODY.format(repo_id="team/cos-fmt", short="passed")
@@ -276,7 +283,7 @@ def test_publish_registers_a_version_with_files_card_tags_and_alias(target_cls, 
     # Same recipe, same pins: nothing is sent, no version is created.
     assert target.is_current(recipe, PINS, opts)
     assert target.plan(bundle, opts).to_dict() == {
-        "target": "mlflow", "location": f"models:/cos-fmt/1 at {uri}", "up_to_date": True, "upload": [], "delete": [], "upload_bytes": 0,
+        "target": "mlflow", "location": f"models:/cos-fmt/1 at {uri}", "up_to_date": True, "upload": [], "delete": [], "upload_bytes": 0, "kept": [],
     }
     again = target.publish(bundle, opts)
     assert (again.changed, again.revision, again.detail) == (False, "1", "already published as version 1")
@@ -459,3 +466,15 @@ def test_versions_command_lists_what_was_registered(target_cls, plugin_site, uri
     with pytest.raises(PublishError) as info:
         list_versions(opts, "nothing-here")
     assert str(info.value) == f"no registered model 'nothing-here' at {uri} (check the name and --registry-uri)"
+
+
+def test_tags_and_description_come_from_the_bundle_not_the_files(target_cls, tmp_path):
+    module = sys.modules[target_cls.__module__]
+    _, bundle = make_bundle(tmp_path / "build", "team/from-bundle", smoke_passed=False)
+    # The files are only bytes to upload: the reports and the card are what the bundle carries.
+    for name in ("smoke.json", "README.md"):
+        (tmp_path / "build" / name).write_text("not what the bundle says")
+    tags = module.version_tags(bundle)
+    assert (tags["registry.smoke"], tags["registry.smoke.short"]) == ("failed", "failed: output is 4 repeated tokens")
+    assert tags["registry.base_model"] == "org/cos, org/fmt"
+    assert module.version_description(bundle, "x") == CARD_BODY.format(repo_id="team/from-bundle", short="failed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from models import TinyConfig, build_family
-from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, hub_client
+from registry.smoke_checks import BUILTIN_CHECKS
+from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, LIMITED_TOKENS, ORG_WRITERS, hub_client
 
 RECIPE = """\
 repo_id: {repo_id}
@@ -172,6 +174,54 @@ def test_missing_or_rejected_token_is_one_line(hub_server, workspace):
     assert "hf_this_token_is_not_valid" not in run.stdout + run.stderr
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["publish", "dry-run"])
+@pytest.mark.parametrize("kind", sorted(LIMITED_TOKENS))
+def test_a_token_that_cannot_write_is_refused_before_any_merge(hub_server, workspace, kind, dry_run):
+    from registry.recipe import load_recipe
+
+    # Weights no other test uses: this recipe's build folder exists only if something merged it.
+    recipe = write_recipe(workspace, "read-only", REPO_ID, wa=0.45, wb=0.55)
+    build = workspace / ".registry" / "build" / load_recipe(recipe).sha256[:12]
+    token = LIMITED_TOKENS[kind]
+    run = publish(workspace, recipe, "--target", "hf", *(["--dry-run"] if dry_run else []), env=hub_server.client_env(token))
+    reason = {
+        "read token": "it is a read-only token",
+        "fine-grained token scoped to the user": f"the fine-grained token has no repo.write permission on {HUB_ORG}",
+        "org member with the read role": f"carol has the read role in {HUB_ORG}",
+    }[kind]
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: hf: the token cannot write to {HUB_ORG}: {reason}; nothing was merged or sent "
+        f"(use a token with write access to {HUB_ORG}: `hf auth login` or HF_TOKEN)"
+    )
+    assert "Traceback" not in run.stderr and token not in run.stdout + run.stderr
+    assert not build.exists() and not recipe.with_name("read-only.lock.json").exists()
+    assert [r.line for r in hub_server.requests if r.path != "/api/agent-harnesses"] == ["GET /api/whoami-v2"]
+
+
+def test_republishing_keeps_files_someone_else_committed_and_says_so(hub_server, workspace):
+    env = hub_server.client_env(HUB_TOKEN)
+    first = publish(workspace, write_recipe(workspace, "tiny", REPO_ID), "--target", "hf", env=env)
+    assert first.returncode == 0, first.stderr
+    colleague = hub_client(hub_server, ORG_WRITERS["admin"])
+    colleague.upload_file(path_or_fileobj=b"# Notes", path_in_repo="notes.md", repo_id=REPO_ID)
+    colleague.upload_file(path_or_fileobj=b"usage", path_in_repo="docs/usage.md", repo_id=REPO_ID)
+
+    changed = write_recipe(workspace, "tiny-changed", REPO_ID, wa=0.4, wb=0.6)
+    dry = publish(workspace, changed, "--target", "hf", "--dry-run", "--format", "json", env=env)
+    assert dry.returncode == 0, dry.stderr
+    [plan] = json.loads(dry.stdout)["plans"]
+    assert (plan["delete"], plan["kept"]) == ([], ["docs/usage.md", "notes.md"])
+    again = publish(workspace, changed, "--target", "hf", env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1] == (
+        "hf: kept 2 files that registry did not publish: docs/usage.md, notes.md"
+    )
+    files = hub_client(hub_server).list_repo_files(REPO_ID)
+    assert {"notes.md", "docs/usage.md", "README.md", "model.safetensors"} <= set(files)
+    assert Path(hub_client(hub_server).hf_hub_download(REPO_ID, "notes.md")).read_bytes() == b"# Notes"
+
+
 def test_publish_to_the_local_registry_loads_with_transformers(workspace):
     recipe = write_recipe(workspace, "tiny", REPO_ID)
     first = publish(workspace, recipe, "--format", "json")
@@ -221,3 +271,93 @@ def test_a_failing_smoke_test_blocks_publishing_unless_forced(workspace):
     outcome = json.loads(forced.stdout)
     assert outcome["smoke"] == {"passed": False, "reused": True, "failed": outcome["smoke"]["failed"]}
     assert outcome["results"][0]["changed"]
+
+
+def test_a_summary_edit_reuses_merge_and_smoke_and_a_threshold_edit_reruns_smoke_only(tmp_path):
+    """The toy example: the build folder and smoke.json are keyed by the merge and smoke identities."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "recipes" / "examples" / "toy_cos_fmt.yaml").read_text()
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(text.replace("../../tests/fixtures/toy", str(root / "tests" / "fixtures" / "toy")))
+
+    def run() -> dict:
+        done = publish(tmp_path, recipe, "--format", "json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def stages(outcome: dict) -> tuple:
+        return outcome["merge"], outcome["smoke"]["passed"], outcome["smoke"]["reused"], outcome["results"][0]["changed"]
+
+    first = run()
+    assert stages(first) == ("merged", True, False, True)
+    smoke_json = Path(first["model_dir"]) / "smoke.json"
+    written = smoke_json.stat().st_mtime_ns
+
+    recipe.write_text(recipe.read_text().replace("summary: Linear merge", "summary: Edited linear merge"))
+    edited = run()
+    # Same merge, same smoke settings: only the card is new, so is the local version holding it.
+    assert stages(edited) == ("reused", True, True, True)
+    assert edited["model_dir"] == first["model_dir"] and smoke_json.stat().st_mtime_ns == written
+    assert "Edited linear merge" in Path(edited["card"]).read_text()
+
+    recipe.write_text(recipe.read_text().replace("    lengths: [256, 512]", "    lengths: [256, 512]\n  parity: {nll_margin: 0.5}"))
+    stricter = run()
+    assert stages(stricter) == ("reused", True, False, True)
+    assert stricter["model_dir"] == first["model_dir"] and smoke_json.stat().st_mtime_ns != written
+    from registry.identity import smoke_identity
+    from registry.recipe import load_recipe
+    from registry.reports import Provenance, Smoke, read
+
+    provenance, smoke = read(Provenance, smoke_json.parent), read(Smoke, smoke_json.parent)
+    assert smoke.merge_identity == provenance.merge_identity
+    assert smoke.smoke_identity == smoke_identity(provenance.merge_identity, load_recipe(recipe))
+
+
+TOY = Path(__file__).parent / "fixtures" / "toy"
+
+
+def test_a_source_changed_between_the_merge_and_the_smoke_test_fails_the_publish(tmp_path, monkeypatch):
+    from registry.errors import PublishError
+    from registry.pipeline import publish as publish_recipe
+    from registry.recipe import load_recipe
+    from registry.smoke import run_smoke
+
+    for name in ("cos", "fmt"):
+        shutil.copytree(TOY / f"ft_{name}", tmp_path / "models" / name)
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(
+        "repo_id: team/toy\nsources:\n  cos: {model: ./models/cos}\n  fmt: {model: ./models/fmt}\n"
+        "merge:\n  merge_method: linear\n  models:\n"
+        "    - {model: cos, parameters: {weight: 0.3}}\n    - {model: fmt, parameters: {weight: 0.7}}\n"
+        "  parameters: {normalize: true}\n  dtype: bfloat16\n"
+        "smoke:\n  short: {max_new_tokens: 8}\n  long: {lengths: [128], depths: [0.5]}\n"
+    )
+    monkeypatch.setenv("REGISTRY_HOME", str(tmp_path / ".registry"))
+    monkeypatch.chdir(tmp_path)
+
+    def change_cos_after_the_merge(message: str) -> None:
+        if message.startswith("merged into"):
+            weights = tmp_path / "models" / "cos" / "model.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 1  # one bit of the last tensor
+            weights.write_bytes(bytes(data))
+
+    changed = (
+        "source 'cos' changed since the merge (the sha256 of the weights is not the one in provenance.json), so the "
+        "merge cannot be checked against it; restore the source, or accept its new weights with `registry publish --update`"
+    )
+    with pytest.raises(PublishError) as refused:
+        publish_recipe(recipe, targets=["local"], device="cpu", note=change_cos_after_the_merge)
+    assert str(refused.value) == (
+        f"smoke test failed (weights: {changed}); nothing was published (fix the recipe, or publish anyway with --force)")
+    assert not (tmp_path / ".registry" / "models").exists()
+    build = tmp_path / ".registry" / "build" / load_recipe(recipe).sha256[:12]
+    saved = json.loads((build / "smoke.json").read_text())
+    assert saved["passed"] is False and saved["checks"][0] == {
+        "name": "weights", "status": "failed", "reason": changed, "details": saved["checks"][0]["details"]}
+    assert saved["checks"][0]["details"]["changed"] == ["cos"]
+    # `registry smoke` on its own still reports what it could not check, as a skip with the reason.
+    [weights] = run_smoke(build, load_recipe(recipe), device="cpu", write=False,
+                          checks=[c for c in BUILTIN_CHECKS if c.name == "weights"]).checks
+    assert (weights.status, weights.reason) == (
+        "skipped", "source 'cos' is not at hand: its weights changed since the merge (their sha256 is not the one in provenance.json)")

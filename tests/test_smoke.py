@@ -16,6 +16,7 @@ from models import CHAT_TEMPLATE
 
 from registry.errors import RegistryError, SmokeError
 from registry.recipe import LongSmoke, ShortSmoke, SmokeConfig, load_recipe, parse_recipe
+from registry.reports import Provenance, SourcePin
 from registry.smoke import (
     CheckResult,
     NeedlePromptBuilder,
@@ -30,6 +31,7 @@ from registry.smoke import (
     run_long,
     run_smoke,
 )
+from registry.smoke_checks import BUILTIN_CHECKS
 
 TOY = Path(__file__).parent / "fixtures" / "toy"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -123,6 +125,62 @@ def test_needle_prompt_too_short_for_the_needle_is_an_error(tiny_loaded):
     builder = NeedlePromptBuilder(tok, FILLER, NEEDLE, QUESTION)
     with pytest.raises(SmokeError, match=r"^a pass-key prompt needs at least \d+ tokens with this tokenizer, got 10$"):
         builder.build(10, 0.5, "12345")
+
+
+def _digits_tokenizer(out: Path):
+    """A BPE tokenizer that knows only digits and the chat tokens, with no unknown token: letters encode to nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE({**{t: i for i, t in enumerate(specials)}, **{str(d): 3 + d for d in range(10)}}, []))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def _within(seconds: float, call):
+    """call() in a thread: its exception or result, or a failure (not a hung test) when it is still running."""
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds}s: a prompt-building loop has no bound"
+    return outcome
+
+
+@pytest.mark.parametrize(("filler", "question", "what"), [
+    (FILLER, QUESTION, "filler"),  # no letter is in the vocabulary
+    ("The grass is green.", "1 2 3", "filler"),
+    ("1. 2 3. 4 5 6.", QUESTION, "question"),
+])
+def test_a_tokenizer_that_encodes_the_prompt_text_to_nothing_is_a_clear_error_not_a_hang(tmp_path, filler, question, what):
+    _digits_tokenizer(tmp_path)
+    _random_model(tmp_path)
+    config = SmokeConfig(short=ShortSmoke(max_new_tokens=2),
+                         long=LongSmoke(lengths=[128], depths=[0.5], max_new_tokens=2, filler=filler, question=question))
+    outcome = _within(120, lambda: _run(tmp_path, config))
+    error = outcome.get("error")
+    assert isinstance(error, SmokeError), outcome
+    assert str(error) == (
+        f"the tokenizer of the model in {tmp_path} encodes the long-context {what} to no tokens, so no pass-key prompt "
+        f"can be built; check the model's tokenizer files, or set smoke.long.{what} to text it encodes"
+    )
+    # The same through the builder, for any caller, with the default name.
+    outcome = _within(60, lambda: NeedlePromptBuilder(load_model(tmp_path, "cpu")[1], filler, NEEDLE, question).build(128, 0.5, "12345"))
+    assert str(outcome.get("error")).startswith(f"the tokenizer of the model encodes the long-context {what} to no tokens")
 
 
 def test_pass_keys_are_fixed_per_length_and_depth():
@@ -318,8 +376,9 @@ def test_smoke_json_format(tiny):
     _run(tiny, config)
     text = (tiny / "smoke.json").read_text()
     data = json.loads(text)
-    assert set(data) == {"format", "passed", "device", "recipe_sha256", "checks", "short", "long", "parity"}
-    assert data["format"] == 1 and data["device"] == "cpu" and re.fullmatch(r"[0-9a-f]{64}", data["recipe_sha256"])
+    assert set(data) == {"format", "smoke_identity", "merge_identity", "passed", "device", "checks", "short", "long", "parity"}
+    # A folder without provenance.json: no merge identity to key the report by.
+    assert data["format"] == 2 and data["device"] == "cpu" and data["smoke_identity"] is data["merge_identity"] is None
     assert [c["name"] for c in data["checks"]] == ["weights", "short", "long", "parity"]
     assert {c["name"]: c["status"] for c in data["checks"]}["weights"] == "skipped"
     assert data["checks"][0]["reason"] == (
@@ -394,21 +453,24 @@ smoke:
 """
 
 
-def _toy_recipe(folder: Path, weights: tuple[float, float], normalize: bool, parity: bool = True) -> Path:
+def _toy_recipe(folder: Path, weights: tuple[float, float], normalize: bool, parity: bool = True,
+                sources: tuple[tuple[str, Path], tuple[str, Path]] = (("cos", TOY / "ft_cos"), ("fmt", TOY / "ft_fmt")),
+                settings: str = SMOKE_SETTINGS) -> Path:
     path = folder / "recipe.yaml"
+    (a, path_a), (b, path_b) = sources
     path.write_text(
         "repo_id: registry-tests/toy-merge\n"
         "sources:\n"
-        f"  cos: {{model: {TOY / 'ft_cos'}}}\n"
-        f"  fmt: {{model: {TOY / 'ft_fmt'}}}\n"
+        f"  {a}: {{model: {path_a}}}\n"
+        f"  {b}: {{model: {path_b}}}\n"
         "merge:\n"
         "  merge_method: linear\n"
         "  models:\n"
-        f"    - {{model: cos, parameters: {{weight: {weights[0]}}}}}\n"
-        f"    - {{model: fmt, parameters: {{weight: {weights[1]}}}}}\n"
+        f"    - {{model: {a}, parameters: {{weight: {weights[0]}}}}}\n"
+        f"    - {{model: {b}, parameters: {{weight: {weights[1]}}}}}\n"
         f"  parameters: {{normalize: {str(normalize).lower()}}}\n"
         "  dtype: bfloat16\n"
-        + SMOKE_SETTINGS % str(parity).lower()
+        + settings % str(parity).lower()
     )
     return path
 
@@ -419,10 +481,10 @@ def _mergekit(recipe_path: Path, out: Path) -> Path:
     from mergekit.merge import MergeOptions, run_merge
 
     recipe = load_recipe(recipe_path)
-    paths = {name: str(TOY / f"ft_{name}") for name in recipe.sources}
+    paths = {name: source.model for name, source in recipe.sources.items()}
     config = {
         "merge_method": "linear",
-        "base_model": paths["cos"],  # pins the config and tokenizer donor
+        "base_model": paths[recipe.inputs()[0].name],  # pins the config and tokenizer donor
         "models": [{"model": paths[inp.name], "parameters": {"weight": inp.weight}} for inp in recipe.inputs()],
         "parameters": {"normalize": recipe.merge.parameters.normalize},
         "dtype": recipe.merge.dtype,
@@ -526,7 +588,8 @@ def test_good_merge_of_the_toy_fine_tunes_passes_every_check(toy_merges, good_re
     assert report.short.output.strip()
     assert report.short.stopped == "eos" or report.short.new_tokens == 32
     saved = json.loads((toy_merges["good"][0] / "smoke.json").read_text())
-    assert saved["passed"] is True and saved["recipe_sha256"] == load_recipe(toy_merges["good"][1]).sha256
+    # mergekit wrote this folder without provenance.json: there is no merge identity to key the report by.
+    assert saved["passed"] is True and saved["merge_identity"] is saved["smoke_identity"] is None
 
 
 def test_plus_minus_merge_without_normalize_fails_for_collapsed_logits(toy_merges):
@@ -589,8 +652,8 @@ def test_a_local_source_changed_since_the_merge_is_not_used_to_check_it(tmp_path
     lock = json.loads((Path(__file__).parents[1] / "recipes" / "examples" / "toy_cos_fmt.lock.json").read_text())
     pins = {name: folder_content_sha256(tmp_path / name) for name in ("cos", "fmt")}
     assert pins == {name: lock["sources"][name]["content_sha256"] for name in ("cos", "fmt")}
-    provenance = {"sources": {name: {"kind": "local", "content_sha256": pins[name], "weight": w}
-                              for name, w in (("cos", 0.3), ("fmt", 0.7))}}
+    provenance = _provenance({name: SourcePin(kind="local", content_sha256=pins[name], weight=w)
+                              for name, w in (("cos", 0.3), ("fmt", 0.7))})
     assert [(s.name, s.path, s.missing) for s in merge_sources(recipe, provenance)] == [
         ("cos", tmp_path / "cos", None), ("fmt", tmp_path / "fmt", None)]
 
@@ -615,12 +678,17 @@ def test_sources_resolve_from_the_recipe_folder_and_environment(tmp_path, monkey
     assert resolve_local_source("${NOPE}/a", tmp_path) == (None, "environment variable NOPE is not set")
     assert resolve_local_source("./models/b", tmp_path) == (None, "its folder (with config.json) was not found")
     # Without a recipe only provenance.json is known, and it never holds a local path.
-    provenance = {"sources": {
-        "cos": {"kind": "local", "repo_id": None, "revision": None, "weight": [{"filter": "embed", "value": 0.5}, {"value": 0.3}]},
-        "fmt": {"kind": "local", "repo_id": None, "revision": None, "weight": 0.7}}}
+    provenance = _provenance({
+        "cos": SourcePin(kind="local", weight=[{"filter": "embed", "value": 0.5}, {"value": 0.3}]),
+        "fmt": SourcePin(kind="local", weight=0.7)})
     cos, fmt = merge_sources(None, provenance)
     assert (cos.name, cos.path, cos.missing) == ("cos", None, "it is a local folder: pass --recipe to locate it")
     assert [(w.filter, w.value) for w in cos.weight] == [("embed", 0.5), (None, 0.3)] and fmt.weight == 0.7
+
+
+def _provenance(sources: dict[str, SourcePin]) -> Provenance:
+    return Provenance(merge_identity="a" * 64, merge_method="linear", dtype="bfloat16", sources=sources, config_donor="cos",
+                      files={}, versions={}, device="cpu")
 
 
 def test_filtered_weights_resolve_like_mergekit():
@@ -637,7 +705,6 @@ def test_filtered_weights_resolve_like_mergekit():
 
 def test_repetition_is_judged_against_the_parents_when_they_are_at_hand(toy_merges, tmp_path):
     from registry.recipe import ParitySmoke
-    from registry.smoke_checks import BUILTIN_CHECKS
 
     short_only = [c for c in BUILTIN_CHECKS if c.name == "short"]
     # Any repeated token is "degenerate" under this bar, so the merge's own text exceeds it.
@@ -665,3 +732,88 @@ def test_repetition_is_judged_against_the_parents_when_they_are_at_hand(toy_merg
     stop = "stopped on EOS" if alone.details["stopped"] == "eos" else "hit max_new_tokens (32)"
     assert (judged.status, judged.reason) == ("passed", f"{alone.details['new_tokens']} tokens, {stop}")
     assert judged.details["parents"] == {name: {"repeated_ngrams": repeated, "longest_run": run} for name in ("a", "b")}
+    # One parent that repeats less (ft_fmt): the bar rises only to the parent that repeats least.
+    recipe = parse_recipe(
+        "repo_id: t/t\nsources:\n"
+        f"  a: {{model: {tmp_path / 'twin_a'}}}\n  fmt: {{model: {TOY / 'ft_fmt'}}}\n"
+        "merge:\n  merge_method: linear\n  models:\n"
+        "    - {model: a, parameters: {weight: 1}}\n    - {model: fmt, parameters: {weight: 1}}\n"
+    )
+    recipe.smoke = strict
+    [judged] = run_smoke(merged, recipe, device="cpu", checks=short_only).checks
+    fmt = judged.details["parents"]["fmt"]
+    assert judged.details["parents"]["a"] == {"repeated_ngrams": repeated, "longest_run": run}
+    assert fmt["repeated_ngrams"] < repeated  # what makes the case: ft_fmt's text repeats less than the merge's
+    expected = (f"degenerate output (more than the parent that repeats least): {repeated:.0%} of 1-grams repeat "
+                f"(limit {fmt['repeated_ngrams']:.0%}), longest run of one token {run} (limit {max(16, min(run, fmt['longest_run']))})")
+    assert (judged.status, judged.reason) == ("failed", expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts against the better parent: a merge with a parent that is not a relative
+
+# The example recipe's settings: 6 pass keys (256 and 512 tokens at three depths).
+EXAMPLE_SETTINGS = """
+smoke:
+  short: {max_new_tokens: 32}
+  long: {lengths: [256, 512]}
+  parity: {enabled: %s}
+"""
+
+
+def _untrained(out: Path, seed: int) -> Path:
+    """The toy's config, tokenizer and chat template with freshly initialised weights: no relative of the fine-tunes."""
+    import torch
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    out.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(TOY / "ft_cos" / name, out / name)
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(AutoConfig.from_pretrained(out)).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def unrelated_merge(tmp_path_factory):
+    """ft_cos merged 0.5/0.5 by mergekit with an untrained model of the same shape (seed 4: 0 of 6 pass keys)."""
+    root = tmp_path_factory.mktemp("unrelated")
+    untrained = _untrained(root / "untrained", seed=4)
+    recipe = _toy_recipe(root, (0.5, 0.5), normalize=True, sources=(("cos", TOY / "ft_cos"), ("rnd", untrained)),
+                         settings=EXAMPLE_SETTINGS)
+    return _mergekit(recipe, root / "merged"), recipe
+
+
+def test_a_merge_with_an_untrained_parent_fails_against_the_better_parent(unrelated_merge):
+    folder, recipe_file = unrelated_merge
+    recipe = load_recipe(recipe_file)
+    report = run_smoke(folder, recipe, device="cpu", write=False)
+    # Every check but parity passes: the weights are what the recipe says, the text is not degenerate by the
+    # absolute bar, and the long check judges finiteness only.
+    assert _statuses(report) == {"weights": "passed", "short": "passed", "long": "passed", "parity": "failed"}
+    merged, cos, rnd = report.parity
+    assert [(r.model, r.long_retrieved, r.long_total) for r in report.parity] == [("merged", 0, 6), ("cos", 6, 6), ("rnd", 0, 6)]
+    # Before: compared with the worse parent (rnd, ~6.2 nats), the merge's ~2.1 passed.
+    assert cos.nll + 1.5 < merged.nll < rnd.nll
+    assert report.checks[3].reason == (
+        f"NLL on the fixed text is {merged.nll:.3f} nats/token, more than best_nll_margin 0.5 over the better parent 'cos' "
+        f"(cos {cos.nll:.3f}, rnd {rnd.nll:.3f})"
+    )
+    # The retrieval rule on its own: cos retrieves every key, the merge none.
+    recipe.smoke.parity.best_nll_margin = 100.0
+    parity_only = [c for c in BUILTIN_CHECKS if c.name in ("long", "parity")]
+    long, parity = run_smoke(folder, recipe, device="cpu", write=False, checks=parity_only).checks
+    assert (long.status, long.reason) == ("passed", "retrieved 0 of 6 pass keys at up to 512 tokens")
+    assert (parity.status, parity.reason) == (
+        "failed", "retrieved 0 of 6 pass keys, under best_retrieval_share 50% of the better parent 'cos' (cos 6, rnd 0)")
+
+
+@pytest.mark.parametrize("weights", [(0.1, 0.9), (0.5, 0.5), (0.9, 0.1)])
+def test_good_merges_at_other_weights_pass_against_the_better_parent(tmp_path, weights):
+    recipe = _toy_recipe(tmp_path, weights, normalize=True)
+    report = run_smoke(_mergekit(recipe, tmp_path / "merged"), load_recipe(recipe), device="cpu", write=False)
+    assert _statuses(report) == {"weights": "passed", "short": "passed", "long": "passed", "parity": "passed"}
+    merged, cos, fmt = report.parity
+    assert [(r.model, r.long_retrieved) for r in report.parity] == [("merged", 3), ("cos", 3), ("fmt", 3)]
+    # Far inside the bar (best_nll_margin 0.5): measured 0.004-0.023 nats over the better parent.
+    assert merged.nll - min(cos.nll, fmt.nll) < 0.1

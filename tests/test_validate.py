@@ -485,10 +485,13 @@ def test_user_text_is_printed_literally_and_never_as_a_workflow_command(data):
         for args in (["card", path], ["card", path, "--format", "json"], ["card", path, "-o", f"{name}.md"]):
             code, out, err = run_cli(*args)
             assert_inert(code, out, err)
-            assert code == (0 if valid else 1)
-            if "--format" in args and valid:
+            if code == 1:  # an invalid recipe, or a card refused (say, for text that looks like a path)
+                assert out == "" and err and all(line.startswith("error: ") for line in err.splitlines()), (args, out, err)
+                continue
+            assert valid
+            if "--format" in args:
                 assert json.loads(out)["repo_id"] == repo_id
-            if "-o" in args and valid:
+            if "-o" in args:
                 assert out.startswith(f"wrote {shown(name)}.md for {shown(repo_id)} (")
 
         code, out, err = run_cli("ci", "changed", "--base", base)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from ..errors import PublishError
+from ..leaks import scan_file
 from ..sources import sha256_file
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
+    from ..reports import FileRecord, Provenance, Smoke
 
 CARD_NAME = "README.md"
 
@@ -33,14 +37,25 @@ class FileEntry:
 
 @dataclass
 class Bundle:
-    """Everything a target publishes for one recipe: the model folder's files and the card."""
+    """Everything a target publishes for one recipe: the model folder's files, its reports and its card.
+
+    Targets read the reports and the card from here, never from the files again.
+    """
 
     repo_id: str
     recipe_sha256: str
     pins: dict[str, Any]
     files: dict[str, FileEntry]  # path in repo -> file here
-    smoke_passed: bool | None
-    metadata: dict[str, Any] = field(default_factory=dict)  # the card's front matter
+    provenance: Provenance
+    smoke: Smoke | None
+    card: str  # README.md as rendered
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The card's front matter, parsed."""
+        from ..card import front_matter
+
+        return front_matter(self.card) or {}
 
     @property
     def short_sha(self) -> str:
@@ -61,12 +76,14 @@ class PublishResult:
     revision: str | None
     changed: bool
     detail: str = ""
+    kept: list[str] = field(default_factory=list)  # files there that no publish of ours put there, left alone
+    notes: list[str] = field(default_factory=list)  # what the target tidied up on the way, for the user
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
         return {
             "target": self.target, "location": self.location, "revision": self.revision,
-            "changed": self.changed, "detail": self.detail,
+            "changed": self.changed, "detail": self.detail, "kept": self.kept, "notes": self.notes,
         }
 
 
@@ -80,12 +97,13 @@ class PublishPlan:
     upload: list[str] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     upload_bytes: int = 0
+    kept: list[str] = field(default_factory=list)  # files not in the bundle that no publish of ours put there
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
         return {
             "target": self.target, "location": self.location, "up_to_date": self.up_to_date,
-            "upload": self.upload, "delete": self.delete, "upload_bytes": self.upload_bytes,
+            "upload": self.upload, "delete": self.delete, "upload_bytes": self.upload_bytes, "kept": self.kept,
         }
 
 
@@ -94,6 +112,12 @@ class Target:
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = TargetOptions
+
+    def check_access(self, recipe: Recipe, options: BaseModel) -> None:
+        """Raise PublishError now if this target will refuse the publish (a token that may not write, say).
+
+        Called for every target before any work, --dry-run included, so it must be cheap.
+        """
 
     def is_current(self, recipe: Recipe, pins: dict[str, Any], options: BaseModel) -> bool:
         """True when the target already holds this recipe built from these source pins.
@@ -111,8 +135,13 @@ class Target:
         raise NotImplementedError
 
 
-def bundle_files(model_dir: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, FileEntry]:
-    """Every file of a finished model folder (card included), with sha256s, reusing `known` hashes."""
+def bundle_files(
+    model_dir: Path, known: dict[str, FileRecord] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, FileEntry]:
+    """Every file of a finished model folder (card included), with sha256s, reusing `known` hashes (provenance's files).
+
+    Raises PublishError when any of them holds a secret (see `check_no_secrets`), so no target receives it.
+    """
     known = known or {}
     files: dict[str, FileEntry] = {}
     for path in sorted(model_dir.rglob("*")):
@@ -121,9 +150,23 @@ def bundle_files(model_dir: Path, known: dict[str, dict[str, Any]] | None = None
             continue
         size = path.stat().st_size
         info = known.get(rel)
-        sha = info["sha256"] if info and info.get("size") == size else sha256_file(path)
+        sha = info.sha256 if info is not None and info.size == size else sha256_file(path)
         files[rel] = FileEntry(path, sha, size)
+    check_no_secrets(files, environ)
     return files
+
+
+def check_no_secrets(files: Mapping[str, FileEntry], environ: Mapping[str, str] | None = None) -> None:
+    """Raise PublishError naming the first file, line and kind of secret found in `files` (never the secret itself)."""
+    found = [(rel, leak) for rel, entry in sorted(files.items()) for leak in scan_file(entry.path, environ)]
+    if not found:
+        return
+    rel, leak = found[0]
+    more = f" ({len(found) - 1} more)" if len(found) > 1 else ""
+    raise PublishError(
+        f"{rel}:{leak.line}:{leak.col} holds {leak.what}{more}; nothing was published",
+        "remove it from the source, report or template the file came from, then publish again",
+    )
 
 
 PIN_FIELDS = ("kind", "repo_id", "revision", "content_sha256")

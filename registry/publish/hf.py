@@ -2,21 +2,24 @@
 
 One publish is one atomic commit of every file, made on top of the revision's head as it was read
 (`parent_commit`), so a concurrent push is a clear conflict and never a silent overwrite. Before
-anything heavy runs, the remote card's recipe hash, the remote provenance's source pins and the
-remote file hashes tell whether the model is already there; then nothing is sent at all.
+anything heavy runs, `whoami` tells whether the token may write to the repo's namespace, and the
+remote card's recipe hash, the remote provenance's source pins and the remote file hashes tell
+whether the model is already there; then nothing is sent at all. A commit deletes only the files
+an earlier publish recorded in the remote `provenance.json`; anyone else's files are kept.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from ..errors import PublishError
+from ..errors import PublishError, ReportError
 from ..hookspecs import hookimpl
+from ..reports import Provenance, parse
 from . import Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
 
 T = TypeVar("T")
@@ -46,19 +49,43 @@ class HfTarget(Target):
 
     # -- what is there already ----------------------------------------------------------------
 
+    def check_access(self, recipe, options) -> None:
+        """Refuse a token that cannot write to the recipe's repo, before any merge."""
+        from huggingface_hub.errors import HfHubHTTPError
+
+        api = self._client()
+
+        def whoami():
+            try:
+                return api.whoami()
+            except HfHubHTTPError as exc:
+                if exc.response is not None and exc.response.status_code == 404:
+                    return None  # a server without whoami: the commit will tell
+                raise
+
+        identity = self._retry(whoami, "check the token")
+        reason = write_refusal(identity, recipe.repo_id, pull_request=options.create_pr) if identity else None
+        if reason is not None:
+            namespace = recipe.repo_id.split("/")[0]
+            raise PublishError(
+                f"the token cannot write to {namespace}: {reason}; nothing was merged or sent",
+                f"use a token with write access to {namespace}: `hf auth login` or HF_TOKEN",
+            )
+
     def is_current(self, recipe, pins, options) -> bool:
         info = self._remote_info(recipe.repo_id, options)
-        if info is None or _card_recipe_sha(info) != recipe.sha256:
+        if info is None or _card_registry(info).get("recipe_sha256") != recipe.sha256:
             return False
         provenance = self._remote_provenance(recipe.repo_id, info.sha)
-        if provenance is None or provenance.get("recipe_sha256") != recipe.sha256:
+        # The card and the weights beside it must describe the same merge.
+        if provenance is None or _card_registry(info).get("merge_identity") != provenance.merge_identity:
             return False
-        if not same_pins(provenance.get("sources"), pins):
+        if not same_pins({alias: pin.model_dump() for alias, pin in provenance.sources.items()}, pins):
             return False
         remote = _remote_files(info)
-        for rel, meta in provenance.get("files", {}).items():
+        for rel, meta in provenance.files.items():
             have = remote.get(rel)
-            if have is None or (have["sha256"] is not None and have["sha256"] != meta.get("sha256")):
+            if have is None or (have["sha256"] is not None and have["sha256"] != meta.sha256):
                 return False
         return True
 
@@ -66,11 +93,22 @@ class HfTarget(Target):
         info = self._remote_info(bundle.repo_id, options)
         remote = _remote_files(info) if info is not None else {}
         upload = [rel for rel, f in sorted(bundle.files.items()) if not _same_file(f, remote.get(rel))]
-        delete = sorted(rel for rel in remote if rel not in bundle.files and rel != ".gitattributes")
+        extra = sorted(rel for rel in remote if rel not in bundle.files and rel != ".gitattributes")
+        # Only what an earlier publish put there goes; a file someone else committed is theirs to remove.
+        ours = self._published_files(bundle.repo_id, info) if extra else set()
+        delete = [rel for rel in extra if rel in ours]
         return PublishPlan(
             self.name, self._url(bundle.repo_id, options), up_to_date=not upload and not delete,
             upload=upload, delete=delete, upload_bytes=sum(bundle.files[rel].size for rel in upload),
+            kept=[rel for rel in extra if rel not in ours],
         )
+
+    def _published_files(self, repo_id: str, info) -> set[str]:
+        """The files the remote provenance.json lists: what an earlier publish of this tool put there."""
+        if info is None:
+            return set()
+        provenance = self._remote_provenance(repo_id, info.sha)
+        return set(provenance.files) if provenance is not None else set()
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -85,13 +123,14 @@ class HfTarget(Target):
             raise PublishError(f"{repo_id}@{revision} cannot be read back after creating it")
         plan = self.plan(bundle, options)
         if plan.up_to_date and _card_recipe_sha(info) == bundle.recipe_sha256:
-            return PublishResult(self.name, plan.location, info.sha, changed=False, detail="already published")
+            return PublishResult(self.name, plan.location, info.sha, changed=False, detail="already published", kept=plan.kept)
         commit = self._commit(bundle, options, parent=info.sha, plan=plan)
         if options.create_pr:
-            return PublishResult(self.name, commit.pr_url or plan.location, commit.pr_revision, changed=True, detail="pull request opened")
+            return PublishResult(self.name, commit.pr_url or plan.location, commit.pr_revision, changed=True,
+                                 detail="pull request opened", kept=plan.kept)
         tag = f"recipe-{bundle.short_sha}"
         self._retry(lambda: api.create_tag(repo_id, tag=tag, revision=commit.oid, exist_ok=True), f"tag {tag}")
-        return PublishResult(self.name, plan.location, commit.oid, changed=True, detail=f"tagged {tag}")
+        return PublishResult(self.name, plan.location, commit.oid, changed=True, detail=f"tagged {tag}", kept=plan.kept)
 
     def _commit(self, bundle: Bundle, options, *, parent: str, plan: PublishPlan):
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -193,14 +232,15 @@ class HfTarget(Target):
         except (RepositoryNotFoundError, RevisionNotFoundError):
             return None
 
-    def _remote_provenance(self, repo_id: str, sha: str) -> dict[str, Any] | None:
-        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    def _remote_provenance(self, repo_id: str, sha: str) -> Provenance | None:
+        """The provenance published at `sha`; None when there is none, or it is corrupt or of another format (not current)."""
+        from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
 
         api = self._client()
         try:
-            path = self._retry(lambda: api.hf_hub_download(repo_id, "provenance.json", revision=sha), "read provenance.json")
-            return json.loads(open(path, encoding="utf-8").read())
-        except (EntryNotFoundError, json.JSONDecodeError):
+            path = self._retry(lambda: api.hf_hub_download(repo_id, Provenance.FILE, revision=sha), f"read {Provenance.FILE}")
+            return parse(Provenance, Path(path).read_bytes(), f"{repo_id}@{sha[:12]}/{Provenance.FILE}")
+        except (RemoteEntryNotFoundError, ReportError):
             return None
         except HfHubHTTPError as exc:
             if exc.response is not None and exc.response.status_code == 404:
@@ -209,13 +249,18 @@ class HfTarget(Target):
 
     def _retry(self, call: Callable[[], T], what: str) -> T:
         """Run a Hub call, retrying 429 and 5xx with backoff that honours Retry-After."""
-        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            RemoteEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         for attempt in range(MAX_ATTEMPTS):
             try:
                 return call()
-            except (RepositoryNotFoundError, RevisionNotFoundError):
-                raise
+            except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
+                raise  # answers, not failures: the caller knows what a missing repo, revision or file means
             except HfHubHTTPError as exc:
                 status = exc.response.status_code if exc.response is not None else None
                 if status in (401, 403):
@@ -246,10 +291,46 @@ class HfTarget(Target):
         return text.replace(self._token, "***") if self._token else text
 
 
-def _card_recipe_sha(info) -> str | None:
+WRITE_ROLES = ("write", "admin", "contributor")  # org roles that may create repos (a contributor: and write its own)
+
+
+def write_refusal(identity: dict[str, Any], repo_id: str, *, pull_request: bool = False) -> str | None:
+    """Why the token `identity` (whoami-v2) cannot write to repo_id's namespace; None when it can or cannot be told."""
+    namespace = repo_id.split("/")[0]
+    user = identity.get("name")
+    auth = identity.get("auth") if isinstance(identity.get("auth"), dict) else {}
+    token = auth.get("accessToken") if isinstance(auth.get("accessToken"), dict) else {}
+    role = token.get("role")
+    if role == "read":
+        return "it is a read-only token"
+    if role == "fineGrained":
+        fine = token.get("fineGrained") if isinstance(token.get("fineGrained"), dict) else {}
+        granted = set(fine.get("global") or [])
+        for scope in fine.get("scoped") or []:
+            if isinstance(scope, dict) and (scope.get("entity") or {}).get("name") in (namespace, repo_id):
+                granted.update(scope.get("permissions") or [])
+        needed = ("repo.write", "discussion.write") if pull_request else ("repo.write",)
+        if not granted & set(needed):
+            return f"the fine-grained token has no {' or '.join(needed)} permission on {namespace}"
+    if pull_request or namespace == user:
+        return None  # anyone who may write opens pull requests; a user's own namespace is theirs
+    orgs = {o.get("name"): o.get("roleInOrg") for o in identity.get("orgs") or [] if isinstance(o, dict)}
+    if namespace not in orgs:
+        return f"{user} is not a member of {namespace}"
+    if orgs[namespace] is not None and orgs[namespace] not in WRITE_ROLES:
+        return f"{user} has the {orgs[namespace]} role in {namespace}"
+    return None
+
+
+def _card_registry(info) -> dict[str, Any]:
+    """The remote card's `registry:` block (recipe_sha256, merge_identity), empty when it has none."""
     data = info.card_data.to_dict() if info.card_data is not None else {}
-    registry = data.get("registry") or {}
-    return registry.get("recipe_sha256") if isinstance(registry, dict) else None
+    registry = data.get("registry")
+    return registry if isinstance(registry, dict) else {}
+
+
+def _card_recipe_sha(info) -> str | None:
+    return _card_registry(info).get("recipe_sha256")
 
 
 def _remote_files(info) -> dict[str, dict[str, Any]]:

@@ -5,8 +5,11 @@ Layout under the registry home (`$REGISTRY_HOME`, else `.registry/` in the curre
     models/<owner>/<name>/<UTC date>-<recipe sha12>/   the same files as the Hub repo
     index.json                                        every published version; the catalog reads it
 
-A version folder is staged beside its final name and renamed into place when complete; the index is
-replaced atomically under a lock, so readers never see half a model or half an index.
+A version folder is staged beside its final name and renamed into place, under the index lock, when
+complete; the index is replaced atomically under that lock, so readers never see half a model or half an
+index. A killed publish can leave a marked staging folder (see registry/staging.py) or a complete
+version folder that the index does not list yet: `reconcile` removes the one and adopts the other.
+An index entry's `path` is only data: it is followed only while it stays inside the registry home.
 """
 
 from __future__ import annotations
@@ -15,16 +18,23 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .. import registry_home
+from .. import staging as staging_dirs
 from ..errors import PublishError
 from ..hookspecs import hookimpl
-from . import Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
+from ..sources import sha256_file
+from . import CARD_NAME, PIN_FIELDS, Bundle, PublishPlan, PublishResult, Target, TargetOptions, bundle_files, same_pins
 
 INDEX = "index.json"
+_STAGING = ".staging-"
+_INDEX_STAGING = f".{INDEX}.staging-"
+_VERSION = re.compile(r"(\d{8}T\d{6}Z)-([0-9a-f]{12})(?:-\d+)?")
 
 
 class LocalOptions(TargetOptions):
@@ -52,7 +62,7 @@ class LocalTarget(Target):
     def plan(self, bundle: Bundle, options) -> PublishPlan:
         latest = latest_version(self.home, bundle.repo_id)
         if latest and _same_content(latest, bundle) and _intact(self.home, latest):
-            return PublishPlan(self.name, str(self.home / latest["path"]), up_to_date=True)
+            return PublishPlan(self.name, str(version_folder(self.home, latest)), up_to_date=True)
         upload = sorted(bundle.files)
         return PublishPlan(
             self.name, str(self.home / "models" / bundle.repo_id), up_to_date=False, upload=upload,
@@ -60,9 +70,11 @@ class LocalTarget(Target):
         )
 
     def publish(self, bundle: Bundle, options) -> PublishResult:
+        notes = reconcile(self.home)
         latest = latest_version(self.home, bundle.repo_id)
         if latest and _same_content(latest, bundle) and _intact(self.home, latest):
-            return PublishResult(self.name, str(self.home / latest["path"]), latest["version"], changed=False, detail="already published")
+            return PublishResult(self.name, str(version_folder(self.home, latest)), latest["version"], changed=False,
+                                 detail="already published", notes=notes)
         now = dt.datetime.now(dt.timezone.utc)
         parent = self.home / "models" / bundle.repo_id
         version = f"{now:%Y%m%dT%H%M%SZ}-{bundle.short_sha}"
@@ -71,32 +83,142 @@ class LocalTarget(Target):
                 break
             version = f"{now:%Y%m%dT%H%M%SZ}-{bundle.short_sha}-{n}"
         final = parent / version
-        staging = parent / f".staging-{version}-{os.getpid()}"
-        parent.mkdir(parents=True, exist_ok=True)
+        entry = _entry(bundle.repo_id, version, now, bundle.recipe_sha256, bundle.provenance.merge_identity,
+                       final.relative_to(self.home).as_posix(), bundle.smoke.passed if bundle.smoke is not None else None,
+                       bundle.pins, {rel: (f.sha256, f.size) for rel, f in bundle.files.items()}, bundle.metadata)
         try:
-            for rel, entry in bundle.files.items():
-                dest = staging / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(entry.path, dest)
-            _fsync_tree(staging)
-            os.replace(staging, final)
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = staging_dirs.create(parent / f"{_STAGING}{version}-{os.getpid()}")
         except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
             raise PublishError(f"cannot write {final}: {exc.strerror or exc}", "check free space and permissions") from None
-        entry = {
-            "repo_id": bundle.repo_id,
-            "version": version,
-            "published_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "recipe_sha256": bundle.recipe_sha256,
-            "path": final.relative_to(self.home).as_posix(),
-            "smoke_passed": bundle.smoke_passed,
-            "pins": bundle.pins,
-            "files": {rel: {"sha256": f.sha256, "size": f.size} for rel, f in sorted(bundle.files.items())},
-            "metadata": bundle.metadata,
-        }
-        with _locked_index(self.home) as index:
-            index["models"].append(entry)
-        return PublishResult(self.name, str(final), version, changed=True)
+        try:
+            for rel, file in bundle.files.items():
+                dest = staging.path / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(file.path, dest)
+            _fsync_tree(staging.path)
+            # Renamed under the index lock, so `reconcile` never takes a version still being indexed for debris.
+            with _locked_index(self.home) as index:
+                staging.install(final)
+                index["models"].append(entry)
+        except OSError as exc:
+            staging.remove()
+            raise PublishError(f"cannot write {final}: {exc.strerror or exc}", "check free space and permissions") from None
+        staging.close()
+        return PublishResult(self.name, str(final), version, changed=True, notes=notes)
+
+
+def _entry(repo_id: str, version: str, when: dt.datetime, recipe_sha256: str, merge_id: str, path: str,
+           smoke_passed: bool | None, pins: dict[str, Any], files: dict[str, tuple[str, int]],
+           metadata: dict[str, Any]) -> dict[str, Any]:
+    """One version's record in index.json."""
+    return {
+        "repo_id": repo_id,
+        "version": version,
+        "published_at": when.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "recipe_sha256": recipe_sha256,
+        "merge_identity": merge_id,
+        "path": path,
+        "smoke_passed": smoke_passed,
+        "pins": pins,
+        "files": {rel: {"sha256": sha, "size": size} for rel, (sha, size) in sorted(files.items())},
+        "metadata": metadata,
+    }
+
+
+def version_folder(home: Path, entry: dict[str, Any]) -> Path | None:
+    """The folder an index entry names, or None when its `path` leads outside the registry home (or is it)."""
+    root = home.resolve()
+    path = entry.get("path")
+    if not isinstance(path, str) or not path:
+        return None
+    folder = (home / path).resolve()
+    return folder if folder.is_relative_to(root) and folder != root else None
+
+
+def checked_version_folder(home: Path, entry: dict[str, Any]) -> Path:
+    """version_folder(), or a PublishError naming the index entry that leads outside the registry home."""
+    folder = version_folder(home, entry)
+    if folder is None:
+        raise PublishError(
+            f"{home / INDEX}: {entry.get('repo_id')} {entry.get('version')} has path {entry.get('path')!r}, "
+            "which leads outside the registry home; it is not followed",
+            "remove or correct that entry of the index",
+        )
+    return folder
+
+
+def reconcile(home: Path | None = None) -> list[str]:
+    """Tidy what killed publishes left: adopt complete version folders the index lacks, remove the
+    registry's own marked staging leftovers. One note per change; nothing is printed."""
+    home = home or registry_home()
+    if not (home / INDEX).is_file() and not (home / "models").is_dir():
+        return []
+    notes: list[str] = []
+    adopted: list[dict[str, Any]] = []
+    try:
+        with _locked_index(home) as index:
+            for gone in staging_dirs.remove_leftovers(home, _INDEX_STAGING):
+                notes.append(f"removed {gone.relative_to(home)}: left by an interrupted index update")
+            indexed = {m.get("path") for m in index["models"]} | {f"models/{m.get('repo_id')}/{m.get('version')}" for m in index["models"]}
+            for repo in _repo_folders(home):
+                repo_id = repo.relative_to(home / "models").as_posix()
+                for gone in staging_dirs.remove_leftovers(repo, _STAGING):
+                    notes.append(f"removed {gone.relative_to(home)}: left by an interrupted publish of {repo_id}")
+                for folder in sorted(repo.iterdir()):
+                    rel = folder.relative_to(home).as_posix()
+                    if folder.name.startswith(".") or rel in indexed or folder.is_symlink() or not folder.is_dir():
+                        continue
+                    entry = _adoptable(repo_id, folder, rel)
+                    if entry is not None:
+                        adopted.append(entry)
+                        notes.append(f"adopted {repo_id} {folder.name} into the index: a publish was interrupted after writing it")
+            if adopted:
+                # Oldest first, as publishing appends them (a stable sort keeps the order of equal times).
+                index["models"] = sorted([*index["models"], *adopted], key=lambda m: str(m.get("published_at", "")))
+    except OSError:
+        return notes  # a registry this user cannot write is only read
+    return notes
+
+
+def _repo_folders(home: Path) -> list[Path]:
+    models = home / "models"
+    if not models.is_dir():
+        return []
+    return sorted(repo for owner in models.iterdir() if owner.is_dir() and not owner.is_symlink()
+                  for repo in owner.iterdir() if repo.is_dir() and not repo.is_symlink())
+
+
+def _adoptable(repo_id: str, folder: Path, rel: str) -> dict[str, Any] | None:
+    """The index entry for a version folder a killed publish wrote completely, or None."""
+    from ..card import front_matter, read_reports
+    from ..errors import RegistryError
+
+    match = _VERSION.fullmatch(folder.name)
+    if not match or not (folder / CARD_NAME).is_file():
+        return None
+    try:
+        provenance, smoke = read_reports(folder)
+        metadata = front_matter((folder / CARD_NAME).read_text(encoding="utf-8")) or {}
+        registry = metadata.get("registry") if isinstance(metadata.get("registry"), dict) else {}
+        recipe_sha256 = str(registry.get("recipe_sha256", ""))
+        if (provenance is None or not provenance.files or not recipe_sha256.startswith(match[2])
+                or registry.get("merge_identity") != provenance.merge_identity):
+            return None
+        recorded = provenance.files
+        # Sizes first: an incomplete folder is left without reading it.
+        if not all((folder / name).is_file() and (folder / name).stat().st_size == info.size for name, info in recorded.items()):
+            return None
+        if any(sha256_file(folder / name) != info.sha256 for name, info in recorded.items()):
+            return None
+        files = bundle_files(folder, known=recorded)
+    except (OSError, ValueError, TypeError, AttributeError, RegistryError):
+        return None  # not a complete version folder of this registry: left alone
+    when = dt.datetime.strptime(match[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    pins = {alias: {f: getattr(pin, f) for f in PIN_FIELDS} for alias, pin in provenance.sources.items()}
+    return _entry(repo_id, folder.name, when, recipe_sha256, provenance.merge_identity, rel,
+                  smoke.passed if smoke is not None else None, pins,
+                  {r: (f.sha256, f.size) for r, f in files.items()}, metadata)
 
 
 def _same_content(entry: dict[str, Any], bundle: Bundle) -> bool:
@@ -106,7 +228,9 @@ def _same_content(entry: dict[str, Any], bundle: Bundle) -> bool:
 
 def _intact(home: Path, entry: dict[str, Any]) -> bool:
     """Every file the index lists is there with its size (a cheap check that nobody deleted it)."""
-    folder = home / entry["path"]
+    folder = version_folder(home, entry)
+    if folder is None:
+        return False
     try:
         return all((folder / rel).stat().st_size == f["size"] for rel, f in entry.get("files", {}).items())
     except OSError:
@@ -150,20 +274,28 @@ def read_index(home: Path | None = None) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _locked_index(home: Path) -> Iterator[dict[str, Any]]:
+    """The index, to change in place; written back (when changed) atomically, under the registry's lock."""
     import fcntl
 
     home.mkdir(parents=True, exist_ok=True)
     with open(home / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         index = read_index(home)
+        before = json.dumps(index, sort_keys=True)
         yield index
-        tmp = home / f".{INDEX}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(index, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, home / INDEX)
+        if json.dumps(index, sort_keys=True) == before and (home / INDEX).is_file():
+            return
+        # Written in a marked folder of its own, so a kill mid-write leaves only a leftover `reconcile` removes.
+        staging = staging_dirs.create(home / f"{_INDEX_STAGING}{os.getpid()}")
+        try:
+            with open(staging.path / INDEX, "w") as fh:
+                json.dump(index, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(staging.path / INDEX, home / INDEX)
+        finally:
+            staging.remove()
 
 
 def versions(home: Path | None, repo_id: str) -> list[dict[str, Any]]:

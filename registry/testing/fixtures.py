@@ -6,7 +6,10 @@ Load them with ``pytest_plugins = ["registry.testing.fixtures"]`` in a conftest.
   While it runs, huggingface_hub in this process (``HfApi()``, ``hf_hub_download``, transformers'
   ``from_pretrained``) talks to it, with xet off, a scratch cache and no token unless a test sets one.
   Users: ``HUB_USER`` (token ``HUB_TOKEN``, member of the ``HUB_ORG`` organisation) and ``OTHER_USER``
-  (token ``OTHER_TOKEN``). A subprocess gets the same view with
+  (token ``OTHER_TOKEN``). ``LIMITED_TOKENS`` name tokens that may read but not write to ``HUB_ORG``:
+  a read token and a fine-grained token of ``HUB_USER`` (the latter writes to ``HUB_USER``'s own repos
+  only), and write tokens of org members with the "read" role; ``ORG_WRITERS`` tokens of members whose
+  role ("write", "contributor", "admin") lets them create repos there. A subprocess gets the same view with
   ``env={**os.environ, **hub_server.client_env(HUB_TOKEN)}``.
 - ``hub_api``: an ``HfApi`` for that server authenticated as ``HUB_USER``; ``hub_client(server, token)``
   builds one for another token (``False`` for anonymous).
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 import pytest
 
-from registry.testing.hub import HubServer
+from registry.testing.hub import HubServer, Token
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -30,6 +33,17 @@ HUB_TOKEN = "hf_alice_test_token"
 HUB_ORG = "registry-team"
 OTHER_USER = "bob"
 OTHER_TOKEN = "hf_bob_test_token"
+READ_TOKEN = "hf_alice_read_token"
+SCOPED_TOKEN = "hf_alice_scoped_token"
+ORG_READER_TOKEN = "hf_carol_test_token"
+# Tokens that may not create or write repos in HUB_ORG, by kind.
+LIMITED_TOKENS = {
+    "read token": READ_TOKEN,
+    "fine-grained token scoped to the user": SCOPED_TOKEN,
+    "org member with the read role": ORG_READER_TOKEN,
+}
+# Tokens of HUB_ORG members whose role lets them create repos there, by role.
+ORG_WRITERS = {"write": HUB_TOKEN, "contributor": "hf_dave_test_token", "admin": "hf_erin_test_token"}
 
 
 def point_client_at(server: HubServer, monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
@@ -68,8 +82,13 @@ def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubS
 
     server = HubServer(
         tmp_path / "hub",
-        tokens={HUB_TOKEN: HUB_USER, OTHER_TOKEN: OTHER_USER},
-        orgs={HUB_ORG: [HUB_USER]},
+        tokens={
+            HUB_TOKEN: HUB_USER, OTHER_TOKEN: OTHER_USER,
+            READ_TOKEN: Token(HUB_USER, "read"),
+            SCOPED_TOKEN: Token(HUB_USER, "fineGrained", {HUB_USER: ("repo.content.read", "repo.write")}),
+            ORG_READER_TOKEN: "carol", ORG_WRITERS["contributor"]: "dave", ORG_WRITERS["admin"]: "erin",
+        },
+        orgs={HUB_ORG: {HUB_USER: "write", "carol": "read", "dave": "contributor", "erin": "admin"}},
     )
     with server:
         point_client_at(server, monkeypatch, tmp_path / "hf-home")

@@ -6,6 +6,11 @@ with upload and verify, ndjson commits (pull requests, ``parentCommit`` checks),
 info, trees, model listing, ``whoami`` and file downloads (``/resolve``). Every commit keeps a full
 snapshot, so any revision can be read back. Private repos are invisible without the owner's token.
 
+Tokens carry a role (`Token`: "read", "write" or "fineGrained" with scoped permissions such as
+``repo.write`` on a user, org or repo) and org members a role ("read", "contributor", "write",
+"admin"); writes are refused as the Hub refuses them, and ``/api/whoami-v2`` reports both in the
+Hub's shape (``orgs[].roleInOrg``, ``auth.accessToken.role``, ``auth.accessToken.fineGrained``).
+
 Tests read ``server.requests`` (or ``server.find(...)``/``server.count(...)``) to see what the client sent,
 and ``server.inject(...)`` makes chosen requests fail with an HTTP status or a dropped connection.
 
@@ -54,6 +59,8 @@ LFS_THRESHOLD = 10 * 1024 * 1024
 
 FaultKind = int | Literal["drop"]
 _Access = Literal["read", "contribute", "write"]
+TokenRole = Literal["read", "write", "fineGrained"]
+OrgRole = Literal["read", "contributor", "write", "admin"]
 
 _KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -91,6 +98,28 @@ class HubError(Exception):
         self.code = code
         self.headers = dict(headers or {})
         self.extra = dict(extra or {})
+
+
+@dataclass(frozen=True)
+class Token:
+    """An access token: its user, its role and, for a fine-grained token, what it may do where.
+
+    `scoped` maps an entity (the user, an organisation or a repo id) to permissions such as
+    ``repo.content.read`` and ``repo.write``; `global_permissions` hold the unscoped ones
+    (``discussion.write``). A fine-grained token does only what its user may do *and* what it lists.
+    """
+
+    user: str
+    role: TokenRole = "write"
+    scoped: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    global_permissions: tuple[str, ...] = ()
+    name: str = "test"
+
+    def grants(self, permission: str, *entities: str) -> bool:
+        """Whether the token itself allows `permission` on one of `entities` (classic tokens: by role)."""
+        if self.role == "fineGrained":
+            return permission in self.global_permissions or any(permission in self.scoped.get(e, ()) for e in entities)
+        return self.role == "write" or permission.endswith(".read")
 
 
 class _ClientGone(Exception):
@@ -134,6 +163,7 @@ class Repo:
     private: bool
     created_at: datetime
     uid: str = field(default_factory=lambda: secrets.token_hex(12))
+    creator: str | None = None
     gated: str | bool = False
     commits: dict[str, Commit] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)
@@ -229,8 +259,12 @@ class _Request:
     query: dict[str, list[str]]
     headers: Message
     body: _Body
-    user: str | None = None
+    token: Token | None = None
     _data: bytes | None = None
+
+    @property
+    def user(self) -> str | None:
+        return self.token.user if self.token is not None else None
 
     def data(self) -> bytes:
         if self._data is None:
@@ -280,6 +314,10 @@ def _iso(moment: datetime) -> str:
 
 def _git_oid(content: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+def _entity_id(name: str) -> str:
+    return hashlib.sha1(name.encode()).hexdigest()[:24]
 
 
 def _lfs_pointer(sha256: str, size: int) -> bytes:
@@ -373,16 +411,20 @@ class HubServer:
         self,
         root: str | os.PathLike[str],
         *,
-        tokens: Mapping[str, str] | None = None,
-        orgs: Mapping[str, Iterable[str]] | None = None,
+        tokens: Mapping[str, str | Token] | None = None,
+        orgs: Mapping[str, Iterable[str] | Mapping[str, OrgRole]] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         self.root = Path(root)
         for sub in ("git", "lfs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._tokens = dict(tokens or {})
-        self._orgs = {org: set(members) for org, members in (orgs or {}).items()}
+        # A bare user name stands for a classic write token; bare org members have the "write" role.
+        self._tokens = {k: v if isinstance(v, Token) else Token(v) for k, v in (tokens or {}).items()}
+        self._orgs: dict[str, dict[str, OrgRole]] = {
+            org: dict(members) if isinstance(members, Mapping) else dict.fromkeys(members, "write")
+            for org, members in (orgs or {}).items()
+        }
         self._lock = threading.RLock()
         self._repos: dict[tuple[str, str], Repo] = {}
         self._tickets: dict[str, tuple[str, int]] = {}
@@ -531,7 +573,7 @@ class HubServer:
 
     def _answer(self, req: _Request) -> _Response:
         try:
-            req.user = self._authenticate(req)
+            req.token = self._authenticate(req)
             for method, pattern, handler, locked in self._routes:
                 match = pattern.fullmatch(req.path)
                 if match is None or method != ("GET" if req.method == "HEAD" else req.method):
@@ -596,7 +638,7 @@ class HubServer:
 
     # -- access ----------------------------------------------------------------------------------
 
-    def _authenticate(self, req: _Request) -> str | None:
+    def _authenticate(self, req: _Request) -> Token | None:
         header = req.headers.get("Authorization")
         if not header:
             return None
@@ -606,22 +648,41 @@ class HubServer:
             raise HubError(401, "Invalid credentials in Authorization header")
         return self._tokens[token.strip()]
 
-    def _can_write(self, namespace: str, user: str | None) -> bool:
-        return user is not None and (user == namespace or user in self._orgs.get(namespace, ()))
+    def _role(self, namespace: str, user: str) -> OrgRole | None:
+        """The user's role in a namespace: "admin" of their own, their org role, else None."""
+        return "admin" if user == namespace else self._orgs.get(namespace, {}).get(user)
 
-    def _can_read(self, repo: Repo, user: str | None) -> bool:
-        return not repo.private or self._can_write(repo.namespace, user)
+    def _can_write(self, namespace: str, token: Token | None, repo: Repo | None = None) -> bool:
+        """Whether `token` may create a repo in `namespace` (`repo` None) or commit to `repo`."""
+        if token is None:
+            return False
+        role = self._role(namespace, token.user)
+        # Like the Hub: a contributor creates repos and writes to the ones they created, nothing else.
+        allowed = role in ("write", "admin") or (role == "contributor" and (repo is None or repo.creator == token.user))
+        entities = (namespace, repo.repo_id) if repo is not None else (namespace,)
+        return allowed and token.grants("repo.write", *entities)
 
-    def _repo(self, kind: str, repo_id: str, user: str | None, access: _Access = "read") -> Repo:
+    def _can_read(self, repo: Repo, token: Token | None) -> bool:
+        if not repo.private:
+            return True
+        return (token is not None and self._role(repo.namespace, token.user) is not None
+                and token.grants("repo.content.read", repo.namespace, repo.repo_id))
+
+    def _repo(self, kind: str, repo_id: str, token: Token | None, access: _Access = "read") -> Repo:
         repo = self._repos.get((kind, repo_id))
-        if repo is None or not self._can_read(repo, user):
+        user = token.user if token is not None else None
+        if repo is None or not self._can_read(repo, token):
             # Like the Hub: anonymous callers get 401, others 404, and nobody learns a private repo exists.
             if user is None:
                 raise HubError(401, "Invalid username or password.", "RepoNotFound")
             raise HubError(404, "Repository not found", "RepoNotFound")
-        if access == "contribute" and user is None:
+        if access == "contribute" and token is None:
             raise HubError(401, "You must be authenticated to contribute to a repo")
-        if access == "write" and not self._can_write(repo.namespace, user):
+        if access == "contribute" and not (
+            token is not None and (token.grants("discussion.write") or token.grants("repo.write", repo.namespace, repo_id))
+        ):
+            raise HubError(403, f"This token may not open pull requests on {repo_id}")
+        if access == "write" and not self._can_write(repo.namespace, token, repo):
             raise HubError(403, f"You don't have the rights to write to {repo_id}")
         return repo
 
@@ -789,14 +850,14 @@ class HubServer:
             raise HubError(400, f"Invalid repo type: {kind}")
         if not _NAME.fullmatch(name) or len(name) > 96 or ".." in name or "--" in name:
             raise HubError(400, f"Invalid repo name: {name!r}")
-        if not self._can_write(namespace, user):
+        if not self._can_write(namespace, req.token):
             raise HubError(403, f'You don\'t have the rights to create a {kind} under the namespace "{namespace}"')
         repo_id = f"{namespace}/{name}"
         if (kind, repo_id) in self._repos:
             existing = self._repos[(kind, repo_id)]
             raise HubError(409, f"You already created this {kind} repo", extra={"url": self._url(existing)})
         private = payload.get("visibility") == "private" or payload.get("private") is True
-        repo = Repo(kind, repo_id, private, datetime.now(timezone.utc))
+        repo = Repo(kind, repo_id, private, datetime.now(timezone.utc), creator=user)
         files = {".gitattributes": self._store_regular(_INITIAL_GITATTRIBUTES.encode())}
         repo.refs["refs/heads/main"] = self._new_commit(repo, None, files, "initial commit", "", user).oid
         self._repos[(kind, repo_id)] = repo
@@ -806,12 +867,12 @@ class HubServer:
         user = self._require_user(req)
         payload = req.json()
         repo_id = f"{payload.get('organization') or user}/{payload.get('name')}"
-        repo = self._repo(payload.get("type") or "model", repo_id, user, "write")
+        repo = self._repo(payload.get("type") or "model", repo_id, req.token, "write")
         del self._repos[(repo.repo_type, repo.repo_id)]
         return _json({})
 
     def _settings(self, req: _Request, kind: str, repo: str) -> _Response:
-        target = self._repo(_KINDS[kind], repo, req.user, "write")
+        target = self._repo(_KINDS[kind], repo, req.token, "write")
         payload = req.json()
         if "private" in payload:
             target.private = bool(payload["private"])
@@ -822,14 +883,31 @@ class HubServer:
         return _json({})
 
     def _whoami(self, req: _Request) -> _Response:
+        # The shape of the Hub's /api/whoami-v2: org roles under `roleInOrg`, the token's role under
+        # `auth.accessToken.role`, and a fine-grained token's permissions under `auth.accessToken.fineGrained`.
         user = self._require_user(req)
-        orgs = [{"type": "org", "name": org, "roleInOrg": "write"} for org, members in self._orgs.items()
-                if user in members]
+        token = req.token
+        assert token is not None
+        orgs = [{"type": "org", "name": org, "fullname": org, "id": _entity_id(org), "roleInOrg": members[user]}
+                for org, members in self._orgs.items() if user in members]
+        access_token: dict[str, Any] = {"displayName": token.name, "role": token.role, "createdAt": "2024-01-01T00:00:00.000Z"}
+        if token.role == "fineGrained":
+            access_token["fineGrained"] = {
+                "canReadGatedRepos": False,
+                "global": list(token.global_permissions),
+                "scoped": [{"entity": {"_id": _entity_id(name), "type": self._entity_type(name, user), "name": name},
+                            "permissions": list(permissions)} for name, permissions in token.scoped.items()],
+            }
         return _json({
-            "type": "user", "id": hashlib.sha1(user.encode()).hexdigest()[:24], "name": user, "fullname": user,
+            "type": "user", "id": _entity_id(user), "name": user, "fullname": user,
             "email": f"{user}@example.invalid", "emailVerified": True, "isPro": False, "orgs": orgs,
-            "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
+            "auth": {"type": "access_token", "accessToken": access_token},
         })
+
+    def _entity_type(self, name: str, user: str) -> str:
+        if "/" in name:
+            return "model"
+        return "user" if name == user else "org" if name in self._orgs else "user"
 
     def _agent_harnesses(self, req: _Request) -> _Response:
         # The client fetches this registry once per process to describe itself in its User-Agent.
@@ -857,7 +935,7 @@ class HubServer:
         limit = int(req.param("limit") or 0) or None
         found = []
         for repo in self._repos.values():
-            if repo.repo_type != _KINDS[kind] or not self._can_read(repo, req.user):
+            if repo.repo_type != _KINDS[kind] or not self._can_read(repo, req.token):
                 continue
             if (author and repo.namespace != author) or search not in repo.repo_id.lower():
                 continue
@@ -867,14 +945,14 @@ class HubServer:
         return _json(found[:limit])
 
     def _repo_info(self, req: _Request, kind: str, repo: str, rev: str = "main") -> _Response:
-        target = self._repo(_KINDS[kind], repo, req.user)
+        target = self._repo(_KINDS[kind], repo, req.token)
         commit = self._resolve(target, rev)
         return _json(self._info(target, commit, blobs=req.flag("blobs"), siblings=True, card=True))
 
     # -- endpoints: uploads and commits ----------------------------------------------------------
 
     def _preupload(self, req: _Request, kind: str, repo: str, rev: str) -> _Response:
-        target = self._repo(_KINDS[kind], repo, req.user, "contribute" if req.flag("create_pr") else "write")
+        target = self._repo(_KINDS[kind], repo, req.token, "contribute" if req.flag("create_pr") else "write")
         commit = self._resolve(target, rev)
         payload = req.json()
         gitignore = payload.get("gitIgnore")
@@ -902,7 +980,7 @@ class HubServer:
         return _json({"files": answers, "commitOid": commit.oid})
 
     def _lfs_batch(self, req: _Request, repo: str, prefix: str | None = None) -> _Response:
-        target = self._repo(_KINDS[prefix or "models"], repo, req.user, "contribute")
+        target = self._repo(_KINDS[prefix or "models"], repo, req.token, "contribute")
         payload = req.json()
         if payload.get("operation") != "upload":
             raise HubError(400, "Only the LFS upload operation is supported")
@@ -950,7 +1028,7 @@ class HubServer:
         return _Response(200, headers={"ETag": f'"{oid}"'})
 
     def _lfs_verify(self, req: _Request, repo: str, prefix: str | None = None) -> _Response:
-        self._repo(_KINDS[prefix or "models"], repo, req.user, "contribute")
+        self._repo(_KINDS[prefix or "models"], repo, req.token, "contribute")
         payload = req.json()
         if not self._has_lfs(str(payload.get("oid")), payload.get("size", -1)):
             raise HubError(404, f"LFS object {payload.get('oid')} of {payload.get('size')} bytes was not uploaded")
@@ -958,7 +1036,7 @@ class HubServer:
 
     def _commit(self, req: _Request, kind: str, repo: str, rev: str) -> _Response:
         create_pr = req.flag("create_pr")
-        target = self._repo(_KINDS[kind], repo, req.user, "contribute" if create_pr else "write")
+        target = self._repo(_KINDS[kind], repo, req.token, "contribute" if create_pr else "write")
         try:
             lines = [json.loads(line) for line in req.data().splitlines() if line.strip()]
         except ValueError as exc:
@@ -1030,7 +1108,7 @@ class HubServer:
     # -- endpoints: reading the tree -------------------------------------------------------------
 
     def _tree(self, req: _Request, kind: str, repo: str, rev: str, path: str = "") -> _Response:
-        commit = self._resolve(self._repo(_KINDS[kind], repo, req.user), rev)
+        commit = self._resolve(self._repo(_KINDS[kind], repo, req.token), rev)
         base = path.strip("/")
         prefix = f"{base}/" if base else ""
         inside = {p: b for p, b in commit.files.items() if p.startswith(prefix)}
@@ -1049,7 +1127,7 @@ class HubServer:
         return _json([self._folder_entry(commit.files, f) for f in sorted(folders)] + entries)
 
     def _paths_info(self, req: _Request, kind: str, repo: str, rev: str) -> _Response:
-        commit = self._resolve(self._repo(_KINDS[kind], repo, req.user), rev)
+        commit = self._resolve(self._repo(_KINDS[kind], repo, req.token), rev)
         form = parse_qs(req.data().decode())
         entries = []
         for path in (p.strip("/") for p in form.get("paths", [])):
@@ -1060,7 +1138,7 @@ class HubServer:
         return _json(entries)
 
     def _refs(self, req: _Request, kind: str, repo: str) -> _Response:
-        target = self._repo(_KINDS[kind], repo, req.user)
+        target = self._repo(_KINDS[kind], repo, req.token)
 
         def refs(prefix: str, short: bool = True) -> list[dict[str, str]]:
             return [{"name": ref[len(prefix):] if short else ref, "ref": ref, "targetCommit": oid}
@@ -1072,7 +1150,7 @@ class HubServer:
         return _json(data)
 
     def _commits(self, req: _Request, kind: str, repo: str, rev: str) -> _Response:
-        target = self._repo(_KINDS[kind], repo, req.user)
+        target = self._repo(_KINDS[kind], repo, req.token)
         commit: Commit | None = self._resolve(target, rev)
         history = []
         while commit is not None:
@@ -1082,7 +1160,7 @@ class HubServer:
         return _json(history)
 
     def _resolve_file(self, req: _Request, repo: str, rev: str, path: str, prefix: str | None = None) -> _Response:
-        commit = self._resolve(self._repo(_KINDS[prefix or "models"], repo, req.user), rev)
+        commit = self._resolve(self._repo(_KINDS[prefix or "models"], repo, req.token), rev)
         headers = {"X-Repo-Commit": commit.oid}
         blob = commit.files.get(path)
         if blob is None:
@@ -1108,7 +1186,7 @@ class HubServer:
     # -- endpoints: branches and tags ------------------------------------------------------------
 
     def _create_branch(self, req: _Request, kind: str, repo: str, name: str) -> _Response:
-        target = self._repo(_KINDS[kind], repo, req.user, "write")
+        target = self._repo(_KINDS[kind], repo, req.token, "write")
         ref = f"refs/heads/{name}"
         if ref in target.refs:
             raise HubError(409, f"Reference already exists: {ref}")
@@ -1117,7 +1195,7 @@ class HubServer:
         return _json({})
 
     def _delete_branch(self, req: _Request, kind: str, repo: str, name: str) -> _Response:
-        target = self._repo(_KINDS[kind], repo, req.user, "write")
+        target = self._repo(_KINDS[kind], repo, req.token, "write")
         if name == "main":
             raise HubError(403, "Cannot delete the default branch")
         if target.refs.pop(f"refs/heads/{name}", None) is None:
@@ -1125,7 +1203,7 @@ class HubServer:
         return _json({})
 
     def _create_tag(self, req: _Request, kind: str, repo: str, rev: str) -> _Response:
-        target = self._repo(_KINDS[kind], repo, req.user, "write")
+        target = self._repo(_KINDS[kind], repo, req.token, "write")
         tag = str(req.json().get("tag") or "")
         if not tag:
             raise HubError(400, "A tag needs a name")
@@ -1136,7 +1214,7 @@ class HubServer:
         return _json({})
 
     def _delete_tag(self, req: _Request, kind: str, repo: str, name: str) -> _Response:
-        target = self._repo(_KINDS[kind], repo, req.user, "write")
+        target = self._repo(_KINDS[kind], repo, req.token, "write")
         if target.refs.pop(f"refs/tags/{name}", None) is None:
             raise HubError(404, f"Invalid rev id: {name}", "RevisionNotFound")
         return _json({})

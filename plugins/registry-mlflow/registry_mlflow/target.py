@@ -28,13 +28,12 @@ from typing import Any, Callable, TypeVar
 from pydantic import field_validator
 
 from registry.errors import PublishError
-from registry.publish import CARD_NAME, PIN_FIELDS, Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
+from registry.publish import PIN_FIELDS, Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
 
 T = TypeVar("T")
 TAG = "registry."  # prefix of every tag this target writes
 ARTIFACT_PATH = "model"  # the run's artifact folder holding the model files
 DEFAULT_ALIAS = "latest-smoke-passed"
-SMOKE_FILE = "smoke.json"
 # MLflow's SQL schema keeps a version description in VARCHAR(5000): PostgreSQL and MySQL refuse more.
 DESCRIPTION_LIMIT = 5000
 # A refused connection makes MLflow's REST client retry for about four minutes; ask once, briefly, first.
@@ -179,7 +178,7 @@ class MlflowTarget(Target):
                 ),
             ).version
             old = (model.aliases or {}).get(options.alias) if model is not None else None
-            if bundle.smoke_passed is True:
+            if bundle.smoke is not None and bundle.smoke.passed:
                 try:
                     registry.call(
                         f"move alias '{options.alias}' of '{name}'",
@@ -190,7 +189,7 @@ class MlflowTarget(Target):
                     raise
                 detail = f"version {version}; alias '{options.alias}' moved to it"
             else:
-                why = "smoke test failed" if bundle.smoke_passed is False else "no smoke test"
+                why = "smoke test failed" if bundle.smoke is not None else "no smoke test"
                 left = f"left at version {old}" if old is not None else "not set"
                 detail = f"version {version}; {why}: alias '{options.alias}' {left}"
         except PublishError:
@@ -411,14 +410,14 @@ def version_tags(bundle: Bundle) -> dict[str, str]:
         TAG + "recipe_sha256": bundle.recipe_sha256,
         TAG + "pins": json.dumps(pins, sort_keys=True, separators=(",", ":")),
         TAG + "sources": "; ".join(f"{alias}={_describe_pin(pin)}" for alias, pin in pins.items()),
-        TAG + "smoke": {True: "passed", False: "failed", None: "not run"}[bundle.smoke_passed],
+        TAG + "smoke": "not run" if bundle.smoke is None else "passed" if bundle.smoke.passed else "failed",
     }
     parents = bundle.metadata.get("base_model")
     if parents:
         tags[TAG + "base_model"] = ", ".join([parents] if isinstance(parents, str) else map(str, parents))
-    for check in _smoke_checks(bundle):
-        status, reason = str(check.get("status")), check.get("reason")
-        key = TAG + "smoke." + re.sub(r"[^\w.\-]", "_", str(check.get("name")))
+    for check in bundle.smoke.checks if bundle.smoke is not None else []:
+        status, reason = check.status, check.reason
+        key = TAG + "smoke." + re.sub(r"[^\w.\-]", "_", check.name)
         tags[key] = f"{status}: {reason}" if reason and status != "passed" else status
     return tags
 
@@ -429,23 +428,9 @@ def _describe_pin(pin: dict[str, Any]) -> str:
     return f"local sha256:{pin.get('content_sha256')}"
 
 
-def _smoke_checks(bundle: Bundle) -> list[dict[str, Any]]:
-    entry = bundle.files.get(SMOKE_FILE)
-    if entry is None:
-        return []
-    try:
-        checks = json.loads(Path(entry.path).read_text(encoding="utf-8")).get("checks") or []
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [c for c in checks if isinstance(c, dict) and c.get("name")]
-
-
 def version_description(bundle: Bundle, card_at: str) -> str:
     """The card without its front matter (that is in the tags), cut to MLflow's description limit."""
-    entry = bundle.files.get(CARD_NAME)
-    if entry is None:
-        return ""
-    text = Path(entry.path).read_text(encoding="utf-8")
+    text = bundle.card
     match = re.match(r"---\n.*?\n---\n", text, re.S)
     body = text[match.end():] if match else text
     body = body.lstrip("\n")
