@@ -39,7 +39,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16
                "F8_E4M3": 1, "F8_E5M2": 1}
 # A safetensors header beyond this is corrupt, not large: real ones are a few hundred KB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX40 = re.compile(r"[0-9a-f]{40}")
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
@@ -467,7 +467,7 @@ def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | Non
 
     reuse = (
         not update and locked is not None and locked.get("kind") == "hub" and locked.get("model") == src.model
-        and locked.get("revision") == src.requested_revision and _HEX40.match(str(locked.get("commit", "")))
+        and locked.get("revision") == src.requested_revision and _HEX40.fullmatch(str(locked.get("commit", "")))
     )
     if constants.HF_HUB_OFFLINE:
         # Offline, a pinned commit already in the local cache is as good as asking the Hub.
