@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +37,9 @@ TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 SHARD_INDEX = "model.safetensors.index.json"
 # Config keys that decide whether two checkpoints share an architecture.
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+# Bytes per element of each safetensors dtype (the sub-byte F4/F6 types are not merged, so not listed).
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
 # A safetensors header beyond this is corrupt, not large: real ones are a few hundred KB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _HEX40 = re.compile(r"[0-9a-f]{40}")
@@ -388,7 +391,8 @@ def folder_content_sha256(path: Path) -> str | None:
 
 
 def read_safetensors_header(file: Path, recipe: Recipe | None = None, src: PinnedSource | None = None) -> dict[str, TensorInfo]:
-    """Tensor names, dtypes and shapes from a safetensors file's header; no tensor data is read."""
+    """Tensor names, dtypes and shapes from a safetensors file's header, checked against the file's size
+    as completely as the safetensors format allows; no tensor data is read."""
 
     def fail(message: str) -> SourceError:
         text = f"{file}: {message}"
@@ -397,7 +401,11 @@ def read_safetensors_header(file: Path, recipe: Recipe | None = None, src: Pinne
         return SourceError(text)
 
     try:
-        size = file.stat().st_size
+        st = file.stat()
+        if not stat.S_ISREG(st.st_mode):
+            # Opening a FIFO would block, and a device reads as an endless or empty stream.
+            raise fail(f"not a regular file ({_file_kind(st.st_mode)}); a weight file must be an ordinary file")
+        size = st.st_size
         with file.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -413,18 +421,66 @@ def read_safetensors_header(file: Path, recipe: Recipe | None = None, src: Pinne
     if not isinstance(header, dict):
         raise fail("corrupt safetensors header")
     data_bytes = size - 8 - length
-    out = {}
+    out: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for key, value in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype, shape, (_, end) = value["dtype"], tuple(int(d) for d in value["shape"]), value["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise fail(f"corrupt safetensors header entry for {key}") from None
-        if end > data_bytes:
-            raise fail(f"truncated: tensor {key} ends at byte {end} of the data, which has {data_bytes}; copy the file again")
-        out[key] = TensorInfo(dtype, shape)
+        problem = _tensor_entry_problem(key, value, data_bytes)
+        if problem:
+            raise fail(problem)
+        begin, end = value["data_offsets"]
+        spans.append((begin, end, key))
+        out[key] = TensorInfo(value["dtype"], tuple(value["shape"]))
+    # safetensors lays tensors end to end from byte 0 of the data: no gap, no overlap, nothing after.
+    at, previous = 0, None
+    for begin, end, key in sorted(spans):
+        if begin < at:
+            raise fail(f"corrupt safetensors header: tensor {key} (bytes {begin}-{end}) overlaps tensor {previous} (ends at byte {at})")
+        if begin > at:
+            where = f"tensor {previous} ends at byte {at}" if previous else "the data starts at byte 0"
+            raise fail(f"corrupt safetensors header: tensor {key} starts at byte {begin}, but {where}")
+        at, previous = end, key
+    if at != data_bytes:
+        raise fail(f"corrupt safetensors header: the tensors end at byte {at} of the data, which has {data_bytes}")
     return out
+
+
+def _tensor_entry_problem(key: str, value: Any, data_bytes: int) -> str | None:
+    """Why the header entry of tensor `key` is impossible in a file with `data_bytes` of data, or None."""
+    bad = f"corrupt safetensors header: tensor {key}"
+    if not isinstance(value, dict) or not {"dtype", "shape", "data_offsets"} <= set(value):
+        return f"{bad} must have dtype, shape and data_offsets"
+    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        return f"{bad} has unknown dtype {json.dumps(dtype)}; known: {', '.join(DTYPE_BYTES)}"
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        return f"{bad} has shape {json.dumps(shape)}, which is not a list of non-negative integers"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        return f"{bad} has data_offsets {json.dumps(offsets)}, which is not a list of two integers [begin, end]"
+    begin, end = offsets
+    if begin < 0 or end < 0:
+        return f"{bad} has negative data_offsets {json.dumps(offsets)}"
+    if begin > end:
+        return f"{bad} begins at byte {begin}, after its end at byte {end}"
+    if end > data_bytes:
+        return f"truncated: tensor {key} ends at byte {end} of the data, which has {data_bytes}; copy the file again"
+    need = math.prod(shape) * DTYPE_BYTES[dtype]
+    if end - begin != need:
+        return f"{bad} spans {end - begin} bytes, but {dtype} of shape {json.dumps(shape)} takes {need}"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not an ordinary file"
 
 
 # ---------------------------------------------------------------------------------------------

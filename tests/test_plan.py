@@ -178,6 +178,87 @@ def test_truncated_safetensors_file(work: Path) -> None:
     assert str(err.value).endswith("; copy the file again")
 
 
+# Two tensors laid end to end: a (F32 [2, 2], bytes 0-16) and b (BF16 [4], bytes 16-24).
+GOOD_HEADER = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+               "b": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]}}
+BAD = "corrupt safetensors header: tensor"
+HEADER_LIES = {
+    "begin_after_end": ({"a": {"data_offsets": [16, 0]}}, 24, f"{BAD} a begins at byte 16, after its end at byte 0"),
+    "overlap": ({"b": {"data_offsets": [8, 16]}}, 24, f"{BAD} b (bytes 8-16) overlaps tensor a (ends at byte 16)"),
+    "gap": ({"b": {"data_offsets": [18, 26]}}, 26, f"{BAD} b starts at byte 18, but tensor a ends at byte 16"),
+    "not_from_byte_0": ({"a": {"data_offsets": [4, 20]}, "b": {"data_offsets": [20, 28]}}, 28,
+                        f"{BAD} a starts at byte 4, but the data starts at byte 0"),
+    "size_not_dtype_times_shape": ({"a": {"shape": [2, 3]}}, 24, f"{BAD} a spans 16 bytes, but F32 of shape [2, 3] takes 24"),
+    "unknown_dtype": ({"a": {"dtype": "F99"}}, 24,
+                      f"{BAD} a has unknown dtype \"F99\"; known: F64, F32, BF16, F16, I64, I32, I16, I8, U64, U32, U16, U8, "
+                      "BOOL, F8_E4M3, F8_E5M2, F8_E8M0, C64"),
+    "dtype_not_a_string": ({"a": {"dtype": 4}}, 24, f"{BAD} a has unknown dtype 4; known: F64, F32, BF16, F16, I64, I32, I16, I8, "
+                           "U64, U32, U16, U8, BOOL, F8_E4M3, F8_E5M2, F8_E8M0, C64"),
+    "negative_offsets": ({"a": {"data_offsets": [-16, 0]}}, 24, f"{BAD} a has negative data_offsets [-16, 0]"),
+    "string_offsets": ({"a": {"data_offsets": ["0", "16"]}}, 24,
+                       f"{BAD} a has data_offsets [\"0\", \"16\"], which is not a list of two integers [begin, end]"),
+    "float_offsets": ({"a": {"data_offsets": [0.0, 16.0]}}, 24,
+                      f"{BAD} a has data_offsets [0.0, 16.0], which is not a list of two integers [begin, end]"),
+    "bool_offsets": ({"a": {"data_offsets": [False, 16]}}, 24,
+                     f"{BAD} a has data_offsets [false, 16], which is not a list of two integers [begin, end]"),
+    "three_offsets": ({"a": {"data_offsets": [0, 8, 16]}}, 24,
+                      f"{BAD} a has data_offsets [0, 8, 16], which is not a list of two integers [begin, end]"),
+    "offsets_not_a_list": ({"a": {"data_offsets": "0-16"}}, 24,
+                           f"{BAD} a has data_offsets \"0-16\", which is not a list of two integers [begin, end]"),
+    "string_shape": ({"a": {"shape": ["2", 2]}}, 24, f"{BAD} a has shape [\"2\", 2], which is not a list of non-negative integers"),
+    "float_shape": ({"a": {"shape": [2.0, 2]}}, 24, f"{BAD} a has shape [2.0, 2], which is not a list of non-negative integers"),
+    "bool_shape": ({"a": {"shape": [True, 4]}}, 24, f"{BAD} a has shape [true, 4], which is not a list of non-negative integers"),
+    "negative_shape": ({"a": {"shape": [-2, -2]}}, 24, f"{BAD} a has shape [-2, -2], which is not a list of non-negative integers"),
+    "shape_not_a_list": ({"a": {"shape": 4}}, 24, f"{BAD} a has shape 4, which is not a list of non-negative integers"),
+    "missing_dtype": ({"a": {"dtype": None}}, 24, f"{BAD} a must have dtype, shape and data_offsets"),
+    "entry_not_a_mapping": ({"a": [1, 2]}, 24, f"{BAD} a must have dtype, shape and data_offsets"),
+    "data_after_the_last_tensor": ({}, 30, "corrupt safetensors header: the tensors end at byte 24 of the data, which has 30"),
+    "truncated": ({}, 20, "truncated: tensor b ends at byte 24 of the data, which has 20; copy the file again"),
+}
+
+
+def write_raw_safetensors(path: Path, header: dict, data_bytes: int) -> None:
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(data_bytes))
+
+
+@pytest.mark.parametrize("lie", sorted(HEADER_LIES))
+def test_every_lie_of_a_safetensors_header_gets_its_own_message(tmp_path: Path, lie: str) -> None:
+    changes, data_bytes, expected = HEADER_LIES[lie]
+    header = json.loads(json.dumps(GOOD_HEADER))
+    for name, fields in changes.items():
+        if isinstance(fields, dict):
+            header[name].update(fields)
+            header[name] = {k: v for k, v in header[name].items() if v is not None}
+        else:
+            header[name] = fields
+    file = tmp_path / "model.safetensors"
+    write_raw_safetensors(file, header, data_bytes)
+    with pytest.raises(SourceError) as err:
+        read_safetensors_header(file)
+    assert str(err.value) == f"{file}: {expected}"
+
+
+def test_the_unchanged_header_of_those_lies_is_read(tmp_path: Path) -> None:
+    write_raw_safetensors(tmp_path / "model.safetensors", GOOD_HEADER, 24)
+    assert read_safetensors_header(tmp_path / "model.safetensors") == {"a": TensorInfo("F32", (2, 2)), "b": TensorInfo("BF16", (4,))}
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_a_weight_file_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path: Path, kind: str) -> None:
+    file = tmp_path / "model.safetensors"
+    if kind == "device":
+        file.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(file)  # opening it for reading would block forever
+    else:
+        file.mkdir()
+    with pytest.raises(SourceError) as err:
+        read_safetensors_header(file)
+    shown = {"device": "a character device", "fifo": "a FIFO", "folder": "a folder"}[kind]
+    assert str(err.value) == f"{file}: not a regular file ({shown}); a weight file must be an ordinary file"
+
+
 def test_a_changed_source_is_refused_until_update(work: Path, family_root: Path) -> None:
     path = write_recipe(work)
     first = plan(load_recipe(path))
