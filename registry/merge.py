@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from . import __version__, registry_home
 from .errors import MergeError, RegistryError, UsageError
-from .sources import Estimate, PinnedSource, Plan, fetch, sha256_file
+from .sources import Estimate, PinnedSource, Plan, check_carried_files, fetch, sha256_file
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -337,6 +337,7 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
                 console: Console | None, shard_bytes: int) -> dict[str, Any]:
     import yaml
 
+    check_carried_files(plan, paths)
     _import_mergekit()
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -367,6 +368,7 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
     for name in CARRY_FILES:
         if not (staging / name).exists() and (donor / name).is_file():
             shutil.copyfile(donor / name, staging / name)
+    check_carried_files(plan, paths)  # nothing was swapped while mergekit copied them
     provenance = _provenance(recipe, plan, staging, device, shard_hashes)
     _write_json(staging / PROVENANCE, provenance)
     for f in staging.iterdir():

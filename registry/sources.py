@@ -33,6 +33,16 @@ TOKENIZER_FILES = (
 )
 # Small files worth comparing or carrying over, but not a reason to refuse a merge.
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# Every file a merge reads from a source folder besides the weights, or carries into the merged model:
+# mergekit copies the tokenizer files, templates and generation_config.json of the donor verbatim (and
+# its tagalong preprocessor configs), transformers reads the rest. Each must be a regular file inside
+# the folder, so a link cannot publish /proc/self/environ or a file from elsewhere on the machine.
+CARRIED_FILES = (
+    "config.json", "generation_config.json", *TOKENIZER_FILES, *TEMPLATE_FILES,
+    "preprocessor_config.json", "video_preprocessor_config.json",
+)
+# Filesystems whose files are views of the machine, never checkpoint data.
+SYSTEM_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
 # The tensor-to-shard map of a sharded checkpoint.
 SHARD_INDEX = "model.safetensors.index.json"
 # Config keys that decide whether two checkpoints share an architecture.
@@ -91,6 +101,7 @@ class PinnedSource:
     config: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     tokenizer: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    carried: dict[str, str] = field(default_factory=dict)  # CARRIED_FILES present: file name -> sha256
     status: Literal["new", "locked", "updated"] = "new"
 
     @property
@@ -325,6 +336,10 @@ def _inspect_dir(recipe: Recipe, src: PinnedSource, path: Path, *, hub_files: bo
     if not path.is_dir():
         raise _error(recipe, src, f"source '{src.name}': {path} is not a folder; name the checkpoint folder holding config.json")
     config_file = path / "config.json"
+    for name in CARRIED_FILES:
+        problem = source_file_problem(path, name)
+        if problem:
+            raise _error(recipe, src, f"source '{src.name}': {problem}")
     if not config_file.is_file():
         raise _error(recipe, src, f"source '{src.name}': no config.json in {path}; name the folder of a Hugging Face checkpoint")
     try:
@@ -336,6 +351,10 @@ def _inspect_dir(recipe: Recipe, src: PinnedSource, path: Path, *, hub_files: bo
         raise _error(recipe, src, f"source '{src.name}': {config_file} must name exactly one architecture "
                                   f"(e.g. \"architectures\": [\"Qwen2ForCausalLM\"]); mergekit picks tensor names from it")
     weight_files = _weight_files(recipe, src, path, shown)
+    for name in weight_files:
+        problem = source_file_problem(path, name, weights=True)
+        if problem:
+            raise _error(recipe, src, f"source '{src.name}': {problem}")
     tensors: dict[str, TensorInfo] = {}
     for name in weight_files:
         if name.endswith(".safetensors"):
@@ -344,23 +363,81 @@ def _inspect_dir(recipe: Recipe, src: PinnedSource, path: Path, *, hub_files: bo
     src.tensors = tensors
     if not src.files:
         src.files = {name: FileInfo((path / name).stat().st_size) for name in weight_files}
-    src.tokenizer = {
-        name: sha256_file(path / name) for name in (*TOKENIZER_FILES, *TEMPLATE_FILES) if (path / name).is_file()
-    }
+    src.carried = {name: sha256_file(path / name) for name in CARRIED_FILES if (path / name).is_file()}
+    src.tokenizer = {name: digest for name, digest in src.carried.items() if name in (*TOKENIZER_FILES, *TEMPLATE_FILES)}
+
+
+def source_file_problem(folder: Path, name: str, *, weights: bool = False) -> str | None:
+    """Why the file `name` of a source folder must not be read or carried over, or None (also when absent).
+
+    Files carried into the merged model must resolve to a regular file inside the folder or in the Hub's
+    cache; weights, which are merged and never copied, may lie elsewhere but must be regular files too.
+    """
+    path = folder / name
+    if not os.path.lexists(path):
+        return None
+    target = path.resolve()
+    try:
+        st = target.stat()
+    except OSError:
+        return f"{name} is a link to {target}, which does not exist; replace it with the file itself"
+    if any(target.is_relative_to(root) for root in SYSTEM_ROOTS):
+        return f"{name} is a link to {target}, a system file, not checkpoint data; replace it with the file itself"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{name} is not a regular file ({_file_kind(st.st_mode)}); replace it with the file itself"
+    if not weights and not (target.is_relative_to(folder.resolve()) or _is_hub_blob(target)):
+        return f"{name} is a link to {target}, outside the source folder; copy the file into the folder instead of linking it"
+    return None
+
+
+def _is_hub_blob(path: Path) -> bool:
+    # huggingface_hub's cache (and `--local-dir` downloads that link into it): models--OWNER--NAME/blobs/<hash>.
+    return path.parent.name == "blobs" and path.parent.parent.name.startswith("models--")
+
+
+def check_carried_files(plan: Plan, paths: dict[str, Path]) -> None:
+    """Raise SourceError unless every source folder's carried files are still safe and as `plan` hashed them.
+
+    The merge calls this before and after mergekit copies them, so what is copied is what plan checked.
+    """
+    problems = []
+    for src in plan.sources:
+        folder = paths[src.name]
+        for name in CARRIED_FILES:
+            problem = source_file_problem(folder, name)
+            present = (folder / name).is_file()
+            if problem is None and name in src.carried:
+                if not present:
+                    problem = f"{name} was removed since plan"
+                elif sha256_file(folder / name) != src.carried[name]:
+                    problem = f"{name} changed since plan"
+            elif problem is None and present and src.kind == "local":
+                problem = f"{name} appeared since plan"
+            if problem:
+                problems.append(f"source '{src.name}': {problem}; plan and merge again")
+    if problems:
+        raise SourceError("\n".join(problems))
 
 
 def _weight_files(recipe: Recipe, src: PinnedSource, path: Path, shown: str) -> list[str]:
     index = path / SHARD_INDEX
-    if index.is_file():
+    if os.path.lexists(index):
+        problem = source_file_problem(path, SHARD_INDEX, weights=True)
+        if problem:
+            raise _error(recipe, src, f"source '{src.name}': {problem}")
         try:
             shards = index_shards(index)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise _error(recipe, src, f"source '{src.name}': cannot read {index}: {exc}") from None
-        missing = [s for s in shards if not (path / s).is_file()]
+        odd = [s for s in shards if not isinstance(s, str) or Path(s).name != s or s in (".", "..")]
+        if odd:
+            raise _error(recipe, src, f"source '{src.name}': {index.name} lists {json.dumps(odd[0])}, which is not a file name in {path}; "
+                                      "shards lie beside the index")
+        missing = [s for s in shards if not os.path.lexists(path / s)]
         if missing:
             raise _error(recipe, src, f"source '{src.name}': {index.name} lists {missing[0]}, which is not in {path}; the download or copy is incomplete")
         return [index.name, *shards]
-    if (path / "model.safetensors").is_file():
+    if os.path.lexists(path / "model.safetensors"):
         return ["model.safetensors"]
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
         raise _error(
@@ -575,8 +652,9 @@ def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | Non
         meta = api.get_safetensors_metadata(src.repo_id, revision=info.sha)
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(recipe, src, exc) from None
-    src.config = json.loads(local.pop("config.json").read_text(encoding="utf-8"))
-    src.tokenizer = {n: sha256_file(p) for n, p in local.items()}
+    src.config = json.loads(local["config.json"].read_text(encoding="utf-8"))
+    src.carried = {n: sha256_file(p) for n, p in local.items()}
+    src.tokenizer = {n: digest for n, digest in src.carried.items() if n != "config.json"}
     src.tensors = {
         key: TensorInfo(t.dtype, tuple(t.shape))
         for file_meta in meta.files_metadata.values()
@@ -648,6 +726,16 @@ def compatibility_checks(recipe: Recipe, sources: list[PinnedSource], donor: str
     """Architecture, sizes, tensor names and shapes, tokenizer files and licenses of `sources` against the donor."""
     ref = next(s for s in sources if s.name == donor)
     checks: list[Check] = []
+    # Where the merged model's tokenizer comes from: without one, every prompt encodes to nothing.
+    needs = {None: sources, "union": sources, "base": [ref]}.get(tokenizer_source) or [s for s in sources if s.name == tokenizer_source]
+    for src in needs:
+        if not _has_tokenizer(src):
+            checks.append(Check("tokenizer", "failed", str(recipe.problem(
+                src.loc, f"source '{src.name}' has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json with merges.txt); "
+                         "copy the tokenizer files of the model it was trained from into its folder, "
+                         "or set merge.tokenizer_source to a source that has them"))))
+    if checks:
+        return checks
     vocab_free = tokenizer_source is not None  # mergekit rebuilds embeddings to the chosen tokenizer
     for other in sources:
         if other is ref:
@@ -665,6 +753,11 @@ def compatibility_checks(recipe: Recipe, sources: list[PinnedSource], donor: str
         checks.append(_tokenizer_check(recipe, ref, other, tokenizer_source))
     checks.extend(_license_checks(recipe, sources))
     return checks
+
+
+def _has_tokenizer(src: PinnedSource) -> bool:
+    files = set(src.tokenizer)
+    return bool(files & {"tokenizer.json", "tokenizer.model"}) or {"vocab.json", "merges.txt"} <= files
 
 
 def _tensor_check(recipe: Recipe, ref: PinnedSource, other: PinnedSource, vocab_free: bool) -> Check:

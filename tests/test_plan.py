@@ -259,6 +259,116 @@ def test_a_weight_file_that_is_not_a_regular_file_is_refused_without_reading_it(
     assert str(err.value) == f"{file}: not a regular file ({shown}); a weight file must be an ordinary file"
 
 
+TOY = Path(__file__).parent / "fixtures" / "toy"
+
+
+@pytest.fixture
+def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A recipe folder with copies of the toy fine-tunes as `a` and `b`."""
+    shutil.copytree(TOY / "ft_cos", tmp_path / "a")
+    shutil.copytree(TOY / "ft_fmt", tmp_path / "b")
+    monkeypatch.setenv("REGISTRY_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def _outside(toy: Path) -> Path:
+    (toy / "elsewhere").mkdir(exist_ok=True)
+    (toy / "elsewhere" / "notes.txt").write_text("HF_TOKEN=hf_secret\n")
+    return toy / "elsewhere" / "notes.txt"
+
+
+# name -> (file replaced, how, the problem plan reports after "source 'a': ")
+LINKED_FILES = {
+    "proc_environ": ("chat_template.jinja", lambda toy, f: f.symlink_to("/proc/self/environ"),
+                     lambda toy: f"chat_template.jinja is a link to {Path('/proc/self/environ').resolve()}, a system file, "
+                                 "not checkpoint data; replace it with the file itself"),
+    "outside_file": ("chat_template.jinja", lambda toy, f: f.symlink_to(_outside(toy)),
+                     lambda toy: f"chat_template.jinja is a link to {toy / 'elsewhere' / 'notes.txt'}, outside the source "
+                                 "folder; copy the file into the folder instead of linking it"),
+    "relative_escape": ("tokenizer_config.json", lambda toy, f: (_outside(toy), f.symlink_to("../elsewhere/notes.txt")),
+                        lambda toy: f"tokenizer_config.json is a link to {toy / 'elsewhere' / 'notes.txt'}, outside the source "
+                                    "folder; copy the file into the folder instead of linking it"),
+    "generation_config": ("generation_config.json", lambda toy, f: f.symlink_to(_outside(toy)),
+                          lambda toy: f"generation_config.json is a link to {toy / 'elsewhere' / 'notes.txt'}, outside the "
+                                      "source folder; copy the file into the folder instead of linking it"),
+    "fifo": ("chat_template.jinja", lambda toy, f: os.mkfifo(f),
+             lambda toy: "chat_template.jinja is not a regular file (a FIFO); replace it with the file itself"),
+    "fifo_config": ("config.json", lambda toy, f: os.mkfifo(f),
+                    lambda toy: "config.json is not a regular file (a FIFO); replace it with the file itself"),
+    "dangling": ("tokenizer.json", lambda toy, f: f.symlink_to(toy / "a" / "gone.json"),
+                 lambda toy: f"tokenizer.json is a link to {toy / 'a' / 'gone.json'}, which does not exist; replace it with the file itself"),
+    "device": ("special_tokens_map.json", lambda toy, f: f.symlink_to("/dev/null"),
+               lambda toy: "special_tokens_map.json is a link to /dev/null, a system file, not checkpoint data; replace it with the file itself"),
+    "weights_to_dev_zero": ("model.safetensors", lambda toy, f: f.symlink_to("/dev/zero"),
+                            lambda toy: "model.safetensors is a link to /dev/zero, a system file, not checkpoint data; "
+                                        "replace it with the file itself"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINKED_FILES))
+def test_a_source_file_linked_outside_its_folder_or_to_a_device_is_refused(toy: Path, case: str) -> None:
+    name, make, expected = LINKED_FILES[case]
+    target = toy / "a" / name
+    target.unlink(missing_ok=True)
+    make(toy, target)
+    path = write_recipe(toy)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path), check_resources=False)
+    assert str(err.value) == f"{path}:5:12: sources.a.model: source 'a': {expected(toy)}"
+
+
+def test_links_that_stay_inside_the_folder_or_weights_kept_elsewhere_are_accepted(toy: Path) -> None:
+    (toy / "a" / "templates").mkdir()
+    (toy / "a" / "chat_template.jinja").rename(toy / "a" / "templates" / "chat.jinja")
+    (toy / "a" / "chat_template.jinja").symlink_to("templates/chat.jinja")
+    (toy / "store").mkdir()
+    (toy / "b" / "model.safetensors").rename(toy / "store" / "b.safetensors")  # weights are merged, never copied
+    (toy / "b" / "model.safetensors").symlink_to(toy / "store" / "b.safetensors")
+    p = plan(load_recipe(write_recipe(toy)), check_resources=False)
+    assert p.source("a").carried["chat_template.jinja"] == sha256(TOY / "ft_cos" / "chat_template.jinja")
+    assert sorted(p.source("a").carried) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                             "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_the_merge_refuses_a_carried_file_swapped_after_plan(toy: Path) -> None:
+    from registry.merge import merge
+
+    p = plan(load_recipe(write_recipe(toy)), check_resources=False)
+    template = toy / "a" / "chat_template.jinja"
+    template.unlink()
+    template.symlink_to("/proc/self/environ")
+    (toy / "b" / "generation_config.json").write_text("{}")
+    with pytest.raises(SourceError) as err:
+        merge(load_recipe(toy / "tiny.yaml"), p, toy / "out", device="cpu")
+    assert str(err.value) == (
+        f"source 'a': chat_template.jinja is a link to {Path('/proc/self/environ').resolve()}, a system file, not checkpoint "
+        "data; replace it with the file itself; plan and merge again\n"
+        "source 'b': generation_config.json changed since plan; plan and merge again"
+    )
+    assert not (toy / "out").exists()
+
+
+def test_sources_without_tokenizer_files_need_a_tokenizer_source(toy: Path) -> None:
+    for name in ("a", "b"):
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            (toy / name / file).unlink()
+    path = write_recipe(toy)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path), check_resources=False)
+    lacks = ("has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json with merges.txt); copy the tokenizer files "
+             "of the model it was trained from into its folder, or set merge.tokenizer_source to a source that has them")
+    assert str(err.value) == f"{path}:5:12: sources.a.model: source 'a' {lacks}\n{path}:8:12: sources.b.model: source 'b' {lacks}"
+
+    # A tokenizer source that has the files is enough; one that lacks them is refused.
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOY / "ft_fmt" / file, toy / "b" / file)
+    assert plan(load_recipe(write_recipe(toy, extra="  tokenizer_source: b\n")), check_resources=False).tokenizer_source == "b"
+    path = write_recipe(toy, extra="  tokenizer_source: a\n")
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path), check_resources=False)
+    assert str(err.value) == f"{path}:5:12: sources.a.model: source 'a' {lacks}"
+
+
 def test_a_changed_source_is_refused_until_update(work: Path, family_root: Path) -> None:
     path = write_recipe(work)
     first = plan(load_recipe(path))
