@@ -253,6 +253,8 @@ class Recipe(Strict):
     license_name: str | None = None
     license_link: str | None = None
     ancestor: str | None = None
+    # Merge sources that plan finds far apart in weight space (see sources.MAX_RELATIVE_DISTANCE).
+    allow_unrelated: bool = False
     tags: list[str] = []
     sources: dict[str, Source] = {}
     merge: MergeConfig

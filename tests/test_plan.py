@@ -91,6 +91,8 @@ def test_local_sources_are_pinned_to_a_hash_of_their_weights_and_locked(work: Pa
     assert [(c.name, c.status, c.message) for c in p.checks] == [
         ("tensors", "passed", "'b' has the same 27 tensors as 'a'"),
         ("tokenizer", "passed", "tokenizer files are identical"),
+        ("ancestry", "passed", "'b' is close to 'a' in weight space: relative distance ||b - a|| / ||a|| = 0.0234 "
+                               "over 4 sampled tensors (from 0.0223 to 0.0237)"),
     ]
     assert write_lock(p) is True
     lock = work / "tiny.lock.json"
@@ -367,6 +369,55 @@ def test_sources_without_tokenizer_files_need_a_tokenizer_source(toy: Path) -> N
     with pytest.raises(SourceError) as err:
         plan(load_recipe(path), check_resources=False)
     assert str(err.value) == f"{path}:5:12: sources.a.model: source 'a' {lacks}"
+
+
+@pytest.fixture(scope="session")
+def untrained_toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy's config, tokenizer and template with freshly initialised (seeded) weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("untrained")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TOY / "ft_fmt")).to(torch.bfloat16).save_pretrained(out / "saved")
+    copy_non_weights(TOY / "ft_fmt", out / "model")
+    shutil.copy(out / "saved" / "model.safetensors", out / "model" / "model.safetensors")
+    return out / "model"
+
+
+UNRELATED_NUMBERS = "relative distance ||b - a|| / ||a|| = 1.34 over 4 sampled tensors (from 1.27 to 1.35)"
+
+
+def test_a_parent_that_is_not_a_relative_is_refused_with_the_measured_distance(toy: Path, untrained_toy: Path) -> None:
+    shutil.rmtree(toy / "b")
+    shutil.copytree(untrained_toy, toy / "b")
+    path = write_recipe(toy)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path), check_resources=False)
+    assert str(err.value) == (
+        f"{path}:8:12: sources.b.model: source 'b' does not look like a relative of 'a': {UNRELATED_NUMBERS}, over the "
+        "limit of 0.5 (fine-tunes of one base are far below it, unrelated weights near 1.4); merge fine-tunes of the same "
+        "base model, or set allow_unrelated: true in the recipe if you mean it"
+    )
+
+    allowed = write_recipe(toy, extra="allow_unrelated: true\n")
+    p = plan(load_recipe(allowed), check_resources=False)
+    assert p.warnings == [f"'b' is not a close relative of 'a' ({UNRELATED_NUMBERS}, over the limit of 0.5); "
+                          "merged anyway because allow_unrelated is true"]
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    ("ft_cos", "ft_fmt", "= 0.235 over 4 sampled tensors (from 0.176 to 0.256)"),
+    ("base", "ft_cos", "= 0.117 over 4 sampled tensors (from 0.0944 to 0.126)"),
+    ("base", "ft_fmt", "= 0.219 over 4 sampled tensors (from 0.162 to 0.238)"),
+])
+def test_the_toy_fine_tunes_and_their_base_are_relatives(toy: Path, a: str, b: str, expected: str) -> None:
+    for name, folder in (("a", a), ("b", b)):
+        shutil.rmtree(toy / name)
+        shutil.copytree(TOY / folder, toy / name)
+    p = plan(load_recipe(write_recipe(toy)), check_resources=False)
+    assert [c.message for c in p.checks if c.name == "ancestry"] == [
+        f"'b' is close to 'a' in weight space: relative distance ||b - a|| / ||a|| {expected}"]
 
 
 def test_a_changed_source_is_refused_until_update(work: Path, family_root: Path) -> None:

@@ -137,6 +137,7 @@ EXPECTED = {
         "5:5: merge.models: weights sum to 4e-46, which is 0 in float32, the precision mergekit merges in; "
         "with normalize: true every merged tensor would be NaN; scale the weights up"
     ],
+    "60_allow_unrelated_not_bool.yaml": ["2:18: allow_unrelated: allow_unrelated must be true or false, got 'yes'"],
 }
 
 
