@@ -36,7 +36,14 @@ from typing import TYPE_CHECKING, Any, Self
 
 from . import __version__, registry_home
 from .errors import MergeError, RegistryError, UsageError
-from .sources import Estimate, PinnedSource, Plan, check_carried_files, fetch, sha256_file
+from .sources import (
+    Estimate,
+    PinnedSource,
+    Plan,
+    check_carried_files,
+    fetch,
+    sha256_file,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -91,8 +91,8 @@ def test_local_sources_are_pinned_to_a_hash_of_their_weights_and_locked(work: Pa
     assert [(c.name, c.status, c.message) for c in p.checks] == [
         ("tensors", "passed", "'b' has the same 27 tensors as 'a'"),
         ("tokenizer", "passed", "tokenizer files are identical"),
-        ("ancestry", "passed", "'b' is close to 'a' in weight space: relative distance ||b - a|| / ||a|| = 0.0234 "
-                               "over 4 sampled tensors (from 0.0223 to 0.0237)"),
+        ("ancestry", "passed", ("'b' is close to 'a' in weight space: relative distance ||b - a|| / ||a|| = 0.0234 "
+                                "over 4 sampled tensors (from 0.0223 to 0.0237)")),
     ]
     assert write_lock(p) is True
     lock = work / "tiny.lock.json"
@@ -184,6 +184,7 @@ def test_truncated_safetensors_file(work: Path) -> None:
 GOOD_HEADER = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
                "b": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]}}
 BAD = "corrupt safetensors header: tensor"
+KNOWN_DTYPES = "F64, F32, BF16, F16, I64, I32, I16, I8, U64, U32, U16, U8, BOOL, F8_E4M3, F8_E5M2, F8_E8M0, C64"
 HEADER_LIES = {
     "begin_after_end": ({"a": {"data_offsets": [16, 0]}}, 24, f"{BAD} a begins at byte 16, after its end at byte 0"),
     "overlap": ({"b": {"data_offsets": [8, 16]}}, 24, f"{BAD} b (bytes 8-16) overlaps tensor a (ends at byte 16)"),
@@ -192,10 +193,8 @@ HEADER_LIES = {
                         f"{BAD} a starts at byte 4, but the data starts at byte 0"),
     "size_not_dtype_times_shape": ({"a": {"shape": [2, 3]}}, 24, f"{BAD} a spans 16 bytes, but F32 of shape [2, 3] takes 24"),
     "unknown_dtype": ({"a": {"dtype": "F99"}}, 24,
-                      f"{BAD} a has unknown dtype \"F99\"; known: F64, F32, BF16, F16, I64, I32, I16, I8, U64, U32, U16, U8, "
-                      "BOOL, F8_E4M3, F8_E5M2, F8_E8M0, C64"),
-    "dtype_not_a_string": ({"a": {"dtype": 4}}, 24, f"{BAD} a has unknown dtype 4; known: F64, F32, BF16, F16, I64, I32, I16, I8, "
-                           "U64, U32, U16, U8, BOOL, F8_E4M3, F8_E5M2, F8_E8M0, C64"),
+                      f"{BAD} a has unknown dtype \"F99\"; known: {KNOWN_DTYPES}"),
+    "dtype_not_a_string": ({"a": {"dtype": 4}}, 24, f"{BAD} a has unknown dtype 4; known: {KNOWN_DTYPES}"),
     "negative_offsets": ({"a": {"data_offsets": [-16, 0]}}, 24, f"{BAD} a has negative data_offsets [-16, 0]"),
     "string_offsets": ({"a": {"data_offsets": ["0", "16"]}}, 24,
                        f"{BAD} a has data_offsets [\"0\", \"16\"], which is not a list of two integers [begin, end]"),
@@ -402,8 +401,8 @@ def test_a_parent_that_is_not_a_relative_is_refused_with_the_measured_distance(t
 
     allowed = write_recipe(toy, extra="allow_unrelated: true\n")
     p = plan(load_recipe(allowed), check_resources=False)
-    assert p.warnings == [f"'b' is not a close relative of 'a' ({UNRELATED_NUMBERS}, over the limit of 0.5); "
-                          "merged anyway because allow_unrelated is true"]
+    assert p.warnings == [(f"'b' is not a close relative of 'a' ({UNRELATED_NUMBERS}, over the limit of 0.5); "
+                           "merged anyway because allow_unrelated is true")]
 
 
 @pytest.mark.parametrize(("a", "b", "expected"), [

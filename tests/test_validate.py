@@ -193,7 +193,7 @@ def test_a_trailing_newline_is_refused_in_every_id(field, expected):
         data["sources"]["a"][field] += "\n"
     with pytest.raises(RecipeError) as info:
         parse_recipe(json.dumps(data), "nl.yaml")
-    assert [f"{p.loc}: {p.message}" for p in info.value.problems][0] == expected
+    assert [f"{p.loc}: {p.message}" for p in info.value.problems] == [expected]
 
 
 @pytest.mark.parametrize("path", sorted(VALID.glob("*.yaml")), ids=lambda p: p.name)
