@@ -389,7 +389,10 @@ def source_file_problem(folder: Path, name: str, *, weights: bool = False) -> st
     path = folder / name
     if not os.path.lexists(path):
         return None
-    target = path.resolve()
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return f"{name} is a link that cannot be resolved; replace it with the file itself"
     try:
         st = target.stat()
     except OSError:
@@ -800,9 +803,9 @@ def _ancestry_check(recipe: Recipe, ref: PinnedSource, other: PinnedSource) -> C
     """Refuse `other` when its weights are far from `ref`'s: merging unrelated models yields noise."""
     measured = relative_distance(ref, other)
     if measured is None:
-        hub = next(s for s in (ref, other) if s.path is None or not s.tensors or next(iter(s.tensors.values())).file is None)
+        remote = [s.name for s in (ref, other) if s.kind == "hub"]
         return Check("ancestry", "warning", f"'{other.name}' and '{ref.name}' were not compared in weight space: "
-                                            f"plan reads no weights of '{hub.name}' from the Hub")
+                                            f"plan reads no weights of '{remote[0] if remote else other.name}' from the Hub")
     distance, per_tensor = measured
     if not per_tensor:
         return Check("ancestry", "warning", f"'{other.name}' and '{ref.name}' have no floating-point matrices to compare in weight space")
@@ -847,10 +850,8 @@ _SAMPLE_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
 def _ancestry_sample(a: PinnedSource, b: PinnedSource) -> list[str] | None:
-    if a.path is None or b.path is None or not a.tensors:
-        return None
-    if any(info.file is None for src in (a, b) for info in src.tensors.values()):
-        return None
+    if a.path is None or b.path is None or any(info.file is None for src in (a, b) for info in src.tensors.values()):
+        return None  # a Hub source, known from the Hub's metadata only
     matrices = sorted(
         name for name, info in a.tensors.items()
         if len(info.shape) == 2 and info.dtype in _SAMPLE_DTYPES and b.tensors.get(name) == info and info.numel > 0

@@ -300,6 +300,8 @@ LINKED_FILES = {
                  lambda toy: f"tokenizer.json is a link to {toy / 'a' / 'gone.json'}, which does not exist; replace it with the file itself"),
     "device": ("special_tokens_map.json", lambda toy, f: f.symlink_to("/dev/null"),
                lambda toy: "special_tokens_map.json is a link to /dev/null, a system file, not checkpoint data; replace it with the file itself"),
+    "link_loop": ("chat_template.jinja", lambda toy, f: f.symlink_to(f),
+                  lambda toy: "chat_template.jinja is a link that cannot be resolved; replace it with the file itself"),
     "weights_to_dev_zero": ("model.safetensors", lambda toy, f: f.symlink_to("/dev/zero"),
                             lambda toy: "model.safetensors is a link to /dev/zero, a system file, not checkpoint data; "
                                         "replace it with the file itself"),
@@ -582,6 +584,8 @@ def test_hub_source_is_pinned_to_the_commit_the_hub_reports(work: Path, hub_serv
     assert a.files["model.safetensors"] == FileInfo((work / "a" / "model.safetensors").stat().st_size, sha256(work / "a" / "model.safetensors"))
     assert ("license", "warning", ("'a' (alice/tiny-a) is licensed 'apache-2.0' but the recipe says 'mit'; "
             "check that the parent's license allows it")) in [(c.name, c.status, c.message) for c in p.checks]
+    assert ("ancestry", "warning", "'b' and 'a' were not compared in weight space: plan reads no weights of 'a' from the Hub") in [
+        (c.name, c.status, c.message) for c in p.checks]
     assert p.lock["sources"]["a"] == {"kind": "hub", "model": "alice/tiny-a", "revision": None, "commit": sha}
     write_lock(p)
     # Planning downloaded config and tokenizer files, and read the weights' header with a range request only.
