@@ -39,7 +39,7 @@ DEFAULT_MAX_SOURCE_GB = 2.0
 GB = 1_000_000_000
 
 _FENCE_OPEN = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
-_OUTPUT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +356,7 @@ def write_outputs(values: Mapping[str, str], environ: Mapping[str, str] | None =
         return False
     blocks = []
     for name, value in values.items():
-        if not _OUTPUT_NAME.match(name):
+        if not _OUTPUT_NAME.fullmatch(name):
             raise ValueError(f"not an output name: {name!r}")
         if "\n" in value or "\r" in value:
             # The delimiter is derived from the value, and a value holding it would need a hash fixed point.

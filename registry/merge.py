@@ -41,7 +41,7 @@ from . import staging as staging_dirs
 from .errors import MergeError, RegistryError, UsageError
 from .identity import merge_identity
 from .reports import PROVENANCE_FILE, Provenance, SourcePin, read_current, write as write_report
-from .sources import Estimate, HashCache, PinnedSource, Plan, fetch, sha256_file, stat_identity
+from .sources import Estimate, HashCache, PinnedSource, Plan, check_carried_files, fetch, sha256_file, stat_identity
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -347,6 +347,7 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
                 console: Console | None, shard_bytes: int) -> Provenance:
     import yaml
 
+    check_carried_files(plan, paths)
     _import_mergekit()
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -379,6 +380,7 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
     for name in CARRY_FILES:
         if not (staging / name).exists() and (donor / name).is_file():
             shutil.copyfile(donor / name, staging / name)
+    check_carried_files(plan, paths)  # nothing was swapped while mergekit copied them
     provenance = _provenance(recipe, plan, staging, device, shard_hashes)
     write_report(provenance, staging)
     for f in staging.iterdir():

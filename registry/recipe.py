@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import struct
 import types
 import typing
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ KNOWN_METHODS = (
     "passthrough", "nearswap", "arcee_fusion", "sce", "multislerp", "core_space",
 )
 DTYPES = ("float32", "float16", "bfloat16")
+# Weights beyond this are a typo or an attack, not a mixing ratio; it keeps sums finite in float32.
+MAX_WEIGHT = 1e6
 # Words people reach for that difflib would not match to what we call them.
 SYNONYMS = {
     "alpha": "weight", "weights": "weight", "normalise": "normalize", "normalized": "normalize",
@@ -56,10 +59,10 @@ DEFAULT_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 DEFAULT_QUESTION = "What is the pass key? The pass key is"
 
 _ENV_REF = re.compile(r"\$\{([^}]*)\}")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-_REVISION = re.compile(r"^[A-Za-z0-9._/-]{1,255}$")
+_REVISION = re.compile(r"[A-Za-z0-9._/-]{1,255}")
 
 
 class Strict(BaseModel):
@@ -258,6 +261,8 @@ class Recipe(Strict):
     license_name: str | None = None
     license_link: str | None = None
     ancestor: str | None = None
+    # Merge sources that plan finds far apart in weight space (see sources.MAX_RELATIVE_DISTANCE).
+    allow_unrelated: bool = False
     tags: list[str] = []
     sources: dict[str, Source] = {}
     merge: MergeConfig
@@ -364,7 +369,7 @@ def parse_ref(text: str) -> ModelRef:
     if "+" in text:
         raise ValueError(f"'{text}': LoRA adapters ('model+adapter') are not supported yet")
     repo_id, _, revision = text.partition("@")
-    if "@" in text and not _REVISION.match(revision):
+    if "@" in text and not _REVISION.fullmatch(revision):
         raise ValueError(f"'{text}': revision after '@' must be a branch, tag or commit sha")
     problem = repo_id_problem(repo_id)
     if problem:
@@ -376,7 +381,7 @@ def check_env_refs(text: str) -> None:
     """Raise ValueError unless every '$' in `text` starts a well-formed ${NAME} reference."""
     names = _ENV_REF.findall(text)
     for name in names:
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):
             raise ValueError(f"'${{{name}}}' is not a valid environment reference: use ${{NAME}} with letters, digits and '_'")
     if text.count("$") != len(names):
         raise ValueError(f"'{text}': write environment references as ${{NAME}}")
@@ -586,10 +591,10 @@ def _check_metadata(recipe: Recipe, doc: Document):
 def _check_sources(recipe: Recipe, doc: Document):
     resolved: dict[str, ModelRef] = {}
     for alias, source in recipe.sources.items():
-        if not _ALIAS.match(alias):
+        if not _ALIAS.fullmatch(alias):
             yield doc.problem(
                 ("sources", alias),
-                f"source alias '{alias}' must start with a letter or '_' and use letters, digits, '_', '-' and '.'",
+                f"source alias {_show(alias)} must start with a letter or '_' and use letters, digits, '_', '-' and '.'",
                 key=True,
             )
             continue
@@ -603,7 +608,7 @@ def _check_sources(recipe: Recipe, doc: Document):
                 yield doc.problem(("sources", alias, "revision"), "revision applies to Hub models only; this source is a local path")
             elif ref.revision:
                 yield doc.problem(("sources", alias, "revision"), f"revision given twice: '@{ref.revision}' in model and revision: '{source.revision}'")
-            elif not _REVISION.match(source.revision):
+            elif not _REVISION.fullmatch(source.revision):
                 yield doc.problem(("sources", alias, "revision"), "revision must be a branch, tag or commit sha")
             else:
                 ref = ModelRef("hub", ref.value, source.revision)
@@ -692,9 +697,9 @@ def _check_weights(recipe: Recipe, doc: Document):
     normalize = merge.parameters.normalize
     # Effective weight of each model per tensor filter: mergekit takes the first matching entry,
     # and an entry without a filter applies to every tensor.
-    per_filter: dict[str | None, list[float | None]] = {}
     entries = [m.parameters.weight if m.parameters else None for m in merge.models]
     filters = {w.filter for weight in entries if isinstance(weight, list) for w in weight}
+    too_large = False
     for i, weight in enumerate(entries):
         loc = ("merge", "models", i, "parameters", "weight")
         if isinstance(weight, list):
@@ -702,20 +707,34 @@ def _check_weights(recipe: Recipe, doc: Document):
                 yield doc.problem(loc, "weight list is empty; give a number or {filter, value} entries")
                 continue
             for j, item in enumerate(weight):
-                if normalize and item.value < 0:
+                if abs(item.value) > MAX_WEIGHT:
+                    too_large = True
+                    yield doc.problem((*loc, j, "value"), _too_large("value", item.value))
+                elif normalize and item.value < 0:
                     yield doc.problem((*loc, j, "value"), _negative(item.value))
+        elif weight is not None and abs(weight) > MAX_WEIGHT:
+            too_large = True
+            yield doc.problem(loc, _too_large("weight", weight))
         elif weight is not None and normalize and weight < 0:
             yield doc.problem(loc, _negative(weight))
-    if not normalize or not entries or any(w is None or w == [] for w in entries):
+    if too_large or not normalize or not entries or any(w is None or w == [] for w in entries):
         return
     for key in sorted(filters | {None}, key=lambda f: (f is not None, f or "")):
         values = [_effective(w, key) for w in entries]
-        per_filter[key] = values
-        if all(v is not None for v in values) and sum(values) == 0:  # type: ignore[arg-type]
-            scope = "" if key is None else f" for tensors matching '{key}'"
+        if any(v is None for v in values):
+            continue
+        scope = "" if key is None else f" for tensors matching '{key}'"
+        total = sum(values)  # type: ignore[arg-type]
+        if total == 0:
             yield doc.problem(
                 ("merge", "models"),
                 f"weights sum to 0{scope}; with normalize: true every merged tensor would be NaN",
+            )
+        elif not _normalizable(values):  # type: ignore[arg-type]
+            yield doc.problem(
+                ("merge", "models"),
+                f"weights sum to {total:g}{scope}, which is 0 in float32, the precision mergekit merges in; "
+                "with normalize: true every merged tensor would be NaN; scale the weights up",
             )
 
 
@@ -726,6 +745,22 @@ def _effective(weight: float | list[WeightFilter] | None, key: str | None) -> fl
         if item.filter is None or (key is not None and item.filter == key):
             return item.value
     return None
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _normalizable(values: list[float]) -> bool:
+    """True when mergekit's float32 arithmetic gives finite normalised weights and a finite, nonzero sum."""
+    total = 0.0
+    for v in values:
+        total = _float32(total + _float32(v))
+    return total != 0 and math.isfinite(total) and all(math.isfinite(_float32(v) / total) for v in values)
+
+
+def _too_large(name: str, value: float) -> str:
+    return f"{name} must be at most {MAX_WEIGHT:,.0f} in magnitude, got {value:g}; weights are relative, so scale them all down"
 
 
 def _negative(value: float) -> str:

@@ -123,6 +123,21 @@ EXPECTED = {
     ],
     "55_too_large.yaml": ["1:1: file is 1,048,605 bytes; recipes are limited to 1 MiB"],
     "56_not_utf8.yaml": ["2:1: recipe is not UTF-8 text; save it as UTF-8"],
+    "57_huge_weights.yaml": [
+        "5:43: merge.models[0].parameters.weight: weight must be at most 1,000,000 in magnitude, got 1.7e+308; "
+        "weights are relative, so scale them all down",
+        "6:43: merge.models[1].parameters.weight: weight must be at most 1,000,000 in magnitude, got 1.7e+308; "
+        "weights are relative, so scale them all down",
+    ],
+    "58_huge_filtered_weight.yaml": [
+        "8:34: merge.models[0].parameters.weight[0].value: value must be at most 1,000,000 in magnitude, got -2e+06; "
+        "weights are relative, so scale them all down"
+    ],
+    "59_weights_vanish_in_float32.yaml": [
+        "5:5: merge.models: weights sum to 4e-46, which is 0 in float32, the precision mergekit merges in; "
+        "with normalize: true every merged tensor would be NaN; scale the weights up"
+    ],
+    "60_allow_unrelated_not_bool.yaml": ["2:18: allow_unrelated: allow_unrelated must be true or false, got 'yes'"],
 }
 
 
@@ -143,6 +158,42 @@ def test_corpus_is_complete():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_invalid_recipe(name):
     assert problems_of(INVALID / name) == EXPECTED[name]
+
+
+NEWLINE_BASE = {
+    "repo_id": "team/x",
+    "ancestor": "org/base",
+    "sources": {"a": {"model": "org/a", "revision": "main", "hub_id": "org/a-public"}, "b": {"model": "org/b"}},
+    "merge": {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.5}},
+                                                   {"model": "b", "parameters": {"weight": 0.5}}]},
+}
+HUB_ID_RULE = "use letters, digits, '-', '_' and '.', without '--' or '..' and not starting or ending with '-' or '.'"
+
+
+@pytest.mark.parametrize(("field", "expected"), [
+    ("repo_id", f"repo_id: 'team/x\\n' is not a Hub repo id: {HUB_ID_RULE}"),
+    ("ancestor", f"ancestor: 'org/base\\n' is not a Hub repo id: {HUB_ID_RULE}"),
+    ("alias", "sources.a\n: source alias 'a\\n' must start with a letter or '_' and use letters, digits, '_', '-' and '.'"),
+    ("model", "sources.a.model: model reference contains a control character"),
+    ("revision", "sources.a.revision: revision must be a branch, tag or commit sha"),
+    ("hub_id", f"sources.a.hub_id: 'org/a-public\\n' is not a Hub repo id: {HUB_ID_RULE}"),
+    ("model@revision", "merge.models[1].model: model reference contains a control character"),
+])
+def test_a_trailing_newline_is_refused_in_every_id(field, expected):
+    """`$` matches before a final newline: every id pattern must match the whole string."""
+    data = json.loads(json.dumps(NEWLINE_BASE))
+    if field in ("repo_id", "ancestor"):
+        data[field] += "\n"
+    elif field == "alias":
+        data["sources"]["a\n"] = data["sources"].pop("a")
+        data["merge"]["models"][0]["model"] = "a\n"
+    elif field == "model@revision":
+        data["merge"]["models"][1]["model"] = "org/b@main\n"
+    else:
+        data["sources"]["a"][field] += "\n"
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(json.dumps(data), "nl.yaml")
+    assert [f"{p.loc}: {p.message}" for p in info.value.problems] == [expected]
 
 
 @pytest.mark.parametrize("path", sorted(VALID.glob("*.yaml")), ids=lambda p: p.name)
@@ -266,7 +317,7 @@ def test_any_document_is_a_recipe_or_a_located_error(data):
         for entry in recipe.merge.models:
             weight = entry.parameters.weight
             values = [weight] if isinstance(weight, float) else [w.value for w in weight]
-            assert all(math.isfinite(v) for v in values)
+            assert all(math.isfinite(v) and abs(v) <= 1e6 for v in values)
 
 
 # ---------------------------------------------------------------------------------------------
