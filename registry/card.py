@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,10 +54,7 @@ def _card_environment(template_dirs: tuple[str, ...]):
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters.update(
-        md=md, code=code, codeblock=codeblock, pystr=pystr,
-        size=human_size, seconds=human_seconds, count=human_count, percent=human_percent, number=human_number,
-    )
+    env.filters.update(md=md, code=code, codeblock=codeblock, pystr=pystr, **NUMBER_FILTERS)
     return env
 
 
@@ -101,24 +99,30 @@ def pystr(value: Any) -> str:
 
 
 def human_size(value: Any) -> str:
-    """Bytes in binary units: 3.31 GiB."""
+    """Bytes in binary units, to three significant digits: 512 B, 121 KiB, 3.47 GiB."""
     size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.2f} {unit}"
+    if not math.isfinite(size) or abs(size) < 1024:
+        return f"{size:.0f} B" if math.isfinite(size) else "n/a"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         size /= 1024
+        # Decided on the rounded value, so 1023.9 KiB reads 1.00 MiB rather than 1020 KiB.
+        if abs(float(_significant(size, 3))) < 1024 or unit == "TiB":
+            return f"{_significant(size, 3)} {unit}"
     raise AssertionError("unreachable")
 
 
 def human_seconds(value: Any) -> str:
-    """Seconds, to the precision a reader needs: 0.41 s, 12.3 s, 4 min 05 s."""
+    """A duration to two significant digits, in the unit a reader expects: 0.43 s, 12 s, 1.3 min, 2.5 h."""
     seconds = float(value)
-    if seconds < 10:
-        return f"{seconds:.2f} s"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s"
+    if not math.isfinite(seconds):
+        return "n/a"
+    if abs(float(_significant(seconds))) < 60:
+        return f"{_significant(seconds)} s"
+    # At least 1.0 in the larger unit: 59.7 s rounds up to 60 s, which reads 1.0 min.
+    minutes = max(seconds / 60, 1.0)
+    if float(_significant(minutes)) < 60:
+        return f"{_significant(minutes)} min"
+    return f"{_significant(max(seconds / 3600, 1.0))} h"
 
 
 def human_count(value: Any) -> str:
@@ -127,13 +131,43 @@ def human_count(value: Any) -> str:
 
 
 def human_percent(value: Any) -> str:
-    """A fraction as a percentage: 0.5 -> 50%."""
-    return f"{float(value) * 100:g}%"
+    """A fraction as a percentage to three significant digits: 0.5 -> 50%, 1/3 -> 33.3%."""
+    percent = float(value) * 100
+    return f"{percent:.3g}%" if abs(percent) < 1000 else f"{percent:.0f}%"
 
 
 def human_number(value: Any, digits: int = 3) -> str:
-    """A float with `digits` decimals."""
+    """A float with `digits` decimals (an NLL: 1.873)."""
     return f"{float(value):.{digits}f}"
+
+
+def weight_text(weight: Any) -> str:
+    """A merge weight as the recipe wrote it: 0.3, or per-tensor '0.5 for mlp; 0.7 otherwise'."""
+    if weight is None:
+        return "none"
+    if not isinstance(weight, list):
+        return f"{weight:g}"
+    return "; ".join(f"{w.value:g} for {w.filter}" if w.filter else f"{w.value:g} otherwise" for w in weight)
+
+
+# The filters that show numbers: the card's and the catalog's environments both register these.
+NUMBER_FILTERS = {
+    "size": human_size, "seconds": human_seconds, "count": human_count, "percent": human_percent,
+    "number": human_number, "weight": weight_text,
+}
+
+
+def _significant(value: float, digits: int = 2) -> str:
+    """`value` rounded to `digits` significant digits, written without an exponent: 0.0043, 4.3, 43, 430."""
+    if value == 0:
+        return "0"
+    exponent = math.floor(math.log10(abs(value)))
+    decimals = max(0, digits - 1 - exponent)
+    rounded = round(value, decimals)
+    # Rounding can carry into a new leading digit (9.96 -> 10.0), which then needs one decimal less.
+    if rounded and math.floor(math.log10(abs(rounded))) > exponent:
+        decimals = max(0, decimals - 1)
+    return f"{rounded:.{decimals}f}"
 
 
 def _visible(value: Any, keep_newlines: bool = False) -> str:
@@ -256,7 +290,7 @@ def _source_context(item: MergeInput, provenance: Provenance | None) -> dict[str
         "hub_id": hub_id,
         "content_sha256": pinned.content_sha256 if pinned and item.ref.kind == "local" else None,
         "weight": _plain_weight(item.weight),
-        "weight_text": _weight_text(item.weight),
+        "weight_text": weight_text(item.weight),
     }
 
 
@@ -264,15 +298,6 @@ def _plain_weight(weight: Any) -> Any:
     if isinstance(weight, list):
         return [{"filter": w.filter, "value": w.value} for w in weight]
     return weight
-
-
-def _weight_text(weight: Any) -> str:
-    if weight is None:
-        return "none"
-    if not isinstance(weight, list):
-        return f"{weight:g}"
-    parts = [f"{w.value:g} for {w.filter}" if w.filter else f"{w.value:g} otherwise" for w in weight]
-    return "; ".join(parts)
 
 
 def _config_donor(recipe: Recipe, provenance: Provenance | None, names: Mapping[str, str]) -> str | None:
