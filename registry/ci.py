@@ -280,8 +280,10 @@ def _is_example(path: str) -> bool:
 
 def assess(entry: ChangedRecipe, root: Path, max_source_bytes: int, hub_size: HubSize | None = None) -> None:
     """Decide whether a hosted runner can plan the recipe (reach its sources) and dry-run it (fit them)."""
+    from .plugins import get_targets
+
     try:
-        recipe = load_recipe(root / entry.recipe)
+        recipe = load_recipe(root / entry.recipe, targets=get_targets())
     except RecipeError:
         entry.valid = False
         entry.notes.append("invalid recipe: see registry validate")
@@ -690,8 +692,10 @@ def _summarize(path: str, root: Path, changes: Changes | None, reports: Mapping[
         item.valid = False
         item.problems = [f"{path}: no such file"]
         return item
+    from .plugins import get_targets
+
     try:
-        recipe = load_recipe(root / path)
+        recipe = load_recipe(root / path, targets=get_targets())
     except RecipeError as exc:
         item.valid = False
         item.problems = [_problem_line(p, path) for p in exc.problems]
@@ -730,7 +734,9 @@ def _base_diff(recipe: Recipe, path: str, entry: ChangedRecipe | None, root: Pat
     except RegistryError:
         return None, "new recipe"
     try:
-        before = parse_recipe(text, old_path)
+        from .plugins import get_targets
+
+        before = parse_recipe(text, old_path, targets=get_targets())
     except RecipeError:
         return None, f"{old_path} on the base is not a valid recipe, so there is nothing to compare with"
     return recipe_diff(before, recipe), None

@@ -85,12 +85,15 @@ def validate(
     format: FormatOption = Format.text,
 ) -> None:
     """Check recipes statically: no network, no torch, no merge."""
+    from .plugins import get_targets
     from .recipe import load_recipe
 
     results = []
-    for file in recipe_files(paths or [Path("recipes")]):
+    files = recipe_files(paths or [Path("recipes")])
+    targets = get_targets()
+    for file in files:
         try:
-            recipe = load_recipe(file)
+            recipe = load_recipe(file, targets=targets)
         except RecipeError as exc:
             results.append({"file": str(file), "valid": False, "problems": [p.to_dict() for p in exc.problems]})
         else:
@@ -117,9 +120,10 @@ def validate(
 @app.command()
 def schema() -> None:
     """Print the recipe JSON Schema, for editors to complete and check recipes."""
+    from .plugins import get_targets
     from .recipe import json_schema
 
-    emit_json(json_schema())
+    emit_json(json_schema(get_targets()))
 
 
 @app.command()
@@ -153,10 +157,11 @@ def card(
 ) -> None:
     """Render the model card (README.md): Hub metadata, merge, sources, smoke results, provenance."""
     from .card import front_matter, read_reports, render_card, write_card
+    from .plugins import get_targets
     from .templating import template_dirs
     from .recipe import load_recipe
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, targets=get_targets())
     provenance, smoke = read_reports(model_dir) if model_dir is not None else (None, None)
     dirs = template_dirs(templates)
     if output is not None:
@@ -248,15 +253,16 @@ def smoke(
     format: FormatOption = Format.text,
 ) -> None:
     """Smoke-test a model: short and long-context generation, parity with parents, exact weights; writes smoke.json."""
+    from .plugins import get_smoke_checks, get_targets
     from .recipe import load_recipe
     from .smoke import print_report, run_smoke
 
     if recipe is not None and not recipe.is_file():
         raise UsageError(f"{recipe}: no such recipe file")
-    loaded = load_recipe(recipe) if recipe is not None else None
+    loaded = load_recipe(recipe, targets=get_targets()) if recipe is not None else None
     err = _console(stderr=True)
     progress = None if format is Format.json else (lambda message: err.print(f"[dim]{message}[/dim]", markup=True))
-    report = run_smoke(model_dir, loaded, device=device.value, progress=progress)
+    report = run_smoke(model_dir, loaded, device=device.value, checks=get_smoke_checks(), progress=progress)
     if format is Format.json:
         emit_json(report.to_dict())
     else:
@@ -281,10 +287,11 @@ def plan(
     format: FormatOption = Format.text,
 ) -> None:
     """Pin every source (Hub commit, local content hash), check they can be merged, write the lock file."""
+    from .plugins import get_targets
     from .recipe import load_recipe
     from .sources import plan as make_plan, write_lock
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, targets=get_targets())
     with _HashBar(format is Format.text) as bar:
         result = make_plan(loaded, update=update, out=output, on_hash=bar.update)
     wrote = write_lock(result)
@@ -351,10 +358,11 @@ def merge(
 ) -> None:
     """Merge the recipe's pinned sources with mergekit into a complete, reproducible output folder."""
     from .merge import default_output, merge as run
+    from .plugins import get_targets
     from .recipe import load_recipe
     from .sources import plan as make_plan, write_lock
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, targets=get_targets())
     out_dir = output or default_output(loaded)
     text = format is Format.text
     with _HashBar(text) as bar:

@@ -63,7 +63,8 @@ class PublishOutcome:
 
 def choose_targets(recipe: Recipe, names: list[str] | None, overrides: dict[str, Any]) -> list[Chosen]:
     """Targets from --target (repeatable), else the recipe's publish list, else `local`; CLI flags override options."""
-    from .plugins import get_targets, missing_target_message
+    from .hints import missing_target_message
+    from .plugins import get_targets
 
     available = get_targets()
     from_recipe = {spec.target: spec.options for spec in recipe.publish}
@@ -100,10 +101,11 @@ def publish(
     note: Callable[[str], None] = lambda message: None,
 ) -> PublishOutcome:
     """Publish a recipe to its targets; every stage's finished output is reused when it still matches."""
+    from .plugins import get_targets
     from .recipe import load_recipe
     from .sources import plan as make_plan, write_lock
 
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, targets=get_targets())
     overrides = {"private": private, "revision": revision, "create_pr": create_pr}
     chosen = choose_targets(recipe, targets, overrides)
     outcome = PublishOutcome(str(recipe_path), recipe.repo_id, recipe.sha256, [c.name for c in chosen], dry_run=dry_run)
@@ -196,9 +198,10 @@ def _smoked(recipe, model_dir: Path, device, outcome, note, console) -> tuple[di
     # A new merge replaces the whole folder, so a smoke.json in it was made for this very merge.
     reused = outcome.merge == "reused" and smoke is not None and smoke.get("recipe_sha256") == recipe.sha256
     if not reused:
+        from .plugins import get_smoke_checks
         from .smoke import run_smoke
 
-        report = run_smoke(model_dir, recipe, device=device, progress=note)
+        report = run_smoke(model_dir, recipe, device=device, checks=get_smoke_checks(), progress=note)
         smoke = json.loads((model_dir / SMOKE_FILE).read_text())
         if console is not None:
             from .smoke import print_report

@@ -7,7 +7,6 @@ config file is accepted too and read as the `merge:` block of a recipe with defa
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -31,6 +30,7 @@ from pydantic import (
 )
 
 from .errors import Problem, RecipeError
+from .hints import missing_target_message, suggest
 from .hub_rules import LICENSES, repo_id_problem
 from .yamldoc import Document, Loc, load_document, parse_document
 
@@ -42,13 +42,6 @@ KNOWN_METHODS = (
     "passthrough", "nearswap", "arcee_fusion", "sce", "multislerp", "core_space",
 )
 DTYPES = ("float32", "float16", "bfloat16")
-# Words people reach for that difflib would not match to what we call them.
-SYNONYMS = {
-    "alpha": "weight", "weights": "weight", "normalise": "normalize", "normalized": "normalize",
-    "fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
-    "float": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16",
-    "torch.float32": "float32", "method": "merge_method",
-}
 DEFAULT_SHORT_PROMPT = "What is 17 * 24? Think step by step."
 # The needle-in-a-haystack strings (RULER-style pass key); the toy model in tests/fixtures/toy was trained on them.
 DEFAULT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -237,7 +230,7 @@ class PublishSpec(BaseModel):
     @property
     def options(self) -> BaseModel:
         """The options, validated by the target's own pydantic model."""
-        assert self._options is not None, "options are validated when the recipe is loaded"
+        assert self._options is not None, "options are validated when the recipe is loaded with targets="
         return self._options
 
 
@@ -379,14 +372,6 @@ def env_names(text: str) -> list[str]:
     return _ENV_REF.findall(text)
 
 
-def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
-    """The closest of `choices` to `word` (or a known synonym), if any is close."""
-    if word in SYNONYMS and SYNONYMS[word] in choices:
-        return SYNONYMS[word]
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
 def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     hint = suggest(word, choices)
     return f" (did you mean '{hint}'?)" if hint else ""
@@ -397,7 +382,10 @@ def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 
 
 def load_recipe(path: str | Path, *, targets: dict[str, Any] | None = None) -> Recipe:
-    """Read, validate and return the recipe at `path`; raises RecipeError listing every problem."""
+    """Read, validate and return the recipe at `path`; raises RecipeError listing every problem.
+
+    `targets` (plugins.get_targets()) checks each `publish:` entry's options; without it they are left unchecked.
+    """
     doc = load_document(path)
     recipe = recipe_from_document(doc, targets=targets)
     recipe._path = Path(path)
@@ -728,17 +716,12 @@ def _negative(value: float) -> str:
 
 
 def _check_publish(recipe: Recipe, doc: Document, targets: dict[str, Any] | None):
-    if not recipe.publish:
+    # Without targets (the caller passes plugins.get_targets()), publish entries are left unchecked.
+    if not recipe.publish or targets is None:
         return
-    if targets is None:
-        from .plugins import get_targets
-
-        targets = get_targets()
     for i, spec in enumerate(recipe.publish):
         target = targets.get(spec.target)
         if target is None:
-            from .plugins import missing_target_message
-
             yield doc.problem(("publish", i, "target"), missing_target_message(spec.target, list(targets)))
             continue
         try:
@@ -747,13 +730,11 @@ def _check_publish(recipe: Recipe, doc: Document, targets: dict[str, Any] | None
             yield from _problems_from_validation(exc, doc, target.Options, ("publish", i))
 
 
-def json_schema() -> dict[str, Any]:
-    """The recipe's JSON Schema, with each publish target's own options."""
-    from .plugins import get_targets
-
+def json_schema(targets: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's JSON Schema, with each publish target's own options (`targets`: plugins.get_targets())."""
     schema = Recipe.model_json_schema()
     variants = []
-    for name, target in sorted(get_targets().items()):
+    for name, target in sorted(targets.items()):
         sub = target.Options.model_json_schema()
         sub.setdefault("properties", {})["target"] = {"const": name}
         sub["required"] = ["target", *sub.get("required", [])]

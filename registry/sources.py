@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SourceError
+from .files import sha256_file
+from .machine import Estimate, check_resources as _check_resources, estimate_resources
 from .recipe import ModelRef, Recipe, WeightFilter, env_names, parse_ref
 from .yamldoc import Loc
 
@@ -40,7 +42,6 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16
 # A safetensors header beyond this is corrupt, not large: real ones are a few hundred KB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HASH_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -123,19 +124,6 @@ class Check:
     name: str
     status: Literal["passed", "warning", "failed"]
     message: str
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """What the merge needs and what the machine has, in bytes (None: unknown)."""
-
-    output_bytes: int
-    disk_free_bytes: int | None
-    memory_bytes: int
-    memory_available_bytes: int | None
-    largest_tensor: str
-    out: str
-    shard_bytes: int
 
 
 @dataclass
@@ -239,12 +227,12 @@ def plan(
 
     estimate = None
     if out is not None or check_resources:
-        from .merge import check_resources as _check
-        from .merge import default_output, estimate_resources
+        from . import registry_home
 
-        estimate = estimate_resources(recipe, sources, donor, out or default_output(recipe), device)
+        # Without `out`, the estimate is for the build folder, where the merge goes by default.
+        estimate = estimate_resources(recipe, sources, donor, out or registry_home() / "build", device)
         if check_resources:
-            _check(estimate)
+            _check_resources(estimate)
 
     _hash_local_sources([s for s in sources if s.kind == "local"], on_hash)
     checks.extend(_lock_checks(recipe, sources, old_entries, update))
@@ -674,17 +662,6 @@ def content_sha256(files: dict[str, str]) -> str:
     """sha256 of a `sha256sum`-style listing ("<hex>  <name>\\n", sorted by name) of the weight files."""
     listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(files.items()))
     return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's content."""
-    h = hashlib.sha256()
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def cache_dir() -> Path:

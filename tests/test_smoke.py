@@ -15,6 +15,7 @@ import pytest
 from models import CHAT_TEMPLATE
 
 from registry.errors import RegistryError, SmokeError
+from registry.plugins import get_smoke_checks
 from registry.recipe import LongSmoke, ShortSmoke, SmokeConfig, load_recipe, parse_recipe
 from registry.smoke import (
     CheckResult,
@@ -264,7 +265,7 @@ def _run(model_dir: Path, config: SmokeConfig, **kwargs):
     )
     recipe.smoke = config
     # No parent is at hand (a/b, a/c are not cached): weights and parity are skipped, the rest runs.
-    return run_smoke(model_dir, recipe, device="cpu", **kwargs)
+    return run_smoke(model_dir, recipe, device="cpu", **{"checks": get_smoke_checks(), **kwargs})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +275,6 @@ def _run(model_dir: Path, config: SmokeConfig, **kwargs):
 def test_plugin_checks_run_after_the_built_ins_and_can_fail_the_model(tiny, monkeypatch):
     from registry.hookspecs import hookimpl
     from registry.plugins import get_plugin_manager
-    from registry.smoke import get_smoke_checks
 
     def vocab_check(ctx):
         size = ctx.model.config.vocab_size
@@ -487,7 +487,7 @@ def toy_merges(tmp_path_factory):
 
 def _smoke(toy_merges, name):
     folder, recipe = toy_merges[name]
-    return run_smoke(folder, load_recipe(recipe), device="cpu")
+    return run_smoke(folder, load_recipe(recipe), device="cpu", checks=get_smoke_checks())
 
 
 def _statuses(report) -> dict[str, str]:
@@ -637,9 +637,9 @@ def test_filtered_weights_resolve_like_mergekit():
 
 def test_repetition_is_judged_against_the_parents_when_they_are_at_hand(toy_merges, tmp_path):
     from registry.recipe import ParitySmoke
-    from registry.smoke_checks import BUILTIN_CHECKS
+    from registry.smoke_checks import builtin_checks
 
-    short_only = [c for c in BUILTIN_CHECKS if c.name == "short"]
+    short_only = [c for c in builtin_checks() if c.name == "short"]
     # Any repeated token is "degenerate" under this bar, so the merge's own text exceeds it.
     strict = SmokeConfig(short=ShortSmoke(max_new_tokens=32, ngram=1, max_repeated_ngrams=0.0),
                          long=LongSmoke(lengths=[512], depths=[0.5]), parity=ParitySmoke(retrieval=False))

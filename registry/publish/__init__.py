@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from ..sources import sha256_file
+from ..files import sha256_file
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
