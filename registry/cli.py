@@ -55,6 +55,20 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
+def _styled_printer():
+    """A print(*parts) whose parts are text or (text, style), never read as markup.
+
+    rich colours the parts on a terminal; piped output is plain text, printed without importing rich
+    (most of `registry validate`'s start-up otherwise).
+    """
+    if not (sys.stdout.isatty() or os.environ.get("FORCE_COLOR")):
+        return lambda *parts: print("".join(p if isinstance(p, str) else p[0] for p in parts))
+    from rich.text import Text
+
+    console = _console()
+    return lambda *parts: console.print(Text.assemble(*parts))
+
+
 def emit_json(data: Any) -> None:
     """Print `data` as JSON on stdout (the --format json contract)."""
     print(json.dumps(data, indent=2, ensure_ascii=False))
@@ -102,17 +116,17 @@ def validate(
     if format is Format.json:
         emit_json({"valid": not invalid, "recipes": results})
     else:
-        out = _console()
+        say = _styled_printer()
         for result in results:
             if result["valid"]:
-                out.print(f"[green]ok[/green]    {result['file']}  ({result['repo_id']})")
+                say(("ok", "green"), f"    {result['file']}  ({result['repo_id']})")
             for p in result["problems"]:
-                out.print(f"[red]error[/red] {p['file']}:{p['line']}:{p['col']}: {p['loc'] + ': ' if p['loc'] else ''}{p['message']}", markup=True)
+                say(("error", "red"), f" {p['file']}:{p['line']}:{p['col']}: {p['loc'] + ': ' if p['loc'] else ''}{p['message']}")
         total = len(results)
         if invalid:
-            out.print(f"{len(invalid)} of {total} recipe{'s' if total != 1 else ''} invalid")
+            say(f"{len(invalid)} of {total} recipe{'s' if total != 1 else ''} invalid")
         else:
-            out.print(f"{total} recipe{'s' if total != 1 else ''} valid")
+            say(f"{total} recipe{'s' if total != 1 else ''} valid")
     if invalid:
         raise typer.Exit(1)
 

@@ -58,7 +58,7 @@ _REVISION = re.compile(r"^[A-Za-z0-9._/-]{1,255}$")
 class Strict(BaseModel):
     """Base for every recipe model: unknown keys are errors and nothing is coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, defer_build=True)
 
 
 class WeightFilter(Strict):
@@ -121,7 +121,7 @@ class MergeConfig(Strict):
 
     merge_method: str
     models: list[MergeModel]
-    parameters: MergeParameters = MergeParameters()
+    parameters: MergeParameters = Field(default_factory=MergeParameters)
     base_model: str | None = None
     dtype: Dtype | None = None
     out_dtype: Dtype | None = None
@@ -213,16 +213,16 @@ class WeightsSmoke(Strict):
 class SmokeConfig(Strict):
     """What `registry smoke` checks, with defaults that suit most models."""
 
-    short: ShortSmoke = ShortSmoke()
-    long: LongSmoke = LongSmoke()
-    parity: ParitySmoke = ParitySmoke()
-    weights: WeightsSmoke = WeightsSmoke()
+    short: ShortSmoke = Field(default_factory=ShortSmoke)
+    long: LongSmoke = Field(default_factory=LongSmoke)
+    parity: ParitySmoke = Field(default_factory=ParitySmoke)
+    weights: WeightsSmoke = Field(default_factory=WeightsSmoke)
 
 
 class PublishSpec(BaseModel):
     """`{target: NAME, ...options}`; the options are checked by the target's own model."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, defer_build=True)
 
     target: str
     _options: BaseModel | None = PrivateAttr(default=None)
@@ -246,7 +246,7 @@ class Recipe(Strict):
     tags: list[str] = []
     sources: dict[str, Source] = {}
     merge: MergeConfig
-    smoke: SmokeConfig = SmokeConfig()
+    smoke: SmokeConfig = Field(default_factory=SmokeConfig)
     publish: list[PublishSpec] = []
 
     _document: Document | None = PrivateAttr(default=None)
