@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import RecipeError, RegistryError, UsageError
-from .recipe import ModelRef, Recipe, load_recipe, parse_recipe
+from .recipe import ModelRef, Recipe, env_names, load_recipe, parse_recipe
 
 RECIPES_DIR = "recipes"
 EXAMPLES_DIR = "recipes/examples"
@@ -322,12 +322,16 @@ def assess(entry: ChangedRecipe, root: Path, max_source_bytes: int, hub_size: Hu
 
 
 def _local_weight_bytes(path: str, recipe_dir: Path) -> int | None:
-    """Bytes of a local source's safetensors files, when the folder is in the checkout (no ${VAR}, no ~)."""
-    if "${" in path or path.startswith("~"):
+    """Bytes of a local source's weight files, found as `registry plan` finds them; None when they are not at hand."""
+    from .sources import expand_local, weight_file_names
+
+    if any(not os.environ.get(name) for name in env_names(path)):
         return None
-    folder = (recipe_dir / path) if not Path(path).is_absolute() else Path(path)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    return sum(f.stat().st_size for f in files) if files else None
+    folder = expand_local(path, recipe_dir)
+    try:
+        return sum((folder / name).stat().st_size for name in weight_file_names(folder) if name.endswith(".safetensors"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def hub_weight_bytes(ref: ModelRef) -> int:

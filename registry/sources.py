@@ -364,11 +364,16 @@ def index_shards(index: Path) -> list[str]:
     return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
 
 
+def weight_file_names(path: Path) -> list[str]:
+    """The files that hold a checkpoint folder's weights: the shard index and the shards it lists, else model.safetensors."""
+    index = path / SHARD_INDEX
+    return [index.name, *index_shards(index)] if index.is_file() else ["model.safetensors"]
+
+
 def folder_content_sha256(path: Path) -> str | None:
     """The content sha256 `plan` pins for the checkpoint folder `path`; None when its weights cannot be read."""
-    index = path / SHARD_INDEX
     try:
-        names = [index.name, *index_shards(index)] if index.is_file() else ["model.safetensors"]
+        names = weight_file_names(path)
         digests = hash_files([path / name for name in names])
     except (OSError, ValueError, KeyError, TypeError):
         return None
