@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, frontmatter
 from .errors import CardError, UsageError
 from .hub_rules import LICENSES, repo_id_problem
 from .recipe import MergeInput, Recipe, parse_ref
@@ -511,14 +511,11 @@ def front_matter(text: str) -> dict[str, Any] | None:
     """The card's YAML metadata block, parsed; None when there is none."""
     import yaml
 
-    match = re.match(r"---\n(.*?\n)---\n", text, re.S)
-    if not match:
-        return None
     try:
-        data = yaml.safe_load(match.group(1))
+        data, _ = frontmatter.load(text)
     except yaml.YAMLError as exc:
         raise CardError(f"card metadata is not valid YAML: {str(exc).splitlines()[0]}", "fix the template's front matter") from None
-    return data if isinstance(data, dict) else None
+    return data
 
 
 def metadata_problems(meta: Mapping[str, Any]) -> list[str]:
@@ -660,7 +657,7 @@ def _unescaped(text: str) -> tuple[str, list[int]]:
 
 def _section_at(text: str, offset: int) -> str:
     before = text[:offset]
-    if before.startswith("---\n") and before.count("\n---\n") == 0:
+    if offset < frontmatter.end(text):
         return "front matter"
     headings = re.findall(r"^#{2,6} +(.+)$", before, re.M)
     return headings[-1].strip() if headings else "title"

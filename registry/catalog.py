@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import frontmatter
 from .errors import CatalogError, UsageError
 from .hub_rules import repo_id_problem
 from .templating import default_template_dir, template_dirs, template_loader
@@ -34,8 +34,6 @@ RECIPE_FILE = "recipe.yaml"
 # Written into every built site, so a rebuild may replace the folder and nothing else.
 MARKER = ".registry-catalog"
 SMOKE_STATES = ("passed", "failed", "not run")
-# Same front-matter block as huggingface_hub.repocard, so the catalog and the Hub agree on the metadata.
-_FRONT_MATTER = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 
 
 @dataclass
@@ -177,24 +175,18 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any] | None, str]:
-    """A card's YAML metadata (None when absent or not a mapping) and its Markdown body."""
+    """A card's YAML metadata (None when absent, not a mapping or not YAML) and its Markdown body."""
     import yaml
 
-    match = _FRONT_MATTER.match(text)
-    if not match:
-        return None, text
     try:
-        # libyaml when present: ten times faster, and a thousand cards are parsed per build.
-        data = yaml.load(match.group(2), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return frontmatter.load(text)
     except yaml.YAMLError:
-        data = None
-    return (data if isinstance(data, dict) else None), text[match.end():]
+        return None, frontmatter.split(text)[1]
 
 
 def card_body(text: str) -> str:
     """A card's Markdown without its front matter."""
-    match = _FRONT_MATTER.match(text)
-    return text[match.end():] if match else text
+    return frontmatter.split(text)[1]
 
 
 def _check_repo_id(repo_id: str, where: str) -> None:

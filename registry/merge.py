@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any, Self
 from . import __version__, registry_home
 from .errors import MergeError, RegistryError, UsageError
 from .files import sha256_file
-from .machine import WRITE_THREADS, check_resources, estimate_resources, output_dtype, pick_device, shard_size
-from .sources import PinnedSource, Plan, fetch
+from .machine import WRITE_THREADS, check_resources, estimate_resources, output_dtype, pick_device
+from .sources import Plan, fetch
 
 if TYPE_CHECKING:
     from rich.console import Console
