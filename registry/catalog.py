@@ -131,15 +131,17 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
 
     from huggingface_hub import HfApi
 
-    # Anything the client raises: HTTP errors, and its transport's own (refused connection, timeout,
-    # from an HTTP library that changes between huggingface_hub versions) once its retries are spent.
-    failures = Exception
+    from .hub_errors import describe
+
     api = api or HfApi()
     endpoint = str(api.endpoint).rstrip("/")
     try:
         infos = list(api.list_models(author=owner, filter="merge", full=True))
-    except failures as exc:
-        raise CatalogError(f"cannot list the models of {owner} on {endpoint}: {_one_line(exc)}", "check the name, your token and the network") from None
+    except Exception as exc:
+        found = describe(exc, owner, endpoint=endpoint)
+        if found is None:
+            raise
+        raise CatalogError(f"cannot list the models of {owner} on {endpoint}: {found.message}", "check the name, your token and the network") from None
 
     def fetch(info: Any) -> CatalogModel:
         files = {s.rfilename for s in info.siblings or []}
@@ -149,8 +151,11 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
                 return None
             try:
                 path = api.hf_hub_download(info.id, name, revision=info.sha)
-            except failures as exc:
-                raise CatalogError(f"cannot download {name} of {info.id} from {endpoint}: {_one_line(exc)}", "check your token and the network") from None
+            except Exception as exc:
+                found = describe(exc, info.id, info.sha, endpoint)
+                if found is None:
+                    raise
+                raise CatalogError(f"cannot download {name} of {info.id} from {endpoint}: {found.message}", "check your token and the network") from None
             return _read_text(Path(path))
 
         _check_repo_id(info.id, endpoint)

@@ -431,27 +431,19 @@ def _hub_api():
 
 
 def _hub_error(recipe: Recipe, src: PinnedSource, exc: BaseException) -> SourceError:
-    from huggingface_hub import constants, errors
+    from huggingface_hub import constants
+
+    from .hub_errors import describe
 
     where = f"{src.repo_id}@{src.requested_revision}" if src.requested_revision else src.repo_id
     name = f"source '{src.name}'"
-    if isinstance(exc, errors.OfflineModeIsEnabled):
-        return _error(recipe, src, f"{name}: HF_HUB_OFFLINE is set, so {where} cannot be pinned on the Hub; unset HF_HUB_OFFLINE or use a local path")
-    if isinstance(exc, errors.GatedRepoError):
-        return _error(recipe, src, f"{name}: {src.repo_id} is gated; accept its conditions on the Hub and set HF_TOKEN (or run `hf auth login`)")
-    if isinstance(exc, errors.RevisionNotFoundError):
-        return _error(recipe, src, f"{name}: revision '{src.requested_revision}' not found in {src.repo_id}; name an existing branch, tag or commit")
-    if isinstance(exc, errors.RepositoryNotFoundError):
-        return _error(recipe, src, f"{name}: {src.repo_id} not found on {constants.ENDPOINT} (a private repo needs HF_TOKEN or `hf auth login`)")
-    if isinstance(exc, errors.EntryNotFoundError):
-        return _error(recipe, src, f"{name}: {where} has no {getattr(exc, 'filename', None) or 'such file'}: {exc}")
-    if isinstance(exc, errors.HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else "?"
-        return _error(recipe, src, f"{name}: the Hub answered HTTP {status} for {where}; retry later, or check HF_ENDPOINT ({constants.ENDPOINT})")
-    kinds = {c.__name__ for c in type(exc).__mro__}
-    if kinds & {"TransportError", "RequestError", "ConnectionError", "TimeoutException", "OSError"}:
-        return _error(recipe, src, f"{name}: cannot reach the Hub at {constants.ENDPOINT} to pin {where} ({exc}); check the network, or use a local path")
-    return _error(recipe, src, f"{name}: pinning {where} failed: {type(exc).__name__}: {exc}")
+    failure = describe(exc, src.repo_id, src.requested_revision, constants.ENDPOINT)
+    if failure is None:
+        return _error(recipe, src, f"{name}: pinning {where} failed: {type(exc).__name__}: {exc}")
+    if failure.kind in ("gated", "no_repo", "no_revision", "no_file"):
+        return _error(recipe, src, f"{name}: {failure.message}")
+    instead = ", or use a local path" if failure.kind in ("offline", "transport", "busy") else ""
+    return _error(recipe, src, f"{name}: cannot pin {where}: {failure.message}{instead}")
 
 
 def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | None, update: bool) -> None:
