@@ -19,6 +19,7 @@ from typing import Any
 
 from . import __version__, frontmatter
 from .errors import CardError, UsageError
+from .files import replace_atomically
 from .hub_rules import LICENSES, repo_id_problem
 from .recipe import MergeInput, Recipe, parse_ref
 from .templating import template_loader
@@ -407,12 +408,9 @@ def write_card(
 ) -> str:
     """Render the card and write it to `path` (whole or not at all); returns the text."""
     text = render_card(recipe, provenance, smoke, template_dirs)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        replace_atomically(path, text.encode("utf-8"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CardError(f"{path}: cannot write the card: {exc.strerror or exc}", "check the folder exists and is writable") from None
     return text
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SourceError
-from .files import sha256_file
+from .files import replace_atomically, sha256_file
 from .machine import Estimate, check_resources as _check_resources, estimate_resources
 from .recipe import ModelRef, Recipe, WeightFilter, env_names, parse_ref
 from .yamldoc import Loc
@@ -704,9 +704,7 @@ class HashCache:
             return
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.entries, sort_keys=True))
-            os.replace(tmp, self.file)
+            replace_atomically(self.file, json.dumps(self.entries, sort_keys=True).encode("utf-8"))
         except OSError:
             pass
 
@@ -826,12 +824,9 @@ def write_lock(p: Plan) -> bool:
     if p.lock_path is None or not p.lock_changed:
         return False
     text = json.dumps(p.lock, indent=2, sort_keys=True) + "\n"
-    tmp = p.lock_path.with_name(f".{p.lock_path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p.lock_path)
+        replace_atomically(p.lock_path, text.encode("utf-8"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SourceError(f"{p.lock_path}: cannot write the lock file: {exc.strerror}") from None
     p.lock_changed = False
     return True

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from .. import registry_home
 from ..errors import PublishError
+from ..files import replace_atomically
 from ..hookspecs import hookimpl
 from . import Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
 
@@ -157,13 +158,7 @@ def _locked_index(home: Path) -> Iterator[dict[str, Any]]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         index = read_index(home)
         yield index
-        tmp = home / f".{INDEX}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(index, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, home / INDEX)
+        replace_atomically(home / INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"), durable=True)
 
 
 def versions(home: Path | None, repo_id: str) -> list[dict[str, Any]]:
