@@ -21,6 +21,7 @@ from . import __version__, frontmatter
 from .errors import CardError, UsageError
 from .files import replace_atomically
 from .hub_rules import LICENSES, repo_id_problem
+from .markdown import code, codeblock, md
 from .recipe import MergeInput, Recipe, parse_ref
 from .templating import template_loader
 
@@ -63,38 +64,7 @@ def _card_environment(template_dirs: tuple[str, ...]):
 
 
 # ---------------------------------------------------------------------------------------------
-# Markdown helpers (template filters): text from recipes and reports is data, shown as written
-
-
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~$&])")
-# What starts a list item or a setext underline when a line begins with it.
-_BLOCK_START = re.compile(r"^(?:[-+]|\d{1,9}[.)])(?=\s|$)|^=+\s*$")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def md(value: Any) -> str:
-    """One line of literal text: whitespace collapsed, Markdown punctuation escaped (safe in table cells)."""
-    text = _MD_SPECIAL.sub(r"\\\1", " ".join(_visible(value).split()))
-    if _BLOCK_START.match(text):
-        digits = len(text) - len(text.lstrip("0123456789"))
-        text = text[:digits] + "\\" + text[digits:]
-    return text
-
-
-def code(value: Any, table: bool = False) -> str:
-    """An inline code span holding `value` literally; `table=true` also escapes '|' for a table cell."""
-    text = " ".join(_visible(value).split())
-    ticks = "`" * (_longest_run(text, "`") + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    span = f"{ticks}{pad}{text}{pad}{ticks}"
-    return span.replace("|", "\\|") if table else span
-
-
-def codeblock(value: Any, lang: str = "") -> str:
-    """A fenced code block holding `value` literally, its fence longer than any backtick run inside."""
-    text = _visible(value, keep_newlines=True).rstrip("\n")
-    fence = "`" * max(3, _longest_run(text, "`") + 1)
-    return f"{fence}{lang}\n{text}\n{fence}"
+# Template filters (md, code and codeblock come from markdown.py): text from recipes and reports is data, shown as written
 
 
 def pystr(value: Any) -> str:
@@ -136,18 +106,6 @@ def human_percent(value: Any) -> str:
 def human_number(value: Any, digits: int = 3) -> str:
     """A float with `digits` decimals."""
     return f"{float(value):.{digits}f}"
-
-
-def _visible(value: Any, keep_newlines: bool = False) -> str:
-    text = str(value).replace("\r\n", "\n").replace("\r", "\n")
-    if not keep_newlines:
-        text = text.replace("\n", " ")
-    # Control characters would be invisible in the card or garble a terminal: show them as escapes.
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\t", "    "))
-
-
-def _longest_run(text: str, char: str) -> int:
-    return max((len(m) for m in re.findall(f"{re.escape(char)}+", text)), default=0)
 
 
 # ---------------------------------------------------------------------------------------------

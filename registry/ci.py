@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import RecipeError, RegistryError, UsageError
+from .markdown import cell, code, fenced, longest_run
 from .recipe import ModelRef, Recipe, env_names, load_recipe, parse_recipe
 
 RECIPES_DIR = "recipes"
@@ -426,32 +427,6 @@ def _yes(flag: bool) -> str:
 # Markdown helpers
 
 
-def code(text: str, table: bool = False) -> str:
-    """An inline code span holding `text` literally (longer backtick fence than any run inside)."""
-    text = " ".join(text.split())
-    ticks = "`" * (_longest_run(text, "`") + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    span = f"{ticks}{pad}{text}{pad}{ticks}"
-    return span.replace("|", "\\|") if table else span
-
-
-def cell(text: str) -> str:
-    """Plain text for a table cell: one line, '|' and HTML escaped."""
-    text = " ".join(text.split())
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|") or " "
-
-
-def fenced(text: str, info: str = "") -> str:
-    """`text` in a fenced code block whose fence no line inside can close."""
-    fence = "`" * max(3, _longest_run(text, "`") + 1)
-    body = text if text.endswith("\n") or not text else text + "\n"
-    return f"{fence}{info}\n{body}{fence}\n"
-
-
-def _longest_run(text: str, char: str) -> int:
-    return max((len(m) for m in re.findall(f"{re.escape(char)}+", text)), default=0)
-
-
 def utf8_len(text: str) -> int:
     """Length in UTF-8 bytes: never less than GitHub's count of characters or UTF-16 units."""
     return len(text.encode("utf-8"))
@@ -853,7 +828,7 @@ def _head(item: RecipeSummary, changes: Changes | None) -> str:
 def _card_block(item: RecipeSummary, preview: str) -> str:
     card = item.card or ""
     # The fence is sized for the whole card, so the space reserved for it holds for any cut of it.
-    fence = "`" * max(3, _longest_run(card, "`") + 1)
+    fence = "`" * max(3, longest_run(card, "`") + 1)
     body = preview if preview.endswith("\n") or not preview else preview + "\n"
     return (
         f"\n<details><summary>Card preview (README.md, {len(card):,} characters)</summary>\n\n"
