@@ -670,9 +670,6 @@ def _check_merge(recipe: Recipe, doc: Document, resolved: dict[str, ModelRef]):
 def _check_weights(recipe: Recipe, doc: Document):
     merge = recipe.merge
     normalize = merge.parameters.normalize
-    # Effective weight of each model per tensor filter: mergekit takes the first matching entry,
-    # and an entry without a filter applies to every tensor.
-    per_filter: dict[str | None, list[float | None]] = {}
     entries = [m.parameters.weight if m.parameters else None for m in merge.models]
     filters = {w.filter for weight in entries if isinstance(weight, list) for w in weight}
     for i, weight in enumerate(entries):
@@ -688,22 +685,27 @@ def _check_weights(recipe: Recipe, doc: Document):
             yield doc.problem(loc, _negative(weight))
     if not normalize or not entries or any(w is None or w == [] for w in entries):
         return
-    for key in sorted(filters | {None}, key=lambda f: (f is not None, f or "")):
-        values = [_effective(w, key) for w in entries]
-        per_filter[key] = values
+    # Tensor names are unknown here (validate reads no model), so each filter stands for the tensors it
+    # names: a name equal to the filter contains every filter that is part of it, as those tensors' names
+    # do. The empty name stands for tensors no filter names.
+    named = sorted(f for f in filters if f and f != "*")
+    for probe in ["", *named]:
+        values = [weight_for(w, probe) for w in entries]
         if all(v is not None for v in values) and sum(values) == 0:  # type: ignore[arg-type]
-            scope = "" if key is None else f" for tensors matching '{key}'"
+            scope = f" for tensors matching '{probe}'" if probe else ""
             yield doc.problem(
                 ("merge", "models"),
                 f"weights sum to 0{scope}; with normalize: true every merged tensor would be NaN",
             )
 
 
-def _effective(weight: float | list[WeightFilter] | None, key: str | None) -> float | None:
+def weight_for(weight: float | list[WeightFilter] | None, tensor: str) -> float | None:
+    """A model's weight for one tensor, resolved as mergekit resolves filters (config.evaluate_setting):
+    the first entry whose filter is absent, '*' or part of the tensor's name wins."""
     if weight is None or isinstance(weight, (int, float)):
         return weight
     for item in weight:
-        if item.filter is None or (key is not None and item.filter == key):
+        if item.filter is None or item.filter == "*" or (tensor and item.filter in tensor):
             return item.value
     return None
 

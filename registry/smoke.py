@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import RegistryError, SmokeError
 from .machine import memory_available, pick_device
-from .recipe import SmokeConfig, WeightFilter
+from .recipe import SmokeConfig, WeightFilter, weight_for
 from .sources import SHARD_INDEX, expand_local, folder_content_sha256
 
 if TYPE_CHECKING:
@@ -723,16 +723,6 @@ class _TensorFiles:
     def rows(self, name: str, start: int, stop: int) -> Any:
         sl = self.handle(name).get_slice(name)
         return sl[start:stop] if len(sl.get_shape()) else self.handle(name).get_tensor(name)
-
-
-def weight_for(weight: float | list[WeightFilter] | None, tensor: str) -> float | None:
-    """A source's weight for one tensor, resolving filters the way mergekit does (first match wins)."""
-    if weight is None or isinstance(weight, (int, float)):
-        return weight
-    for item in weight:
-        if item.filter is None or item.filter == "*" or item.filter in tensor:
-            return item.value
-    return None
 
 
 def check_weights(

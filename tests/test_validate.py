@@ -124,6 +124,14 @@ EXPECTED = {
     ],
     "55_too_large.yaml": ["1:1: file is 1,048,605 bytes; recipes are limited to 1 MiB"],
     "56_not_utf8.yaml": ["2:1: recipe is not UTF-8 text; save it as UTF-8"],
+    # mergekit matches a filter anywhere in a tensor's name and takes the first match: self_attn tensors
+    # get 0 from both models ('attn' is part of 'self_attn'); '*' listed first wins over 'mlp'.
+    "57_filter_substring_zero_sum.yaml": [
+        "5:5: merge.models: weights sum to 0 for tensors matching 'self_attn'; with normalize: true every merged tensor would be NaN"
+    ],
+    "58_filter_star_first_zero_sum.yaml": [
+        "5:5: merge.models: weights sum to 0 for tensors matching 'mlp'; with normalize: true every merged tensor would be NaN"
+    ],
 }
 
 
