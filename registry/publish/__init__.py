@@ -19,7 +19,7 @@ CARD_NAME = "README.md"
 class TargetOptions(BaseModel):
     """Base for a target's options in a recipe's `publish:` list: strict, unknown keys refused."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,14 @@ import json
 import os
 import random
 import time
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..errors import PublishError
 from ..hookspecs import hookimpl
-from ..hub_errors import ANSWERS, HubFailure, describe, is_transport_error
 from . import Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
+
+if TYPE_CHECKING:
+    from ..hub_errors import HubFailure
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 5
@@ -167,6 +169,8 @@ class HfTarget(Target):
                     f"{exc} ({cause}); nothing was committed", "run `registry publish` again; uploaded files are not re-sent"
                 ) from None
             except Exception as exc:  # a dropped connection: the commit may or may not have landed
+                from ..hub_errors import is_transport_error
+
                 if not is_transport_error(exc):
                     raise
                 if attempt == MAX_ATTEMPTS - 1:
@@ -245,6 +249,8 @@ class HfTarget(Target):
 
     def _retry(self, call: Callable[[], T], what: str, repo_id: str | None = None) -> T:
         """Run a Hub call, retrying 429, 5xx and dropped connections with backoff that honours Retry-After."""
+        from ..hub_errors import ANSWERS
+
         for attempt in range(MAX_ATTEMPTS):
             try:
                 return call()
@@ -258,6 +264,8 @@ class HfTarget(Target):
         raise AssertionError("unreachable")
 
     def _failure(self, exc: BaseException, repo_id: str | None, revision: str | None = None) -> HubFailure | None:
+        from ..hub_errors import describe
+
         return describe(exc, repo_id or "the repo", revision, os.environ.get("HF_ENDPOINT") or None)
 
     def _error(self, failure: HubFailure, what: str) -> PublishError:
