@@ -141,7 +141,8 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
         found = describe(exc, owner, endpoint=endpoint)
         if found is None:
             raise
-        raise CatalogError(f"cannot list the models of {owner} on {endpoint}: {found.message}", "check the name, your token and the network") from None
+        raise CatalogError(f"cannot list the models of {owner} on {endpoint}: {found.message}",
+                           "check the name, your token and the network") from None
 
     def fetch(info: Any) -> CatalogModel:
         files = {s.rfilename for s in info.siblings or []}
@@ -155,7 +156,8 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
                 found = describe(exc, info.id, info.sha, endpoint)
                 if found is None:
                     raise
-                raise CatalogError(f"cannot download {name} of {info.id} from {endpoint}: {found.message}", "check your token and the network") from None
+                raise CatalogError(f"cannot download {name} of {info.id} from {endpoint}: {found.message}",
+                                   "check your token and the network") from None
             return _read_text(Path(path))
 
         _check_repo_id(info.id, endpoint)

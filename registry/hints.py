@@ -30,7 +30,8 @@ def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
 def missing_target_message(name: str, available: list[str]) -> str:
     """One line saying a target is unknown, what provides it, or what exists instead."""
     if name in KNOWN_PROVIDERS:
-        return f"unknown publish target '{name}': it is provided by the plugin package '{KNOWN_PROVIDERS[name]}' (pip install {KNOWN_PROVIDERS[name]})"
+        package = KNOWN_PROVIDERS[name]
+        return f"unknown publish target '{name}': it is provided by the plugin package '{package}' (pip install {package})"
     hint = suggest(name, available)
     near = f" (did you mean '{hint}'?)" if hint else ""
     return f"unknown publish target '{name}'{near}; available: {', '.join(sorted(available))}"

@@ -6,6 +6,7 @@ read the same numbers the same way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -58,10 +59,9 @@ def memory_available(device: str = "cpu", root: Path = Path("/")) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     if not found and root == Path("/"):
-        try:  # no MemAvailable (old kernels, not Linux): free pages are a lower bound
+        # No MemAvailable (old kernels, not Linux): free pages are a lower bound.
+        with contextlib.suppress(OSError, ValueError):
             found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (OSError, ValueError):
-            pass
     cgroup = root / "sys/fs/cgroup"
     for limit_file, usage_file in (("memory.max", "memory.current"),
                                    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):

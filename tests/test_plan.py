@@ -402,7 +402,8 @@ def test_hub_errors_are_one_line_with_what_to_do(work: Path, hub_server, hub_api
     hub_server.inject(r"^GET /api/models/alice/tiny-a", "drop", times=10)
     with pytest.raises(SourceError) as err:
         plan(load_recipe(path))
-    assert str(err.value).startswith(f"{path}:5:12: sources.a.model: source 'a': cannot pin alice/tiny-a: the Hub at {hub_server.endpoint} cannot be reached (")
+    assert str(err.value).startswith(
+        f"{path}:5:12: sources.a.model: source 'a': cannot pin alice/tiny-a: the Hub at {hub_server.endpoint} cannot be reached (")
     assert str(err.value).endswith("); check the network, or use a local path")
 
 
