@@ -40,12 +40,9 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def memory_available(device: str = "cpu", root: Path = Path("/")) -> int | None:
-    """Bytes that can still be allocated: free GPU memory (plus the allocator's cache) on 'cuda'; else
-    MemAvailable, or the process's cgroup room (limit - usage) when that is smaller.
-
-    cgroup v2 (`memory.max` - `memory.current`) and v1 (`memory.limit_in_bytes` - `memory.usage_in_bytes`)
-    are read where a container mounts them; `root` is the filesystem root (a test passes a fake one).
-    """
+    """Bytes that can still be allocated: free GPU memory on 'cuda'; else MemAvailable or the cgroup's room, the smaller."""
+    # cgroup v2 (memory.max - memory.current) and v1 (memory.limit_in_bytes - memory.usage_in_bytes) are
+    # read where a container mounts them; `root` is the filesystem root (a test passes a fake one).
     if device == "cuda":
         import torch
 

@@ -382,10 +382,8 @@ def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 
 
 def load_recipe(path: str | Path, *, targets: dict[str, Any] | None = None) -> Recipe:
-    """Read, validate and return the recipe at `path`; raises RecipeError listing every problem.
-
-    `targets` (plugins.get_targets()) checks each `publish:` entry's options; without it they are left unchecked.
-    """
+    """Read, validate and return the recipe at `path`; raises RecipeError listing every problem."""
+    # `targets` (plugins.get_targets()) checks each publish: entry's options; without it they are left unchecked.
     doc = load_document(path)
     recipe = recipe_from_document(doc, targets=targets)
     recipe._path = Path(path)
@@ -700,8 +698,7 @@ def _check_weights(recipe: Recipe, doc: Document):
 
 
 def weight_for(weight: float | list[WeightFilter] | None, tensor: str) -> float | None:
-    """A model's weight for one tensor, resolved as mergekit resolves filters (config.evaluate_setting):
-    the first entry whose filter is absent, '*' or part of the tensor's name wins."""
+    """A model's weight for one tensor, as mergekit resolves filters: the first entry whose filter is absent, '*' or in the name."""
     if weight is None or isinstance(weight, (int, float)):
         return weight
     for item in weight:
