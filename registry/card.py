@@ -11,17 +11,17 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, frontmatter
 from .errors import CardError, UsageError
+from .files import replace_atomically
 from .hub_rules import LICENSES, repo_id_problem
 from .identity import smoke_identity
 from .leaks import find_leaks
+from .markdown import code, codeblock, md
 from .recipe import MergeInput, Recipe, parse_ref
 from .reports import PROVENANCE_FILE, SMOKE_FILE, Provenance, Smoke, read as read_report
 from .templating import template_loader
@@ -59,38 +59,7 @@ def _card_environment(template_dirs: tuple[str, ...]):
 
 
 # ---------------------------------------------------------------------------------------------
-# Markdown helpers (template filters): text from recipes and reports is data, shown as written
-
-
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~$&])")
-# What starts a list item or a setext underline when a line begins with it.
-_BLOCK_START = re.compile(r"^(?:[-+]|\d{1,9}[.)])(?=\s|$)|^=+\s*$")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def md(value: Any) -> str:
-    """One line of literal text: whitespace collapsed, Markdown punctuation escaped (safe in table cells)."""
-    text = _MD_SPECIAL.sub(r"\\\1", " ".join(_visible(value).split()))
-    if _BLOCK_START.match(text):
-        digits = len(text) - len(text.lstrip("0123456789"))
-        text = text[:digits] + "\\" + text[digits:]
-    return text
-
-
-def code(value: Any, table: bool = False) -> str:
-    """An inline code span holding `value` literally; `table=true` also escapes '|' for a table cell."""
-    text = " ".join(_visible(value).split())
-    ticks = "`" * (_longest_run(text, "`") + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    span = f"{ticks}{pad}{text}{pad}{ticks}"
-    return span.replace("|", "\\|") if table else span
-
-
-def codeblock(value: Any, lang: str = "") -> str:
-    """A fenced code block holding `value` literally, its fence longer than any backtick run inside."""
-    text = _visible(value, keep_newlines=True).rstrip("\n")
-    fence = "`" * max(3, _longest_run(text, "`") + 1)
-    return f"{fence}{lang}\n{text}\n{fence}"
+# Template filters (md, code and codeblock come from markdown.py): text from recipes and reports is data, shown as written
 
 
 def pystr(value: Any) -> str:
@@ -168,18 +137,6 @@ def _significant(value: float, digits: int = 2) -> str:
     if rounded and math.floor(math.log10(abs(rounded))) > exponent:
         decimals = max(0, decimals - 1)
     return f"{rounded:.{decimals}f}"
-
-
-def _visible(value: Any, keep_newlines: bool = False) -> str:
-    text = str(value).replace("\r\n", "\n").replace("\r", "\n")
-    if not keep_newlines:
-        text = text.replace("\n", " ")
-    # Control characters would be invisible in the card or garble a terminal: show them as escapes.
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\t", "    "))
-
-
-def _longest_run(text: str, char: str) -> int:
-    return max((len(m) for m in re.findall(f"{re.escape(char)}+", text)), default=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,12 +355,9 @@ def write_card(
 ) -> str:
     """Render the card and write it to `path` (whole or not at all); returns the text."""
     text = render_card(recipe, provenance, smoke, template_dirs)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        replace_atomically(path, text.encode("utf-8"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CardError(f"{path}: cannot write the card: {exc.strerror or exc}", "check the folder exists and is writable") from None
     return text
 
@@ -508,14 +462,11 @@ def front_matter(text: str) -> dict[str, Any] | None:
     """The card's YAML metadata block, parsed; None when there is none."""
     import yaml
 
-    match = re.match(r"---\n(.*?\n)---\n", text, re.S)
-    if not match:
-        return None
     try:
-        data = yaml.safe_load(match.group(1))
+        data, _ = frontmatter.load(text)
     except yaml.YAMLError as exc:
         raise CardError(f"card metadata is not valid YAML: {str(exc).splitlines()[0]}", "fix the template's front matter") from None
-    return data if isinstance(data, dict) else None
+    return data
 
 
 def metadata_problems(meta: Mapping[str, Any]) -> list[str]:

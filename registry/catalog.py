@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import frontmatter
 from .card import NUMBER_FILTERS, weight_text
 from .errors import CatalogError, OlderReportError, UsageError
 from .hub_rules import repo_id_problem
@@ -36,8 +36,6 @@ MARKER = ".registry-catalog"
 SMOKE_STATES = ("passed", "failed", "unknown", "not run")
 OLDER_REPORT_NOTE = "report written by an older registry; re-publish to refresh it"
 R = TypeVar("R", bound=Report)
-# Same front-matter block as huggingface_hub.repocard, so the catalog and the Hub agree on the metadata.
-_FRONT_MATTER = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 
 
 @dataclass
@@ -136,15 +134,18 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
 
     from huggingface_hub import HfApi
 
-    # Anything the client raises: HTTP errors, and its transport's own (refused connection, timeout,
-    # from an HTTP library that changes between huggingface_hub versions) once its retries are spent.
-    failures = Exception
+    from .hub_errors import describe
+
     api = api or HfApi()
     endpoint = str(api.endpoint).rstrip("/")
     try:
         infos = list(api.list_models(author=owner, filter="merge", full=True))
-    except failures as exc:
-        raise CatalogError(f"cannot list the models of {owner} on {endpoint}: {_one_line(exc)}", "check the name, your token and the network") from None
+    except Exception as exc:
+        found = describe(exc, owner, endpoint=endpoint)
+        if found is None:
+            raise
+        raise CatalogError(f"cannot list the models of {owner} on {endpoint}: {found.message}",
+                           "check the name, your token and the network") from None
 
     def fetch(info: Any) -> CatalogModel:
         files = {s.rfilename for s in info.siblings or []}
@@ -154,8 +155,12 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
                 return None
             try:
                 path = api.hf_hub_download(info.id, name, revision=info.sha)
-            except failures as exc:
-                raise CatalogError(f"cannot download {name} of {info.id} from {endpoint}: {_one_line(exc)}", "check your token and the network") from None
+            except Exception as exc:
+                found = describe(exc, info.id, info.sha, endpoint)
+                if found is None:
+                    raise
+                raise CatalogError(f"cannot download {name} of {info.id} from {endpoint}: {found.message}",
+                                   "check your token and the network") from None
             return _read_text(Path(path))
 
         _check_repo_id(info.id, endpoint)
@@ -201,24 +206,18 @@ def _current(older: list[str], read: Callable[..., R | None], kind: type[R], *ar
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any] | None, str]:
-    """A card's YAML metadata (None when absent or not a mapping) and its Markdown body."""
+    """A card's YAML metadata (None when absent, not a mapping or not YAML) and its Markdown body."""
     import yaml
 
-    match = _FRONT_MATTER.match(text)
-    if not match:
-        return None, text
     try:
-        # libyaml when present: ten times faster, and a thousand cards are parsed per build.
-        data = yaml.load(match.group(2), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return frontmatter.load(text)
     except yaml.YAMLError:
-        data = None
-    return (data if isinstance(data, dict) else None), text[match.end():]
+        return None, frontmatter.split(text)[1]
 
 
 def card_body(text: str) -> str:
     """A card's Markdown without its front matter."""
-    match = _FRONT_MATTER.match(text)
-    return text[match.end():] if match else text
+    return frontmatter.split(text)[1]
 
 
 def _check_repo_id(repo_id: str, where: str) -> None:

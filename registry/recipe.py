@@ -7,7 +7,6 @@ config file is accepted too and read as the `merge:` block of a recipe with defa
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -32,6 +31,7 @@ from pydantic import (
 )
 
 from .errors import Problem, RecipeError
+from .hints import missing_target_message, suggest
 from .hub_rules import LICENSES, repo_id_problem
 from .yamldoc import Document, Loc, load_document, parse_document
 
@@ -45,13 +45,6 @@ KNOWN_METHODS = (
 DTYPES = ("float32", "float16", "bfloat16")
 # Weights beyond this are a typo or an attack, not a mixing ratio; it keeps sums finite in float32.
 MAX_WEIGHT = 1e6
-# Words people reach for that difflib would not match to what we call them.
-SYNONYMS = {
-    "alpha": "weight", "weights": "weight", "normalise": "normalize", "normalized": "normalize",
-    "fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
-    "float": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16",
-    "torch.float32": "float32", "method": "merge_method",
-}
 DEFAULT_SHORT_PROMPT = "What is 17 * 24? Think step by step."
 # The needle-in-a-haystack strings (RULER-style pass key); the toy model in tests/fixtures/toy was trained on them.
 DEFAULT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -68,7 +61,7 @@ _REVISION = re.compile(r"[A-Za-z0-9._/-]{1,255}")
 class Strict(BaseModel):
     """Base for every recipe model: unknown keys are errors and nothing is coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, defer_build=True)
 
 
 class WeightFilter(Strict):
@@ -131,7 +124,7 @@ class MergeConfig(Strict):
 
     merge_method: str
     models: list[MergeModel]
-    parameters: MergeParameters = MergeParameters()
+    parameters: MergeParameters = Field(default_factory=MergeParameters)
     base_model: str | None = None
     dtype: Dtype | None = None
     out_dtype: Dtype | None = None
@@ -231,16 +224,16 @@ class WeightsSmoke(Strict):
 class SmokeConfig(Strict):
     """What `registry smoke` checks, with defaults that suit most models."""
 
-    short: ShortSmoke = ShortSmoke()
-    long: LongSmoke = LongSmoke()
-    parity: ParitySmoke = ParitySmoke()
-    weights: WeightsSmoke = WeightsSmoke()
+    short: ShortSmoke = Field(default_factory=ShortSmoke)
+    long: LongSmoke = Field(default_factory=LongSmoke)
+    parity: ParitySmoke = Field(default_factory=ParitySmoke)
+    weights: WeightsSmoke = Field(default_factory=WeightsSmoke)
 
 
 class PublishSpec(BaseModel):
     """`{target: NAME, ...options}`; the options are checked by the target's own model."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, defer_build=True)
 
     target: str
     _options: BaseModel | None = PrivateAttr(default=None)
@@ -248,7 +241,7 @@ class PublishSpec(BaseModel):
     @property
     def options(self) -> BaseModel:
         """The options, validated by the target's own pydantic model."""
-        assert self._options is not None, "options are validated when the recipe is loaded"
+        assert self._options is not None, "options are validated when the recipe is loaded with targets="
         return self._options
 
 
@@ -266,7 +259,7 @@ class Recipe(Strict):
     tags: list[str] = []
     sources: dict[str, Source] = {}
     merge: MergeConfig
-    smoke: SmokeConfig = SmokeConfig()
+    smoke: SmokeConfig = Field(default_factory=SmokeConfig)
     publish: list[PublishSpec] = []
 
     _document: Document | None = PrivateAttr(default=None)
@@ -392,14 +385,6 @@ def env_names(text: str) -> list[str]:
     return _ENV_REF.findall(text)
 
 
-def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
-    """The closest of `choices` to `word` (or a known synonym), if any is close."""
-    if word in SYNONYMS and SYNONYMS[word] in choices:
-        return SYNONYMS[word]
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
 def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     hint = suggest(word, choices)
     return f" (did you mean '{hint}'?)" if hint else ""
@@ -411,6 +396,7 @@ def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 
 def load_recipe(path: str | Path, *, targets: dict[str, Any] | None = None) -> Recipe:
     """Read, validate and return the recipe at `path`; raises RecipeError listing every problem."""
+    # `targets` (plugins.get_targets()) checks each publish: entry's options; without it they are left unchecked.
     doc = load_document(path)
     recipe = recipe_from_document(doc, targets=targets)
     recipe._path = Path(path)
@@ -695,8 +681,6 @@ def _check_merge(recipe: Recipe, doc: Document, resolved: dict[str, ModelRef]):
 def _check_weights(recipe: Recipe, doc: Document):
     merge = recipe.merge
     normalize = merge.parameters.normalize
-    # Effective weight of each model per tensor filter: mergekit takes the first matching entry,
-    # and an entry without a filter applies to every tensor.
     entries = [m.parameters.weight if m.parameters else None for m in merge.models]
     filters = {w.filter for weight in entries if isinstance(weight, list) for w in weight}
     too_large = False
@@ -719,11 +703,15 @@ def _check_weights(recipe: Recipe, doc: Document):
             yield doc.problem(loc, _negative(weight))
     if too_large or not normalize or not entries or any(w is None or w == [] for w in entries):
         return
-    for key in sorted(filters | {None}, key=lambda f: (f is not None, f or "")):
-        values = [_effective(w, key) for w in entries]
+    # Tensor names are unknown here (validate reads no model), so each filter stands for the tensors it
+    # names: a name equal to the filter contains every filter that is part of it, as those tensors' names
+    # do. The empty name stands for tensors no filter names.
+    named = sorted(f for f in filters if f and f != "*")
+    for probe in ["", *named]:
+        values = [weight_for(w, probe) for w in entries]
         if any(v is None for v in values):
             continue
-        scope = "" if key is None else f" for tensors matching '{key}'"
+        scope = f" for tensors matching '{probe}'" if probe else ""
         total = sum(values)  # type: ignore[arg-type]
         if total == 0:
             yield doc.problem(
@@ -738,11 +726,12 @@ def _check_weights(recipe: Recipe, doc: Document):
             )
 
 
-def _effective(weight: float | list[WeightFilter] | None, key: str | None) -> float | None:
+def weight_for(weight: float | list[WeightFilter] | None, tensor: str) -> float | None:
+    """A model's weight for one tensor, as mergekit resolves filters: the first entry whose filter is absent, '*' or in the name."""
     if weight is None or isinstance(weight, (int, float)):
         return weight
     for item in weight:
-        if item.filter is None or (key is not None and item.filter == key):
+        if item.filter is None or item.filter == "*" or (tensor and item.filter in tensor):
             return item.value
     return None
 
@@ -771,17 +760,12 @@ def _negative(value: float) -> str:
 
 
 def _check_publish(recipe: Recipe, doc: Document, targets: dict[str, Any] | None):
-    if not recipe.publish:
+    # Without targets (the caller passes plugins.get_targets()), publish entries are left unchecked.
+    if not recipe.publish or targets is None:
         return
-    if targets is None:
-        from .plugins import get_targets
-
-        targets = get_targets()
     for i, spec in enumerate(recipe.publish):
         target = targets.get(spec.target)
         if target is None:
-            from .plugins import missing_target_message
-
             yield doc.problem(("publish", i, "target"), missing_target_message(spec.target, list(targets)))
             continue
         try:
@@ -790,13 +774,11 @@ def _check_publish(recipe: Recipe, doc: Document, targets: dict[str, Any] | None
             yield from _problems_from_validation(exc, doc, target.Options, ("publish", i))
 
 
-def json_schema() -> dict[str, Any]:
-    """The recipe's JSON Schema, with each publish target's own options."""
-    from .plugins import get_targets
-
+def json_schema(targets: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's JSON Schema, with each publish target's own options (`targets`: plugins.get_targets())."""
     schema = Recipe.model_json_schema()
     variants = []
-    for name, target in sorted(get_targets().items()):
+    for name, target in sorted(targets.items()):
         sub = target.Options.model_json_schema()
         sub.setdefault("properties", {})["target"] = {"const": name}
         sub["required"] = ["target", *sub.get("required", [])]

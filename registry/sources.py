@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SourceError
+from .files import replace_atomically, sha256_file
+from .machine import Estimate, check_resources as _check_resources, estimate_resources
 from .recipe import ModelRef, Recipe, WeightFilter, env_names, parse_ref
 from .yamldoc import Loc
 
@@ -62,7 +64,6 @@ ANCESTRY_SAMPLE_BYTES = 4 << 20
 # A safetensors header beyond this is corrupt, not large: real ones are a few hundred KB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _HEX40 = re.compile(r"[0-9a-f]{40}")
-_HASH_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -150,19 +151,6 @@ class Check:
     name: str
     status: Literal["passed", "warning", "failed"]
     message: str
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """What the merge needs and what the machine has, in bytes (None: unknown)."""
-
-    output_bytes: int
-    disk_free_bytes: int | None
-    memory_bytes: int
-    memory_available_bytes: int | None
-    largest_tensor: str
-    out: str
-    shard_bytes: int
 
 
 @dataclass
@@ -266,13 +254,12 @@ def plan(
 
     estimate = None
     if out is not None or check_resources:
-        from .merge import check_resources as _check
-        from .merge import build_root, estimate_resources
+        from . import build_root
 
         # Before the pins are known the build folder is not named yet; its filesystem is the build root's.
         estimate = estimate_resources(recipe, sources, donor, out or build_root(), device)
         if check_resources:
-            _check(estimate)
+            _check_resources(estimate)
 
     _hash_local_sources([s for s in sources if s.kind == "local"], on_hash)
     checks.extend(_lock_checks(recipe, sources, old_entries, update))
@@ -473,11 +460,16 @@ def index_shards(index: Path) -> list[str]:
     return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
 
 
+def weight_file_names(path: Path) -> list[str]:
+    """The files that hold a checkpoint folder's weights: the shard index and the shards it lists, else model.safetensors."""
+    index = path / SHARD_INDEX
+    return [index.name, *index_shards(index)] if index.is_file() else ["model.safetensors"]
+
+
 def folder_content_sha256(path: Path) -> str | None:
     """The content sha256 `plan` pins for the checkpoint folder `path`; None when its weights cannot be read."""
-    index = path / SHARD_INDEX
     try:
-        names = [index.name, *index_shards(index)] if index.is_file() else ["model.safetensors"]
+        names = weight_file_names(path)
         digests = hash_files([path / name for name in names])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -588,27 +580,19 @@ def _hub_api():
 
 
 def _hub_error(recipe: Recipe, src: PinnedSource, exc: BaseException) -> SourceError:
-    from huggingface_hub import constants, errors
+    from huggingface_hub import constants
+
+    from .hub_errors import describe
 
     where = f"{src.repo_id}@{src.requested_revision}" if src.requested_revision else src.repo_id
     name = f"source '{src.name}'"
-    if isinstance(exc, errors.OfflineModeIsEnabled):
-        return _error(recipe, src, f"{name}: HF_HUB_OFFLINE is set, so {where} cannot be pinned on the Hub; unset HF_HUB_OFFLINE or use a local path")
-    if isinstance(exc, errors.GatedRepoError):
-        return _error(recipe, src, f"{name}: {src.repo_id} is gated; accept its conditions on the Hub and set HF_TOKEN (or run `hf auth login`)")
-    if isinstance(exc, errors.RevisionNotFoundError):
-        return _error(recipe, src, f"{name}: revision '{src.requested_revision}' not found in {src.repo_id}; name an existing branch, tag or commit")
-    if isinstance(exc, errors.RepositoryNotFoundError):
-        return _error(recipe, src, f"{name}: {src.repo_id} not found on {constants.ENDPOINT} (a private repo needs HF_TOKEN or `hf auth login`)")
-    if isinstance(exc, errors.EntryNotFoundError):
-        return _error(recipe, src, f"{name}: {where} has no {getattr(exc, 'filename', None) or 'such file'}: {exc}")
-    if isinstance(exc, errors.HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else "?"
-        return _error(recipe, src, f"{name}: the Hub answered HTTP {status} for {where}; retry later, or check HF_ENDPOINT ({constants.ENDPOINT})")
-    kinds = {c.__name__ for c in type(exc).__mro__}
-    if kinds & {"TransportError", "RequestError", "ConnectionError", "TimeoutException", "OSError"}:
-        return _error(recipe, src, f"{name}: cannot reach the Hub at {constants.ENDPOINT} to pin {where} ({exc}); check the network, or use a local path")
-    return _error(recipe, src, f"{name}: pinning {where} failed: {type(exc).__name__}: {exc}")
+    failure = describe(exc, src.repo_id, src.requested_revision, constants.ENDPOINT)
+    if failure is None:
+        return _error(recipe, src, f"{name}: pinning {where} failed: {type(exc).__name__}: {exc}")
+    if failure.kind in ("gated", "no_repo", "no_revision", "no_file"):
+        return _error(recipe, src, f"{name}: {failure.message}")
+    instead = ", or use a local path" if failure.kind in ("offline", "transport", "busy") else ""
+    return _error(recipe, src, f"{name}: cannot pin {where}: {failure.message}{instead}")
 
 
 def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | None, update: bool) -> None:
@@ -927,17 +911,6 @@ def content_sha256(files: dict[str, str]) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's content."""
-    h = hashlib.sha256()
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def cache_dir() -> Path:
     """Where registry keeps caches: $REGISTRY_HOME/cache, else $XDG_CACHE_HOME/registry or ~/.cache/registry."""
     if os.environ.get("REGISTRY_HOME"):
@@ -986,9 +959,7 @@ class HashCache:
             return
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.entries, sort_keys=True))
-            os.replace(tmp, self.file)
+            replace_atomically(self.file, json.dumps(self.entries, sort_keys=True).encode("utf-8"))
         except OSError:
             pass
 
@@ -1108,12 +1079,9 @@ def write_lock(p: Plan) -> bool:
     if p.lock_path is None or not p.lock_changed:
         return False
     text = json.dumps(p.lock, indent=2, sort_keys=True) + "\n"
-    tmp = p.lock_path.with_name(f".{p.lock_path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p.lock_path)
+        replace_atomically(p.lock_path, text.encode("utf-8"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SourceError(f"{p.lock_path}: cannot write the lock file: {exc.strerror}") from None
     p.lock_changed = False
     return True

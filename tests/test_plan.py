@@ -14,7 +14,7 @@ import pytest
 from models import build_family, copy_non_weights, edit_json, fine_tune, rewrite_tensors
 
 from registry.errors import MergeError, SourceError
-from registry.merge import check_resources, estimate_resources
+from registry.machine import check_resources, estimate_resources
 from registry.recipe import load_recipe
 from registry.sources import (
     FileInfo,
@@ -640,15 +640,16 @@ def test_hub_errors_are_one_line_with_what_to_do(work: Path, hub_server, hub_api
     with pytest.raises(SourceError) as err:
         plan(load_recipe(path))
     assert str(err.value) == (
-        f"{path}:5:12: sources.a.model: source 'a': HF_HUB_OFFLINE is set, so alice/tiny-a cannot be pinned on the Hub; "
-        "unset HF_HUB_OFFLINE or use a local path"
+        f"{path}:5:12: sources.a.model: source 'a': cannot pin alice/tiny-a: HF_HUB_OFFLINE is set, so the Hub cannot be asked; "
+        "unset HF_HUB_OFFLINE, or use a local path"
     )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
     hub_server.inject(r"^GET /api/models/alice/tiny-a", "drop", times=10)
     with pytest.raises(SourceError) as err:
         plan(load_recipe(path))
-    assert str(err.value).startswith(f"{path}:5:12: sources.a.model: source 'a': cannot reach the Hub at {hub_server.endpoint} to pin alice/tiny-a (")
+    assert str(err.value).startswith(
+        f"{path}:5:12: sources.a.model: source 'a': cannot pin alice/tiny-a: the Hub at {hub_server.endpoint} cannot be reached (")
     assert str(err.value).endswith("); check the network, or use a local path")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from models import TinyConfig, build_family
 from registry import reports
-from registry.smoke_checks import BUILTIN_CHECKS
+from registry.smoke_checks import builtin_checks
 from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, LIMITED_TOKENS, ORG_WRITERS, hub_client
 
 RECIPE = """\
@@ -359,6 +359,6 @@ def test_a_source_changed_between_the_merge_and_the_smoke_test_fails_the_publish
     assert saved.checks[0].details["changed"] == ["cos"]
     # `registry smoke` on its own still reports what it could not check, as a skip with the reason.
     [weights] = run_smoke(build, load_recipe(recipe), device="cpu", write=False,
-                          checks=[c for c in BUILTIN_CHECKS if c.name == "weights"]).checks
+                          checks=[c for c in builtin_checks() if c.name == "weights"]).checks
     assert (weights.status, weights.reason) == (
         "skipped", "source 'cos' is not at hand: its weights changed since the merge (their sha256 is not the one in provenance.json)")

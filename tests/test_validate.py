@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from registry.errors import RecipeError
+from registry.plugins import get_targets
 from registry.recipe import Recipe, json_schema, load_recipe, parse_recipe
 
 HERE = Path(__file__).parent
@@ -138,12 +139,20 @@ EXPECTED = {
         "with normalize: true every merged tensor would be NaN; scale the weights up"
     ],
     "60_allow_unrelated_not_bool.yaml": ["2:18: allow_unrelated: allow_unrelated must be true or false, got 'yes'"],
+    # mergekit matches a filter anywhere in a tensor's name and takes the first match: self_attn tensors
+    # get 0 from both models ('attn' is part of 'self_attn'); '*' listed first wins over 'mlp'.
+    "61_filter_substring_zero_sum.yaml": [
+        "5:5: merge.models: weights sum to 0 for tensors matching 'self_attn'; with normalize: true every merged tensor would be NaN"
+    ],
+    "62_filter_star_first_zero_sum.yaml": [
+        "5:5: merge.models: weights sum to 0 for tensors matching 'mlp'; with normalize: true every merged tensor would be NaN"
+    ],
 }
 
 
 def problems_of(path: Path) -> list[str]:
     with pytest.raises(RecipeError) as info:
-        load_recipe(path)
+        load_recipe(path, targets=get_targets())
     for p in info.value.problems:
         assert p.file == str(path)
     return [f"{p.line}:{p.col}: {p.loc + ': ' if p.loc else ''}{p.message}" for p in info.value.problems]
@@ -198,12 +207,12 @@ def test_a_trailing_newline_is_refused_in_every_id(field, expected):
 
 @pytest.mark.parametrize("path", sorted(VALID.glob("*.yaml")), ids=lambda p: p.name)
 def test_real_world_configs_validate(path):
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, targets=get_targets())
     assert len(recipe.merge.models) >= 2
 
 
 def test_shipped_recipes_validate():
-    ref = load_recipe(ROOT / "recipes" / "cos_fmt.yaml")
+    ref = load_recipe(ROOT / "recipes" / "cos_fmt.yaml", targets=get_targets())
     assert ref.repo_id == "Zachary1150/merge_linear_cos0.3fmt0.7_MRL4096_ROLLOUT4_LR1e-6"
     assert [(i.name, i.weight, i.ref.kind) for i in ref.inputs()] == [("cos", 0.3, "local"), ("fmt", 0.7, "local")]
     assert ref.merge.parameters.normalize is True
@@ -211,7 +220,7 @@ def test_shipped_recipes_validate():
     assert ref.smoke.long.context_tokens == 131072
     assert ref.ancestor == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
     for path in (ROOT / "recipes" / "examples").glob("*.yaml"):
-        load_recipe(path)
+        load_recipe(path, targets=get_targets())
 
 
 def test_mergekit_config_is_read_as_recipe():
@@ -235,7 +244,7 @@ def test_windows_and_home_paths_are_local():
 
 
 def test_aliases_resolve_with_revisions_and_options():
-    recipe = load_recipe(VALID / "recipe_hub_sources.yaml")
+    recipe = load_recipe(VALID / "recipe_hub_sources.yaml", targets=get_targets())
     assert [str(i.ref) for i in recipe.inputs()] == [
         "Qwen/Qwen2.5-Math-1.5B@4a83ca6e4526a4f2da3aa259ec36c259f66b2ab2",
         "Qwen/Qwen2.5-Coder-1.5B@v1.0",
@@ -256,7 +265,7 @@ def test_sha256_ignores_formatting_and_publish_settings():
 
 
 def test_json_schema_knows_targets_and_forbids_unknown_keys():
-    schema = json_schema()
+    schema = json_schema(get_targets())
     assert schema["additionalProperties"] is False
     targets = {v["properties"]["target"]["const"] for v in schema["properties"]["publish"]["items"]["anyOf"]}
     assert targets == {"hf", "local"}
@@ -400,7 +409,9 @@ def test_validate_imports_no_heavy_library():
         "import sys\n"
         "from registry.cli import main\n"
         "try:\n    main(['validate', 'recipes'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'mergekit', 'huggingface_hub', 'safetensors') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'mergekit', 'huggingface_hub', 'safetensors',\n"
+        "                           'registry.smoke', 'registry.sources', 'rich') if m in sys.modules)\n"
+        "assert 'registry.publish.hf' in sys.modules  # the plugins were loaded, so the check above means something\n"
         "print('HEAVY', heavy)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)

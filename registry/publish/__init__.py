@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import PublishError
+from ..files import sha256_file
 from ..leaks import scan_file
-from ..sources import sha256_file
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -23,7 +23,7 @@ CARD_NAME = "README.md"
 class TargetOptions(BaseModel):
     """Base for a target's options in a recipe's `publish:` list: strict, unknown keys refused."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
 
 
 @dataclass(frozen=True)
