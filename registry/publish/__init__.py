@@ -52,10 +52,10 @@ class Bundle:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """The card's front matter, parsed."""
-        from ..card import front_matter
+        """The card's front matter, parsed (the card was checked when it was rendered)."""
+        from ..frontmatter import load
 
-        return front_matter(self.card) or {}
+        return load(self.card)[0] or {}
 
     @property
     def short_sha(self) -> str:
