@@ -132,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from registry.merge import WRITE_THREADS, shard_size
+    from registry.machine import WRITE_THREADS, shard_size
 
     a, b = build_pair(args.cache / "qwen2-380m")
     work = args.cache / "work"

@@ -9,3 +9,8 @@ def registry_home():
     from pathlib import Path
 
     return Path(os.environ.get("REGISTRY_HOME") or ".registry").expanduser().absolute()
+
+
+def build_root():
+    """Where merges go by default: `<registry home>/build`, one folder per merge identity."""
+    return registry_home() / "build"

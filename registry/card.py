@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import re
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, frontmatter
 from .errors import CardError, UsageError
+from .files import replace_atomically
 from .hub_rules import LICENSES, repo_id_problem
 from .identity import smoke_identity
 from .leaks import find_leaks
+from .markdown import code, codeblock, md
 from .recipe import MergeInput, Recipe, parse_ref
 from .reports import PROVENANCE_FILE, SMOKE_FILE, Provenance, Smoke, read as read_report
 from .templating import template_loader
@@ -53,46 +54,12 @@ def _card_environment(template_dirs: tuple[str, ...]):
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters.update(
-        md=md, code=code, codeblock=codeblock, pystr=pystr,
-        size=human_size, seconds=human_seconds, count=human_count, percent=human_percent, number=human_number,
-    )
+    env.filters.update(md=md, code=code, codeblock=codeblock, pystr=pystr, **NUMBER_FILTERS)
     return env
 
 
 # ---------------------------------------------------------------------------------------------
-# Markdown helpers (template filters): text from recipes and reports is data, shown as written
-
-
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~$&])")
-# What starts a list item or a setext underline when a line begins with it.
-_BLOCK_START = re.compile(r"^(?:[-+]|\d{1,9}[.)])(?=\s|$)|^=+\s*$")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def md(value: Any) -> str:
-    """One line of literal text: whitespace collapsed, Markdown punctuation escaped (safe in table cells)."""
-    text = _MD_SPECIAL.sub(r"\\\1", " ".join(_visible(value).split()))
-    if _BLOCK_START.match(text):
-        digits = len(text) - len(text.lstrip("0123456789"))
-        text = text[:digits] + "\\" + text[digits:]
-    return text
-
-
-def code(value: Any, table: bool = False) -> str:
-    """An inline code span holding `value` literally; `table=true` also escapes '|' for a table cell."""
-    text = " ".join(_visible(value).split())
-    ticks = "`" * (_longest_run(text, "`") + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    span = f"{ticks}{pad}{text}{pad}{ticks}"
-    return span.replace("|", "\\|") if table else span
-
-
-def codeblock(value: Any, lang: str = "") -> str:
-    """A fenced code block holding `value` literally, its fence longer than any backtick run inside."""
-    text = _visible(value, keep_newlines=True).rstrip("\n")
-    fence = "`" * max(3, _longest_run(text, "`") + 1)
-    return f"{fence}{lang}\n{text}\n{fence}"
+# Template filters (md, code and codeblock come from markdown.py): text from recipes and reports is data, shown as written
 
 
 def pystr(value: Any) -> str:
@@ -101,24 +68,30 @@ def pystr(value: Any) -> str:
 
 
 def human_size(value: Any) -> str:
-    """Bytes in binary units: 3.31 GiB."""
+    """Bytes in binary units, to three significant digits: 512 B, 121 KiB, 3.47 GiB."""
     size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.2f} {unit}"
+    if not math.isfinite(size) or abs(size) < 1024:
+        return f"{size:.0f} B" if math.isfinite(size) else "n/a"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         size /= 1024
+        # Decided on the rounded value, so 1023.9 KiB reads 1.00 MiB rather than 1020 KiB.
+        if abs(float(_significant(size, 3))) < 1024 or unit == "TiB":
+            return f"{_significant(size, 3)} {unit}"
     raise AssertionError("unreachable")
 
 
 def human_seconds(value: Any) -> str:
-    """Seconds, to the precision a reader needs: 0.41 s, 12.3 s, 4 min 05 s."""
+    """A duration to two significant digits, in the unit a reader expects: 0.43 s, 12 s, 1.3 min, 2.5 h."""
     seconds = float(value)
-    if seconds < 10:
-        return f"{seconds:.2f} s"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s"
+    if not math.isfinite(seconds):
+        return "n/a"
+    if abs(float(_significant(seconds))) < 60:
+        return f"{_significant(seconds)} s"
+    # At least 1.0 in the larger unit: 59.7 s rounds up to 60 s, which reads 1.0 min.
+    minutes = max(seconds / 60, 1.0)
+    if float(_significant(minutes)) < 60:
+        return f"{_significant(minutes)} min"
+    return f"{_significant(max(seconds / 3600, 1.0))} h"
 
 
 def human_count(value: Any) -> str:
@@ -127,25 +100,43 @@ def human_count(value: Any) -> str:
 
 
 def human_percent(value: Any) -> str:
-    """A fraction as a percentage: 0.5 -> 50%."""
-    return f"{float(value) * 100:g}%"
+    """A fraction as a percentage to three significant digits: 0.5 -> 50%, 1/3 -> 33.3%."""
+    percent = float(value) * 100
+    return f"{percent:.3g}%" if abs(percent) < 1000 else f"{percent:.0f}%"
 
 
 def human_number(value: Any, digits: int = 3) -> str:
-    """A float with `digits` decimals."""
+    """A float with `digits` decimals (an NLL: 1.873)."""
     return f"{float(value):.{digits}f}"
 
 
-def _visible(value: Any, keep_newlines: bool = False) -> str:
-    text = str(value).replace("\r\n", "\n").replace("\r", "\n")
-    if not keep_newlines:
-        text = text.replace("\n", " ")
-    # Control characters would be invisible in the card or garble a terminal: show them as escapes.
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\t", "    "))
+def weight_text(weight: Any) -> str:
+    """A merge weight as the recipe wrote it: 0.3, or per-tensor '0.5 for mlp; 0.7 otherwise'."""
+    if weight is None:
+        return "none"
+    if not isinstance(weight, list):
+        return f"{weight:g}"
+    return "; ".join(f"{w.value:g} for {w.filter}" if w.filter else f"{w.value:g} otherwise" for w in weight)
 
 
-def _longest_run(text: str, char: str) -> int:
-    return max((len(m) for m in re.findall(f"{re.escape(char)}+", text)), default=0)
+# The filters that show numbers: the card's and the catalog's environments both register these.
+NUMBER_FILTERS = {
+    "size": human_size, "seconds": human_seconds, "count": human_count, "percent": human_percent,
+    "number": human_number, "weight": weight_text,
+}
+
+
+def _significant(value: float, digits: int = 2) -> str:
+    """`value` rounded to `digits` significant digits, written without an exponent: 0.0043, 4.3, 43, 430."""
+    if value == 0:
+        return "0"
+    exponent = math.floor(math.log10(abs(value)))
+    decimals = max(0, digits - 1 - exponent)
+    rounded = round(value, decimals)
+    # Rounding can carry into a new leading digit (9.96 -> 10.0), which then needs one decimal less.
+    if rounded and math.floor(math.log10(abs(rounded))) > exponent:
+        decimals = max(0, decimals - 1)
+    return f"{rounded:.{decimals}f}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +247,7 @@ def _source_context(item: MergeInput, provenance: Provenance | None) -> dict[str
         "hub_id": hub_id,
         "content_sha256": pinned.content_sha256 if pinned and item.ref.kind == "local" else None,
         "weight": _plain_weight(item.weight),
-        "weight_text": _weight_text(item.weight),
+        "weight_text": weight_text(item.weight),
     }
 
 
@@ -264,15 +255,6 @@ def _plain_weight(weight: Any) -> Any:
     if isinstance(weight, list):
         return [{"filter": w.filter, "value": w.value} for w in weight]
     return weight
-
-
-def _weight_text(weight: Any) -> str:
-    if weight is None:
-        return "none"
-    if not isinstance(weight, list):
-        return f"{weight:g}"
-    parts = [f"{w.value:g} for {w.filter}" if w.filter else f"{w.value:g} otherwise" for w in weight]
-    return "; ".join(parts)
 
 
 def _config_donor(recipe: Recipe, provenance: Provenance | None, names: Mapping[str, str]) -> str | None:
@@ -373,12 +355,9 @@ def write_card(
 ) -> str:
     """Render the card and write it to `path` (whole or not at all); returns the text."""
     text = render_card(recipe, provenance, smoke, template_dirs)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        replace_atomically(path, text.encode("utf-8"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CardError(f"{path}: cannot write the card: {exc.strerror or exc}", "check the folder exists and is writable") from None
     return text
 
@@ -483,14 +462,11 @@ def front_matter(text: str) -> dict[str, Any] | None:
     """The card's YAML metadata block, parsed; None when there is none."""
     import yaml
 
-    match = re.match(r"---\n(.*?\n)---\n", text, re.S)
-    if not match:
-        return None
     try:
-        data = yaml.safe_load(match.group(1))
+        data, _ = frontmatter.load(text)
     except yaml.YAMLError as exc:
         raise CardError(f"card metadata is not valid YAML: {str(exc).splitlines()[0]}", "fix the template's front matter") from None
-    return data if isinstance(data, dict) else None
+    return data
 
 
 def metadata_problems(meta: Mapping[str, Any]) -> list[str]:

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import CatalogError, UsageError
+from . import frontmatter
+from .card import NUMBER_FILTERS, weight_text
+from .errors import CatalogError, OlderReportError, UsageError
 from .hub_rules import repo_id_problem
 from .reports import Provenance, Report, Smoke, parse, read as read_report
 from .templating import default_template_dir, template_dirs, template_loader
@@ -32,10 +33,9 @@ CARD_NAME = "README.md"
 RECIPE_FILE = "recipe.yaml"
 # Written into every built site, so a rebuild may replace the folder and nothing else.
 MARKER = ".registry-catalog"
-SMOKE_STATES = ("passed", "failed", "not run")
+SMOKE_STATES = ("passed", "failed", "unknown", "not run")
+OLDER_REPORT_NOTE = "report written by an older registry; re-publish to refresh it"
 R = TypeVar("R", bound=Report)
-# Same front-matter block as huggingface_hub.repocard, so the catalog and the Hub agree on the metadata.
-_FRONT_MATTER = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 
 
 @dataclass
@@ -51,11 +51,10 @@ class CatalogModel:
     version: str | None = None
     published_at: str | None = None
     smoke_passed: bool | None = None  # from the registry index, when smoke.json is not at hand
-    url: str = ""  # the model's page on the Hub
-
-    def __post_init__(self) -> None:
-        if not self.url:
-            self.url = f"{HUB_URL}/{self.repo_id}"
+    # The model's page on the Hub, only when it was read from one: nothing records that a local
+    # version was also published to a Hub, so a local model gets no link rather than a guessed one.
+    url: str | None = None
+    older_reports: list[str] = field(default_factory=list)  # reports an older registry wrote, shown as a note
 
 
 @dataclass
@@ -113,16 +112,18 @@ def read_local(home: Path | None = None) -> list[CatalogModel]:
         card = _read_text(folder / CARD_NAME) if inside else None
         meta, _ = split_front_matter(card or "")
         files = entry.get("files") or {}
+        older: list[str] = []
         models.append(CatalogModel(
             repo_id=repo_id,
             card=card or "",
             metadata=meta if meta is not None else dict(entry.get("metadata") or {}),
-            smoke=read_report(Smoke, folder) if inside else None,
-            provenance=read_report(Provenance, folder) if inside else None,
+            smoke=_current(older, read_report, Smoke, folder) if inside else None,
+            provenance=_current(older, read_report, Provenance, folder) if inside else None,
             recipe=_read_text(folder / RECIPE_FILE) if inside and RECIPE_FILE in files else None,
             version=entry.get("version"),
             published_at=entry.get("published_at"),
             smoke_passed=entry.get("smoke_passed"),
+            older_reports=older,
         ))
     return models
 
@@ -133,15 +134,18 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
 
     from huggingface_hub import HfApi
 
-    # Anything the client raises: HTTP errors, and its transport's own (refused connection, timeout,
-    # from an HTTP library that changes between huggingface_hub versions) once its retries are spent.
-    failures = Exception
+    from .hub_errors import describe
+
     api = api or HfApi()
     endpoint = str(api.endpoint).rstrip("/")
     try:
         infos = list(api.list_models(author=owner, filter="merge", full=True))
-    except failures as exc:
-        raise CatalogError(f"cannot list the models of {owner} on {endpoint}: {_one_line(exc)}", "check the name, your token and the network") from None
+    except Exception as exc:
+        found = describe(exc, owner, endpoint=endpoint)
+        if found is None:
+            raise
+        raise CatalogError(f"cannot list the models of {owner} on {endpoint}: {found.message}",
+                           "check the name, your token and the network") from None
 
     def fetch(info: Any) -> CatalogModel:
         files = {s.rfilename for s in info.siblings or []}
@@ -151,16 +155,24 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
                 return None
             try:
                 path = api.hf_hub_download(info.id, name, revision=info.sha)
-            except failures as exc:
-                raise CatalogError(f"cannot download {name} of {info.id} from {endpoint}: {_one_line(exc)}", "check your token and the network") from None
+            except Exception as exc:
+                found = describe(exc, info.id, info.sha, endpoint)
+                if found is None:
+                    raise
+                raise CatalogError(f"cannot download {name} of {info.id} from {endpoint}: {found.message}",
+                                   "check your token and the network") from None
             return _read_text(Path(path))
 
         _check_repo_id(info.id, endpoint)
         card = text(CARD_NAME) or ""
         meta, _ = split_front_matter(card)
+        older: list[str] = []
+
         def report(kind: type[R]) -> R | None:
             found = text(kind.FILE)
-            return parse(kind, found, f"{endpoint}/{info.id}/{kind.FILE}") if found is not None else None
+            if found is None:
+                return None
+            return _current(older, parse, kind, found, f"{endpoint}/{info.id}/{kind.FILE}")
 
         modified = getattr(info, "last_modified", None)
         return CatalogModel(
@@ -173,31 +185,39 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
             version=info.sha,
             published_at=modified.isoformat(timespec="seconds").replace("+00:00", "Z") if modified else None,
             url=f"{endpoint}/{info.id}",
+            older_reports=older,
         )
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return sorted(pool.map(fetch, infos), key=lambda m: m.repo_id.lower())
 
 
+def _current(older: list[str], read: Callable[..., R | None], kind: type[R], *args: Any) -> R | None:
+    """`read(kind, *args)`: a published report; None, its file named in `older`, when an older registry wrote it.
+
+    A corrupt report (not JSON, wrong types, an unknown format) stays a one-line ReportError.
+    """
+    try:
+        return read(kind, *args)
+    except OlderReportError:
+        # Still worth listing: the card is as published, only this report needs a re-publish.
+        older.append(kind.FILE)
+        return None
+
+
 def split_front_matter(text: str) -> tuple[dict[str, Any] | None, str]:
-    """A card's YAML metadata (None when absent or not a mapping) and its Markdown body."""
+    """A card's YAML metadata (None when absent, not a mapping or not YAML) and its Markdown body."""
     import yaml
 
-    match = _FRONT_MATTER.match(text)
-    if not match:
-        return None, text
     try:
-        # libyaml when present: ten times faster, and a thousand cards are parsed per build.
-        data = yaml.load(match.group(2), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return frontmatter.load(text)
     except yaml.YAMLError:
-        data = None
-    return (data if isinstance(data, dict) else None), text[match.end():]
+        return None, frontmatter.split(text)[1]
 
 
 def card_body(text: str) -> str:
     """A card's Markdown without its front matter."""
-    match = _FRONT_MATTER.match(text)
-    return text[match.end():] if match else text
+    return frontmatter.split(text)[1]
 
 
 def _check_repo_id(repo_id: str, where: str) -> None:
@@ -379,9 +399,11 @@ def merge_method(model: CatalogModel) -> str:
 
 
 def smoke_status(model: CatalogModel) -> str:
-    """'passed', 'failed' or 'not run', from smoke.json when published, else the registry index."""
+    """'passed', 'failed', 'unknown' (smoke.json of an older format) or 'not run', from smoke.json, else the index."""
     passed = model.smoke.passed if model.smoke is not None else model.smoke_passed
-    return "not run" if passed is None else "passed" if passed is True else "failed"
+    if passed is None:
+        return "unknown" if Smoke.FILE in model.older_reports else "not run"
+    return "passed" if passed is True else "failed"
 
 
 def model_page(repo_id: str) -> str:
@@ -456,6 +478,7 @@ def _entry(model: CatalogModel, html: Any, summary: str) -> dict[str, Any]:
         "recipe": model.recipe,
         "merge": _merge_context(model.provenance, described),
         "smoke_report": _smoke_context(model.smoke),
+        "notes": [f"{name}: {OLDER_REPORT_NOTE}" for name in model.older_reports],
         # Filters read these; JSON so that any tag text round-trips (the template escapes it).
         "data": {
             "search": " ".join(search.lower().split()),
@@ -482,9 +505,6 @@ def _merge_context(provenance: Provenance | None, described: Mapping[str, Mappin
         return None
     rows = []
     for alias, pin in provenance.sources.items():
-        weight: Any = pin.weight
-        if isinstance(weight, list):
-            weight = "; ".join(f"{w.value} for {w.filter}" if w.filter else f"{w.value} otherwise" for w in weight)
         facts = described.get(alias, {})
         rows.append({
             "alias": alias,
@@ -492,7 +512,7 @@ def _merge_context(provenance: Provenance | None, described: Mapping[str, Mappin
             "kind": pin.kind,
             "model": pin.repo_id or facts.get("hub_id"),
             "pin": pin.pin or None,
-            "weight": weight,
+            "weight": weight_text(pin.weight),
         })
     return {
         "method": provenance.merge_method,
@@ -527,7 +547,8 @@ def html_environment(dirs: Sequence[Path | str] = ()):
     from jinja2 import Environment, StrictUndefined
 
     env = Environment(loader=template_loader(dirs), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["markdown"] = render_markdown
+    # The card's number filters, so a number reads the same on the card and on its catalog page.
+    env.filters.update(NUMBER_FILTERS, markdown=render_markdown)
     return env
 
 

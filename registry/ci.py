@@ -21,7 +21,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import RecipeError, RegistryError, ReportError, UsageError
-from .recipe import ModelRef, Recipe, load_recipe, parse_recipe
+from .markdown import cell, code, fenced, longest_run
+from .recipe import ModelRef, Recipe, env_names, load_recipe, parse_recipe
 from .reports import Provenance, Smoke, read as read_report
 
 RECIPES_DIR = "recipes"
@@ -42,7 +43,7 @@ DEFAULT_MAX_SOURCE_GB = 2.0
 GB = 1_000_000_000
 
 _FENCE_OPEN = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
-_OUTPUT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,8 +313,10 @@ def _is_example(path: str) -> bool:
 
 def assess(entry: ChangedRecipe, root: Path, max_source_bytes: int, hub_size: HubSize | None = None) -> None:
     """Decide whether a hosted runner can plan the recipe (reach its sources) and dry-run it (fit them)."""
+    from .plugins import get_targets
+
     try:
-        recipe = load_recipe(root / entry.recipe)
+        recipe = load_recipe(root / entry.recipe, targets=get_targets())
     except RecipeError:
         entry.valid = False
         entry.notes.append("invalid recipe: see registry validate")
@@ -352,12 +355,16 @@ def assess(entry: ChangedRecipe, root: Path, max_source_bytes: int, hub_size: Hu
 
 
 def _local_weight_bytes(path: str, recipe_dir: Path) -> int | None:
-    """Bytes of a local source's safetensors files, when the folder is in the checkout (no ${VAR}, no ~)."""
-    if "${" in path or path.startswith("~"):
+    """Bytes of a local source's weight files, found as `registry plan` finds them; None when they are not at hand."""
+    from .sources import expand_local, weight_file_names
+
+    if any(not os.environ.get(name) for name in env_names(path)):
         return None
-    folder = (recipe_dir / path) if not Path(path).is_absolute() else Path(path)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    return sum(f.stat().st_size for f in files) if files else None
+    folder = expand_local(path, recipe_dir)
+    try:
+        return sum((folder / name).stat().st_size for name in weight_file_names(folder) if name.endswith(".safetensors"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def hub_weight_bytes(ref: ModelRef) -> int:
@@ -387,7 +394,7 @@ def write_outputs(values: Mapping[str, str], environ: Mapping[str, str] | None =
         return False
     blocks = []
     for name, value in values.items():
-        if not _OUTPUT_NAME.match(name):
+        if not _OUTPUT_NAME.fullmatch(name):
             raise ValueError(f"not an output name: {name!r}")
         if "\n" in value or "\r" in value:
             # The delimiter is derived from the value, and a value holding it would need a hash fixed point.
@@ -458,32 +465,6 @@ def reasons_markdown(reasons: Sequence[str], table: bool = False) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Markdown helpers
-
-
-def code(text: str, table: bool = False) -> str:
-    """An inline code span holding `text` literally (longer backtick fence than any run inside)."""
-    text = " ".join(text.split())
-    ticks = "`" * (_longest_run(text, "`") + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    span = f"{ticks}{pad}{text}{pad}{ticks}"
-    return span.replace("|", "\\|") if table else span
-
-
-def cell(text: str) -> str:
-    """Plain text for a table cell: one line, '|' and HTML escaped."""
-    text = " ".join(text.split())
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|") or " "
-
-
-def fenced(text: str, info: str = "") -> str:
-    """`text` in a fenced code block whose fence no line inside can close."""
-    fence = "`" * max(3, _longest_run(text, "`") + 1)
-    body = text if text.endswith("\n") or not text else text + "\n"
-    return f"{fence}{info}\n{body}{fence}\n"
-
-
-def _longest_run(text: str, char: str) -> int:
-    return max((len(m) for m in re.findall(f"{re.escape(char)}+", text)), default=0)
 
 
 def utf8_len(text: str) -> int:
@@ -742,8 +723,10 @@ def _summarize(path: str, root: Path, changes: Changes | None, reports: Mapping[
         item.valid = False
         item.problems = [f"{path}: no such file"]
         return item
+    from .plugins import get_targets
+
     try:
-        recipe = load_recipe(root / path)
+        recipe = load_recipe(root / path, targets=get_targets())
     except RecipeError as exc:
         item.valid = False
         item.problems = [_problem_line(p, path) for p in exc.problems]
@@ -786,7 +769,9 @@ def _base_diff(recipe: Recipe, path: str, entry: ChangedRecipe | None, root: Pat
     except UnicodeDecodeError:
         text = None
     try:
-        before = parse_recipe(text, old_path) if text is not None else None
+        from .plugins import get_targets
+
+        before = parse_recipe(text, old_path, targets=get_targets()) if text is not None else None
     except RecipeError:
         before = None
     if before is None:
@@ -899,7 +884,7 @@ def _head(item: RecipeSummary, changes: Changes | None) -> str:
 def _card_block(item: RecipeSummary, preview: str) -> str:
     card = item.card or ""
     # The fence is sized for the whole card, so the space reserved for it holds for any cut of it.
-    fence = "`" * max(3, _longest_run(card, "`") + 1)
+    fence = "`" * max(3, longest_run(card, "`") + 1)
     body = preview if preview.endswith("\n") or not preview else preview + "\n"
     return (
         f"\n<details><summary>Card preview (README.md, {len(card):,} characters)</summary>\n\n"

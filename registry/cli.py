@@ -6,6 +6,8 @@ import enum
 import gc
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -50,6 +52,35 @@ def _root(
     """Turn declarative merge recipes into published, documented, smoke-tested models."""
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused (when it is on) for a block that builds only long-lived objects."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _styled_printer():
+    """A print(*parts) whose parts are text or (text, style), never read as markup; user text goes through shown().
+
+    rich colours the parts on a terminal; piped output is plain text, printed without importing rich
+    (most of `registry validate`'s start-up otherwise), through the same guard as every other stream.
+    """
+    if not (sys.stdout.isatty() or os.environ.get("FORCE_COLOR")):
+        from .output import GuardedStream
+
+        stream = GuardedStream(sys.stdout)
+        return lambda *parts: stream.write("".join(p if isinstance(p, str) else p[0] for p in parts) + "\n")
+    from rich.text import Text
+
+    console = _console()
+    return lambda *parts: console.print(Text.assemble(*parts))
+
+
 def recipe_files(paths: list[Path]) -> list[Path]:
     """The recipe files named by `paths`: files as given, folders searched for *.yaml/*.yml."""
     files: list[Path] = []
@@ -75,12 +106,22 @@ def validate(
     format: FormatOption = Format.text,
 ) -> None:
     """Check recipes statically: no network, no torch, no merge."""
+    # Validating is mostly start-up (pydantic, yaml, the plugins): objects that live until exit, which
+    # the cyclic garbage collector would walk again and again for nothing (a tenth of the run).
+    with _collector_paused():
+        _validate(paths, format)
+
+
+def _validate(paths: list[Path] | None, format: Format) -> None:
+    from .plugins import get_targets
     from .recipe import load_recipe
 
     results = []
-    for file in recipe_files(paths or [Path("recipes")]):
+    files = recipe_files(paths or [Path("recipes")])
+    targets = get_targets()
+    for file in files:
         try:
-            recipe = load_recipe(file)
+            recipe = load_recipe(file, targets=targets)
         except RecipeError as exc:
             results.append({"file": str(file), "valid": False, "problems": [p.to_dict() for p in exc.problems]})
         else:
@@ -89,18 +130,18 @@ def validate(
     if format is Format.json:
         emit_json({"valid": not invalid, "recipes": results})
     else:
-        out = _console()
+        say = _styled_printer()
         for result in results:
             if result["valid"]:
-                out.print(f"[green]ok[/green]    {esc(result['file'])}  ({esc(result['repo_id'])})")
+                say(("ok", "green"), f"    {shown(result['file'])}  ({shown(result['repo_id'])})")
             for p in result["problems"]:
                 where = f"{p['loc']}: " if p["loc"] else ""
-                out.print(f"[red]error[/red] {esc(p['file'])}:{p['line']}:{p['col']}: {esc(where + p['message'])}")
+                say(("error", "red"), f" {shown(p['file'])}:{p['line']}:{p['col']}: {shown(where + p['message'])}")
         total = len(results)
         if invalid:
-            out.print(f"{len(invalid)} of {total} recipe{'s' if total != 1 else ''} invalid")
+            say(f"{len(invalid)} of {total} recipe{'s' if total != 1 else ''} invalid")
         else:
-            out.print(f"{total} recipe{'s' if total != 1 else ''} valid")
+            say(f"{total} recipe{'s' if total != 1 else ''} valid")
     if invalid:
         raise typer.Exit(1)
 
@@ -108,9 +149,10 @@ def validate(
 @app.command()
 def schema() -> None:
     """Print the recipe JSON Schema, for editors to complete and check recipes."""
+    from .plugins import get_targets
     from .recipe import json_schema
 
-    emit_json(json_schema())
+    emit_json(json_schema(get_targets()))
 
 
 @app.command()
@@ -144,10 +186,11 @@ def card(
 ) -> None:
     """Render the model card (README.md): Hub metadata, merge, sources, smoke results, provenance."""
     from .card import front_matter, read_reports, render_card, write_card
+    from .plugins import get_targets
     from .templating import template_dirs
     from .recipe import load_recipe
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, targets=get_targets())
     provenance, smoke = read_reports(model_dir) if model_dir is not None else (None, None)
     dirs = template_dirs(templates)
     if output is not None:
@@ -239,15 +282,16 @@ def smoke(
     format: FormatOption = Format.text,
 ) -> None:
     """Smoke-test a model: short and long-context generation, parity with parents, exact weights; writes smoke.json."""
+    from .plugins import get_smoke_checks, get_targets
     from .recipe import load_recipe
     from .smoke import print_report, run_smoke
 
     if recipe is not None and not recipe.is_file():
         raise UsageError(f"{recipe}: no such recipe file")
-    loaded = load_recipe(recipe) if recipe is not None else None
+    loaded = load_recipe(recipe, targets=get_targets()) if recipe is not None else None
     err = _console(stderr=True)
     progress = None if format is Format.json else (lambda message: err.print(f"[dim]{esc(message)}[/dim]"))
-    report = run_smoke(model_dir, loaded, device=device.value, progress=progress)
+    report = run_smoke(model_dir, loaded, device=device.value, checks=get_smoke_checks(), progress=progress)
     if format is Format.json:
         from .reports import data
 
@@ -274,10 +318,11 @@ def plan(
     format: FormatOption = Format.text,
 ) -> None:
     """Pin every source (Hub commit, local content hash), check they can be merged, write the lock file."""
+    from .plugins import get_targets
     from .recipe import load_recipe
     from .sources import plan as make_plan, write_lock
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, targets=get_targets())
     with _HashBar(format is Format.text) as bar:
         result = make_plan(loaded, update=update, out=output, on_hash=bar.update)
     wrote = write_lock(result)
@@ -343,11 +388,13 @@ def merge(
     format: FormatOption = Format.text,
 ) -> None:
     """Merge the recipe's pinned sources with mergekit into a complete, reproducible output folder."""
-    from .merge import build_root, check_output, default_output, merge as run
+    from . import build_root
+    from .merge import check_output, default_output, merge as run
+    from .plugins import get_targets
     from .recipe import load_recipe
     from .sources import plan as make_plan, write_lock
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, targets=get_targets())
     if output is not None:
         check_output(output.absolute())  # before sources are hashed or the lock file written
     text = format is Format.text

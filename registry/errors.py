@@ -89,3 +89,7 @@ class PublishError(RegistryError):
 
 class ReportError(RegistryError):
     """A file one stage left for the next is corrupt, incomplete or of an unknown format version."""
+
+
+class OlderReportError(ReportError):
+    """A report in a format an earlier registry version wrote: readable by re-running its stage, not corrupt."""

@@ -6,7 +6,7 @@ import re
 
 # The Hub allows letters, digits, '-', '_' and '.'; no '--' or '..'; no leading/trailing '-' or '.';
 # names up to 96 characters.
-_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?$")
+_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
 MAX_NAME = 96
 
 # https://huggingface.co/docs/hub/repositories-licenses
@@ -30,21 +30,21 @@ def repo_id_problem(repo_id: str, *, namespace_required: bool = True) -> str | N
     """Why `repo_id` is not a valid Hub repo id, or None when it is."""
     parts = repo_id.split("/")
     if len(parts) == 1 and namespace_required:
-        return f"'{repo_id}' is not a Hub repo id: expected 'owner/name'"
+        return f"{repo_id!r} is not a Hub repo id: expected 'owner/name'"
     if len(parts) > 2:
-        return f"'{repo_id}' is not a Hub repo id: expected 'owner/name' with a single '/'"
+        return f"{repo_id!r} is not a Hub repo id: expected 'owner/name' with a single '/'"
     for part in parts:
         if not part:
-            return f"'{repo_id}' is not a Hub repo id: owner and name must not be empty"
+            return f"{repo_id!r} is not a Hub repo id: owner and name must not be empty"
         if len(part) > MAX_NAME:
-            return f"'{repo_id}' is not a Hub repo id: '{part[:12]}...' is longer than {MAX_NAME} characters"
-        if not _PART.match(part) or "--" in part or ".." in part:
+            return f"{repo_id!r} is not a Hub repo id: '{part[:12]}...' is longer than {MAX_NAME} characters"
+        if not _PART.fullmatch(part) or "--" in part or ".." in part:
             return (
-                f"'{repo_id}' is not a Hub repo id: use letters, digits, '-', '_' and '.', "
+                f"{repo_id!r} is not a Hub repo id: use letters, digits, '-', '_' and '.', "
                 "without '--' or '..' and not starting or ending with '-' or '.'"
             )
     if repo_id.endswith(".git"):
-        return f"'{repo_id}' is not a Hub repo id: it must not end with '.git'"
+        return f"{repo_id!r} is not a Hub repo id: it must not end with '.git'"
     return None
 
 

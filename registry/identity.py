@@ -1,8 +1,9 @@
 """The identities that decide what is redone: merge, smoke and card.
 
-- The merge identity covers everything that can change a weight bit: the `merge:` block with every
-  model reference replaced by its pin, the config donor's pin, and the inputs' names (provenance is
-  keyed by them). It keys the build folder, merge reuse and provenance. Text fields (summary, tags,
+- The merge identity covers everything that can change a weight bit or a file of the merged model:
+  the `merge:` block with every model reference replaced by its pin, the config donor's pin, the
+  hashes of the files carried over from the sources (config, tokenizer, templates), and the inputs'
+  names (provenance is keyed by them). It keys the build folder, merge reuse and provenance. Text fields (summary, tags,
   labels, license) and templates are not part of it.
 - The smoke identity is the merge identity plus the `smoke:` settings; it keys smoke reuse.
 - The card identity is the rendered card's own hash; with the merge identity it decides whether a
@@ -38,7 +39,8 @@ def merge_identity(recipe: Recipe, plan: Plan) -> str:
     block = _resolve(recipe.merge.model_dump(mode="json", exclude_defaults=True), pinned)
     donor = plan.source(plan.donor)
     inputs = [item.key for item in recipe.inputs()]
-    return _digest(_MERGE_SCHEME, block, inputs, f"{donor.kind}:{donor.pin}")
+    carried = {src.name: src.carried for src in plan.sources}
+    return _digest(_MERGE_SCHEME, block, inputs, f"{donor.kind}:{donor.pin}", carried)
 
 
 def smoke_identity(merge_id: str, recipe: Recipe) -> str:

@@ -36,34 +36,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from . import __version__, registry_home
+from . import __version__, build_root
 from . import staging as staging_dirs
 from .errors import MergeError, RegistryError, UsageError
+from .files import sha256_file
 from .identity import merge_identity
+from .machine import WRITE_THREADS, check_resources, estimate_resources, output_dtype, pick_device
 from .reports import PROVENANCE_FILE, Provenance, SourcePin, read_current, write as write_report
-from .sources import Estimate, HashCache, PinnedSource, Plan, fetch, sha256_file, stat_identity
+from .sources import HashCache, PinnedSource, Plan, check_carried_files, fetch, stat_identity
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from .recipe import Recipe
 
-# Output shards of about an eighth of the model, within these bounds. mergekit's default (5 GB) holds a
-# whole 1.5B model in memory and writes it after the last tensor; smaller shards are written, hashed and
-# fsynced by background threads while later tensors are merged.
-MIN_SHARD_BYTES = 256 << 20
-MAX_SHARD_BYTES = 2 << 30
-# Shards being written at once: the last two shards (often an embedding matrix and the final layers)
-# are written side by side once the last tensor is merged.
-WRITE_THREADS = 2
 # Files the merged model needs beside the weights, taken from the donor when mergekit leaves them out
 # (it drops generation_config.json when it rebuilds the tokenizer).
 CARRY_FILES = ("generation_config.json", "chat_template.jinja")
-# Resident memory of a process that has imported torch, transformers and mergekit.
-PROCESS_BYTES = 1_200_000_000
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-_ST_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
-_ST_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 @dataclass
@@ -93,112 +82,9 @@ class MergeResult:
         }
 
 
-def build_root() -> Path:
-    """Where merges go by default: `<registry home>/build`."""
-    return registry_home() / "build"
-
-
 def default_output(recipe: Recipe, plan: Plan) -> Path:
     """`<build root>/<first 12 hex of the merge identity>`: text edits keep the folder, weight edits change it."""
     return build_root() / merge_identity(recipe, plan)[:12]
-
-
-def output_dtype(recipe: Recipe, donor: PinnedSource) -> str:
-    """The dtype the merged weights are written in: out_dtype, else dtype, else the donor's."""
-    merge = recipe.merge
-    found = merge.out_dtype or merge.dtype or donor.config.get("torch_dtype") or donor.config.get("dtype")
-    if found in DTYPE_BYTES:
-        return found
-    dtypes = {t.dtype for t in donor.tensors.values()}
-    return _ST_NAMES.get(dtypes.pop(), "float32") if len(dtypes) == 1 else "float32"
-
-
-# ---------------------------------------------------------------------------------------------
-# Resources
-
-
-def shard_size(output_bytes: int) -> int:
-    """Output shard size for a model of `output_bytes`: an eighth of it, within 256 MiB and 2 GiB."""
-    return max(MIN_SHARD_BYTES, min(MAX_SHARD_BYTES, output_bytes // 8))
-
-
-def estimate_resources(recipe: Recipe, sources: list[PinnedSource], donor: str, out: Path, device: str = "auto",
-                       shard_bytes: int | None = None) -> Estimate:
-    """Disk and memory the merge needs (from tensor shapes only) and what the machine has free."""
-    ref = next(s for s in sources if s.name == donor)
-    out_bytes = DTYPE_BYTES[output_dtype(recipe, ref)]
-    tensors = dict(ref.tensors)
-    # mergekit writes lm_head for a model with tied embeddings too (it resolves it to embed_tokens).
-    if "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    weight_bytes = sum(t.numel * out_bytes for t in tensors.values())
-    output_bytes = weight_bytes + 64 * 1024 * 1024  # + config, tokenizer
-    shard_bytes = shard_bytes or shard_size(weight_bytes)
-    largest_name, largest = max(tensors.items(), key=lambda kv: (kv[1].numel, kv[0]))
-    in_bytes = DTYPE_BYTES.get(recipe.merge.dtype or "", 0) or max(_ST_BYTES.get(s.tensors[largest_name].dtype, 4) for s in sources)
-    # Inputs in the merge dtype, the float32 accumulator, the result in the output dtype.
-    working = largest.numel * (len(sources) * in_bytes + 4 + out_bytes)
-    if device == "cuda":
-        working = largest.numel * out_bytes  # the rest lives on the GPU
-    buffers = min(output_bytes, (WRITE_THREADS + 1) * shard_bytes)  # the shard being filled, those being written
-    return Estimate(
-        output_bytes=output_bytes,
-        disk_free_bytes=_disk_free(out),
-        memory_bytes=PROCESS_BYTES + working + buffers,
-        memory_available_bytes=_memory_available(),
-        largest_tensor=largest_name,
-        out=str(out),
-        shard_bytes=shard_bytes,
-    )
-
-
-def check_resources(est: Estimate) -> None:
-    """Raise MergeError, with the numbers, when the output disk or the memory cannot hold the merge."""
-    if est.disk_free_bytes is not None and est.disk_free_bytes < est.output_bytes:
-        raise MergeError(
-            f"not enough disk for the merge: it writes {_gb(est.output_bytes)} to {est.out} and that filesystem has "
-            f"{_gb(est.disk_free_bytes)} free; free some space or choose another output folder with -o"
-        )
-    if est.memory_available_bytes is not None and est.memory_available_bytes < est.memory_bytes:
-        raise MergeError(
-            f"not enough memory for the merge: it needs about {_gb(est.memory_bytes)} (the largest tensor, "
-            f"{est.largest_tensor}, and output buffers) and {_gb(est.memory_available_bytes)} is available; "
-            "close other programs or merge on a machine with more memory"
-        )
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n < 1e12 else f"{n / 1e12:.2f} TB"
-
-
-def _disk_free(out: Path) -> int | None:
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        return shutil.disk_usage(probe).free
-    except OSError:
-        return None
-
-
-def _memory_available() -> int | None:
-    """MemAvailable, lowered to the cgroup's limit when the process runs in a container."""
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            room = int(limit) - used
-            available = room if available is None else min(available, room)
-    except (OSError, ValueError):
-        pass
-    return available
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +147,7 @@ def merge(
         check_output(out)  # again under the lock: another process may have written it meanwhile
         # Under the lock, the marked staging and set-aside siblings of `out` belong to merges that died.
         staging_dirs.remove_leftovers(out.parent, f"{out.name}.")
-        device = _pick_device(device)
+        device = pick_device(device)
         est = estimate_resources(recipe, plan.sources, plan.donor, out, device, shard_bytes)
         check_resources(est)
         paths = {s.name: fetch(s) for s in plan.sources}
@@ -297,18 +183,6 @@ def _exclusive(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _pick_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"unknown device '{device}'; use auto, cpu or cuda")
-    if device == "cpu":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if device == "cuda":
-        raise MergeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
-    return "cpu"
 
 
 def mergekit_config(recipe: Recipe, plan: Plan, paths: dict[str, Path]) -> dict[str, Any]:
@@ -347,6 +221,7 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
                 console: Console | None, shard_bytes: int) -> Provenance:
     import yaml
 
+    check_carried_files(plan, paths)
     _import_mergekit()
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -379,6 +254,7 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
     for name in CARRY_FILES:
         if not (staging / name).exists() and (donor / name).is_file():
             shutil.copyfile(donor / name, staging / name)
+    check_carried_files(plan, paths)  # nothing was swapped while mergekit copied them
     provenance = _provenance(recipe, plan, staging, device, shard_hashes)
     write_report(provenance, staging)
     for f in staging.iterdir():

@@ -62,7 +62,8 @@ class PublishOutcome:
 
 def choose_targets(recipe: Recipe, names: list[str] | None, overrides: dict[str, Any]) -> list[Chosen]:
     """Targets from --target (repeatable), else the recipe's publish list, else `local`; CLI flags override options."""
-    from .plugins import get_targets, missing_target_message
+    from .hints import missing_target_message
+    from .plugins import get_targets
 
     available = get_targets()
     from_recipe = {spec.target: spec.options for spec in recipe.publish}
@@ -99,10 +100,11 @@ def publish(
     note: Callable[[str], None] = lambda message: None,
 ) -> PublishOutcome:
     """Publish a recipe to its targets; every stage's finished output is reused when it still matches."""
+    from .plugins import get_targets
     from .recipe import load_recipe
     from .sources import plan as make_plan, write_lock
 
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, targets=get_targets())
     overrides = {"private": private, "revision": revision, "create_pr": create_pr}
     chosen = choose_targets(recipe, targets, overrides)
     outcome = PublishOutcome(str(recipe_path), recipe.repo_id, recipe.sha256, [c.name for c in chosen], dry_run=dry_run)
@@ -110,7 +112,8 @@ def publish(
     for c in chosen:
         _at(c, partial(c.target.check_access, recipe, c.options))
 
-    from .merge import build_root, default_output
+    from . import build_root
+    from .merge import default_output
 
     plan = make_plan(recipe, update=update, out=build_root(), device=device)
     out = default_output(recipe, plan)
@@ -197,9 +200,10 @@ def _smoked(recipe, model_dir: Path, device, outcome, note, console) -> tuple[Pr
     smoke = read_current(Smoke, model_dir)
     reused = smoke is not None and smoke.smoke_identity == smoke_identity(provenance.merge_identity, recipe)
     if not reused:
+        from .plugins import get_smoke_checks
         from .smoke import run_smoke
 
-        report = run_smoke(model_dir, recipe, device=device, progress=note, strict=True)
+        report = run_smoke(model_dir, recipe, device=device, checks=get_smoke_checks(), progress=note, strict=True)
         smoke = read(Smoke, model_dir)  # as written: non-finite numbers are null there
         if console is not None:
             from .smoke import print_report

@@ -13,8 +13,6 @@ from .errors import RegistryError
 
 ENTRY_POINT_GROUP = "registry"
 DEFAULT_PLUGINS = ("registry.publish.local", "registry.publish.hf", "registry.smoke_checks")
-# Targets provided by packages we know of, so an unknown target can say what to install.
-KNOWN_PROVIDERS = {"mlflow": "registry-mlflow"}
 
 _pm: pluggy.PluginManager | None = None
 
@@ -63,15 +61,10 @@ def get_targets() -> dict[str, Any]:
     return collect("register_targets", "publish target")
 
 
-def missing_target_message(name: str, available: list[str]) -> str:
-    """One line saying a target is unknown, what provides it, or what exists instead."""
-    if name in KNOWN_PROVIDERS:
-        return f"unknown publish target '{name}': it is provided by the plugin package '{KNOWN_PROVIDERS[name]}' (pip install {KNOWN_PROVIDERS[name]})"
-    from .recipe import suggest
-
-    hint = suggest(name, available)
-    near = f" (did you mean '{hint}'?)" if hint else ""
-    return f"unknown publish target '{name}'{near}; available: {', '.join(sorted(available))}"
+def get_smoke_checks() -> list[Any]:
+    """Every registered smoke check, built-ins included, in running order; a name registered twice is an error."""
+    checks = collect("register_smoke_checks", "smoke check")
+    return sorted(checks.values(), key=lambda c: getattr(c, "order", 100))
 
 
 def list_plugins() -> list[dict[str, Any]]:

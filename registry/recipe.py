@@ -7,11 +7,11 @@ config file is accepted too and read as the `merge:` block of a recipe with defa
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
 import re
+import struct
 import types
 import typing
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from .errors import Problem, RecipeError
+from .hints import missing_target_message, suggest
 from .hub_rules import LICENSES, repo_id_problem
 from .yamldoc import Document, Loc, load_document, parse_document
 
@@ -42,13 +43,8 @@ KNOWN_METHODS = (
     "passthrough", "nearswap", "arcee_fusion", "sce", "multislerp", "core_space",
 )
 DTYPES = ("float32", "float16", "bfloat16")
-# Words people reach for that difflib would not match to what we call them.
-SYNONYMS = {
-    "alpha": "weight", "weights": "weight", "normalise": "normalize", "normalized": "normalize",
-    "fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
-    "float": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16",
-    "torch.float32": "float32", "method": "merge_method",
-}
+# Weights beyond this are a typo or an attack, not a mixing ratio; it keeps sums finite in float32.
+MAX_WEIGHT = 1e6
 DEFAULT_SHORT_PROMPT = "What is 17 * 24? Think step by step."
 # The needle-in-a-haystack strings (RULER-style pass key); the toy model in tests/fixtures/toy was trained on them.
 DEFAULT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -56,16 +52,16 @@ DEFAULT_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 DEFAULT_QUESTION = "What is the pass key? The pass key is"
 
 _ENV_REF = re.compile(r"\$\{([^}]*)\}")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-_REVISION = re.compile(r"^[A-Za-z0-9._/-]{1,255}$")
+_REVISION = re.compile(r"[A-Za-z0-9._/-]{1,255}")
 
 
 class Strict(BaseModel):
     """Base for every recipe model: unknown keys are errors and nothing is coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, defer_build=True)
 
 
 class WeightFilter(Strict):
@@ -128,7 +124,7 @@ class MergeConfig(Strict):
 
     merge_method: str
     models: list[MergeModel]
-    parameters: MergeParameters = MergeParameters()
+    parameters: MergeParameters = Field(default_factory=MergeParameters)
     base_model: str | None = None
     dtype: Dtype | None = None
     out_dtype: Dtype | None = None
@@ -228,16 +224,16 @@ class WeightsSmoke(Strict):
 class SmokeConfig(Strict):
     """What `registry smoke` checks, with defaults that suit most models."""
 
-    short: ShortSmoke = ShortSmoke()
-    long: LongSmoke = LongSmoke()
-    parity: ParitySmoke = ParitySmoke()
-    weights: WeightsSmoke = WeightsSmoke()
+    short: ShortSmoke = Field(default_factory=ShortSmoke)
+    long: LongSmoke = Field(default_factory=LongSmoke)
+    parity: ParitySmoke = Field(default_factory=ParitySmoke)
+    weights: WeightsSmoke = Field(default_factory=WeightsSmoke)
 
 
 class PublishSpec(BaseModel):
     """`{target: NAME, ...options}`; the options are checked by the target's own model."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, defer_build=True)
 
     target: str
     _options: BaseModel | None = PrivateAttr(default=None)
@@ -245,7 +241,7 @@ class PublishSpec(BaseModel):
     @property
     def options(self) -> BaseModel:
         """The options, validated by the target's own pydantic model."""
-        assert self._options is not None, "options are validated when the recipe is loaded"
+        assert self._options is not None, "options are validated when the recipe is loaded with targets="
         return self._options
 
 
@@ -258,10 +254,12 @@ class Recipe(Strict):
     license_name: str | None = None
     license_link: str | None = None
     ancestor: str | None = None
+    # Merge sources that plan finds far apart in weight space (see sources.MAX_RELATIVE_DISTANCE).
+    allow_unrelated: bool = False
     tags: list[str] = []
     sources: dict[str, Source] = {}
     merge: MergeConfig
-    smoke: SmokeConfig = SmokeConfig()
+    smoke: SmokeConfig = Field(default_factory=SmokeConfig)
     publish: list[PublishSpec] = []
 
     _document: Document | None = PrivateAttr(default=None)
@@ -364,7 +362,7 @@ def parse_ref(text: str) -> ModelRef:
     if "+" in text:
         raise ValueError(f"'{text}': LoRA adapters ('model+adapter') are not supported yet")
     repo_id, _, revision = text.partition("@")
-    if "@" in text and not _REVISION.match(revision):
+    if "@" in text and not _REVISION.fullmatch(revision):
         raise ValueError(f"'{text}': revision after '@' must be a branch, tag or commit sha")
     problem = repo_id_problem(repo_id)
     if problem:
@@ -376,7 +374,7 @@ def check_env_refs(text: str) -> None:
     """Raise ValueError unless every '$' in `text` starts a well-formed ${NAME} reference."""
     names = _ENV_REF.findall(text)
     for name in names:
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):
             raise ValueError(f"'${{{name}}}' is not a valid environment reference: use ${{NAME}} with letters, digits and '_'")
     if text.count("$") != len(names):
         raise ValueError(f"'{text}': write environment references as ${{NAME}}")
@@ -385,14 +383,6 @@ def check_env_refs(text: str) -> None:
 def env_names(text: str) -> list[str]:
     """The environment variables a path refers to."""
     return _ENV_REF.findall(text)
-
-
-def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
-    """The closest of `choices` to `word` (or a known synonym), if any is close."""
-    if word in SYNONYMS and SYNONYMS[word] in choices:
-        return SYNONYMS[word]
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return match[0] if match else None
 
 
 def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
@@ -406,6 +396,7 @@ def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 
 def load_recipe(path: str | Path, *, targets: dict[str, Any] | None = None) -> Recipe:
     """Read, validate and return the recipe at `path`; raises RecipeError listing every problem."""
+    # `targets` (plugins.get_targets()) checks each publish: entry's options; without it they are left unchecked.
     doc = load_document(path)
     recipe = recipe_from_document(doc, targets=targets)
     recipe._path = Path(path)
@@ -586,10 +577,10 @@ def _check_metadata(recipe: Recipe, doc: Document):
 def _check_sources(recipe: Recipe, doc: Document):
     resolved: dict[str, ModelRef] = {}
     for alias, source in recipe.sources.items():
-        if not _ALIAS.match(alias):
+        if not _ALIAS.fullmatch(alias):
             yield doc.problem(
                 ("sources", alias),
-                f"source alias '{alias}' must start with a letter or '_' and use letters, digits, '_', '-' and '.'",
+                f"source alias {_show(alias)} must start with a letter or '_' and use letters, digits, '_', '-' and '.'",
                 key=True,
             )
             continue
@@ -603,7 +594,7 @@ def _check_sources(recipe: Recipe, doc: Document):
                 yield doc.problem(("sources", alias, "revision"), "revision applies to Hub models only; this source is a local path")
             elif ref.revision:
                 yield doc.problem(("sources", alias, "revision"), f"revision given twice: '@{ref.revision}' in model and revision: '{source.revision}'")
-            elif not _REVISION.match(source.revision):
+            elif not _REVISION.fullmatch(source.revision):
                 yield doc.problem(("sources", alias, "revision"), "revision must be a branch, tag or commit sha")
             else:
                 ref = ModelRef("hub", ref.value, source.revision)
@@ -690,11 +681,9 @@ def _check_merge(recipe: Recipe, doc: Document, resolved: dict[str, ModelRef]):
 def _check_weights(recipe: Recipe, doc: Document):
     merge = recipe.merge
     normalize = merge.parameters.normalize
-    # Effective weight of each model per tensor filter: mergekit takes the first matching entry,
-    # and an entry without a filter applies to every tensor.
-    per_filter: dict[str | None, list[float | None]] = {}
     entries = [m.parameters.weight if m.parameters else None for m in merge.models]
     filters = {w.filter for weight in entries if isinstance(weight, list) for w in weight}
+    too_large = False
     for i, weight in enumerate(entries):
         loc = ("merge", "models", i, "parameters", "weight")
         if isinstance(weight, list):
@@ -702,30 +691,65 @@ def _check_weights(recipe: Recipe, doc: Document):
                 yield doc.problem(loc, "weight list is empty; give a number or {filter, value} entries")
                 continue
             for j, item in enumerate(weight):
-                if normalize and item.value < 0:
+                if abs(item.value) > MAX_WEIGHT:
+                    too_large = True
+                    yield doc.problem((*loc, j, "value"), _too_large("value", item.value))
+                elif normalize and item.value < 0:
                     yield doc.problem((*loc, j, "value"), _negative(item.value))
+        elif weight is not None and abs(weight) > MAX_WEIGHT:
+            too_large = True
+            yield doc.problem(loc, _too_large("weight", weight))
         elif weight is not None and normalize and weight < 0:
             yield doc.problem(loc, _negative(weight))
-    if not normalize or not entries or any(w is None or w == [] for w in entries):
+    if too_large or not normalize or not entries or any(w is None or w == [] for w in entries):
         return
-    for key in sorted(filters | {None}, key=lambda f: (f is not None, f or "")):
-        values = [_effective(w, key) for w in entries]
-        per_filter[key] = values
-        if all(v is not None for v in values) and sum(values) == 0:  # type: ignore[arg-type]
-            scope = "" if key is None else f" for tensors matching '{key}'"
+    # Tensor names are unknown here (validate reads no model), so each filter stands for the tensors it
+    # names: a name equal to the filter contains every filter that is part of it, as those tensors' names
+    # do. The empty name stands for tensors no filter names.
+    named = sorted(f for f in filters if f and f != "*")
+    for probe in ["", *named]:
+        values = [weight_for(w, probe) for w in entries]
+        if any(v is None for v in values):
+            continue
+        scope = f" for tensors matching '{probe}'" if probe else ""
+        total = sum(values)  # type: ignore[arg-type]
+        if total == 0:
             yield doc.problem(
                 ("merge", "models"),
                 f"weights sum to 0{scope}; with normalize: true every merged tensor would be NaN",
             )
+        elif not _normalizable(values):  # type: ignore[arg-type]
+            yield doc.problem(
+                ("merge", "models"),
+                f"weights sum to {total:g}{scope}, which is 0 in float32, the precision mergekit merges in; "
+                "with normalize: true every merged tensor would be NaN; scale the weights up",
+            )
 
 
-def _effective(weight: float | list[WeightFilter] | None, key: str | None) -> float | None:
+def weight_for(weight: float | list[WeightFilter] | None, tensor: str) -> float | None:
+    """A model's weight for one tensor, as mergekit resolves filters: the first entry whose filter is absent, '*' or in the name."""
     if weight is None or isinstance(weight, (int, float)):
         return weight
     for item in weight:
-        if item.filter is None or (key is not None and item.filter == key):
+        if item.filter is None or item.filter == "*" or (tensor and item.filter in tensor):
             return item.value
     return None
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _normalizable(values: list[float]) -> bool:
+    """True when mergekit's float32 arithmetic gives finite normalised weights and a finite, nonzero sum."""
+    total = 0.0
+    for v in values:
+        total = _float32(total + _float32(v))
+    return total != 0 and math.isfinite(total) and all(math.isfinite(_float32(v) / total) for v in values)
+
+
+def _too_large(name: str, value: float) -> str:
+    return f"{name} must be at most {MAX_WEIGHT:,.0f} in magnitude, got {value:g}; weights are relative, so scale them all down"
 
 
 def _negative(value: float) -> str:
@@ -736,17 +760,12 @@ def _negative(value: float) -> str:
 
 
 def _check_publish(recipe: Recipe, doc: Document, targets: dict[str, Any] | None):
-    if not recipe.publish:
+    # Without targets (the caller passes plugins.get_targets()), publish entries are left unchecked.
+    if not recipe.publish or targets is None:
         return
-    if targets is None:
-        from .plugins import get_targets
-
-        targets = get_targets()
     for i, spec in enumerate(recipe.publish):
         target = targets.get(spec.target)
         if target is None:
-            from .plugins import missing_target_message
-
             yield doc.problem(("publish", i, "target"), missing_target_message(spec.target, list(targets)))
             continue
         try:
@@ -755,13 +774,11 @@ def _check_publish(recipe: Recipe, doc: Document, targets: dict[str, Any] | None
             yield from _problems_from_validation(exc, doc, target.Options, ("publish", i))
 
 
-def json_schema() -> dict[str, Any]:
-    """The recipe's JSON Schema, with each publish target's own options."""
-    from .plugins import get_targets
-
+def json_schema(targets: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's JSON Schema, with each publish target's own options (`targets`: plugins.get_targets())."""
     schema = Recipe.model_json_schema()
     variants = []
-    for name, target in sorted(get_targets().items()):
+    for name, target in sorted(targets.items()):
         sub = target.Options.model_json_schema()
         sub.setdefault("properties", {})["target"] = {"const": name}
         sub["required"] = ["target", *sub.get("required", [])]

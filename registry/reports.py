@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ReportError
+from .errors import OlderReportError, ReportError
 
 PROVENANCE_FILE = "provenance.json"
 SMOKE_FILE = "smoke.json"
@@ -183,8 +183,10 @@ def parse(kind: type[R], text: str | bytes, where: str) -> R:
         raise ReportError(f"{where}: expected a JSON object", hint)
     if data.get("format") != kind.FORMAT:
         found = data.get("format")
-        raise ReportError(f"{where}: unknown {kind.FILE} format {json.dumps(found)} (this registry reads format {kind.FORMAT})",
-                          hint)
+        older = type(found) is int and 0 < found < kind.FORMAT
+        # An older format is a known state (the report of an earlier publish), not damage: readers may show it as such.
+        error = OlderReportError if older else ReportError
+        raise error(f"{where}: unknown {kind.FILE} format {json.dumps(found)} (this registry reads format {kind.FORMAT})", hint)
     try:
         return kind.model_validate(data)
     except ValidationError as exc:

@@ -1,7 +1,7 @@
 """Smoke tests: a short and a long-context generation, parity with the parents, an exact weight check.
 
-`run_smoke(model_dir, recipe)` runs every registered smoke check (the built-ins of
-registry/smoke_checks.py and any plugin's, through the `register_smoke_checks` hook) against a model
+`run_smoke(model_dir, recipe, checks=...)` runs the smoke checks it is given (the caller passes
+`plugins.get_smoke_checks()`: the built-ins of registry/smoke_checks.py and any plugin's) against a model
 folder and returns a `SmokeReport`, written as smoke.json beside the weights. The model is loaded
 once, lazily; parents are loaded one at a time, only when a check needs them.
 
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import RegistryError, SmokeError
-from .recipe import SmokeConfig, WeightFilter
 from .identity import smoke_identity
+from .machine import memory_available, pick_device
+from .recipe import SmokeConfig, WeightFilter, weight_for
 from .reports import Provenance, Smoke, read as read_report, write as write_report
 from .sources import SHARD_INDEX, expand_local, folder_content_sha256
 
@@ -151,14 +152,6 @@ class SmokeCheck:
     description: str = ""
 
 
-def get_smoke_checks() -> list[SmokeCheckLike]:
-    """Every registered smoke check, built-ins included, in running order; a name registered twice is an error."""
-    from .plugins import collect
-
-    checks: dict[str, SmokeCheckLike] = collect("register_smoke_checks", "smoke check")
-    return sorted(checks.values(), key=lambda c: getattr(c, "order", 100))
-
-
 # ---------------------------------------------------------------------------------------------
 # Sources (the parents), resolved to folders at hand
 
@@ -234,19 +227,6 @@ def merge_sources(recipe: Recipe | None, provenance: Provenance | None) -> list[
 
 # ---------------------------------------------------------------------------------------------
 # Loading
-
-
-def resolve_device(device: str) -> str:
-    """'auto' becomes 'cuda' when a GPU is usable, else 'cpu'; 'cuda' without one is an error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SmokeError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise SmokeError(f"unknown device '{device}'; use auto, cpu or cuda")
-    return device
 
 
 def load_model(path: str | Path, device: str) -> tuple[Any, Any]:
@@ -566,22 +546,6 @@ def estimate_long_memory(model_config: Any, n_tokens: int, *, dtype_bytes: int, 
     return int((kv_cache + kv_copy + activations + attention + logits) * 1.2) + 64 * _MIB
 
 
-def available_memory(device: str) -> int:
-    """Bytes that can still be allocated: free GPU memory (plus the allocator's cache), or MemAvailable."""
-    if device == "cuda":
-        import torch
-
-        free, _ = torch.cuda.mem_get_info()
-        return int(free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def _read_status(field_name: str) -> int | None:
     try:
         match = re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
@@ -657,7 +621,7 @@ def run_long_prompt(
         )
         return run
     dtype_bytes = next(model.parameters()).element_size()
-    budget = int(available_memory(device) * config.memory_fraction)
+    budget = int((memory_available(device) or 0) * config.memory_fraction)
     choices = [config.prefill_chunk_size] if config.prefill_chunk_size else [None, *(c for c in AUTO_CHUNKS if c < n_tokens)]
     for chunk in choices:
         estimate = estimate_long_memory(model.config, n_tokens, dtype_bytes=dtype_bytes, chunk_size=chunk)
@@ -745,16 +709,6 @@ class _TensorFiles:
     def rows(self, name: str, start: int, stop: int) -> Any:
         sl = self.handle(name).get_slice(name)
         return sl[start:stop] if len(sl.get_shape()) else self.handle(name).get_tensor(name)
-
-
-def weight_for(weight: float | list[WeightFilter] | None, tensor: str) -> float | None:
-    """A source's weight for one tensor, resolving filters the way mergekit does (first match wins)."""
-    if weight is None or isinstance(weight, (int, float)):
-        return weight
-    for item in weight:
-        if item.filter is None or item.filter == "*" or item.filter in tensor:
-            return item.value
-    return None
 
 
 def check_weights(
@@ -980,12 +934,12 @@ def run_smoke(
     recipe: Recipe | None = None,
     *,
     device: str = "auto",
-    checks: list[SmokeCheckLike] | None = None,
+    checks: list[SmokeCheckLike],
     write: bool = True,
     progress: Callable[[str], None] | None = None,
     strict: bool = False,
 ) -> SmokeReport:
-    """Run the smoke checks on a model folder and return (and by default write) the report.
+    """Run `checks` (plugins.get_smoke_checks(): every registered one) on a model folder; return (and by default write) the report.
 
     `strict` (what `registry publish` passes): a source whose weights changed since the merge fails the
     weights check instead of skipping it, so a publish never passes a merge it could not verify.
@@ -995,10 +949,10 @@ def run_smoke(
         raise SmokeError(f"{folder}: no config.json here; pass the folder `registry merge` wrote")
     provenance = read_report(Provenance, folder)
     config = recipe.smoke if recipe is not None else SmokeConfig()
-    ctx = SmokeContext(folder, recipe, config, resolve_device(device), provenance, progress, strict=strict)
+    ctx = SmokeContext(folder, recipe, config, pick_device(device), provenance, progress, strict=strict)
     results = []
     debug = os.environ.get("REGISTRY_DEBUG") == "1"
-    for check in checks if checks is not None else get_smoke_checks():
+    for check in checks:
         ctx.note(f"check '{check.name}'")
         start = time.perf_counter()
         try:

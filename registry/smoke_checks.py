@@ -7,23 +7,21 @@ judgement is a CheckResult whose reason says, in one line, what passed or what w
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from .hookspecs import hookimpl
-from .smoke import (
-    CheckResult,
-    NoChatTemplate,
-    ParityRow,
-    SmokeCheck,
-    SmokeContext,
-    check_weights,
-    nll,
-    run_long,
-    run_short,
-)
+
+if TYPE_CHECKING:
+    from .smoke import CheckResult, SmokeCheck, SmokeContext
+
+# registry.smoke is imported by each check when it runs, never when the plugin is registered: every
+# command loads the plugins, and `registry validate` must not pay for the smoke machinery.
 
 
 def weights_check(ctx: SmokeContext) -> CheckResult:
     """Every merged tensor equals the recipe's weighted sum of the sources and is finite."""
+    from .smoke import CheckResult, check_weights
+
     if not ctx.config.weights.enabled:
         return CheckResult("weights", "skipped", "disabled in the recipe (smoke.weights.enabled: false)")
     sources = ctx.sources()
@@ -51,6 +49,8 @@ def weights_check(ctx: SmokeContext) -> CheckResult:
 
 def short_check(ctx: SmokeContext) -> CheckResult:
     """The short greedy generation: finite, spread-out logits and non-empty, non-degenerate text."""
+    from .smoke import CheckResult, NoChatTemplate, run_short
+
     cfg = ctx.config.short
     try:
         run = run_short(ctx.model, ctx.tokenizer, cfg)
@@ -99,6 +99,8 @@ def short_check(ctx: SmokeContext) -> CheckResult:
 
 def long_check(ctx: SmokeContext) -> CheckResult:
     """The needle-in-a-haystack prompts: finite logits everywhere; retrieval judged by parity (or min_retrieved)."""
+    from .smoke import CheckResult, run_long
+
     cfg = ctx.config.long
     ctx.long = run_long(ctx.model, ctx.tokenizer, cfg, ctx.device, progress=ctx.note, model_name=f"the model in {ctx.model_dir}")
     ran = [r for r in ctx.long if r.status != "skipped"]
@@ -121,6 +123,8 @@ def long_check(ctx: SmokeContext) -> CheckResult:
 
 def parity_check(ctx: SmokeContext) -> CheckResult:
     """The merge against each parent: fails when it is clearly worse than all of them, or far worse than the better one."""
+    from .smoke import CheckResult, ParityRow, nll
+
     cfg = ctx.config.parity
     if not cfg.enabled:
         return CheckResult("parity", "skipped", "disabled in the recipe (smoke.parity.enabled: false)")
@@ -201,16 +205,20 @@ def _num(value: float | None) -> str:
     return f"{value:.3f}" if value is not None and math.isfinite(value) else "nan"
 
 
-BUILTIN_CHECKS = (
-    SmokeCheck("weights", weights_check, order=10, description=weights_check.__doc__ or ""),
-    SmokeCheck("short", short_check, order=20, description=short_check.__doc__ or ""),
-    SmokeCheck("long", long_check, order=30, description=long_check.__doc__ or ""),
-    SmokeCheck("parity", parity_check, order=40, description=parity_check.__doc__ or ""),
-)
+def builtin_checks() -> tuple[SmokeCheck, ...]:
+    """The built-in checks, in running order: weights, short, long, parity."""
+    from .smoke import SmokeCheck
+
+    return (
+        SmokeCheck("weights", weights_check, order=10, description=weights_check.__doc__ or ""),
+        SmokeCheck("short", short_check, order=20, description=short_check.__doc__ or ""),
+        SmokeCheck("long", long_check, order=30, description=long_check.__doc__ or ""),
+        SmokeCheck("parity", parity_check, order=40, description=parity_check.__doc__ or ""),
+    )
 
 
 @hookimpl
 def register_smoke_checks(register):
     """Register the built-in smoke checks: weights, short, long, parity."""
-    for check in BUILTIN_CHECKS:
+    for check in builtin_checks():
         register(check)

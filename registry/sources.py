@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SourceError
+from .files import replace_atomically, sha256_file
+from .machine import Estimate, check_resources as _check_resources, estimate_resources
 from .recipe import ModelRef, Recipe, WeightFilter, env_names, parse_ref
 from .yamldoc import Loc
 
@@ -31,16 +35,35 @@ TOKENIZER_FILES = (
 )
 # Small files worth comparing or carrying over, but not a reason to refuse a merge.
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# Every file a merge reads from a source folder besides the weights, or carries into the merged model:
+# mergekit copies the tokenizer files, templates and generation_config.json of the donor verbatim (and
+# its tagalong preprocessor configs), transformers reads the rest. Each must be a regular file inside
+# the folder, so a link cannot publish /proc/self/environ or a file from elsewhere on the machine.
+CARRIED_FILES = (
+    "config.json", "generation_config.json", *TOKENIZER_FILES, *TEMPLATE_FILES,
+    "preprocessor_config.json", "video_preprocessor_config.json",
+)
+# Filesystems whose files are views of the machine, never checkpoint data.
+SYSTEM_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
 # The tensor-to-shard map of a sharded checkpoint.
 SHARD_INDEX = "model.safetensors.index.json"
 # Config keys that decide whether two checkpoints share an architecture.
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+# Bytes per element of each safetensors dtype (the sub-byte F4/F6 types are not merged, so not listed).
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
+# Ancestry: fine-tunes of one base differ by a fraction of their weights' norm (||b - a|| / ||a|| is 0.23
+# between the two toy fine-tunes, which were trained hard, 0.12-0.22 from their base, 0.02 for the test
+# families); independently initialised weights differ by about sqrt(2) (1.34-1.51 from a toy fine-tune
+# to a fresh initialisation of its config). A source further than this from the donor is refused
+# unless the recipe sets allow_unrelated: true.
+MAX_RELATIVE_DISTANCE = 0.5
+# What plan reads to measure it: the first bytes of a few 2-D tensors spread over the layers.
+ANCESTRY_TENSORS = 4
+ANCESTRY_SAMPLE_BYTES = 4 << 20
 # A safetensors header beyond this is corrupt, not large: real ones are a few hundred KB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HASH_CHUNK = 8 * 1024 * 1024
+_HEX40 = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +72,10 @@ class TensorInfo:
 
     dtype: str
     shape: tuple[int, ...]
+    # Where its bytes lie, for a local file (shard name, byte offset of its data in that file): plan reads a
+    # few tensors to check that the sources are related. Not part of what makes two tensors alike.
+    file: str | None = field(default=None, compare=False)
+    offset: int = field(default=0, compare=False)
 
     @property
     def numel(self) -> int:
@@ -88,6 +115,7 @@ class PinnedSource:
     config: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     tokenizer: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    carried: dict[str, str] = field(default_factory=dict)  # CARRIED_FILES present: file name -> sha256
     status: Literal["new", "locked", "updated"] = "new"
 
     @property
@@ -123,19 +151,6 @@ class Check:
     name: str
     status: Literal["passed", "warning", "failed"]
     message: str
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """What the merge needs and what the machine has, in bytes (None: unknown)."""
-
-    output_bytes: int
-    disk_free_bytes: int | None
-    memory_bytes: int
-    memory_available_bytes: int | None
-    largest_tensor: str
-    out: str
-    shard_bytes: int
 
 
 @dataclass
@@ -239,13 +254,12 @@ def plan(
 
     estimate = None
     if out is not None or check_resources:
-        from .merge import check_resources as _check
-        from .merge import build_root, estimate_resources
+        from . import build_root
 
         # Before the pins are known the build folder is not named yet; its filesystem is the build root's.
         estimate = estimate_resources(recipe, sources, donor, out or build_root(), device)
         if check_resources:
-            _check(estimate)
+            _check_resources(estimate)
 
     _hash_local_sources([s for s in sources if s.kind == "local"], on_hash)
     checks.extend(_lock_checks(recipe, sources, old_entries, update))
@@ -323,6 +337,10 @@ def _inspect_dir(recipe: Recipe, src: PinnedSource, path: Path, *, hub_files: bo
     if not path.is_dir():
         raise _error(recipe, src, f"source '{src.name}': {path} is not a folder; name the checkpoint folder holding config.json")
     config_file = path / "config.json"
+    for name in CARRIED_FILES:
+        problem = source_file_problem(path, name)
+        if problem:
+            raise _error(recipe, src, f"source '{src.name}': {problem}")
     if not config_file.is_file():
         raise _error(recipe, src, f"source '{src.name}': no config.json in {path}; name the folder of a Hugging Face checkpoint")
     try:
@@ -334,6 +352,10 @@ def _inspect_dir(recipe: Recipe, src: PinnedSource, path: Path, *, hub_files: bo
         raise _error(recipe, src, f"source '{src.name}': {config_file} must name exactly one architecture "
                                   f"(e.g. \"architectures\": [\"Qwen2ForCausalLM\"]); mergekit picks tensor names from it")
     weight_files = _weight_files(recipe, src, path, shown)
+    for name in weight_files:
+        problem = source_file_problem(path, name, weights=True)
+        if problem:
+            raise _error(recipe, src, f"source '{src.name}': {problem}")
     tensors: dict[str, TensorInfo] = {}
     for name in weight_files:
         if name.endswith(".safetensors"):
@@ -342,23 +364,84 @@ def _inspect_dir(recipe: Recipe, src: PinnedSource, path: Path, *, hub_files: bo
     src.tensors = tensors
     if not src.files:
         src.files = {name: FileInfo((path / name).stat().st_size) for name in weight_files}
-    src.tokenizer = {
-        name: sha256_file(path / name) for name in (*TOKENIZER_FILES, *TEMPLATE_FILES) if (path / name).is_file()
-    }
+    src.carried = {name: sha256_file(path / name) for name in CARRIED_FILES if (path / name).is_file()}
+    src.tokenizer = {name: digest for name, digest in src.carried.items() if name in (*TOKENIZER_FILES, *TEMPLATE_FILES)}
+
+
+def source_file_problem(folder: Path, name: str, *, weights: bool = False) -> str | None:
+    """Why the file `name` of a source folder must not be read or carried over, or None (also when absent).
+
+    Files carried into the merged model must resolve to a regular file inside the folder or in the Hub's
+    cache; weights, which are merged and never copied, may lie elsewhere but must be regular files too.
+    """
+    path = folder / name
+    if not os.path.lexists(path):
+        return None
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return f"{name} is a link that cannot be resolved; replace it with the file itself"
+    try:
+        st = target.stat()
+    except OSError:
+        return f"{name} is a link to {target}, which does not exist; replace it with the file itself"
+    if any(target.is_relative_to(root) for root in SYSTEM_ROOTS):
+        return f"{name} is a link to {target}, a system file, not checkpoint data; replace it with the file itself"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{name} is not a regular file ({_file_kind(st.st_mode)}); replace it with the file itself"
+    if not weights and not (target.is_relative_to(folder.resolve()) or _is_hub_blob(target)):
+        return f"{name} is a link to {target}, outside the source folder; copy the file into the folder instead of linking it"
+    return None
+
+
+def _is_hub_blob(path: Path) -> bool:
+    # huggingface_hub's cache (and `--local-dir` downloads that link into it): models--OWNER--NAME/blobs/<hash>.
+    return path.parent.name == "blobs" and path.parent.parent.name.startswith("models--")
+
+
+def check_carried_files(plan: Plan, paths: dict[str, Path]) -> None:
+    """Raise SourceError unless every source folder's carried files are still safe and as `plan` hashed them.
+
+    The merge calls this before and after mergekit copies them, so what is copied is what plan checked.
+    """
+    problems = []
+    for src in plan.sources:
+        folder = paths[src.name]
+        for name in CARRIED_FILES:
+            problem = source_file_problem(folder, name)
+            present = (folder / name).is_file()
+            if problem is None and name in src.carried:
+                if not present:
+                    problem = f"{name} was removed since plan"
+                elif sha256_file(folder / name) != src.carried[name]:
+                    problem = f"{name} changed since plan"
+            elif problem is None and present and src.kind == "local":
+                problem = f"{name} appeared since plan"
+            if problem:
+                problems.append(f"source '{src.name}': {problem}; plan and merge again")
+    if problems:
+        raise SourceError("\n".join(problems))
 
 
 def _weight_files(recipe: Recipe, src: PinnedSource, path: Path, shown: str) -> list[str]:
     index = path / SHARD_INDEX
-    if index.is_file():
+    if os.path.lexists(index):
+        problem = source_file_problem(path, SHARD_INDEX, weights=True)
+        if problem:
+            raise _error(recipe, src, f"source '{src.name}': {problem}")
         try:
             shards = index_shards(index)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise _error(recipe, src, f"source '{src.name}': cannot read {index}: {exc}") from None
-        missing = [s for s in shards if not (path / s).is_file()]
+        odd = [s for s in shards if not isinstance(s, str) or Path(s).name != s or s in (".", "..")]
+        if odd:
+            raise _error(recipe, src, f"source '{src.name}': {index.name} lists {json.dumps(odd[0])}, which is not a file name in {path}; "
+                                      "shards lie beside the index")
+        missing = [s for s in shards if not os.path.lexists(path / s)]
         if missing:
             raise _error(recipe, src, f"source '{src.name}': {index.name} lists {missing[0]}, which is not in {path}; the download or copy is incomplete")
         return [index.name, *shards]
-    if (path / "model.safetensors").is_file():
+    if os.path.lexists(path / "model.safetensors"):
         return ["model.safetensors"]
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
         raise _error(
@@ -377,11 +460,16 @@ def index_shards(index: Path) -> list[str]:
     return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
 
 
+def weight_file_names(path: Path) -> list[str]:
+    """The files that hold a checkpoint folder's weights: the shard index and the shards it lists, else model.safetensors."""
+    index = path / SHARD_INDEX
+    return [index.name, *index_shards(index)] if index.is_file() else ["model.safetensors"]
+
+
 def folder_content_sha256(path: Path) -> str | None:
     """The content sha256 `plan` pins for the checkpoint folder `path`; None when its weights cannot be read."""
-    index = path / SHARD_INDEX
     try:
-        names = [index.name, *index_shards(index)] if index.is_file() else ["model.safetensors"]
+        names = weight_file_names(path)
         digests = hash_files([path / name for name in names])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -389,7 +477,8 @@ def folder_content_sha256(path: Path) -> str | None:
 
 
 def read_safetensors_header(file: Path, recipe: Recipe | None = None, src: PinnedSource | None = None) -> dict[str, TensorInfo]:
-    """Tensor names, dtypes and shapes from a safetensors file's header; no tensor data is read."""
+    """Tensor names, dtypes and shapes from a safetensors file's header, checked against the file's size
+    as completely as the safetensors format allows; no tensor data is read."""
 
     def fail(message: str) -> SourceError:
         text = f"{file}: {message}"
@@ -398,7 +487,11 @@ def read_safetensors_header(file: Path, recipe: Recipe | None = None, src: Pinne
         return SourceError(text)
 
     try:
-        size = file.stat().st_size
+        st = file.stat()
+        if not stat.S_ISREG(st.st_mode):
+            # Opening a FIFO would block, and a device reads as an endless or empty stream.
+            raise fail(f"not a regular file ({_file_kind(st.st_mode)}); a weight file must be an ordinary file")
+        size = st.st_size
         with file.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -414,18 +507,66 @@ def read_safetensors_header(file: Path, recipe: Recipe | None = None, src: Pinne
     if not isinstance(header, dict):
         raise fail("corrupt safetensors header")
     data_bytes = size - 8 - length
-    out = {}
+    out: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for key, value in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype, shape, (_, end) = value["dtype"], tuple(int(d) for d in value["shape"]), value["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise fail(f"corrupt safetensors header entry for {key}") from None
-        if end > data_bytes:
-            raise fail(f"truncated: tensor {key} ends at byte {end} of the data, which has {data_bytes}; copy the file again")
-        out[key] = TensorInfo(dtype, shape)
+        problem = _tensor_entry_problem(key, value, data_bytes)
+        if problem:
+            raise fail(problem)
+        begin, end = value["data_offsets"]
+        spans.append((begin, end, key))
+        out[key] = TensorInfo(value["dtype"], tuple(value["shape"]), file.name, 8 + length + begin)
+    # safetensors lays tensors end to end from byte 0 of the data: no gap, no overlap, nothing after.
+    at, previous = 0, None
+    for begin, end, key in sorted(spans):
+        if begin < at:
+            raise fail(f"corrupt safetensors header: tensor {key} (bytes {begin}-{end}) overlaps tensor {previous} (ends at byte {at})")
+        if begin > at:
+            where = f"tensor {previous} ends at byte {at}" if previous else "the data starts at byte 0"
+            raise fail(f"corrupt safetensors header: tensor {key} starts at byte {begin}, but {where}")
+        at, previous = end, key
+    if at != data_bytes:
+        raise fail(f"corrupt safetensors header: the tensors end at byte {at} of the data, which has {data_bytes}")
     return out
+
+
+def _tensor_entry_problem(key: str, value: Any, data_bytes: int) -> str | None:
+    """Why the header entry of tensor `key` is impossible in a file with `data_bytes` of data, or None."""
+    bad = f"corrupt safetensors header: tensor {key}"
+    if not isinstance(value, dict) or not {"dtype", "shape", "data_offsets"} <= set(value):
+        return f"{bad} must have dtype, shape and data_offsets"
+    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        return f"{bad} has unknown dtype {json.dumps(dtype)}; known: {', '.join(DTYPE_BYTES)}"
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        return f"{bad} has shape {json.dumps(shape)}, which is not a list of non-negative integers"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        return f"{bad} has data_offsets {json.dumps(offsets)}, which is not a list of two integers [begin, end]"
+    begin, end = offsets
+    if begin < 0 or end < 0:
+        return f"{bad} has negative data_offsets {json.dumps(offsets)}"
+    if begin > end:
+        return f"{bad} begins at byte {begin}, after its end at byte {end}"
+    if end > data_bytes:
+        return f"truncated: tensor {key} ends at byte {end} of the data, which has {data_bytes}; copy the file again"
+    need = math.prod(shape) * DTYPE_BYTES[dtype]
+    if end - begin != need:
+        return f"{bad} spans {end - begin} bytes, but {dtype} of shape {json.dumps(shape)} takes {need}"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not an ordinary file"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,27 +580,19 @@ def _hub_api():
 
 
 def _hub_error(recipe: Recipe, src: PinnedSource, exc: BaseException) -> SourceError:
-    from huggingface_hub import constants, errors
+    from huggingface_hub import constants
+
+    from .hub_errors import describe
 
     where = f"{src.repo_id}@{src.requested_revision}" if src.requested_revision else src.repo_id
     name = f"source '{src.name}'"
-    if isinstance(exc, errors.OfflineModeIsEnabled):
-        return _error(recipe, src, f"{name}: HF_HUB_OFFLINE is set, so {where} cannot be pinned on the Hub; unset HF_HUB_OFFLINE or use a local path")
-    if isinstance(exc, errors.GatedRepoError):
-        return _error(recipe, src, f"{name}: {src.repo_id} is gated; accept its conditions on the Hub and set HF_TOKEN (or run `hf auth login`)")
-    if isinstance(exc, errors.RevisionNotFoundError):
-        return _error(recipe, src, f"{name}: revision '{src.requested_revision}' not found in {src.repo_id}; name an existing branch, tag or commit")
-    if isinstance(exc, errors.RepositoryNotFoundError):
-        return _error(recipe, src, f"{name}: {src.repo_id} not found on {constants.ENDPOINT} (a private repo needs HF_TOKEN or `hf auth login`)")
-    if isinstance(exc, errors.EntryNotFoundError):
-        return _error(recipe, src, f"{name}: {where} has no {getattr(exc, 'filename', None) or 'such file'}: {exc}")
-    if isinstance(exc, errors.HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else "?"
-        return _error(recipe, src, f"{name}: the Hub answered HTTP {status} for {where}; retry later, or check HF_ENDPOINT ({constants.ENDPOINT})")
-    kinds = {c.__name__ for c in type(exc).__mro__}
-    if kinds & {"TransportError", "RequestError", "ConnectionError", "TimeoutException", "OSError"}:
-        return _error(recipe, src, f"{name}: cannot reach the Hub at {constants.ENDPOINT} to pin {where} ({exc}); check the network, or use a local path")
-    return _error(recipe, src, f"{name}: pinning {where} failed: {type(exc).__name__}: {exc}")
+    failure = describe(exc, src.repo_id, src.requested_revision, constants.ENDPOINT)
+    if failure is None:
+        return _error(recipe, src, f"{name}: pinning {where} failed: {type(exc).__name__}: {exc}")
+    if failure.kind in ("gated", "no_repo", "no_revision", "no_file"):
+        return _error(recipe, src, f"{name}: {failure.message}")
+    instead = ", or use a local path" if failure.kind in ("offline", "transport", "busy") else ""
+    return _error(recipe, src, f"{name}: cannot pin {where}: {failure.message}{instead}")
 
 
 def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | None, update: bool) -> None:
@@ -468,7 +601,7 @@ def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | Non
 
     reuse = (
         not update and locked is not None and locked.get("kind") == "hub" and locked.get("model") == src.model
-        and locked.get("revision") == src.requested_revision and _HEX40.match(str(locked.get("commit", "")))
+        and locked.get("revision") == src.requested_revision and _HEX40.fullmatch(str(locked.get("commit", "")))
     )
     if constants.HF_HUB_OFFLINE:
         # Offline, a pinned commit already in the local cache is as good as asking the Hub.
@@ -520,8 +653,9 @@ def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | Non
         meta = api.get_safetensors_metadata(src.repo_id, revision=info.sha)
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(recipe, src, exc) from None
-    src.config = json.loads(local.pop("config.json").read_text(encoding="utf-8"))
-    src.tokenizer = {n: sha256_file(p) for n, p in local.items()}
+    src.config = json.loads(local["config.json"].read_text(encoding="utf-8"))
+    src.carried = {n: sha256_file(p) for n, p in local.items()}
+    src.tokenizer = {n: digest for n, digest in src.carried.items() if n != "config.json"}
     src.tensors = {
         key: TensorInfo(t.dtype, tuple(t.shape))
         for file_meta in meta.files_metadata.values()
@@ -593,6 +727,16 @@ def compatibility_checks(recipe: Recipe, sources: list[PinnedSource], donor: str
     """Architecture, sizes, tensor names and shapes, tokenizer files and licenses of `sources` against the donor."""
     ref = next(s for s in sources if s.name == donor)
     checks: list[Check] = []
+    # Where the merged model's tokenizer comes from: without one, every prompt encodes to nothing.
+    needs = {None: sources, "union": sources, "base": [ref]}.get(tokenizer_source) or [s for s in sources if s.name == tokenizer_source]
+    for src in needs:
+        if not _has_tokenizer(src):
+            checks.append(Check("tokenizer", "failed", str(recipe.problem(
+                src.loc, f"source '{src.name}' has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json with merges.txt); "
+                         "copy the tokenizer files of the model it was trained from into its folder, "
+                         "or set merge.tokenizer_source to a source that has them"))))
+    if checks:
+        return checks
     vocab_free = tokenizer_source is not None  # mergekit rebuilds embeddings to the chosen tokenizer
     for other in sources:
         if other is ref:
@@ -606,10 +750,18 @@ def compatibility_checks(recipe: Recipe, sources: list[PinnedSource], donor: str
             checks.append(Check("config", "failed", str(recipe.problem(
                 other.loc, f"source '{other.name}' cannot be merged with '{ref.name}': " + "; ".join(problems)))))
             continue
-        checks.append(_tensor_check(recipe, ref, other, vocab_free))
+        tensors = _tensor_check(recipe, ref, other, vocab_free)
+        checks.append(tensors)
         checks.append(_tokenizer_check(recipe, ref, other, tokenizer_source))
+        if tensors.status == "passed":
+            checks.append(_ancestry_check(recipe, ref, other))
     checks.extend(_license_checks(recipe, sources))
     return checks
+
+
+def _has_tokenizer(src: PinnedSource) -> bool:
+    files = set(src.tokenizer)
+    return bool(files & {"tokenizer.json", "tokenizer.model"}) or {"vocab.json", "merges.txt"} <= files
 
 
 def _tensor_check(recipe: Recipe, ref: PinnedSource, other: PinnedSource, vocab_free: bool) -> Check:
@@ -630,6 +782,88 @@ def _tensor_check(recipe: Recipe, ref: PinnedSource, other: PinnedSource, vocab_
         return Check("tensors", "failed", str(recipe.problem(
             other.loc, f"source '{other.name}': tensor {key} has shape {list(b)}, '{ref.name}' has {list(a)}; the models cannot be merged")))
     return Check("tensors", "passed", f"'{other.name}' has the same {len(ref.tensors)} tensors as '{ref.name}'")
+
+
+def _ancestry_check(recipe: Recipe, ref: PinnedSource, other: PinnedSource) -> Check:
+    """Refuse `other` when its weights are far from `ref`'s: merging unrelated models yields noise."""
+    measured = relative_distance(ref, other)
+    if measured is None:
+        remote = [s.name for s in (ref, other) if s.kind == "hub"]
+        return Check("ancestry", "warning", f"'{other.name}' and '{ref.name}' were not compared in weight space: "
+                                            f"plan reads no weights of '{remote[0] if remote else other.name}' from the Hub")
+    distance, per_tensor = measured
+    if not per_tensor:
+        return Check("ancestry", "warning", f"'{other.name}' and '{ref.name}' have no floating-point matrices to compare in weight space")
+    numbers = (f"relative distance ||{other.name} - {ref.name}|| / ||{ref.name}|| = {distance:.3g} over {len(per_tensor)} sampled "
+               f"tensors (from {min(per_tensor.values()):.3g} to {max(per_tensor.values()):.3g})")
+    if distance <= MAX_RELATIVE_DISTANCE:
+        return Check("ancestry", "passed", f"'{other.name}' is close to '{ref.name}' in weight space: {numbers}")
+    if recipe.allow_unrelated:
+        return Check("ancestry", "warning", f"'{other.name}' is not a close relative of '{ref.name}' ({numbers}, over the "
+                                            f"limit of {MAX_RELATIVE_DISTANCE}); merged anyway because allow_unrelated is true")
+    return Check("ancestry", "failed", str(recipe.problem(other.loc, (
+        f"source '{other.name}' does not look like a relative of '{ref.name}': {numbers}, over the limit of "
+        f"{MAX_RELATIVE_DISTANCE} (fine-tunes of one base are far below it, unrelated weights near 1.4); merge fine-tunes "
+        "of the same base model, or set allow_unrelated: true in the recipe if you mean it"))))
+
+
+def relative_distance(a: PinnedSource, b: PinnedSource) -> tuple[float, dict[str, float]] | None:
+    """||b - a|| / ||a|| over the first bytes of a few 2-D tensors, pooled and per tensor; None when either
+    source's weights are not on this machine (a Hub source before the merge)."""
+    names = _ancestry_sample(a, b)
+    if names is None:
+        return None
+    import numpy as np
+
+    diff_sq = norm_sq = 0.0
+    per_tensor = {}
+    for name in names:
+        x, y = _read_sample(a, name), _read_sample(b, name)
+        d, n = float(np.dot(y - x, y - x)), float(np.dot(x, x))
+        per_tensor[name] = _ratio(d, n)
+        diff_sq, norm_sq = diff_sq + d, norm_sq + n
+    return _ratio(diff_sq, norm_sq), per_tensor
+
+
+def _ratio(diff_sq: float, norm_sq: float) -> float:
+    if norm_sq == 0:
+        return 0.0 if diff_sq == 0 else math.inf
+    return math.sqrt(diff_sq / norm_sq)
+
+
+_SAMPLE_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def _ancestry_sample(a: PinnedSource, b: PinnedSource) -> list[str] | None:
+    if a.path is None or b.path is None or any(info.file is None for src in (a, b) for info in src.tensors.values()):
+        return None  # a Hub source, known from the Hub's metadata only
+    matrices = sorted(
+        name for name, info in a.tensors.items()
+        if len(info.shape) == 2 and info.dtype in _SAMPLE_DTYPES and b.tensors.get(name) == info and info.numel > 0
+    )
+    # The layers' matrices say most about training; embeddings only when there is nothing else.
+    names = [n for n in matrices if not _is_vocab_tensor(n)] or matrices
+    if len(names) <= ANCESTRY_TENSORS:
+        return names
+    step = (len(names) - 1) / (ANCESTRY_TENSORS - 1)
+    return [names[round(i * step)] for i in range(ANCESTRY_TENSORS)]
+
+
+def _read_sample(src: PinnedSource, name: str):
+    """The first ANCESTRY_SAMPLE_BYTES of tensor `name` as float64 (read straight from its file)."""
+    import numpy as np
+
+    info = src.tensors[name]
+    assert src.path is not None and info.file is not None
+    width = DTYPE_BYTES[info.dtype]
+    count = min(info.numel, ANCESTRY_SAMPLE_BYTES // width)
+    with (src.path / info.file).open("rb") as f:
+        f.seek(info.offset)
+        data = f.read(count * width)
+    raw = np.frombuffer(data, dtype=_SAMPLE_DTYPES[info.dtype])
+    if info.dtype == "BF16":
+        raw = (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float64)
 
 
 def _is_vocab_tensor(name: str) -> bool:
@@ -675,17 +909,6 @@ def content_sha256(files: dict[str, str]) -> str:
     """sha256 of a `sha256sum`-style listing ("<hex>  <name>\\n", sorted by name) of the weight files."""
     listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(files.items()))
     return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's content."""
-    h = hashlib.sha256()
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -736,9 +959,7 @@ class HashCache:
             return
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.entries, sort_keys=True))
-            os.replace(tmp, self.file)
+            replace_atomically(self.file, json.dumps(self.entries, sort_keys=True).encode("utf-8"))
         except OSError:
             pass
 
@@ -858,12 +1079,9 @@ def write_lock(p: Plan) -> bool:
     if p.lock_path is None or not p.lock_changed:
         return False
     text = json.dumps(p.lock, indent=2, sort_keys=True) + "\n"
-    tmp = p.lock_path.with_name(f".{p.lock_path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p.lock_path)
+        replace_atomically(p.lock_path, text.encode("utf-8"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SourceError(f"{p.lock_path}: cannot write the lock file: {exc.strerror}") from None
     p.lock_changed = False
     return True

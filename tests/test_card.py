@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,10 @@ import pytest
 from registry.card import (
     card_context,
     front_matter,
+    human_number,
+    human_percent,
+    human_seconds,
+    human_size,
     md,
     metadata_problems,
     read_reports,
@@ -383,6 +388,69 @@ def test_unreadable_report_names_file_and_position(tmp_path):
     )
 
 
+@pytest.mark.parametrize("show, value, shown", [
+    # Times: two significant digits, in s below a minute, then min, then h; rounding may carry into the next unit.
+    (human_seconds, 0, "0 s"),
+    (human_seconds, 0.0043219, "0.0043 s"),
+    (human_seconds, 0.05, "0.050 s"),
+    (human_seconds, 0.4321987, "0.43 s"),
+    (human_seconds, 9.96, "10 s"),
+    (human_seconds, 12.3456789, "12 s"),
+    (human_seconds, 59.4, "59 s"),
+    (human_seconds, 59.7, "1.0 min"),
+    (human_seconds, 77.73219, "1.3 min"),
+    (human_seconds, 599.0, "10 min"),
+    (human_seconds, 3599.0, "1.0 h"),
+    (human_seconds, 9000.0, "2.5 h"),
+    (human_seconds, float("nan"), "n/a"),
+    # Sizes: binary units, three significant digits.
+    (human_size, 0, "0 B"),
+    (human_size, 1023, "1023 B"),
+    (human_size, 1024, "1.00 KiB"),
+    (human_size, 123456, "121 KiB"),
+    (human_size, 1024 * 1024 - 1, "1.00 MiB"),
+    (human_size, 123456789, "118 MiB"),
+    (human_size, 3725541376, "3.47 GiB"),
+    (human_size, 3 * 1024**4 + 12345, "3.00 TiB"),
+    # Fractions as percentages, three significant digits; an NLL with three decimals.
+    (human_percent, 0.5, "50%"),
+    (human_percent, 1 / 3, "33.3%"),
+    (human_percent, 0.125, "12.5%"),
+    (human_percent, 1.0, "100%"),
+    (human_number, 0.30213456789, "0.302"),
+    (human_number, 1.9999999, "2.000"),
+])
+def test_numbers_are_shown_rounded_for_people(show, value, shown):
+    assert show(value) == shown
+
+
+def test_a_card_shows_measured_floats_rounded():
+    smoke = smoke_of(
+        long=[
+            {"tokens": 4096, "depth": 1 / 3, "status": "retrieved", "seconds": 0.4321987, "peak_memory_bytes": 3725541376},
+            {"tokens": 32768, "depth": 0.5, "status": "retrieved", "seconds": 12.3456789, "peak_memory_bytes": 123456789},
+            {"tokens": 131072, "depth": 0.9, "status": "retrieved", "seconds": 77.73219, "peak_memory_bytes": 9512345678},
+        ],
+        parity=[{"model": "merged", "nll": 0.30213456789, "long_retrieved": 3, "long_total": 3},
+                {"model": "cos", "nll": 1.9999999, "long_retrieved": 2, "long_total": 3}],
+    )
+    recipe = recipe_text().replace("weight: 0.3}", "weight: 0.30000000000000004}")
+    card = render(recipe, smoke=smoke)
+    body = section(card, "Smoke tests")
+    assert (
+        "| Context tokens | Depth | Result | Time | Peak memory |\n"
+        "|---:|---:|---|---:|---:|\n"
+        "| 4,096 | 33.3% | retrieved | 0.43 s | 3.47 GiB |\n"
+        "| 32,768 | 50% | retrieved | 12 s | 118 MiB |\n"
+        "| 131,072 | 90% | retrieved | 1.3 min | 8.86 GiB |\n"
+    ) in body
+    assert "| **merged** | 0.302 | 3 of 3 |\n| `cos` | 2.000 | 2 of 3 |" in body
+    assert "| `cos` | GRPO, cosine reward | 0.3 |\n| `fmt` | GRPO, format reward | 0.7 |" in section(card, "Merge details")
+    # Nothing shown with more decimals than a reader needs (the recipe's own YAML block aside, which is verbatim data).
+    shown = card.replace(section(card, "Configuration"), "")
+    assert re.findall(r"\d\.\d{4,}", shown) == []
+
+
 def test_failed_smoke_is_shown_as_failed(tmp_path):
     smoke = smoke_of(**{
         "passed": False, "device": "cpu",
@@ -401,7 +469,7 @@ def test_failed_smoke_is_shown_as_failed(tmp_path):
     assert body.startswith("**Failed** on cpu.\n\n| Check | Result | Notes |\n|---|---|---|\n| long | failed | pass key missed at 512 tokens |\n")
     assert "Output (5 new tokens, ended by the model):\n\n````text\n```\n| not a table |\n```\n````\n" in body
     assert (
-        "| 256 | 50% | retrieved | 0.05 s | 1.43 MiB |\n"
+        "| 256 | 50% | retrieved | 0.050 s | 1.43 MiB |\n"
         "| 512 | 50% | missed (non-finite logits) | 0.10 s | 1.91 MiB |\n"
         "| 131,072 | 50% | skipped: longer than cpu\\_max\\_tokens 8192 | n/a | n/a |\n"
     ) in body

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,15 +18,20 @@ from urllib.request import urlopen
 import pytest
 import yaml
 
+from registry.card import NUMBER_FILTERS, card_environment
 from registry.catalog import (
     MARKER,
     CatalogError,
+    CatalogModel,
     build_site,
+    html_environment,
     make_server,
     read_local,
     read_models,
     render_markdown,
+    split_front_matter,
 )
+from registry.errors import ReportError
 from registry.publish import Bundle, bundle_files
 from registry.publish.local import LocalOptions, LocalTarget
 from registry.reports import Provenance, Smoke
@@ -247,6 +253,8 @@ def test_index_lists_the_latest_version_of_every_published_model(page: Watched, 
 
 
 def test_search_and_filters_hide_exactly_the_right_rows(page: Watched, base_url: str):
+    from playwright.sync_api import expect
+
     p = page.page
     p.goto(base_url + "index.html")
     p.fill("input[name=q]", "base merge")  # every word, anywhere: repo id, summary, parents
@@ -280,7 +288,8 @@ def test_search_and_filters_hide_exactly_the_right_rows(page: Watched, base_url:
     assert visible_rows(p) == []
     assert p.inner_text("#count") == "0 of 4 models"
     p.click("button[type=reset]")
-    p.wait_for_function("document.getElementById('count').textContent === '4 models'")
+    # Polled by Playwright itself: a string predicate would be eval'd, which the page's CSP refuses.
+    expect(p.locator("#count")).to_have_text("4 models")
     assert visible_rows(p) == ALL
     page.quiet()
 
@@ -398,10 +407,11 @@ def test_lineage_links_go_both_ways(page: Watched, base_url: str):
     page.quiet()
 
 
-def test_model_page_shows_card_recipe_smoke_results_and_hub_link(page: Watched, base_url: str):
+def test_model_page_shows_card_recipe_and_smoke_results_and_no_hub_link_for_a_local_model(page: Watched, base_url: str):
     p = page.page
     p.goto(base_url + f"models/{CHILD}.html")
-    assert p.get_attribute("a.hub", "href") == f"https://huggingface.co/{CHILD}"
+    # Published to the local registry only: nothing says it is on a Hub, so no link to one.
+    assert p.locator("a.hub").count() == 0
     assert p.locator("article.card h1").inner_text() == "merge-of-merges"
     assert p.locator("article.card table tbody tr").all_inner_texts() == ["a\tfirst\t0.3", "b\tsecond\t0.7"]
     assert p.locator("#recipe table.sources tbody tr").all_inner_texts() == [
@@ -413,7 +423,7 @@ def test_model_page_shows_card_recipe_smoke_results_and_hub_link(page: Watched, 
         "short\tpassed\tanswered through the chat template",
         "long\tfailed\tmissed the pass key at 512 tokens",
     ]
-    assert p.locator("#smoke table.long tbody tr").all_inner_texts() == ["512\t0.5\tmissed\t0.41"]
+    assert p.locator("#smoke table.long tbody tr").all_inner_texts() == ["512\t50%\tmissed\t0.41 s\t121 KiB"]
     p.goto(base_url + f"models/{THIRD}.html")
     assert p.inner_text("#smoke p") == "No smoke-test report (smoke.json) was published with this model."
     assert p.get_attribute("ul.facts a[rel~=nofollow]", "href") == "https://example.com/licence"
@@ -594,15 +604,168 @@ def test_empty_registry_builds_an_empty_catalog(tmp_path: Path):
     assert "<p>Nothing has been published yet.</p>" in (tmp_path / "site" / "index.html").read_text()
 
 
-def test_a_hub_model_with_a_report_of_another_format_is_one_clear_error(hub_server: Any, hub_api: Any):
-    from registry.errors import ReportError
+# ---------------------------------------------------------------------------------------------
+# Numbers for people, the Hub link, reports of an older format
 
-    repo = f"{HUB_ORG}/old-format"
-    upload_model(hub_api, repo, hub_card(repo, ["up/a", "up/b"], ["merge"], "an older registry wrote it"),
-                 smoke={"format": 1, "passed": True, "checks": []})
+
+def measured_model(repo_id: str, url: str | None = None) -> CatalogModel:
+    """A model whose reports hold floats as measured: long, unrounded, 16 digits where binary makes them so."""
+    card = card_text(repo_id, {"base_model": ["up/a", "up/b"], "license": "mit", "tags": ["merge", "linear"]}, "Measured")
+    smoke = Smoke.model_validate({
+        "passed": True, "device": "cuda", "checks": [],
+        "long": [
+            {"tokens": 4096, "depth": 1 / 3, "status": "retrieved", "seconds": 0.4321987, "peak_memory_bytes": 3725541376},
+            {"tokens": 32768, "depth": 0.5, "status": "missed", "finite": False, "seconds": 12.3456789,
+             "peak_memory_bytes": 123456789},
+            {"tokens": 131072, "depth": 0.9, "status": "retrieved", "seconds": 77.73219, "peak_memory_bytes": 9512345678},
+            {"tokens": 262144, "depth": 0.9, "status": "skipped", "reason": "longer than max_tokens"},
+        ],
+        "parity": [
+            {"model": "merged", "nll": 0.30213456789, "long_retrieved": 2, "long_total": 3},
+            {"model": "cos", "nll": 1.9999999, "long_retrieved": 3, "long_total": 3},
+            {"model": "fmt", "nll": None, "long_retrieved": 0, "long_total": 0},
+        ],
+    })
+    provenance = Provenance.model_validate({
+        "merge_identity": "e" * 64, "merge_method": "linear", "normalize": True, "dtype": "bfloat16", "config_donor": "cos",
+        "sources": {
+            "cos": {"kind": "hub", "repo_id": "up/a", "revision": "c" * 40, "weight": 0.1 + 0.2},
+            "fmt": {"kind": "local", "content_sha256": "d" * 64,
+                    "weight": [{"filter": "mlp", "value": 0.1 + 0.2}, {"filter": None, "value": 0.7}]},
+        },
+        "files": {}, "versions": {"registry": "0.1.0"}, "device": "cuda",
+    })
+    meta, _ = split_front_matter(card)
+    return CatalogModel(repo_id, card, meta or {}, smoke=smoke, provenance=provenance, url=url)
+
+
+def test_numbers_on_a_model_page_are_rounded_for_people(tmp_path: Path):
+    build_site([measured_model("team/measured")], tmp_path / "site", [])
+    page = (tmp_path / "site" / "models" / "team" / "measured.html").read_text()
+    assert (
+        "<tbody>\n"
+        "<tr><td>4,096</td><td>33.3%</td><td>retrieved</td><td>0.43 s</td><td>3.47 GiB</td></tr>\n"
+        "<tr><td>32,768</td><td>50%</td><td>missed (non-finite logits)</td><td>12 s</td><td>118 MiB</td></tr>\n"
+        "<tr><td>131,072</td><td>90%</td><td>retrieved</td><td>1.3 min</td><td>8.86 GiB</td></tr>\n"
+        "<tr><td>262,144</td><td>90%</td><td>skipped: longer than max_tokens</td><td>n/a</td><td>n/a</td></tr>\n"
+        "</tbody>"
+    ) in page
+    assert (
+        "<tbody>\n"
+        "<tr><td>merged</td><td>0.302</td><td>2 of 3</td></tr>\n"
+        "<tr><td>cos</td><td>2.000</td><td>3 of 3</td></tr>\n"
+        "<tr><td>fmt</td><td>n/a</td><td>n/a</td></tr>\n"
+        "</tbody>"
+    ) in page
+    assert "<td>cccccccccccc</td><td>0.3</td></tr>" not in page  # the pin is in <code>; the weight cell follows it
+    assert "<code>cccccccccccc</code></td><td>0.3</td></tr>" in page
+    assert "<code>dddddddddddd</code></td><td>0.3 for mlp; 0.7 otherwise</td></tr>" in page
+    # Nothing anywhere on the page with more decimals than a reader needs (0.30000000000000004, 0.4321987).
+    assert re.findall(r"\d\.\d{4,}", page) == []
+
+
+def test_the_catalog_shows_numbers_with_the_cards_own_filters():
+    card, html = card_environment(()), html_environment([])
+    for name, function in NUMBER_FILTERS.items():
+        assert card.filters[name] is function
+        assert html.filters[name] is function
+
+
+def test_the_hub_link_is_shown_only_for_a_model_read_from_a_hub(home: Path, tmp_path: Path):
+    # A local-registry version records no publish to a Hub, so it gets no URL (and no guessed link).
+    assert sorted((m.repo_id, m.url) for m in read_local(home)) == sorted((repo_id, None) for repo_id in ALL)
+    build_site([measured_model("team/local-only"), measured_model("team/on-hub", url="http://hub.test/team/on-hub")],
+               tmp_path / "site", [])
+    local = (tmp_path / "site" / "models" / "team" / "local-only.html").read_text()
+    hub = (tmp_path / "site" / "models" / "team" / "on-hub.html").read_text()
+    assert "On the Hub" not in local and 'class="hub"' not in local
+    assert '<li><a class="hub" href="http://hub.test/team/on-hub" rel="noopener">On the Hub: team/on-hub</a></li>' in hub
+
+
+# What registry 0.1 wrote (format 1): text fields in provenance, the recipe hash in both reports.
+OLD_PROVENANCE = {
+    "format": 1, "recipe_sha256": "a" * 64, "repo_id": "x/y", "merge_method": "linear", "normalize": True,
+    "dtype": "bfloat16", "config_donor": "cos",
+    "sources": {"cos": {"kind": "hub", "repo_id": "up/a", "revision": "c" * 40, "content_sha256": None,
+                        "label": "cos", "hub_id": None, "weight": 0.3}},
+    "files": {}, "versions": {"registry": "0.1.0"}, "device": "cpu",
+}
+OLD_SMOKE = {"format": 1, "passed": True, "device": "cpu", "recipe_sha256": "a" * 64, "checks": [], "long": [], "parity": []}
+OLDER = "report written by an older registry; re-publish to refresh it"
+
+
+def replace_published(home: Path, repo_id: str, name: str, text: str) -> None:
+    """Put `text` as `name` into the newest local version of `repo_id` (a new file, not through its hard link)."""
+    (folder,) = (home / "models" / repo_id).iterdir()
+    (folder / name).unlink()
+    (folder / name).write_text(text)
+
+
+def test_a_local_model_with_reports_of_an_older_format_is_shown_with_a_note(tmp_path: Path):
+    home, old = tmp_path / "registry", f"{ORG}/old-reports"
+    publish(home, tmp_path / "build", BASE, summary="Current", parents=["up/a", "up/b"], tags=["math"])
+    publish(home, tmp_path / "build", old, summary="Published by registry 0.1", parents=["up/a", "up/b"], tags=["math"])
+    replace_published(home, old, "provenance.json", json.dumps(OLD_PROVENANCE))
+    replace_published(home, old, "smoke.json", json.dumps(OLD_SMOKE))
+
+    run = registry("catalog", "build", "-o", "site", cwd=tmp_path, env={"REGISTRY_HOME": str(home)})
+    assert (run.returncode, run.stderr) == (0, "")
+    assert run.stdout.startswith(f"wrote site/index.html and 2 model pages from the local registry {home} in ")
+    page = (tmp_path / "site" / "models" / f"{old}.html").read_text()
+    assert f'<p class="note">smoke.json: {OLDER}</p>\n<p class="note">provenance.json: {OLDER}</p>' in page
+    assert '<article class="card">\n<h1>old-reports</h1>\n<p>Published by registry 0.1</p>' in page
+    # The index still knows how its smoke test went; the unreadable reports are simply not shown.
+    assert '<span class="smoke smoke-passed">passed</span>' in page
+    assert "<p>No smoke-test report (<code>smoke.json</code>) was published with this model.</p>" in page
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert index.count('<p class="note">') == 2 and f'<p class="note">smoke.json: {OLDER}</p>' in index
+    assert '<p class="note">' not in (tmp_path / "site" / "models" / f"{BASE}.html").read_text()
+
+
+def test_a_hub_model_with_a_report_of_an_older_format_is_shown_with_a_note(hub_server: Any, hub_api: Any, tmp_path: Path):
+    old, new = f"{HUB_ORG}/old-format", f"{HUB_ORG}/current"
+    upload_model(hub_api, old, hub_card(old, ["up/a", "up/b"], ["merge"], "an older registry wrote it"), smoke=OLD_SMOKE)
+    upload_model(hub_api, new, hub_card(new, ["up/a", "up/b"], ["merge"], "current"),
+                 smoke={"format": 2, "passed": True, "device": "cpu", "checks": []})
+    run = subprocess.run(
+        [sys.executable, "-m", "registry", "catalog", "build", "--from", f"hf:{HUB_ORG}", "-o", "site", "--format", "json"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **hub_server.client_env(HUB_TOKEN)}, timeout=120,
+    )
+    assert (run.returncode, run.stderr) == (0, "")
+    assert json.loads(run.stdout)["pages"] == ["index.html", f"models/{new}.html", f"models/{old}.html"]
+    page = (tmp_path / "site" / "models" / f"{old}.html").read_text()
+    assert f'<p class="note">smoke.json: {OLDER}</p>' in page
+    # Its smoke.json exists but cannot be read: neither passed nor "not run".
+    assert '<span class="smoke smoke-unknown">unknown</span>' in page
+    assert "<p>an older registry wrote it</p>" in page
+    assert '<p class="note">' not in (tmp_path / "site" / "models" / f"{new}.html").read_text()
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"format": 2, "passed": tru', "not valid JSON (Expecting value: line 1 column 25 (char 24))"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"format": 2, "passed": true, "device": "cpu", "checks": "none"}', "checks: Input should be a valid list"),
+    ('{"format": 3, "passed": true}', "unknown smoke.json format 3 (this registry reads format 2)"),
+    ('{"format": "1", "passed": true}', 'unknown smoke.json format "1" (this registry reads format 2)'),
+    ('{"passed": true}', "unknown smoke.json format null (this registry reads format 2)"),
+])
+def test_a_corrupt_report_on_the_hub_is_one_clear_error(hub_server: Any, hub_api: Any, text: str, problem: str):
+    repo = f"{HUB_ORG}/corrupt"
+    upload_model(hub_api, repo, hub_card(repo, ["up/a", "up/b"], ["merge"], "damaged"))
+    hub_api.upload_file(path_or_fileobj=text.encode(), path_in_repo="smoke.json", repo_id=repo)
     with pytest.raises(ReportError) as failed:
         read_models(f"hf:{HUB_ORG}", api=hub_api)
-    assert str(failed.value) == (
-        f"{hub_server.endpoint}/{repo}/smoke.json: unknown smoke.json format 1 (this registry reads format 2) "
-        "(run `registry smoke` again to rewrite it)"
+    assert str(failed.value) == f"{hub_server.endpoint}/{repo}/smoke.json: {problem} (run `registry smoke` again to rewrite it)"
+
+
+def test_a_corrupt_local_report_fails_the_build_in_one_line(tmp_path: Path):
+    home, repo = tmp_path / "registry", f"{ORG}/corrupt"
+    publish(home, tmp_path / "build", repo, summary="Damaged", parents=["up/a", "up/b"], tags=[])
+    replace_published(home, repo, "provenance.json", '{"format": 2, "merge_identity": 7}')
+    run = registry("catalog", "build", "-o", "site", cwd=tmp_path, env={"REGISTRY_HOME": str(home)})
+    (folder,) = (home / "models" / repo).iterdir()
+    assert (run.returncode, run.stdout, run.stderr) == (
+        1, "", f"error: {folder / 'provenance.json'}: merge_identity: Input should be a valid string "
+        "(run `registry merge` again to rewrite it)\n",
     )
+    assert not (tmp_path / "site").exists()

@@ -349,6 +349,31 @@ def test_local_sources_in_the_checkout_are_sized_from_disk(upstream: Path) -> No
     assert ci.compute_changes(base, root=upstream, max_source_bytes=4000).recipes[0].dry_run is True
 
 
+def test_local_sources_are_sized_from_the_files_plan_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ${VAR}, ~ and relative paths expand as the plan expands them; a shard index limits the files to the
+    # shards it lists; stray .safetensors files beside them (an old export) are not the model's weights.
+    def checkpoint(folder: Path, sharded: bool) -> None:
+        folder.mkdir(parents=True)
+        if sharded:
+            weight_map = {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}
+            (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+            (folder / "model-00001-of-00002.safetensors").write_bytes(b"x" * 1000)
+            (folder / "model-00002-of-00002.safetensors").write_bytes(b"y" * 2000)
+        else:
+            (folder / "model.safetensors").write_bytes(b"z" * 3000)
+        (folder / "consolidated.safetensors").write_bytes(b"s" * 5000)
+
+    monkeypatch.setenv("CKPT", str(tmp_path / "env"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("UNSET_CKPT", raising=False)
+    recipe_dir = tmp_path / "recipes"
+    checkpoint(tmp_path / "env" / "a", sharded=True)
+    checkpoint(tmp_path / "home" / "b", sharded=False)
+    checkpoint(recipe_dir / "c", sharded=True)
+    sizes = {text: ci._local_weight_bytes(text, recipe_dir) for text in ("${CKPT}/a", "~/b", "./c", "${UNSET_CKPT}/a", "./missing")}
+    assert sizes == {"${CKPT}/a": 3000, "~/b": 3000, "./c": 3000, "${UNSET_CKPT}/a": None, "./missing": None}
+
+
 # ---------------------------------------------------------------------------------------------
 # registry ci summary
 

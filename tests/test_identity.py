@@ -62,6 +62,14 @@ def test_source_content_changes_the_merge_identity(workspace):
     assert merge_identity(recipe, plan(recipe, update=True, check_resources=False)) != before
 
 
+def test_a_carried_tokenizer_file_changes_the_merge_identity(workspace):
+    before, _ = identities(workspace, RECIPE)
+    template = workspace / "ft_fmt" / "chat_template.jinja"
+    template.write_text(template.read_text() + "\n")
+    recipe = load_recipe(workspace / "recipe.yaml")
+    assert merge_identity(recipe, plan(recipe, update=True, check_resources=False)) != before
+
+
 def test_card_identity_is_the_card_text():
     assert card_identity("---\na: 1\n---\nbody\n") != card_identity("---\na: 1\n---\nbody \n")
     assert card_identity("x") == card_identity("x")

@@ -14,7 +14,7 @@ import pytest
 from models import build_family, copy_non_weights, edit_json, fine_tune, rewrite_tensors
 
 from registry.errors import MergeError, SourceError
-from registry.merge import check_resources, estimate_resources
+from registry.machine import check_resources, estimate_resources
 from registry.recipe import load_recipe
 from registry.sources import (
     FileInfo,
@@ -91,6 +91,8 @@ def test_local_sources_are_pinned_to_a_hash_of_their_weights_and_locked(work: Pa
     assert [(c.name, c.status, c.message) for c in p.checks] == [
         ("tensors", "passed", "'b' has the same 27 tensors as 'a'"),
         ("tokenizer", "passed", "tokenizer files are identical"),
+        ("ancestry", "passed", ("'b' is close to 'a' in weight space: relative distance ||b - a|| / ||a|| = 0.0234 "
+                                "over 4 sampled tensors (from 0.0223 to 0.0237)")),
     ]
     assert write_lock(p) is True
     lock = work / "tiny.lock.json"
@@ -176,6 +178,247 @@ def test_truncated_safetensors_file(work: Path) -> None:
         plan(load_recipe(path))
     assert str(err.value).startswith(f"{path}:8:12: sources.b.model: source 'b': {weights}: truncated: tensor ")
     assert str(err.value).endswith("; copy the file again")
+
+
+# Two tensors laid end to end: a (F32 [2, 2], bytes 0-16) and b (BF16 [4], bytes 16-24).
+GOOD_HEADER = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+               "b": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]}}
+BAD = "corrupt safetensors header: tensor"
+KNOWN_DTYPES = "F64, F32, BF16, F16, I64, I32, I16, I8, U64, U32, U16, U8, BOOL, F8_E4M3, F8_E5M2, F8_E8M0, C64"
+HEADER_LIES = {
+    "begin_after_end": ({"a": {"data_offsets": [16, 0]}}, 24, f"{BAD} a begins at byte 16, after its end at byte 0"),
+    "overlap": ({"b": {"data_offsets": [8, 16]}}, 24, f"{BAD} b (bytes 8-16) overlaps tensor a (ends at byte 16)"),
+    "gap": ({"b": {"data_offsets": [18, 26]}}, 26, f"{BAD} b starts at byte 18, but tensor a ends at byte 16"),
+    "not_from_byte_0": ({"a": {"data_offsets": [4, 20]}, "b": {"data_offsets": [20, 28]}}, 28,
+                        f"{BAD} a starts at byte 4, but the data starts at byte 0"),
+    "size_not_dtype_times_shape": ({"a": {"shape": [2, 3]}}, 24, f"{BAD} a spans 16 bytes, but F32 of shape [2, 3] takes 24"),
+    "unknown_dtype": ({"a": {"dtype": "F99"}}, 24,
+                      f"{BAD} a has unknown dtype \"F99\"; known: {KNOWN_DTYPES}"),
+    "dtype_not_a_string": ({"a": {"dtype": 4}}, 24, f"{BAD} a has unknown dtype 4; known: {KNOWN_DTYPES}"),
+    "negative_offsets": ({"a": {"data_offsets": [-16, 0]}}, 24, f"{BAD} a has negative data_offsets [-16, 0]"),
+    "string_offsets": ({"a": {"data_offsets": ["0", "16"]}}, 24,
+                       f"{BAD} a has data_offsets [\"0\", \"16\"], which is not a list of two integers [begin, end]"),
+    "float_offsets": ({"a": {"data_offsets": [0.0, 16.0]}}, 24,
+                      f"{BAD} a has data_offsets [0.0, 16.0], which is not a list of two integers [begin, end]"),
+    "bool_offsets": ({"a": {"data_offsets": [False, 16]}}, 24,
+                     f"{BAD} a has data_offsets [false, 16], which is not a list of two integers [begin, end]"),
+    "three_offsets": ({"a": {"data_offsets": [0, 8, 16]}}, 24,
+                      f"{BAD} a has data_offsets [0, 8, 16], which is not a list of two integers [begin, end]"),
+    "offsets_not_a_list": ({"a": {"data_offsets": "0-16"}}, 24,
+                           f"{BAD} a has data_offsets \"0-16\", which is not a list of two integers [begin, end]"),
+    "string_shape": ({"a": {"shape": ["2", 2]}}, 24, f"{BAD} a has shape [\"2\", 2], which is not a list of non-negative integers"),
+    "float_shape": ({"a": {"shape": [2.0, 2]}}, 24, f"{BAD} a has shape [2.0, 2], which is not a list of non-negative integers"),
+    "bool_shape": ({"a": {"shape": [True, 4]}}, 24, f"{BAD} a has shape [true, 4], which is not a list of non-negative integers"),
+    "negative_shape": ({"a": {"shape": [-2, -2]}}, 24, f"{BAD} a has shape [-2, -2], which is not a list of non-negative integers"),
+    "shape_not_a_list": ({"a": {"shape": 4}}, 24, f"{BAD} a has shape 4, which is not a list of non-negative integers"),
+    "missing_dtype": ({"a": {"dtype": None}}, 24, f"{BAD} a must have dtype, shape and data_offsets"),
+    "entry_not_a_mapping": ({"a": [1, 2]}, 24, f"{BAD} a must have dtype, shape and data_offsets"),
+    "data_after_the_last_tensor": ({}, 30, "corrupt safetensors header: the tensors end at byte 24 of the data, which has 30"),
+    "truncated": ({}, 20, "truncated: tensor b ends at byte 24 of the data, which has 20; copy the file again"),
+}
+
+
+def write_raw_safetensors(path: Path, header: dict, data_bytes: int) -> None:
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(data_bytes))
+
+
+@pytest.mark.parametrize("lie", sorted(HEADER_LIES))
+def test_every_lie_of_a_safetensors_header_gets_its_own_message(tmp_path: Path, lie: str) -> None:
+    changes, data_bytes, expected = HEADER_LIES[lie]
+    header = json.loads(json.dumps(GOOD_HEADER))
+    for name, fields in changes.items():
+        if isinstance(fields, dict):
+            header[name].update(fields)
+            header[name] = {k: v for k, v in header[name].items() if v is not None}
+        else:
+            header[name] = fields
+    file = tmp_path / "model.safetensors"
+    write_raw_safetensors(file, header, data_bytes)
+    with pytest.raises(SourceError) as err:
+        read_safetensors_header(file)
+    assert str(err.value) == f"{file}: {expected}"
+
+
+def test_the_unchanged_header_of_those_lies_is_read(tmp_path: Path) -> None:
+    write_raw_safetensors(tmp_path / "model.safetensors", GOOD_HEADER, 24)
+    assert read_safetensors_header(tmp_path / "model.safetensors") == {"a": TensorInfo("F32", (2, 2)), "b": TensorInfo("BF16", (4,))}
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_a_weight_file_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path: Path, kind: str) -> None:
+    file = tmp_path / "model.safetensors"
+    if kind == "device":
+        file.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(file)  # opening it for reading would block forever
+    else:
+        file.mkdir()
+    with pytest.raises(SourceError) as err:
+        read_safetensors_header(file)
+    shown = {"device": "a character device", "fifo": "a FIFO", "folder": "a folder"}[kind]
+    assert str(err.value) == f"{file}: not a regular file ({shown}); a weight file must be an ordinary file"
+
+
+TOY = Path(__file__).parent / "fixtures" / "toy"
+
+
+@pytest.fixture
+def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A recipe folder with copies of the toy fine-tunes as `a` and `b`."""
+    shutil.copytree(TOY / "ft_cos", tmp_path / "a")
+    shutil.copytree(TOY / "ft_fmt", tmp_path / "b")
+    monkeypatch.setenv("REGISTRY_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def _outside(toy: Path) -> Path:
+    (toy / "elsewhere").mkdir(exist_ok=True)
+    (toy / "elsewhere" / "notes.txt").write_text("HF_TOKEN=hf_secret\n")
+    return toy / "elsewhere" / "notes.txt"
+
+
+# name -> (file replaced, how, the problem plan reports after "source 'a': ")
+LINKED_FILES = {
+    "proc_environ": ("chat_template.jinja", lambda toy, f: f.symlink_to("/proc/self/environ"),
+                     lambda toy: f"chat_template.jinja is a link to {Path('/proc/self/environ').resolve()}, a system file, "
+                                 "not checkpoint data; replace it with the file itself"),
+    "outside_file": ("chat_template.jinja", lambda toy, f: f.symlink_to(_outside(toy)),
+                     lambda toy: f"chat_template.jinja is a link to {toy / 'elsewhere' / 'notes.txt'}, outside the source "
+                                 "folder; copy the file into the folder instead of linking it"),
+    "relative_escape": ("tokenizer_config.json", lambda toy, f: (_outside(toy), f.symlink_to("../elsewhere/notes.txt")),
+                        lambda toy: f"tokenizer_config.json is a link to {toy / 'elsewhere' / 'notes.txt'}, outside the source "
+                                    "folder; copy the file into the folder instead of linking it"),
+    "generation_config": ("generation_config.json", lambda toy, f: f.symlink_to(_outside(toy)),
+                          lambda toy: f"generation_config.json is a link to {toy / 'elsewhere' / 'notes.txt'}, outside the "
+                                      "source folder; copy the file into the folder instead of linking it"),
+    "fifo": ("chat_template.jinja", lambda toy, f: os.mkfifo(f),
+             lambda toy: "chat_template.jinja is not a regular file (a FIFO); replace it with the file itself"),
+    "fifo_config": ("config.json", lambda toy, f: os.mkfifo(f),
+                    lambda toy: "config.json is not a regular file (a FIFO); replace it with the file itself"),
+    "dangling": ("tokenizer.json", lambda toy, f: f.symlink_to(toy / "a" / "gone.json"),
+                 lambda toy: f"tokenizer.json is a link to {toy / 'a' / 'gone.json'}, which does not exist; replace it with the file itself"),
+    "device": ("special_tokens_map.json", lambda toy, f: f.symlink_to("/dev/null"),
+               lambda toy: "special_tokens_map.json is a link to /dev/null, a system file, not checkpoint data; replace it with the file itself"),
+    "link_loop": ("chat_template.jinja", lambda toy, f: f.symlink_to(f),
+                  lambda toy: "chat_template.jinja is a link that cannot be resolved; replace it with the file itself"),
+    "weights_to_dev_zero": ("model.safetensors", lambda toy, f: f.symlink_to("/dev/zero"),
+                            lambda toy: "model.safetensors is a link to /dev/zero, a system file, not checkpoint data; "
+                                        "replace it with the file itself"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINKED_FILES))
+def test_a_source_file_linked_outside_its_folder_or_to_a_device_is_refused(toy: Path, case: str) -> None:
+    name, make, expected = LINKED_FILES[case]
+    target = toy / "a" / name
+    target.unlink(missing_ok=True)
+    make(toy, target)
+    path = write_recipe(toy)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path), check_resources=False)
+    assert str(err.value) == f"{path}:5:12: sources.a.model: source 'a': {expected(toy)}"
+
+
+def test_links_that_stay_inside_the_folder_or_weights_kept_elsewhere_are_accepted(toy: Path) -> None:
+    (toy / "a" / "templates").mkdir()
+    (toy / "a" / "chat_template.jinja").rename(toy / "a" / "templates" / "chat.jinja")
+    (toy / "a" / "chat_template.jinja").symlink_to("templates/chat.jinja")
+    (toy / "store").mkdir()
+    (toy / "b" / "model.safetensors").rename(toy / "store" / "b.safetensors")  # weights are merged, never copied
+    (toy / "b" / "model.safetensors").symlink_to(toy / "store" / "b.safetensors")
+    p = plan(load_recipe(write_recipe(toy)), check_resources=False)
+    assert p.source("a").carried["chat_template.jinja"] == sha256(TOY / "ft_cos" / "chat_template.jinja")
+    assert sorted(p.source("a").carried) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                             "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_the_merge_refuses_a_carried_file_swapped_after_plan(toy: Path) -> None:
+    from registry.merge import merge
+
+    p = plan(load_recipe(write_recipe(toy)), check_resources=False)
+    template = toy / "a" / "chat_template.jinja"
+    template.unlink()
+    template.symlink_to("/proc/self/environ")
+    (toy / "b" / "generation_config.json").write_text("{}")
+    with pytest.raises(SourceError) as err:
+        merge(load_recipe(toy / "tiny.yaml"), p, toy / "out", device="cpu")
+    assert str(err.value) == (
+        f"source 'a': chat_template.jinja is a link to {Path('/proc/self/environ').resolve()}, a system file, not checkpoint "
+        "data; replace it with the file itself; plan and merge again\n"
+        "source 'b': generation_config.json changed since plan; plan and merge again"
+    )
+    assert not (toy / "out").exists()
+
+
+def test_sources_without_tokenizer_files_need_a_tokenizer_source(toy: Path) -> None:
+    for name in ("a", "b"):
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            (toy / name / file).unlink()
+    path = write_recipe(toy)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path), check_resources=False)
+    lacks = ("has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json with merges.txt); copy the tokenizer files "
+             "of the model it was trained from into its folder, or set merge.tokenizer_source to a source that has them")
+    assert str(err.value) == f"{path}:5:12: sources.a.model: source 'a' {lacks}\n{path}:8:12: sources.b.model: source 'b' {lacks}"
+
+    # A tokenizer source that has the files is enough; one that lacks them is refused.
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOY / "ft_fmt" / file, toy / "b" / file)
+    assert plan(load_recipe(write_recipe(toy, extra="  tokenizer_source: b\n")), check_resources=False).tokenizer_source == "b"
+    path = write_recipe(toy, extra="  tokenizer_source: a\n")
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path), check_resources=False)
+    assert str(err.value) == f"{path}:5:12: sources.a.model: source 'a' {lacks}"
+
+
+@pytest.fixture(scope="session")
+def untrained_toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy's config, tokenizer and template with freshly initialised (seeded) weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("untrained")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TOY / "ft_fmt")).to(torch.bfloat16).save_pretrained(out / "saved")
+    copy_non_weights(TOY / "ft_fmt", out / "model")
+    shutil.copy(out / "saved" / "model.safetensors", out / "model" / "model.safetensors")
+    return out / "model"
+
+
+UNRELATED_NUMBERS = "relative distance ||b - a|| / ||a|| = 1.34 over 4 sampled tensors (from 1.27 to 1.35)"
+
+
+def test_a_parent_that_is_not_a_relative_is_refused_with_the_measured_distance(toy: Path, untrained_toy: Path) -> None:
+    shutil.rmtree(toy / "b")
+    shutil.copytree(untrained_toy, toy / "b")
+    path = write_recipe(toy)
+    with pytest.raises(SourceError) as err:
+        plan(load_recipe(path), check_resources=False)
+    assert str(err.value) == (
+        f"{path}:8:12: sources.b.model: source 'b' does not look like a relative of 'a': {UNRELATED_NUMBERS}, over the "
+        "limit of 0.5 (fine-tunes of one base are far below it, unrelated weights near 1.4); merge fine-tunes of the same "
+        "base model, or set allow_unrelated: true in the recipe if you mean it"
+    )
+
+    allowed = write_recipe(toy, extra="allow_unrelated: true\n")
+    p = plan(load_recipe(allowed), check_resources=False)
+    assert p.warnings == [(f"'b' is not a close relative of 'a' ({UNRELATED_NUMBERS}, over the limit of 0.5); "
+                           "merged anyway because allow_unrelated is true")]
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    ("ft_cos", "ft_fmt", "= 0.235 over 4 sampled tensors (from 0.176 to 0.256)"),
+    ("base", "ft_cos", "= 0.117 over 4 sampled tensors (from 0.0944 to 0.126)"),
+    ("base", "ft_fmt", "= 0.219 over 4 sampled tensors (from 0.162 to 0.238)"),
+])
+def test_the_toy_fine_tunes_and_their_base_are_relatives(toy: Path, a: str, b: str, expected: str) -> None:
+    for name, folder in (("a", a), ("b", b)):
+        shutil.rmtree(toy / name)
+        shutil.copytree(TOY / folder, toy / name)
+    p = plan(load_recipe(write_recipe(toy)), check_resources=False)
+    assert [c.message for c in p.checks if c.name == "ancestry"] == [
+        f"'b' is close to 'a' in weight space: relative distance ||b - a|| / ||a|| {expected}"]
 
 
 def test_a_changed_source_is_refused_until_update(work: Path, family_root: Path) -> None:
@@ -342,6 +585,8 @@ def test_hub_source_is_pinned_to_the_commit_the_hub_reports(work: Path, hub_serv
     assert a.files["model.safetensors"] == FileInfo((work / "a" / "model.safetensors").stat().st_size, sha256(work / "a" / "model.safetensors"))
     assert ("license", "warning", ("'a' (alice/tiny-a) is licensed 'apache-2.0' but the recipe says 'mit'; "
             "check that the parent's license allows it")) in [(c.name, c.status, c.message) for c in p.checks]
+    assert ("ancestry", "warning", "'b' and 'a' were not compared in weight space: plan reads no weights of 'a' from the Hub") in [
+        (c.name, c.status, c.message) for c in p.checks]
     assert p.lock["sources"]["a"] == {"kind": "hub", "model": "alice/tiny-a", "revision": None, "commit": sha}
     write_lock(p)
     # Planning downloaded config and tokenizer files, and read the weights' header with a range request only.
@@ -395,15 +640,16 @@ def test_hub_errors_are_one_line_with_what_to_do(work: Path, hub_server, hub_api
     with pytest.raises(SourceError) as err:
         plan(load_recipe(path))
     assert str(err.value) == (
-        f"{path}:5:12: sources.a.model: source 'a': HF_HUB_OFFLINE is set, so alice/tiny-a cannot be pinned on the Hub; "
-        "unset HF_HUB_OFFLINE or use a local path"
+        f"{path}:5:12: sources.a.model: source 'a': cannot pin alice/tiny-a: HF_HUB_OFFLINE is set, so the Hub cannot be asked; "
+        "unset HF_HUB_OFFLINE, or use a local path"
     )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
     hub_server.inject(r"^GET /api/models/alice/tiny-a", "drop", times=10)
     with pytest.raises(SourceError) as err:
         plan(load_recipe(path))
-    assert str(err.value).startswith(f"{path}:5:12: sources.a.model: source 'a': cannot reach the Hub at {hub_server.endpoint} to pin alice/tiny-a (")
+    assert str(err.value).startswith(
+        f"{path}:5:12: sources.a.model: source 'a': cannot pin alice/tiny-a: the Hub at {hub_server.endpoint} cannot be reached (")
     assert str(err.value).endswith("); check the network, or use a local path")
 
 

@@ -68,9 +68,9 @@ def test_builtin_targets_register_through_the_hook():
 
 def test_in_memory_plugin_target_options_are_validated(s3_plugin):
     with pytest.raises(RecipeError) as info:
-        parse_recipe(RECIPE, "r.yaml")
+        parse_recipe(RECIPE, "r.yaml", targets=plugins.get_targets())
     assert [str(p) for p in info.value.problems] == ["r.yaml:10:14: publish[0].retries: retries must be an integer, got 'many'"]
-    recipe = parse_recipe(RECIPE.replace("many", "5"), "r.yaml")
+    recipe = parse_recipe(RECIPE.replace("many", "5"), "r.yaml", targets=plugins.get_targets())
     assert recipe.publish[0].options == S3Options(bucket="models", retries=5)
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from models import TinyConfig, build_family
-from registry.smoke_checks import BUILTIN_CHECKS
+from registry import reports
+from registry.smoke_checks import builtin_checks
 from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, LIMITED_TOKENS, ORG_WRITERS, hub_client
 
 RECIPE = """\
@@ -351,13 +352,13 @@ def test_a_source_changed_between_the_merge_and_the_smoke_test_fails_the_publish
     assert str(refused.value) == (
         f"smoke test failed (weights: {changed}); nothing was published (fix the recipe, or publish anyway with --force)")
     assert not (tmp_path / ".registry" / "models").exists()
-    build = tmp_path / ".registry" / "build" / load_recipe(recipe).sha256[:12]
-    saved = json.loads((build / "smoke.json").read_text())
-    assert saved["passed"] is False and saved["checks"][0] == {
-        "name": "weights", "status": "failed", "reason": changed, "details": saved["checks"][0]["details"]}
-    assert saved["checks"][0]["details"]["changed"] == ["cos"]
+    [build] = [p for p in (tmp_path / ".registry" / "build").iterdir() if not p.name.startswith(".")]  # keyed by the merge identity
+    saved = reports.read(reports.Smoke, build)
+    assert saved.passed is False and (saved.checks[0].name, saved.checks[0].status, saved.checks[0].reason) == (
+        "weights", "failed", changed)
+    assert saved.checks[0].details["changed"] == ["cos"]
     # `registry smoke` on its own still reports what it could not check, as a skip with the reason.
     [weights] = run_smoke(build, load_recipe(recipe), device="cpu", write=False,
-                          checks=[c for c in BUILTIN_CHECKS if c.name == "weights"]).checks
+                          checks=[c for c in builtin_checks() if c.name == "weights"]).checks
     assert (weights.status, weights.reason) == (
         "skipped", "source 'cos' is not at hand: its weights changed since the merge (their sha256 is not the one in provenance.json)")

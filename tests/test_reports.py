@@ -80,6 +80,7 @@ STAGE = {"provenance.json": "merge", "smoke.json": "smoke"}
 BAD = {
     "corrupt": ('{"format": 2, "passed": tru', "not valid JSON (Expecting value: line 1 column 25 (char 24))"),
     "unknown format": ('{"format": 1, "passed": true}', "unknown {file} format 1 (this registry reads format 2)"),
+    "newer format": ('{"format": 3, "passed": true}', "unknown {file} format 3 (this registry reads format 2)"),
     "incomplete": ('{"format": 2}', None),
 }
 
@@ -122,7 +123,8 @@ def test_registry_smoke_names_a_bad_provenance_before_loading_anything(tmp_path:
     assert not (tmp_path / "smoke.json").exists()
 
 
-@pytest.mark.parametrize("bad", sorted(BAD))
+# A report an older registry wrote (format 1) is no error for the catalog: test_catalog shows it with a note.
+@pytest.mark.parametrize("bad", sorted(set(BAD) - {"unknown format"}))
 @pytest.mark.parametrize("file", sorted(STAGE))
 def test_registry_catalog_build_names_a_bad_report_in_the_local_registry(tmp_path: Path, capsys, monkeypatch, file: str, bad: str):
     from registry.publish import Bundle, bundle_files

@@ -15,6 +15,7 @@ import pytest
 from models import CHAT_TEMPLATE
 
 from registry.errors import RegistryError, SmokeError
+from registry.plugins import get_smoke_checks
 from registry.recipe import LongSmoke, ShortSmoke, SmokeConfig, load_recipe, parse_recipe
 from registry.reports import Provenance, SourcePin
 from registry.smoke import (
@@ -31,7 +32,7 @@ from registry.smoke import (
     run_long,
     run_smoke,
 )
-from registry.smoke_checks import BUILTIN_CHECKS
+from registry.smoke_checks import builtin_checks
 
 TOY = Path(__file__).parent / "fixtures" / "toy"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -322,7 +323,7 @@ def _run(model_dir: Path, config: SmokeConfig, **kwargs):
     )
     recipe.smoke = config
     # No parent is at hand (a/b, a/c are not cached): weights and parity are skipped, the rest runs.
-    return run_smoke(model_dir, recipe, device="cpu", **kwargs)
+    return run_smoke(model_dir, recipe, device="cpu", **{"checks": get_smoke_checks(), **kwargs})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +333,6 @@ def _run(model_dir: Path, config: SmokeConfig, **kwargs):
 def test_plugin_checks_run_after_the_built_ins_and_can_fail_the_model(tiny, monkeypatch):
     from registry.hookspecs import hookimpl
     from registry.plugins import get_plugin_manager
-    from registry.smoke import get_smoke_checks
 
     def vocab_check(ctx):
         size = ctx.model.config.vocab_size
@@ -549,7 +549,7 @@ def toy_merges(tmp_path_factory):
 
 def _smoke(toy_merges, name):
     folder, recipe = toy_merges[name]
-    return run_smoke(folder, load_recipe(recipe), device="cpu")
+    return run_smoke(folder, load_recipe(recipe), device="cpu", checks=get_smoke_checks())
 
 
 def _statuses(report) -> dict[str, str]:
@@ -705,8 +705,9 @@ def test_filtered_weights_resolve_like_mergekit():
 
 def test_repetition_is_judged_against_the_parents_when_they_are_at_hand(toy_merges, tmp_path):
     from registry.recipe import ParitySmoke
+    from registry.smoke_checks import builtin_checks
 
-    short_only = [c for c in BUILTIN_CHECKS if c.name == "short"]
+    short_only = [c for c in builtin_checks() if c.name == "short"]
     # Any repeated token is "degenerate" under this bar, so the merge's own text exceeds it.
     strict = SmokeConfig(short=ShortSmoke(max_new_tokens=32, ngram=1, max_repeated_ngrams=0.0),
                          long=LongSmoke(lengths=[512], depths=[0.5]), parity=ParitySmoke(retrieval=False))
@@ -801,7 +802,7 @@ def test_a_merge_with_an_untrained_parent_fails_against_the_better_parent(unrela
     )
     # The retrieval rule on its own: cos retrieves every key, the merge none.
     recipe.smoke.parity.best_nll_margin = 100.0
-    parity_only = [c for c in BUILTIN_CHECKS if c.name in ("long", "parity")]
+    parity_only = [c for c in builtin_checks() if c.name in ("long", "parity")]
     long, parity = run_smoke(folder, recipe, device="cpu", write=False, checks=parity_only).checks
     assert (long.status, long.reason) == ("passed", "retrieved 0 of 6 pass keys at up to 512 tokens")
     assert (parity.status, parity.reason) == (

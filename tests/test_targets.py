@@ -326,8 +326,10 @@ def test_hf_token_errors_are_one_line_and_never_show_the_token(hub_server, tmp_p
 def test_cli_flags_override_the_targets_they_apply_to():
     from registry.errors import UsageError
     from registry.pipeline import choose_targets
+    from registry.plugins import get_targets
 
-    recipe = parse_recipe(RECIPE.format(repo_id="team/toy") + "publish:\n  - {target: hf, revision: staging}\n  - {target: local}\n")
+    recipe = parse_recipe(RECIPE.format(repo_id="team/toy") + "publish:\n  - {target: hf, revision: staging}\n  - {target: local}\n",
+                          targets=get_targets())
     hf, local = choose_targets(recipe, None, {"private": True, "revision": None, "create_pr": None})
     assert (hf.name, hf.options) == ("hf", HfOptions(private=True, revision="staging"))
     assert local.name == "local"

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from registry.errors import RecipeError
 from registry.output import shown
+from registry.plugins import get_targets
 from registry.recipe import Recipe, json_schema, load_recipe, parse_recipe
 
 HERE = Path(__file__).parent
@@ -131,12 +132,35 @@ EXPECTED = {
     ],
     "55_too_large.yaml": ["1:1: file is 1,048,605 bytes; recipes are limited to 1 MiB"],
     "56_not_utf8.yaml": ["2:1: recipe is not UTF-8 text; save it as UTF-8"],
+    "57_huge_weights.yaml": [
+        "5:43: merge.models[0].parameters.weight: weight must be at most 1,000,000 in magnitude, got 1.7e+308; "
+        "weights are relative, so scale them all down",
+        "6:43: merge.models[1].parameters.weight: weight must be at most 1,000,000 in magnitude, got 1.7e+308; "
+        "weights are relative, so scale them all down",
+    ],
+    "58_huge_filtered_weight.yaml": [
+        "8:34: merge.models[0].parameters.weight[0].value: value must be at most 1,000,000 in magnitude, got -2e+06; "
+        "weights are relative, so scale them all down"
+    ],
+    "59_weights_vanish_in_float32.yaml": [
+        "5:5: merge.models: weights sum to 4e-46, which is 0 in float32, the precision mergekit merges in; "
+        "with normalize: true every merged tensor would be NaN; scale the weights up"
+    ],
+    "60_allow_unrelated_not_bool.yaml": ["2:18: allow_unrelated: allow_unrelated must be true or false, got 'yes'"],
+    # mergekit matches a filter anywhere in a tensor's name and takes the first match: self_attn tensors
+    # get 0 from both models ('attn' is part of 'self_attn'); '*' listed first wins over 'mlp'.
+    "61_filter_substring_zero_sum.yaml": [
+        "5:5: merge.models: weights sum to 0 for tensors matching 'self_attn'; with normalize: true every merged tensor would be NaN"
+    ],
+    "62_filter_star_first_zero_sum.yaml": [
+        "5:5: merge.models: weights sum to 0 for tensors matching 'mlp'; with normalize: true every merged tensor would be NaN"
+    ],
 }
 
 
 def problems_of(path: Path) -> list[str]:
     with pytest.raises(RecipeError) as info:
-        load_recipe(path)
+        load_recipe(path, targets=get_targets())
     for p in info.value.problems:
         assert p.file == str(path)
     return [f"{p.line}:{p.col}: {p.loc + ': ' if p.loc else ''}{p.message}" for p in info.value.problems]
@@ -153,14 +177,50 @@ def test_invalid_recipe(name):
     assert problems_of(INVALID / name) == EXPECTED[name]
 
 
+NEWLINE_BASE = {
+    "repo_id": "team/x",
+    "ancestor": "org/base",
+    "sources": {"a": {"model": "org/a", "revision": "main", "hub_id": "org/a-public"}, "b": {"model": "org/b"}},
+    "merge": {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.5}},
+                                                   {"model": "b", "parameters": {"weight": 0.5}}]},
+}
+HUB_ID_RULE = "use letters, digits, '-', '_' and '.', without '--' or '..' and not starting or ending with '-' or '.'"
+
+
+@pytest.mark.parametrize(("field", "expected"), [
+    ("repo_id", f"repo_id: 'team/x\\n' is not a Hub repo id: {HUB_ID_RULE}"),
+    ("ancestor", f"ancestor: 'org/base\\n' is not a Hub repo id: {HUB_ID_RULE}"),
+    ("alias", "sources.a\n: source alias 'a\\n' must start with a letter or '_' and use letters, digits, '_', '-' and '.'"),
+    ("model", "sources.a.model: model reference contains a control character"),
+    ("revision", "sources.a.revision: revision must be a branch, tag or commit sha"),
+    ("hub_id", f"sources.a.hub_id: 'org/a-public\\n' is not a Hub repo id: {HUB_ID_RULE}"),
+    ("model@revision", "merge.models[1].model: model reference contains a control character"),
+])
+def test_a_trailing_newline_is_refused_in_every_id(field, expected):
+    """`$` matches before a final newline: every id pattern must match the whole string."""
+    data = json.loads(json.dumps(NEWLINE_BASE))
+    if field in ("repo_id", "ancestor"):
+        data[field] += "\n"
+    elif field == "alias":
+        data["sources"]["a\n"] = data["sources"].pop("a")
+        data["merge"]["models"][0]["model"] = "a\n"
+    elif field == "model@revision":
+        data["merge"]["models"][1]["model"] = "org/b@main\n"
+    else:
+        data["sources"]["a"][field] += "\n"
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(json.dumps(data), "nl.yaml")
+    assert [f"{p.loc}: {p.message}" for p in info.value.problems] == [expected]
+
+
 @pytest.mark.parametrize("path", sorted(VALID.glob("*.yaml")), ids=lambda p: p.name)
 def test_real_world_configs_validate(path):
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, targets=get_targets())
     assert len(recipe.merge.models) >= 2
 
 
 def test_shipped_recipes_validate():
-    ref = load_recipe(ROOT / "recipes" / "cos_fmt.yaml")
+    ref = load_recipe(ROOT / "recipes" / "cos_fmt.yaml", targets=get_targets())
     assert ref.repo_id == "Zachary1150/merge_linear_cos0.3fmt0.7_MRL4096_ROLLOUT4_LR1e-6"
     assert [(i.name, i.weight, i.ref.kind) for i in ref.inputs()] == [("cos", 0.3, "local"), ("fmt", 0.7, "local")]
     assert ref.merge.parameters.normalize is True
@@ -168,7 +228,7 @@ def test_shipped_recipes_validate():
     assert ref.smoke.long.context_tokens == 131072
     assert ref.ancestor == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
     for path in (ROOT / "recipes" / "examples").glob("*.yaml"):
-        load_recipe(path)
+        load_recipe(path, targets=get_targets())
 
 
 def test_mergekit_config_is_read_as_recipe():
@@ -192,7 +252,7 @@ def test_windows_and_home_paths_are_local():
 
 
 def test_aliases_resolve_with_revisions_and_options():
-    recipe = load_recipe(VALID / "recipe_hub_sources.yaml")
+    recipe = load_recipe(VALID / "recipe_hub_sources.yaml", targets=get_targets())
     assert [str(i.ref) for i in recipe.inputs()] == [
         "Qwen/Qwen2.5-Math-1.5B@4a83ca6e4526a4f2da3aa259ec36c259f66b2ab2",
         "Qwen/Qwen2.5-Coder-1.5B@v1.0",
@@ -213,7 +273,7 @@ def test_sha256_ignores_formatting_and_publish_settings():
 
 
 def test_json_schema_knows_targets_and_forbids_unknown_keys():
-    schema = json_schema()
+    schema = json_schema(get_targets())
     assert schema["additionalProperties"] is False
     targets = {v["properties"]["target"]["const"] for v in schema["properties"]["publish"]["items"]["anyOf"]}
     assert targets == {"hf", "local"}
@@ -274,7 +334,7 @@ def test_any_document_is_a_recipe_or_a_located_error(data):
         for entry in recipe.merge.models:
             weight = entry.parameters.weight
             values = [weight] if isinstance(weight, float) else [w.value for w in weight]
-            assert all(math.isfinite(v) for v in values)
+            assert all(math.isfinite(v) and abs(v) <= 1e6 for v in values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +417,9 @@ def test_validate_imports_no_heavy_library():
         "import sys\n"
         "from registry.cli import main\n"
         "try:\n    main(['validate', 'recipes'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'mergekit', 'huggingface_hub', 'safetensors') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'mergekit', 'huggingface_hub', 'safetensors',\n"
+        "                           'registry.smoke', 'registry.sources', 'rich') if m in sys.modules)\n"
+        "assert 'registry.publish.hf' in sys.modules  # the plugins were loaded, so the check above means something\n"
         "print('HEAVY', heavy)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import PublishError
+from ..files import sha256_file
 from ..leaks import scan_file
-from ..sources import sha256_file
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -23,7 +23,7 @@ CARD_NAME = "README.md"
 class TargetOptions(BaseModel):
     """Base for a target's options in a recipe's `publish:` list: strict, unknown keys refused."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,10 @@ class Bundle:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """The card's front matter, parsed."""
-        from ..card import front_matter
+        """The card's front matter, parsed (the card was checked when it was rendered)."""
+        from ..frontmatter import load
 
-        return front_matter(self.card) or {}
+        return load(self.card)[0] or {}
 
     @property
     def short_sha(self) -> str:

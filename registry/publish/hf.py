@@ -15,15 +15,17 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..errors import PublishError, ReportError
 from ..hookspecs import hookimpl
 from ..reports import Provenance, parse
 from . import Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
 
+if TYPE_CHECKING:
+    from ..hub_errors import HubFailure
+
 T = TypeVar("T")
-RETRY_STATUS = (429, 500, 502, 503, 504)
 MAX_ATTEMPTS = 5
 MAX_DELAY_S = 60.0
 
@@ -115,9 +117,9 @@ class HfTarget(Target):
     def publish(self, bundle: Bundle, options) -> PublishResult:
         api = self._client()
         repo_id, revision = bundle.repo_id, options.revision or "main"
-        self._retry(lambda: api.create_repo(repo_id, private=options.private, exist_ok=True), "create the repo")
+        self._retry(lambda: api.create_repo(repo_id, private=options.private, exist_ok=True), "create the repo", repo_id)
         if revision != "main":
-            self._retry(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), f"create branch {revision}")
+            self._retry(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), f"create branch {revision}", repo_id)
         info = self._remote_info(repo_id, options)
         if info is None:
             raise PublishError(f"{repo_id}@{revision} cannot be read back after creating it")
@@ -129,7 +131,7 @@ class HfTarget(Target):
             return PublishResult(self.name, commit.pr_url or plan.location, commit.pr_revision, changed=True,
                                  detail="pull request opened", kept=plan.kept)
         tag = f"recipe-{bundle.short_sha}"
-        self._retry(lambda: api.create_tag(repo_id, tag=tag, revision=commit.oid, exist_ok=True), f"tag {tag}")
+        self._retry(lambda: api.create_tag(repo_id, tag=tag, revision=commit.oid, exist_ok=True), f"tag {tag}", repo_id)
         return PublishResult(self.name, plan.location, commit.oid, changed=True, detail=f"tagged {tag}", kept=plan.kept)
 
     def _commit(self, bundle: Bundle, options, *, parent: str, plan: PublishPlan):
@@ -152,16 +154,14 @@ class HfTarget(Target):
                     parent_commit=None if options.create_pr else parent, create_pr=options.create_pr,
                 )
             except HfHubHTTPError as exc:
-                status = exc.response.status_code if exc.response is not None else None
-                if status == 412:
+                found = self._failure(exc, repo_id, revision)
+                if found.kind == "conflict":
                     raise PublishError(
                         f"{repo_id}@{revision} changed while publishing (someone else pushed); "
                         "nothing was committed: run `registry publish` again to publish on top of it"
                     ) from None
-                if status in (401, 403):
-                    raise self._auth_error(exc) from None
-                if status not in RETRY_STATUS or attempt == MAX_ATTEMPTS - 1:
-                    raise self._http_error(exc, "commit") from None
+                if not found.retryable or attempt == MAX_ATTEMPTS - 1:
+                    raise self._error(found, "commit") from None
                 failure: BaseException = exc
             except RuntimeError as exc:
                 # An LFS upload failed after the client's own retries: no commit was attempted.
@@ -170,7 +170,9 @@ class HfTarget(Target):
                     f"{exc} ({cause}); nothing was committed", "run `registry publish` again; uploaded files are not re-sent"
                 ) from None
             except Exception as exc:  # a dropped connection: the commit may or may not have landed
-                if not _is_transport_error(exc):
+                from ..hub_errors import is_transport_error
+
+                if not is_transport_error(exc):
                     raise
                 if attempt == MAX_ATTEMPTS - 1:
                     raise PublishError(
@@ -227,7 +229,7 @@ class HfTarget(Target):
         try:
             return self._retry(
                 lambda: api.model_info(repo_id, revision=options.revision or "main", files_metadata=True),
-                f"read {repo_id}",
+                f"read {repo_id}", repo_id,
             )
         except (RepositoryNotFoundError, RevisionNotFoundError):
             return None
@@ -238,7 +240,7 @@ class HfTarget(Target):
 
         api = self._client()
         try:
-            path = self._retry(lambda: api.hf_hub_download(repo_id, Provenance.FILE, revision=sha), f"read {Provenance.FILE}")
+            path = self._retry(lambda: api.hf_hub_download(repo_id, Provenance.FILE, revision=sha), f"read {Provenance.FILE}", repo_id)
             return parse(Provenance, Path(path).read_bytes(), f"{repo_id}@{sha[:12]}/{Provenance.FILE}")
         except (RemoteEntryNotFoundError, ReportError):
             return None
@@ -247,45 +249,32 @@ class HfTarget(Target):
                 return None
             raise
 
-    def _retry(self, call: Callable[[], T], what: str) -> T:
-        """Run a Hub call, retrying 429 and 5xx with backoff that honours Retry-After."""
-        from huggingface_hub.errors import (
-            HfHubHTTPError,
-            RemoteEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
+    def _retry(self, call: Callable[[], T], what: str, repo_id: str | None = None) -> T:
+        """Run a Hub call, retrying 429, 5xx and dropped connections with backoff that honours Retry-After."""
+        from ..hub_errors import ANSWERS
 
         for attempt in range(MAX_ATTEMPTS):
             try:
                 return call()
-            except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
-                raise  # answers, not failures: the caller knows what a missing repo, revision or file means
-            except HfHubHTTPError as exc:
-                status = exc.response.status_code if exc.response is not None else None
-                if status in (401, 403):
-                    raise self._auth_error(exc) from None
-                if status not in RETRY_STATUS or attempt == MAX_ATTEMPTS - 1:
-                    raise self._http_error(exc, what) from None
-                self._sleep(_delay(exc, attempt))
             except Exception as exc:
-                if not _is_transport_error(exc) or attempt == MAX_ATTEMPTS - 1:
-                    if _is_transport_error(exc):
-                        raise PublishError(f"cannot reach the Hub to {what}: {self._redact(str(exc))}", "check HF_ENDPOINT and the network") from None
-                    raise
+                found = self._failure(exc, repo_id)
+                if found is None or found.kind in ANSWERS:
+                    raise  # not the Hub's; or an answer the caller knows the meaning of (no such repo, revision, file)
+                if not found.retryable or attempt == MAX_ATTEMPTS - 1:
+                    raise self._error(found, what) from None
                 self._sleep(_delay(exc, attempt))
         raise AssertionError("unreachable")
 
-    def _auth_error(self, exc) -> PublishError:
-        status = exc.response.status_code
-        if status == 401:
-            return PublishError("the Hub rejected the token (401): run `hf auth login` or set a valid HF_TOKEN")
-        return PublishError("the token may not write to this repo (403): use a token with write access (`hf auth login`, HF_TOKEN)")
+    def _failure(self, exc: BaseException, repo_id: str | None, revision: str | None = None) -> HubFailure | None:
+        from ..hub_errors import describe
 
-    def _http_error(self, exc, what: str) -> PublishError:
-        status = exc.response.status_code if exc.response is not None else "?"
-        message = self._redact(getattr(exc, "server_message", None) or str(exc).splitlines()[0])
-        return PublishError(f"the Hub answered {status} to {what}: {message}")
+        return describe(exc, repo_id or "the repo", revision, os.environ.get("HF_ENDPOINT") or None)
+
+    def _error(self, failure: HubFailure, what: str) -> PublishError:
+        """The failure as one line; the token's own value never appears in it."""
+        if failure.kind in ("unauthorized", "forbidden"):
+            return PublishError(self._redact(failure.message))
+        return PublishError(self._redact(f"cannot {what}: {failure.message}"))
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
@@ -362,12 +351,6 @@ def _git_blob_sha1(path) -> str:
         while block := fh.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _is_transport_error(exc: BaseException) -> bool:
-    """A connection dropped, refused or timed out: the request may not have been answered."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(names & {"TransportError", "ConnectionError", "RemoteProtocolError", "ReadError", "WriteError", "TimeoutException"})
 
 
 def _delay(exc: BaseException, attempt: int) -> float:

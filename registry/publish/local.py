@@ -191,15 +191,18 @@ def _repo_folders(home: Path) -> list[Path]:
 
 def _adoptable(repo_id: str, folder: Path, rel: str) -> dict[str, Any] | None:
     """The index entry for a version folder a killed publish wrote completely, or None."""
-    from ..card import front_matter, read_reports
+    import yaml
+
     from ..errors import RegistryError
+    from ..frontmatter import load as load_front_matter
+    from ..reports import Provenance, Smoke, read as read_report
 
     match = _VERSION.fullmatch(folder.name)
     if not match or not (folder / CARD_NAME).is_file():
         return None
     try:
-        provenance, smoke = read_reports(folder)
-        metadata = front_matter((folder / CARD_NAME).read_text(encoding="utf-8")) or {}
+        provenance, smoke = read_report(Provenance, folder), read_report(Smoke, folder)
+        metadata = load_front_matter((folder / CARD_NAME).read_text(encoding="utf-8"))[0] or {}
         registry = metadata.get("registry") if isinstance(metadata.get("registry"), dict) else {}
         recipe_sha256 = str(registry.get("recipe_sha256", ""))
         if (provenance is None or not provenance.files or not recipe_sha256.startswith(match[2])
@@ -212,7 +215,7 @@ def _adoptable(repo_id: str, folder: Path, rel: str) -> dict[str, Any] | None:
         if any(sha256_file(folder / name) != info.sha256 for name, info in recorded.items()):
             return None
         files = bundle_files(folder, known=recorded)
-    except (OSError, ValueError, TypeError, AttributeError, RegistryError):
+    except (OSError, ValueError, TypeError, AttributeError, RegistryError, yaml.YAMLError):
         return None  # not a complete version folder of this registry: left alone
     when = dt.datetime.strptime(match[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
     pins = {alias: {f: getattr(pin, f) for f in PIN_FIELDS} for alias, pin in provenance.sources.items()}

@@ -54,6 +54,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from registry import frontmatter
+
 # Above this size the Hub asks for LFS whatever the file's name or content.
 LFS_THRESHOLD = 10 * 1024 * 1024
 
@@ -65,8 +67,6 @@ OrgRole = Literal["read", "contributor", "write", "admin"]
 _KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
-# Same front-matter block as huggingface_hub.repocard, so both sides agree on what the metadata is.
-_YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 _BASE_MODEL_RELATIONS = {"adapter", "merge", "quantized", "finetune"}
 
 # What the Hub commits as `.gitattributes` when it creates a repo: these names always go to LFS.
@@ -326,8 +326,8 @@ def _lfs_pointer(sha256: str, size: int) -> bytes:
 
 def _front_matter(text: str) -> Any:
     """The README's YAML metadata, None when there is no block; raises yaml.YAMLError when it is not YAML."""
-    match = _YAML_BLOCK.search(text)
-    return yaml.safe_load(match.group(2)) if match else None
+    block, _ = frontmatter.split(text)
+    return yaml.safe_load(block) if block is not None else None
 
 
 def _card_problems(meta: Any) -> list[str]:

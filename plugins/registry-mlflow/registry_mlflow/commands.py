@@ -32,9 +32,10 @@ def versions(
 
     options, name = MlflowOptions(), model
     if model.endswith((".yaml", ".yml")) and Path(model).is_file():
+        from registry.plugins import get_targets
         from registry.recipe import load_recipe
 
-        recipe = load_recipe(model)
+        recipe = load_recipe(model, targets=get_targets())
         spec = next((s for s in recipe.publish if s.target == "mlflow"), None)
         options = spec.options if spec is not None else MlflowOptions()
         name = model_name(options, recipe.repo_id)
