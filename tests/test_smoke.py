@@ -788,7 +788,7 @@ def unrelated_merge(tmp_path_factory):
 def test_a_merge_with_an_untrained_parent_fails_against_the_better_parent(unrelated_merge):
     folder, recipe_file = unrelated_merge
     recipe = load_recipe(recipe_file)
-    report = run_smoke(folder, recipe, device="cpu", write=False)
+    report = run_smoke(folder, recipe, device="cpu", write=False, checks=builtin_checks())
     # Every check but parity passes: the weights are what the recipe says, the text is not degenerate by the
     # absolute bar, and the long check judges finiteness only.
     assert _statuses(report) == {"weights": "passed", "short": "passed", "long": "passed", "parity": "failed"}
@@ -812,7 +812,8 @@ def test_a_merge_with_an_untrained_parent_fails_against_the_better_parent(unrela
 @pytest.mark.parametrize("weights", [(0.1, 0.9), (0.5, 0.5), (0.9, 0.1)])
 def test_good_merges_at_other_weights_pass_against_the_better_parent(tmp_path, weights):
     recipe = _toy_recipe(tmp_path, weights, normalize=True)
-    report = run_smoke(_mergekit(recipe, tmp_path / "merged"), load_recipe(recipe), device="cpu", write=False)
+    report = run_smoke(_mergekit(recipe, tmp_path / "merged"), load_recipe(recipe), device="cpu", write=False,
+                       checks=builtin_checks())
     assert _statuses(report) == {"weights": "passed", "short": "passed", "long": "passed", "parity": "passed"}
     merged, cos, fmt = report.parity
     assert [(r.model, r.long_retrieved) for r in report.parity] == [("merged", 3), ("cos", 3), ("fmt", 3)]

@@ -28,7 +28,7 @@ from .. import registry_home
 from .. import staging as staging_dirs
 from ..errors import PublishError
 from ..hookspecs import hookimpl
-from ..sources import sha256_file
+from ..files import sha256_file
 from . import CARD_NAME, PIN_FIELDS, Bundle, PublishPlan, PublishResult, Target, TargetOptions, bundle_files, same_pins
 
 INDEX = "index.json"
