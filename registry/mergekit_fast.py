@@ -131,7 +131,7 @@ def import_mergekit() -> None:
 
 @contextmanager
 def patched(console: Console | None, shard_hashes: dict[str, tuple[str, int]], write_threads: int,
-                    opened: dict[str, os.stat_result] | None = None) -> Iterator[None]:
+            opened: dict[str, os.stat_result] | None = None) -> Iterator[None]:
     """Route mergekit's tqdm bars to rich, read checkpoints with SafetensorsReader and write shards with
     write_safetensors (hashed and fsynced on the way), each as soon as it is full, by `write_threads` threads.
 
