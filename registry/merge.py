@@ -8,38 +8,26 @@ siblings, marked as the registry's own (see staging.py), which the next run remo
 whose provenance matches is reused. Before the rename, every source file is checked to still be the one
 the plan pinned, and every checkpoint the merge read to be unchanged since it was opened.
 
-For tests, REGISTRY_TEST_STOP_AT=<point> makes the process stop itself (SIGSTOP) at a named point
-("shard": a shard was written to staging; "rename": just before staging is renamed into place;
-"renamed": just after), so a test can SIGKILL it at a known moment.
+mergekit runs with the speed patches of mergekit_fast.py when the installed mergekit is the version they
+were written against, else (or with REGISTRY_MERGE_ENGINE=plain) as it comes; the output is the same.
 """
 
 from __future__ import annotations
 
 import fcntl
-import gc
-import hashlib
-import importlib
-import importlib.util
-import json
 import os
-import queue
-import re
 import shutil
-import signal
-import sys
-import threading
 import time
-import types
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, build_root
 from . import staging as staging_dirs
 from .errors import MergeError, RegistryError, UsageError
-from .files import sha256_file
+from .files import fsync_path, sha256_file
 from .identity import merge_identity
 from .machine import WRITE_THREADS, check_resources, estimate_resources, output_dtype, pick_device
 from .reports import PROVENANCE_FILE, Provenance, SourcePin, read_current, write as write_report
@@ -217,34 +205,38 @@ def mergekit_config(recipe: Recipe, plan: Plan, paths: dict[str, Path]) -> dict[
     return config
 
 
+def mergekit_options(device: str, shard_bytes: int, *, quiet: bool) -> dict[str, Any]:
+    """mergekit's MergeOptions for a merge, as keyword arguments (the same for either engine)."""
+    return {
+        "device": device,
+        "read_to_gpu": device == "cuda",
+        "out_shard_size": shard_bytes,
+        "async_write": True,
+        "write_threads": WRITE_THREADS,
+        "copy_tokenizer": True,
+        "write_model_card": False,
+        "quiet": quiet,
+    }
+
+
 def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path], device: str,
                 console: Console | None, shard_bytes: int) -> Provenance:
     import yaml
 
     check_carried_files(plan, paths)
-    _import_mergekit()
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
+    from . import mergekit_fast
 
+    engine = merge_engine()
     config = mergekit_config(recipe, plan, paths)
-    options = MergeOptions(
-        device=device,
-        read_to_gpu=device == "cuda",
-        out_shard_size=shard_bytes,
-        async_write=True,
-        write_threads=WRITE_THREADS,
-        copy_tokenizer=True,
-        write_model_card=False,
-        quiet=console is None,
-    )
-    shard_hashes: dict[str, tuple[str, int]] = {}
-    opened: dict[str, tuple[int, ...]] = {}
+    options = mergekit_options(device, shard_bytes, quiet=console is None)
+    source = yaml.safe_dump(config, sort_keys=False)
     try:
-        # run_merge mutates the configuration it is given: it gets its own.
-        with _mergekit_hooks(console, shard_hashes, options.write_threads, opened), _quiet_transformers():
-            run_merge(MergeConfiguration.model_validate(config), str(staging), options,
-                      config_source=yaml.safe_dump(config, sort_keys=False))
+        with _quiet_transformers():
+            if engine == "fast":
+                written = mergekit_fast.run_merge(config, staging, options, config_source=source, console=console)
+                shard_hashes, opened = written.shards, {path: stat_identity(st) for path, st in written.opened.items()}
+            else:
+                shard_hashes, opened = {}, _plain_run_merge(config, staging, options, source, plan, paths)
     except RegistryError:
         raise
     except Exception as exc:
@@ -258,9 +250,40 @@ def _merge_into(staging: Path, recipe: Recipe, plan: Plan, paths: dict[str, Path
     provenance = _provenance(recipe, plan, staging, device, shard_hashes)
     write_report(provenance, staging)
     for f in staging.iterdir():
-        _fsync(f)
-    _fsync(staging)
+        fsync_path(f)
+    fsync_path(staging)
     return provenance
+
+
+def merge_engine() -> str:
+    """"fast" (mergekit_fast's patches) when the installed mergekit is the version they fit and
+    REGISTRY_MERGE_ENGINE is not "plain", else "plain" (mergekit's own run_merge, the same bytes)."""
+    from . import mergekit_fast
+
+    asked = os.environ.get("REGISTRY_MERGE_ENGINE", "auto")
+    if asked not in ("auto", "plain"):
+        raise UsageError(f"REGISTRY_MERGE_ENGINE is '{asked}'; set it to auto (the default) or plain, or unset it")
+    return "fast" if asked == "auto" and mergekit_fast.supported() else "plain"
+
+
+def _plain_run_merge(config: dict[str, Any], staging: Path, options: dict[str, Any], source: str, plan: Plan,
+                     paths: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """mergekit's run_merge as it comes; returns the stat identity of every pinned file before it ran."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    # mergekit does not say which files it opened: the pinned files as they were before it started
+    # stand for them, so one replaced during the merge is still caught.
+    before = {}
+    for src in plan.sources:
+        for name in (*src.files, *src.tokenizer):
+            path = os.path.abspath(paths[src.name] / name)
+            with suppress(OSError):
+                before[path] = stat_identity(os.stat(path))
+    # run_merge mutates the configuration it is given: it gets its own.
+    run_merge(MergeConfiguration.model_validate(config), str(staging), MergeOptions(**options), config_source=source)
+    return before
 
 
 def check_sources_unchanged(plan: Plan, paths: dict[str, Path], opened: dict[str, tuple[int, ...]]) -> None:
@@ -296,51 +319,6 @@ def check_sources_unchanged(plan: Plan, paths: dict[str, Path], opened: dict[str
                              "the merge was discarded", hint)
 
 
-class _DeferredModule(types.ModuleType):
-    """A module imported when one of its attributes is first read."""
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__") and attr.endswith("__"):
-            # Module introspection (inspect.getmodule reads __file__ of every module) must not import it.
-            raise AttributeError(attr)
-        return getattr(importlib.import_module(self.__name__), attr)
-
-
-def _import_mergekit() -> None:
-    """Import mergekit, with peft deferred and the garbage collector paused.
-
-    mergekit.common imports peft at module level, only to apply LoRA adapters (`model+lora`), which the
-    configurations built here never name; importing it pulls transformers' generation code and a dozen
-    model implementations, about half a second of every merge. While mergekit.common is imported, a
-    stand-in takes peft's place in sys.modules; mergekit keeps it (and gets the real peft through it if
-    it ever needs it), and any later `import peft` imports the real one.
-
-    Importing mergekit, torch and transformers creates some 600,000 objects that live as long as the
-    process. The collector would walk them over and over while they are created (about 0.6 s), and
-    again in every later collection: it is paused during the import, and they are frozen (gc.freeze)
-    out of all later collections.
-    """
-    if "mergekit.merge" in sys.modules:
-        return
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        if "mergekit.common" not in sys.modules and "peft" not in sys.modules and importlib.util.find_spec("peft"):
-            stand_in = _DeferredModule("peft")
-            sys.modules["peft"] = stand_in
-            try:
-                import mergekit.common  # noqa: F401
-            finally:
-                if sys.modules.get("peft") is stand_in:
-                    del sys.modules["peft"]
-        import mergekit.config  # noqa: F401
-        import mergekit.merge  # noqa: F401
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
-
-
 def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_hashes: dict[str, tuple[str, int]]) -> Provenance:
     from importlib.metadata import version
 
@@ -348,7 +326,7 @@ def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_ha
     for f in sorted(staging.iterdir(), key=lambda p: p.name):
         if f.name == staging_dirs.MARKER:
             continue
-        known = shard_hashes.get(_shard_origin(f.name, staging))
+        known = shard_hashes.get(f.name)
         size = f.stat().st_size
         files[f.name] = {"sha256": known[0] if known and known[1] == size else sha256_file(f), "size": size}
     return Provenance(
@@ -363,266 +341,6 @@ def _provenance(recipe: Recipe, plan: Plan, staging: Path, device: str, shard_ha
                   for name in ("registry", "mergekit", "torch", "transformers")},
         device=device,
     )
-
-
-def _shard_origin(name: str, staging: Path) -> str:
-    """The name mergekit's writer gave a shard before its final rename (model-3.safetensors)."""
-    if name == "model.safetensors":
-        return "model-1.safetensors"
-    m = re.fullmatch(r"model-(\d+)-of-\d+\.safetensors", name)
-    return f"model-{int(m[1])}.safetensors" if m else name
-
-
-@contextmanager
-def _mergekit_hooks(console: Console | None, shard_hashes: dict[str, tuple[str, int]], write_threads: int,
-                    opened: dict[str, tuple[int, ...]] | None = None) -> Iterator[None]:
-    """Route mergekit's tqdm bars to rich, read checkpoints with SafetensorsReader and write shards with
-    write_safetensors (hashed and fsynced on the way), each as soon as it is full, by `write_threads` threads.
-
-    `opened` receives the stat identity of every checkpoint file as it was opened, by absolute path."""
-    import mergekit.graph
-    import mergekit.merge
-    import mergekit.tokenizer.build
-    from mergekit.io.loader import TensorLoader
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.io.tensor_writer import TensorWriter
-
-    modules = (mergekit.merge, mergekit.graph, mergekit.tokenizer.build)
-    saved = [m.tqdm for m in modules]
-    original_save = TensorWriter._save_st
-    original_save_tensor = TensorWriter.save_tensor
-    original_init = TensorWriter.__init__
-    original_get = TensorLoader.__dict__["get"]
-
-    def open_shard(cls: Any, shard_path: str, use_lazy_unpickle: bool = False, device: str | None = None) -> Any:
-        if shard_path.lower().endswith(".safetensors"):
-            reader = SafetensorsReader(Path(shard_path))
-            if opened is not None:
-                opened[os.path.abspath(shard_path)] = reader.identity
-            return reader
-        return original_get.__func__(cls, shard_path, use_lazy_unpickle, device)
-
-    def save_shard(self: Any, shard_data: dict[str, Any], shard_path: str) -> None:
-        path = Path(shard_path)
-        shard_hashes[path.name] = write_safetensors(path, shard_data)
-        _stop_here("shard")
-
-    def init_writer(self: Any, *args: Any, **kwargs: Any) -> None:
-        # mergekit 0.1.5 drops MergeOptions.write_threads on the way to its writer (always one thread).
-        original_init(self, *args, **{**kwargs, "max_write_threads": write_threads})
-
-    def save_tensor(self: Any, name: str, tensor: Any, clone: bool = False) -> None:
-        # mergekit hands a full shard to the writer only when the next tensor does not fit: a shard
-        # holding one large tensor (embeddings, lm_head) would wait for the next tensor's merge. The
-        # shards are the same; each is written as soon as it is full.
-        original_save_tensor(self, name, tensor, clone)
-        with self._lock:
-            if self.max_shard_size > 0 and self.current_shard_size >= self.max_shard_size:
-                self._flush_current_shard()
-
-    progress = None
-    if console is not None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        progress = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console)
-    bars = _RichTqdm(progress)
-    # mergekit keeps a process-wide cache of open checkpoints, keyed by path: a later merge in this
-    # process must not see files of an earlier one that have since changed.
-    LoaderCache.loaders.clear()
-    try:
-        for m in modules:
-            m.tqdm = bars
-        TensorWriter._save_st = save_shard
-        TensorWriter.save_tensor = save_tensor
-        TensorWriter.__init__ = init_writer
-        TensorLoader.get = classmethod(open_shard)
-        if progress is not None:
-            with progress:
-                yield
-        else:
-            yield
-    finally:
-        TensorLoader.get = original_get
-        TensorWriter._save_st = original_save
-        TensorWriter.save_tensor = original_save_tensor
-        TensorWriter.__init__ = original_init
-        for m, value in zip(modules, saved):
-            m.tqdm = value
-        LoaderCache.loaders.clear()
-
-
-_TORCH_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
-
-
-class SafetensorsReader:
-    """Reads tensors from a safetensors file, in place of safe_open: each tensor maps only its own bytes.
-
-    safe_open maps the whole file, and every page a merge reads then counts towards the process's
-    resident memory until the end (1.5 GB of a 3.3 GB peak for two 380M-parameter inputs). Here each
-    tensor is a private mapping of its byte range, unmapped when mergekit drops the tensor: reading
-    stays zero-copy and only the tensors in use are resident.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-        try:
-            length = int.from_bytes(os.pread(self.fd, 8, 0), "little")
-            self.header = json.loads(os.pread(self.fd, length, 8))
-            st = os.fstat(self.fd)
-            self.size = st.st_size
-            # The file actually read, whatever is at its path later.
-            self.identity = stat_identity(st)
-        except (OSError, ValueError):
-            os.close(self.fd)
-            raise
-        self.header.pop("__metadata__", None)
-        self.base = 8 + length
-
-    def keys(self) -> list[str]:
-        """Names of the tensors in the file."""
-        return list(self.header)
-
-    def get_tensor(self, name: str) -> Any:
-        """The tensor `name`, backed by a private (copy-on-write) mapping of its bytes."""
-        import mmap
-        import warnings
-
-        import torch
-
-        info = self.header[name]
-        dtype = getattr(torch, _TORCH_DTYPES[info["dtype"]])
-        begin, end = info["data_offsets"]
-        if end == begin:
-            return torch.empty(info["shape"], dtype=dtype)
-        if self.base + end > self.size:
-            raise MergeError(f"{self.path} is shorter than its header says; the checkpoint changed or is truncated")
-        start = self.base + begin
-        aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(self.fd, self.base + end - aligned, offset=aligned, access=mmap.ACCESS_COPY)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # frombuffer warns that the tensor shares the buffer: that is the point
-            flat = torch.frombuffer(mapping, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start - aligned)
-        return flat.reshape(info["shape"])
-
-    def __del__(self) -> None:
-        fd = getattr(self, "fd", None)
-        if fd is not None:
-            os.close(fd)
-
-
-_ST_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-}
-
-
-# safetensors' Dtype enum order, which save_file sorts by (descending) before names.
-_ST_RANK = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
-
-
-def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> tuple[str, int]:
-    """Write `tensors` as a safetensors file, fsynced; return its sha256 and size.
-
-    Tensor bytes go from memory to the file once, where safetensors' save_file copies every tensor
-    to a bytes object first, and a second thread hashes them while they are written (both release
-    the GIL), where hashing afterwards would read the file back.
-    The layout is save_file's (dtypes in its order, then names), so the bytes are the same as its.
-    """
-    import torch
-
-    dtypes = {name: _ST_DTYPES[str(t.dtype).removeprefix("torch.")] for name, t in tensors.items()}
-    order = sorted(tensors, key=lambda name: (-_ST_RANK.index(dtypes[name]), name))
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": dtypes[name], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    head = len(blob).to_bytes(8, "little") + blob
-    digest = hashlib.sha256()
-    pending: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-
-    def hash_in_order() -> None:
-        while (chunk := pending.get()) is not None:
-            digest.update(chunk)
-
-    hasher = threading.Thread(target=hash_in_order, name="registry-sha256", daemon=True)
-    hasher.start()
-    try:
-        with path.open("wb", buffering=0) as f:
-            pending.put(memoryview(head))
-            f.write(head)
-            for name in order:
-                t = tensors[name]
-                if t.numel() == 0:
-                    continue
-                data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-                pending.put(data)
-                while data:
-                    data = data[f.write(data):]
-            os.fsync(f.fileno())
-    finally:
-        pending.put(None)
-        hasher.join()
-    return digest.hexdigest(), len(head) + offset
-
-
-_BAR_NAMES = {"Warmup loader cache": "opening sources", "Executing graph": "merging tensors",
-              "Building tokenizer permutations": "tokenizer"}
-
-
-class _RichTqdm:
-    """Stands in for the `tqdm` module inside mergekit: `tqdm.tqdm(...)` becomes a rich progress task."""
-
-    def __init__(self, progress: Any):
-        self.progress = progress
-
-    def tqdm(self, iterable: Any = None, desc: str | None = None, total: int | None = None, disable: bool = False, **_: Any) -> _Bar:
-        """A bar over `iterable` (or `total` steps)."""
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
-            total = len(iterable)
-        task = None
-        if self.progress is not None and not disable:
-            task = self.progress.add_task(_BAR_NAMES.get(desc or "", desc or "working"), total=total)
-        return _Bar(self.progress, task, iterable)
-
-
-class _Bar:
-    def __init__(self, progress: Any, task: Any, iterable: Any):
-        self.progress, self.task, self.iterable = progress, task, iterable
-
-    def __iter__(self) -> Iterator[Any]:
-        for item in self.iterable:
-            yield item
-            self.update()
-
-    def update(self, n: int = 1) -> None:
-        if self.task is not None:
-            self.progress.advance(self.task, n)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
 
 @contextmanager
@@ -643,23 +361,7 @@ def _install(staging: staging_dirs.Staging, out: Path) -> None:
     old = None
     if out.exists():
         old = staging_dirs.set_aside(out, out.with_name(f"{out.name}.old-{os.getpid()}"))
-    _stop_here("rename")
     staging.install(out)
-    _fsync(out.parent)
-    _stop_here("renamed")
+    fsync_path(out.parent)
     if old is not None:
         old.remove()
-
-
-def _stop_here(point: str) -> None:
-    if os.environ.get("REGISTRY_TEST_STOP_AT") == point:
-        os.kill(os.getpid(), signal.SIGSTOP)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-

@@ -20,11 +20,12 @@ from registry.identity import merge_identity
 from registry.merge import merge
 from registry.recipe import load_recipe
 from registry.reports import Provenance, SourcePin, read
-from registry.sources import plan
+from registry.sources import fetch, plan
 
 # mergekit imports numpy.core, which numpy 2 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
 REGISTRY = str(Path(sys.executable).with_name("registry"))
+TOY = Path(__file__).parent / "fixtures" / "toy"
 RECIPE = """\
 repo_id: team/tiny-merge
 license: mit
@@ -252,7 +253,7 @@ def test_tokenizer_source_is_passed_to_mergekit_and_generation_config_kept(famil
 def test_shards_are_byte_identical_to_safetensors_save_file(tmp_path: Path) -> None:
     from safetensors.torch import save
 
-    from registry.merge import write_safetensors
+    from registry.mergekit_fast import write_safetensors
 
     gen = torch.Generator().manual_seed(0)
     tensors = {
@@ -265,6 +266,101 @@ def test_shards_are_byte_identical_to_safetensors_save_file(tmp_path: Path) -> N
     expected = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
     assert (tmp_path / "x.safetensors").read_bytes() == expected
     assert (digest, size) == (hashlib.sha256(expected).hexdigest(), len(expected))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path (mergekit_fast's patches) and mergekit's plain run_merge write the same bytes
+
+ENGINE_CASES = {
+    # sources, weights, recipe lines, output shard size (None: one shard)
+    "tiny-sharded": ("a", "b", 0.3, 0.7, "", 20_000),
+    "tiny-filtered-float32": ("a", "b", [{"filter": "mlp", "value": 0.9}, {"value": 0.3}], 0.7, "  out_dtype: float32\n", 50_000),
+    "tiny-tokenizer-source": ("a", "b-tokenizer", 0.5, 0.5, "  tokenizer_source: b\n", None),
+    "toy": ("ft_cos", "ft_fmt", 0.3, 0.7, "", None),
+    "toy-sharded": ("ft_cos", "ft_fmt", 2.0, 1.0, "  base_model: b\n", 150_000),
+}
+
+
+def engine_sources(family, tmp_path: Path, a: str, b: str) -> tuple[Path, Path]:
+    if a.startswith("ft_"):
+        return TOY / a, TOY / b
+    if b == "b-tokenizer":
+        tok = rewrite_tensors(family.b, tmp_path / "b")
+        edit_json(tok / "tokenizer_config.json", model_max_length=4096)
+        return family.a, tok
+    return family.a, family.b
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("case", list(ENGINE_CASES))
+def test_the_plain_mergekit_path_writes_the_same_bytes_as_the_fast_path(family, tmp_path: Path, home: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    from registry import mergekit_fast
+
+    a, b, wa, wb, extra, shard_bytes = ENGINE_CASES[case]
+    a, b = engine_sources(family, tmp_path, a, b)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", a, b, wa, wb, extra))
+    pinned = plan(recipe)
+    # The fast path applies to the installed mergekit; if this fails, mergekit changed: check the patches
+    # in registry/mergekit_fast.py against the new version, then update MERGEKIT_VERSION.
+    assert mergekit_fast.supported()
+    runs = []
+    real = mergekit_fast.run_merge
+    monkeypatch.setattr(mergekit_fast, "run_merge", lambda *args, **kwargs: runs.append(args[1]) or real(*args, **kwargs))
+
+    fast = merge(recipe, pinned, tmp_path / "fast", "cpu", shard_bytes=shard_bytes).out
+    monkeypatch.setenv("REGISTRY_MERGE_ENGINE", "plain")
+    plain = merge(recipe, pinned, tmp_path / "plain", "cpu", shard_bytes=shard_bytes).out
+
+    assert [p.name for p in runs] == [f"fast.staging-{os.getpid()}"]  # the plain merge did not use the patches
+    written = files_of(fast)
+    shards = [name for name in written if name.endswith(".safetensors")]
+    assert len(shards) > 2 if shard_bytes else shards == ["model.safetensors"]
+    assert written == files_of(plain)  # every file, provenance.json and its sha256 of each file included
+    assert json.loads(written["provenance.json"])["files"] == {
+        name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in written.items() if name != "provenance.json"}
+
+
+@pytest.mark.parametrize("shard_bytes", [20_000, 10**9])
+def test_the_fast_path_hashes_each_shard_while_writing_it(family, tmp_path: Path, home: Path, shard_bytes: int) -> None:
+    from registry.merge import mergekit_config, mergekit_options
+    from registry.mergekit_fast import run_merge
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family.a, family.b))
+    pinned = plan(recipe)
+    paths = {s.name: fetch(s) for s in pinned.sources}
+    out = tmp_path / "out"
+    written = run_merge(mergekit_config(recipe, pinned, paths), out, mergekit_options("cpu", shard_bytes, quiet=True), config_source="")
+
+    shards = sorted(out.glob("*.safetensors"))
+    assert [f.name for f in shards] == (["model.safetensors"] if shard_bytes == 10**9 else [f.name for f in shards if "-of-" in f.name])
+    assert len(shards) > 2 or shard_bytes == 10**9
+    assert written.shards == {f.name: (sha256(f), f.stat().st_size) for f in shards}
+    assert {path: (st.st_ino, st.st_size) for path, st in written.opened.items()} == {
+        str(folder / "model.safetensors"): ((folder / "model.safetensors").stat().st_ino, (folder / "model.safetensors").stat().st_size)
+        for folder in (family.a, family.b)}
+
+
+def test_the_merge_engine_is_fast_only_for_the_mergekit_version_it_was_written_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from registry import mergekit_fast
+    from registry.errors import UsageError
+    from registry.merge import merge_engine
+
+    monkeypatch.delenv("REGISTRY_MERGE_ENGINE", raising=False)
+    assert merge_engine() == "fast"
+    monkeypatch.setenv("REGISTRY_MERGE_ENGINE", "plain")
+    assert merge_engine() == "plain"
+    monkeypatch.setenv("REGISTRY_MERGE_ENGINE", "auto")
+    assert merge_engine() == "fast"
+    monkeypatch.setattr(mergekit_fast, "MERGEKIT_VERSION", "0.1.4")  # as if another mergekit were installed
+    assert merge_engine() == "plain"
+    monkeypatch.setenv("REGISTRY_MERGE_ENGINE", "fastest")
+    with pytest.raises(UsageError) as exc:
+        merge_engine()
+    assert str(exc.value) == "REGISTRY_MERGE_ENGINE is 'fastest'; set it to auto (the default) or plain, or unset it"
 
 
 @pytest.mark.parametrize("broken", ["tokenizer", "vocab", "shape", "missing"])
@@ -304,8 +400,53 @@ def looks_like_model(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
+# `registry merge` in a process that stops itself (SIGSTOP) at a named point of the real code, so a test
+# can SIGKILL it (or change its sources) at a known moment: "shard", once the first shard is written to
+# staging; "rename", just before staging is renamed into place; "renamed", just after.
+STOPPING = """\
+import os, signal, sys
+import safetensors.torch
+import registry.mergekit_fast
+from registry.cli import main
+
+point, out = sys.argv[1], os.path.abspath(sys.argv[2])
+shards = []
+
+def stop():
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+def after_shard(write):
+    def wrapper(*args, **kwargs):
+        result = write(*args, **kwargs)
+        shards.append(args[0])
+        if point == "shard" and len(shards) == 1:
+            stop()
+        return result
+    return wrapper
+
+def around_install(move):
+    def wrapper(src, dst, *args, **kwargs):
+        installing = os.path.abspath(dst) == out and ".staging-" in os.path.basename(src)
+        if installing and point == "rename":
+            stop()
+        result = move(src, dst, *args, **kwargs)
+        if installing and point == "renamed":
+            stop()
+        return result
+    return wrapper
+
+# These only decide when the process stops: the fast path writes shards with write_safetensors,
+# mergekit's own with safetensors' save_file.
+registry.mergekit_fast.write_safetensors = after_shard(registry.mergekit_fast.write_safetensors)
+safetensors.torch.save_file = after_shard(safetensors.torch.save_file)
+os.replace, os.rename = around_install(os.replace), around_install(os.rename)
+sys.argv = ["registry", *sys.argv[3:]]
+main()
+"""
+
+
 def wait_stopped(proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Wait until `proc` has stopped itself (SIGSTOP at its REGISTRY_TEST_STOP_AT point)."""
+    """Wait until `proc` has stopped itself (SIGSTOP at its stop point)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -317,13 +458,12 @@ def wait_stopped(proc: subprocess.Popen, timeout: float = 120) -> None:
     raise AssertionError("registry merge never reached its stop point")
 
 
-def start(recipe: Path, out: Path, home: Path, seed: int, stop_at: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "REGISTRY_HOME": str(home), "PYTHONHASHSEED": str(seed)}
-    env.pop("REGISTRY_TEST_STOP_AT", None)
-    if stop_at:
-        env["REGISTRY_TEST_STOP_AT"] = stop_at
-    return subprocess.Popen([REGISTRY, "merge", str(recipe), "-o", str(out), "--device", "cpu", "--format", "json"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(recipe: Path, out: Path, home: Path, seed: int, stop_at: str | None = None, engine: str = "auto") -> subprocess.Popen:
+    """`registry merge RECIPE -o OUT` in a process of its own, stopping itself at `stop_at`."""
+    env = {**os.environ, "REGISTRY_HOME": str(home), "PYTHONHASHSEED": str(seed), "REGISTRY_MERGE_ENGINE": engine}
+    args = ["merge", str(recipe), "-o", str(out), "--device", "cpu", "--format", "json"]
+    command = [sys.executable, "-c", STOPPING, stop_at, str(out), *args] if stop_at else [REGISTRY, *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen) -> dict:
@@ -421,13 +561,13 @@ def test_outputs_are_bit_identical_under_any_hash_seed(killed) -> None:
 def test_each_shard_is_written_as_soon_as_it_is_full_by_the_threads_asked_for(tmp_path: Path) -> None:
     from mergekit.io.tensor_writer import TensorWriter
 
-    from registry.merge import _mergekit_hooks
+    from registry.mergekit_fast import patched
 
     def tensor(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bfloat16)  # 2 bytes each
 
     hashes: dict[str, tuple[str, int]] = {}
-    with _mergekit_hooks(None, hashes, write_threads=2):
+    with patched(None, hashes, write_threads=2):
         writer = TensorWriter(str(tmp_path / "a"), max_shard_size=100, use_async=True, max_write_threads=1)
         assert writer._executor._max_workers == 2  # mergekit 0.1.5 would use one thread
         writer.finalize()
@@ -454,8 +594,8 @@ def test_each_shard_is_written_as_soon_as_it_is_full_by_the_threads_asked_for(tm
 def test_a_merge_imports_mergekit_without_peft_which_still_loads_on_use(tmp_path: Path) -> None:
     code = (
         "import gc, sys\n"
-        "from registry.merge import _import_mergekit\n"
-        "_import_mergekit()\n"
+        "from registry.mergekit_fast import import_mergekit\n"
+        "import_mergekit()\n"
         "import mergekit.common, mergekit.merge\n"
         "assert 'peft' not in sys.modules and gc.isenabled() and gc.get_freeze_count() > 100_000\n"
         "assert mergekit.common.peft.PeftModel.__name__ == 'PeftModel'\n"
@@ -580,11 +720,12 @@ def test_weights_swapped_after_planning_are_refused_and_nothing_is_written(copie
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
 
 
-def test_weights_swapped_while_the_merge_runs_are_refused(copies, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["auto", "plain"])
+def test_weights_swapped_while_the_merge_runs_are_refused(copies, tmp_path: Path, engine: str) -> None:
     cos, fmt = copies
     home = tmp_path / "home"
     path = write_recipe(tmp_path / "r.yaml", cos, fmt)
-    proc = start(path, tmp_path / "out", home, 1, "shard")
+    proc = start(path, tmp_path / "out", home, 1, "shard", engine)
     wait_stopped(proc)  # the sources are open and read; a shard is written
     swap(cos / "model.safetensors", fmt / "model.safetensors", "rename")
     proc.send_signal(signal.SIGCONT)
