@@ -1,9 +1,10 @@
 """Smoke tests: a short and a long-context generation, parity with the parents, an exact weight check.
 
-`run_smoke(model_dir, recipe)` runs every registered smoke check (the built-ins of
+`run_smoke(model_dir, recipe)` judges every registered smoke check (the built-ins of
 registry/smoke_checks.py and any plugin's, through the `register_smoke_checks` hook) against a model
-folder and returns a `SmokeReport`, written as smoke.json beside the weights. The model is loaded
-once, lazily; parents are loaded one at a time, only when a check needs them.
+folder and returns a `SmokeReport`, written as smoke.json beside the weights. Each check declares the
+measurements it judges (MEASUREMENTS); `Measurements` computes each once, only when needed: the merged
+model's runs first, then, with the merged model freed, each parent in turn.
 
 Nothing written to smoke.json names a local path: it is published with the model.
 """
@@ -1003,6 +1004,9 @@ class Measurements:
         """Every check's verdict, in the checks' order; each is judged once all it declared is measured."""
         checks = list(checks)
         for check in checks:
+            if not callable(getattr(check, "judge", None)) or not isinstance(getattr(check, "needs", None), tuple):
+                raise SmokeError(f"smoke check '{check.name}' has no judge and needs; register "
+                                 "SmokeCheck(name, judge, needs=(...)) with the measurements it judges")
             unknown = [n for n in check.needs if n not in MEASUREMENTS]
             if unknown:
                 raise SmokeError(f"smoke check '{check.name}' needs '{unknown[0]}', which is not a measurement; "

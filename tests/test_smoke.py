@@ -439,6 +439,13 @@ def test_a_check_needing_what_is_not_a_measurement_is_an_error(tiny):
         "smoke check 'vocab' needs 'vocabulary', which is not a measurement; "
         "it can need settings, sources, model, short, long, nll, parents, weights, parity"
     )
+    # A check written against the old shared context (run(ctx)) says how to register it now.
+    old_style = type("OldStyle", (), {"name": "vocab", "run": lambda self, ctx: None})()
+    with pytest.raises(SmokeError) as err:
+        _run(tiny, SmokeConfig(), checks=[old_style])
+    assert str(err.value) == (
+        "smoke check 'vocab' has no judge and needs; register SmokeCheck(name, judge, needs=(...)) with the measurements it judges"
+    )
 
 
 def test_smoke_json_format(tiny):
