@@ -27,11 +27,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import RegistryError, SmokeError
-from .identity import smoke_identity
 from .recipe import SmokeConfig, WeightFilter
-from .reports import Provenance, Smoke
-from .reports import read as read_report
-from .reports import write as write_report
+from .identity import smoke_identity
+from .reports import Provenance, Smoke, read as read_report, write as write_report
 from .sources import SHARD_INDEX, expand_local, folder_content_sha256
 
 if TYPE_CHECKING:
@@ -110,7 +108,7 @@ class SmokeReport:
     short: ShortRun | None
     long: list[LongRun]
     parity: list[ParityRow]
-    # The models loaded, in order ("merged", then the parents'); not written to smoke.json.
+    # Every model load tried, in order ("merged", then the parents'); not written to smoke.json.
     loaded: tuple[str, ...] = ()
 
     def to_report(self) -> Smoke:
@@ -208,7 +206,7 @@ def _hub_cached(repo_id: str, revision: str | None) -> tuple[Path | None, str | 
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)), None
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means the snapshot is not at hand
         return None, "it is not in the local Hub cache"
 
 
@@ -944,7 +942,7 @@ class Measurements:
         self.values: dict[str, Any] = {}
         self.failed: dict[str, str] = {}  # measurement -> the reason each check needing it fails with
         self.seconds: dict[str, float] = {}
-        # The models loaded, in order ("merged", then parents' names): what a run cost, for callers and tests.
+        # Every model load tried, in order ("merged", then parents' names): what a run cost, for callers and tests.
         self.loaded: list[str] = []
 
     def note(self, message: str) -> None:
@@ -994,7 +992,7 @@ class Measurements:
             self.failed[name] = exc.message
         except RegistryError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a broken measurement fails the checks needing it, not the run
             if os.environ.get("REGISTRY_DEBUG") == "1":
                 raise
             self.failed[name] = f"measuring the {name} raised {type(exc).__name__}: {_one_line(exc)}"
@@ -1042,7 +1040,7 @@ class Measurements:
             result = check.judge(**inputs)
         except RegistryError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a broken check is a failed check, not a crash
             if os.environ.get("REGISTRY_DEBUG") == "1":
                 raise
             result = CheckResult(check.name, "failed", f"the check raised {type(exc).__name__}: {_one_line(exc)}")
