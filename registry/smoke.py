@@ -1,9 +1,10 @@
 """Smoke tests: a short and a long-context generation, parity with the parents, an exact weight check.
 
-`run_smoke(model_dir, recipe, checks=...)` runs the smoke checks it is given (the caller passes
-`plugins.get_smoke_checks()`: the built-ins of registry/smoke_checks.py and any plugin's) against a model
-folder and returns a `SmokeReport`, written as smoke.json beside the weights. The model is loaded
-once, lazily; parents are loaded one at a time, only when a check needs them.
+`run_smoke(model_dir, recipe, checks=...)` judges the smoke checks it is given (the caller passes
+`plugins.get_smoke_checks()`: the built-ins of registry/smoke_checks.py and any plugin's) against a
+model folder and returns a `SmokeReport`, written as smoke.json beside the weights. Each check declares
+the measurements it judges (MEASUREMENTS); `Measurements` computes each once, only when needed: the
+merged model's runs first, then, with the merged model freed, each parent in turn.
 
 Nothing written to smoke.json names a local path: it is published with the model.
 """
@@ -18,10 +19,11 @@ import random
 import re
 import resource
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import RegistryError, SmokeError
@@ -54,7 +56,7 @@ class CheckResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShortRun:
     """One short greedy generation through the chat template, with the measures the checks judge."""
 
@@ -68,8 +70,7 @@ class ShortRun:
     longest_run: int
 
 
-
-@dataclass
+@dataclass(frozen=True)
 class LongRun:
     """One needle-in-a-haystack prompt of `tokens` tokens with the needle at `depth`."""
 
@@ -86,7 +87,7 @@ class LongRun:
     prefill_chunk_size: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParityRow:
     """One model's NLL on the fixed text and retrieval over the long prompts both it and the merge ran."""
 
@@ -108,6 +109,8 @@ class SmokeReport:
     short: ShortRun | None
     long: list[LongRun]
     parity: list[ParityRow]
+    # Every model load tried, in order ("merged", then the parents'); not written to smoke.json.
+    loaded: tuple[str, ...] = ()
 
     def to_report(self) -> Smoke:
         """The typed smoke.json report (reports.write writes it)."""
@@ -135,19 +138,25 @@ class SmokeReport:
 
 
 class SmokeCheckLike(Protocol):
-    """What `register_smoke_checks` accepts: a name and a run(ctx) returning a CheckResult."""
+    """What `register_smoke_checks` accepts: a name, the measurements it needs, a judge over them."""
 
     name: str
+    needs: tuple[str, ...]
 
-    def run(self, ctx: SmokeContext) -> CheckResult: ...
+    def judge(self, **inputs: Any) -> CheckResult: ...
 
 
 @dataclass(frozen=True)
 class SmokeCheck:
-    """A named smoke check; lower `order` runs first (built-ins use 10-40, plugins default to 100)."""
+    """A named smoke check: `judge` is called with one keyword argument per name in `needs` (see MEASUREMENTS).
+
+    Lower `order` comes first in the report (built-ins use 10-40, plugins default to 100); every
+    check gets its measurements complete, whatever its order.
+    """
 
     name: str
-    run: Callable[[SmokeContext], CheckResult]
+    judge: Callable[..., CheckResult]
+    needs: tuple[str, ...] = ()
     order: int = 100
     description: str = ""
 
@@ -156,13 +165,13 @@ class SmokeCheck:
 # Sources (the parents), resolved to folders at hand
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceModel:
     """A source of the merge: its weight and, when it is at hand, its folder (never written out)."""
 
     name: str
     kind: Literal["local", "hub"]
-    weight: float | list[WeightFilter] | None
+    weight: float | tuple[WeightFilter, ...] | None
     path: Path | None
     missing: str | None = None
     # Its folder is at hand but holds other weights than the merge read (a content sha256 mismatch).
@@ -211,18 +220,23 @@ def merge_sources(recipe: Recipe | None, provenance: Provenance | None) -> list[
                 revision = (pin.revision if (pin := pinned.get(inp.name)) else None) or inp.ref.revision
                 path, missing = _hub_cached(inp.ref.value, revision)
                 changed = False
-            out.append(SourceModel(inp.name, inp.ref.kind, inp.weight, path, missing, changed))
+            out.append(SourceModel(inp.name, inp.ref.kind, _frozen_weight(inp.weight), path, missing, changed))
         return out
     for name, info in pinned.items():
         weight: Any = info.weight
         if isinstance(weight, list):
-            weight = [WeightFilter.model_validate(w.model_dump()) for w in weight]
+            weight = tuple(WeightFilter.model_validate(w.model_dump()) for w in weight)
         if info.kind == "hub" and info.repo_id:
             path, missing = _hub_cached(info.repo_id, info.revision)
         else:
             path, missing = None, "it is a local folder: pass --recipe to locate it"
         out.append(SourceModel(name, info.kind, weight, path, missing))
     return out
+
+
+def _frozen_weight(weight: Any) -> float | tuple[WeightFilter, ...] | None:
+    """A recipe weight as checks receive it: a list of filters becomes a tuple of copies."""
+    return tuple(w.model_copy() for w in weight) if isinstance(weight, list) else weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,8 +286,8 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] or type(exc).__name__
 
 
-def _free(*objects: Any) -> None:
-    del objects
+def _free() -> None:
+    """Collect what was just dropped (models hold reference cycles) and hand cached GPU memory back."""
     gc.collect()
     import torch
 
@@ -384,7 +398,11 @@ def longest_token_run(tokens: list[int]) -> int:
     return best
 
 
-class NoChatTemplate(SmokeError):
+class Unmeasurable(SmokeError):
+    """A measurement that cannot be made on this model; every check needing it fails with this message."""
+
+
+class NoChatTemplate(Unmeasurable):
     """The tokenizer has no chat template, so the short generation cannot be run as users would."""
 
 
@@ -610,16 +628,14 @@ def run_long_prompt(
     import torch
 
     key = pass_key(n_tokens, depth, config.key_digits)
-    run = LongRun(n_tokens, depth, "skipped", key=key)
+    skipped = LongRun(n_tokens, depth, "skipped", key=key)
     if n_tokens > limit:
-        run.reason = f"{n_tokens} tokens is over the context limit ({limit})"
-        return run
+        return replace(skipped, reason=f"{n_tokens} tokens is over the context limit ({limit})")
     if device == "cpu" and n_tokens > config.cpu_max_tokens:
-        run.reason = (
+        return replace(skipped, reason=(
             f"{n_tokens} tokens is over cpu_max_tokens ({config.cpu_max_tokens}) on CPU; "
             "run with --device cuda or raise smoke.long.cpu_max_tokens"
-        )
-        return run
+        ))
     dtype_bytes = next(model.parameters()).element_size()
     budget = int((memory_available(device) or 0) * config.memory_fraction)
     choices = [config.prefill_chunk_size] if config.prefill_chunk_size else [None, *(c for c in AUTO_CHUNKS if c < n_tokens)]
@@ -627,26 +643,22 @@ def run_long_prompt(
         estimate = estimate_long_memory(model.config, n_tokens, dtype_bytes=dtype_bytes, chunk_size=chunk)
         if estimate <= budget:
             break
-    run.estimated_memory_bytes = estimate
+    skipped = replace(skipped, estimated_memory_bytes=estimate)
     if estimate > budget:
-        run.reason = f"needs about {estimate / _MIB:.0f} MiB, {budget / _MIB:.0f} MiB can be used on {device}"
-        return run
-    run.prefill_chunk_size = chunk if chunk and chunk < n_tokens else None
+        return replace(skipped, reason=f"needs about {estimate / _MIB:.0f} MiB, {budget / _MIB:.0f} MiB can be used on {device}")
+    skipped = replace(skipped, prefill_chunk_size=chunk if chunk and chunk < n_tokens else None)
     prompt = builder.build(n_tokens, depth, key)
     try:
         start = time.perf_counter()
         with PeakMemory(device) as peak:
             gen = greedy_generate(model, prompt.ids, config.max_new_tokens, eos_token_ids(model, tokenizer), chunk_size=chunk)
-        run.seconds = round(time.perf_counter() - start, 3)
+        seconds = round(time.perf_counter() - start, 3)
     except torch.OutOfMemoryError:
         _free()
-        run.reason = f"ran out of memory on {device} although about {estimate / _MIB:.0f} MiB were estimated to fit"
-        return run
-    run.peak_memory_bytes = peak.bytes
-    run.finite = gen.finite
-    run.output = tokenizer.decode(gen.tokens, skip_special_tokens=True)
-    run.status = "retrieved" if key in run.output else "missed"
-    return run
+        return replace(skipped, reason=f"ran out of memory on {device} although about {estimate / _MIB:.0f} MiB were estimated to fit")
+    output = tokenizer.decode(gen.tokens, skip_special_tokens=True)
+    return replace(skipped, status="retrieved" if key in output else "missed", seconds=seconds,
+                   peak_memory_bytes=peak.bytes, finite=gen.finite, output=output)
 
 
 def run_long(model: Any, tokenizer: Any, config: LongSmoke, device: str, cells: list[tuple[int, float]] | None = None,
@@ -711,10 +723,23 @@ class _TensorFiles:
         return sl[start:stop] if len(sl.get_shape()) else self.handle(name).get_tensor(name)
 
 
-def check_weights(
-    model_dir: str | Path, sources: list[SourceModel], *, normalize: bool, merge_dtype: str | None,
+@dataclass(frozen=True)
+class WeightComparison:
+    """Every merged tensor against the weighted sum of the sources: what differs, holds NaN/inf, or could not be compared."""
+
+    sources: tuple[str, ...]
+    normalize: bool
+    tensors: int  # in the merged model
+    tensors_checked: int
+    mismatched: tuple[Mapping[str, Any], ...]
+    non_finite: tuple[str, ...]
+    skipped: tuple[Mapping[str, str], ...]
+
+
+def compare_weights(
+    model_dir: str | Path, sources: Iterable[SourceModel], *, normalize: bool, merge_dtype: str | None,
     tolerance: float | None = None,
-) -> CheckResult:
+) -> WeightComparison:
     """Every merged tensor against the (normalized) weighted sum of the sources, streamed tensor by tensor."""
     import torch
 
@@ -724,7 +749,6 @@ def check_weights(
     mismatched: list[dict[str, Any]] = []
     non_finite: list[str] = []
     skipped: list[dict[str, str]] = []
-    worst = 0.0
     checked = 0
     cast = getattr(torch, merge_dtype) if merge_dtype else None
     for name in names:
@@ -783,138 +807,32 @@ def check_weights(
         if not finite:
             non_finite.append(name)
         if bad:
-            worst = max(worst, tensor_worst)
             mismatched.append({"tensor": name, "elements": bad, "max_abs_error": tensor_worst})
     for source, files in srcs:
         for name in sorted(set(files.where) - set(merged.where)):
             mismatched.append({"tensor": name, "reason": f"in source '{source.name}' but missing from the merged model"})
-    details: dict[str, Any] = {
-        "sources": [s.name for s, _ in srcs],
-        "normalize": normalize,
-        "tensors_checked": checked,
-        "mismatched": mismatched,
-        "non_finite": non_finite,
-        "skipped": skipped,
-    }
-    if non_finite:
-        return CheckResult("weights", "failed", f"{len(non_finite)} of {len(names)} merged tensors hold NaN or inf (first: {non_finite[0]})", details)
-    if mismatched:
-        first = mismatched[0]
-        what = first.get("reason") or f"{first['elements']} elements off by up to {first['max_abs_error']:.3g}"
-        return CheckResult(
-            "weights", "failed",
-            f"{len(mismatched)} of {len(names)} merged tensors differ from the recipe's weighted sum of the sources "
-            f"(first: {first['tensor']}, {what})",
-            details,
-        )
-    note = f"; {len(skipped)} not comparable" if skipped else ""
-    return CheckResult("weights", "passed", f"{checked} tensors equal the recipe's weighted sum of {len(srcs)} sources{note}", details)
+    return WeightComparison(
+        sources=tuple(s.name for s, _ in srcs), normalize=normalize, tensors=len(names), tensors_checked=checked,
+        mismatched=tuple(MappingProxyType(m) for m in mismatched), non_finite=tuple(non_finite),
+        skipped=tuple(MappingProxyType(m) for m in skipped),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# The context checks run against
+# Measurements: what checks judge, each computed at most once, only when a check needs it
 
 
-@dataclass
-class ParentEval:
-    """What a parent did on the same prompts as the merge."""
+@dataclass(frozen=True)
+class SmokeSettings:
+    """What the run was asked to do: the model folder, the recipe's smoke settings, the device, the mode."""
 
-    name: str
-    short: ShortRun | None
-    nll: float | None
-    long: list[LongRun]
-
-
-class SmokeContext:
-    """What checks see: the model folder, recipe, config and device, lazily loaded models, earlier results."""
-
-    def __init__(self, model_dir: Path, recipe: Recipe | None, config: SmokeConfig, device: str,
-                 provenance: Provenance | None, progress: Callable[[str], None] | None = None,
-                 *, strict: bool = False):
-        self.model_dir = model_dir
-        # Set by `registry publish`: what cannot be verified there (a source changed since the merge) fails.
-        self.strict = strict
-        self.recipe = recipe
-        self.config = config
-        self.device = device
-        self.provenance = provenance
-        self.progress = progress
-        self.short: ShortRun | None = None
-        self.long: list[LongRun] = []
-        self.parity: list[ParityRow] = []
-        self._loaded: tuple[Any, Any] | None = None
-        self._sources: list[SourceModel] | None = None
-        self._parents: dict[str, ParentEval] | None = None
-
-    def note(self, message: str) -> None:
-        """Tell the person watching what is happening (no-op for machines)."""
-        if self.progress:
-            self.progress(message)
-
-    @property
-    def model(self) -> Any:
-        """The merged model, loaded on first use."""
-        return self._load()[0]
-
-    @property
-    def tokenizer(self) -> Any:
-        """The merged model's tokenizer, loaded on first use."""
-        return self._load()[1]
-
-    def _load(self) -> tuple[Any, Any]:
-        if self._loaded is None:
-            self.note(f"loading the model on {self.device}")
-            self._loaded = load_model(self.model_dir, self.device)
-        return self._loaded
-
-    def sources(self) -> list[SourceModel]:
-        """The merge's sources (from the recipe, else provenance.json), with folders where at hand."""
-        if self._sources is None:
-            self._sources = merge_sources(self.recipe, self.provenance)
-        return self._sources
-
-    def normalize(self) -> bool:
-        """Whether the merge normalized its weights."""
-        if self.recipe is not None:
-            return self.recipe.merge.parameters.normalize
-        return self.provenance is None or self.provenance.normalize is not False
-
-    def merge_dtype(self) -> str | None:
-        """The dtype the merge computed in, when known."""
-        if self.recipe is not None:
-            return self.recipe.merge.dtype
-        return self.provenance.dtype if self.provenance is not None else None
-
-    def long_cells(self) -> list[tuple[int, float]]:
-        """The (length, depth) pairs the merged model ran (not skipped)."""
-        return [(r.tokens, r.depth) for r in self.long if r.status != "skipped"]
-
-    def parents(self) -> dict[str, ParentEval]:
-        """Each parent at hand evaluated on the merge's prompts: short generation, NLL, retrieval."""
-        if self._parents is None:
-            self._parents = {}
-            for source in self.sources():
-                if source.path is None:
-                    continue
-                self.note(f"evaluating parent '{source.name}'")
-                try:
-                    model, tokenizer = load_model(source.path, self.device)
-                except SmokeError:
-                    # The message names the folder, which must not reach smoke.json.
-                    source.missing = "its folder could not be loaded as a model"
-                    continue
-                try:
-                    short = run_short(model, tokenizer, self.config.short)
-                except NoChatTemplate:
-                    short = None
-                value = nll(model, tokenizer, self.parity_text())
-                # Every planned prompt, whether or not the merge has run yet; parity compares where both ran.
-                long = (run_long(model, tokenizer, self.config.long, self.device, model_name=f"parent '{source.name}' ({source.path})")
-                        if self.config.parity.retrieval else [])
-                self._parents[source.name] = ParentEval(source.name, short, value, long)
-                _free(model, tokenizer)
-                del model, tokenizer
-        return self._parents
+    model_dir: Path
+    config: SmokeConfig  # each check gets its own copy
+    device: str
+    # Set by `registry publish`: what cannot be verified there (a source changed since the merge) fails.
+    strict: bool
+    normalize: bool  # whether the merge normalized its weights
+    merge_dtype: str | None  # the dtype the merge computed in, when known
 
     def parity_text(self) -> str:
         """The fixed text whose NLL is compared: the recipe's, else the haystack with a needle and its answer."""
@@ -923,6 +841,245 @@ class SmokeContext:
         long = self.config.long
         key = "73914"
         return f"{long.filler} {long.needle.replace('{key}', key)} {long.filler} {long.question} {key}."
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The merged model and its tokenizer, for a check that runs something of its own."""
+
+    model: Any
+    tokenizer: Any
+
+
+@dataclass(frozen=True)
+class ParentEval:
+    """What a parent did on the same prompts as the merge."""
+
+    name: str
+    short: ShortRun | None
+    nll: float | None
+    long: tuple[LongRun, ...]
+
+
+@dataclass(frozen=True)
+class Parents:
+    """The parents evaluated on the merge's prompts, and the sources that could not be (with why)."""
+
+    evaluated: tuple[ParentEval, ...]
+    unavailable: tuple[SourceModel, ...]
+
+
+# Name -> what a check declaring it receives. The runner computes them in this order, so the merged
+# model's runs are done and the model freed before any parent loads (one model in memory at a time).
+MEASUREMENTS: dict[str, str] = {
+    "settings": "SmokeSettings: the model folder, the recipe's smoke settings, the device, strict mode",
+    "sources": "tuple[SourceModel]: the merge's sources with their weights, and their folders where at hand",
+    "model": "LoadedModel: the merged model and tokenizer (a check needing it is judged before the parents load)",
+    "short": "ShortRun: the merged model's short generation",
+    "long": "tuple[LongRun]: the merged model's needle-in-a-haystack prompts, every (length, depth)",
+    "nll": "float: the merged model's NLL on the fixed text, when the parity check compares it",
+    "parents": "Parents: each parent at hand run on the merged model's prompts (none when parity is disabled)",
+    "weights": "WeightComparison | None: every tensor against the weighted sum of the sources (None: not run)",
+    "parity": "tuple[ParityRow]: the merge and each parent side by side (empty without parents)",
+}
+
+
+class Measurements:
+    """Computes each measurement once, on demand, and judges every check over the ones it declares."""
+
+    def __init__(self, settings: SmokeSettings, recipe: Recipe | None, provenance: Provenance | None,
+                 progress: Callable[[str], None] | None = None):
+        self.settings = settings
+        self.recipe = recipe
+        self.provenance = provenance
+        self.progress = progress
+        self.values: dict[str, Any] = {}
+        self.failed: dict[str, str] = {}  # measurement -> the reason each check needing it fails with
+        self.seconds: dict[str, float] = {}
+        # Every model load tried, in order ("merged", then parents' names): what a run cost, for callers and tests.
+        self.loaded: list[str] = []
+
+    def note(self, message: str) -> None:
+        """Tell the person watching what is happening (no-op for machines)."""
+        if self.progress:
+            self.progress(message)
+
+    def depends(self, name: str) -> tuple[str, ...]:
+        """What a measurement is computed from (parents and parity need nothing when parity is disabled)."""
+        parity = self.settings.config.parity
+        if name in ("short", "long", "nll"):
+            return ("model",)
+        if name == "weights":
+            return ("sources",)
+        if name == "parents":
+            if not parity.enabled:
+                return ()
+            # Parents run only the prompts the merge ran: parity compares where both did.
+            return ("sources", "long") if parity.retrieval else ("sources",)
+        if name == "parity":
+            return ("nll", "long", "parents") if parity.enabled else ()
+        return ()
+
+    def closure(self, names: Iterable[str]) -> set[str]:
+        """The measurements `names` need, with what they are computed from."""
+        out: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name not in out:
+                out.add(name)
+                todo.extend(self.depends(name))
+        return out
+
+    def measure(self, name: str) -> None:
+        """Compute one measurement whose dependencies are measured (a failed dependency fails it too)."""
+        if name in self.values or name in self.failed:
+            return
+        broken = [self.failed[d] for d in self.depends(name) if d in self.failed]
+        if broken:
+            self.failed[name] = broken[0]
+            return
+        start = time.perf_counter()
+        try:
+            self.values[name] = getattr(self, f"_{name}")()
+        except Unmeasurable as exc:
+            self.failed[name] = exc.message
+        except RegistryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken measurement fails the checks needing it, not the run
+            if os.environ.get("REGISTRY_DEBUG") == "1":
+                raise
+            self.failed[name] = f"measuring the {name} raised {type(exc).__name__}: {_one_line(exc)}"
+        self.seconds[name] = time.perf_counter() - start
+
+    def judge_all(self, checks: Iterable[SmokeCheckLike]) -> list[CheckResult]:
+        """Every check's verdict, in the checks' order; each is judged once all it declared is measured."""
+        checks = list(checks)
+        for check in checks:
+            if not callable(getattr(check, "judge", None)) or not isinstance(getattr(check, "needs", None), tuple):
+                raise SmokeError(f"smoke check '{check.name}' has no judge and needs; register "
+                                 "SmokeCheck(name, judge, needs=(...)) with the measurements it judges")
+            unknown = [n for n in check.needs if n not in MEASUREMENTS]
+            if unknown:
+                raise SmokeError(f"smoke check '{check.name}' needs '{unknown[0]}', which is not a measurement; "
+                                 f"it can need {', '.join(MEASUREMENTS)}")
+        wanted = self.closure(n for c in checks for n in c.needs)
+        results: dict[int, CheckResult] = {}
+        for name in [*(m for m in MEASUREMENTS if m in wanted), None]:
+            for i, check in enumerate(checks):
+                if i not in results and all(n in self.values or n in self.failed for n in check.needs):
+                    results[i] = self._judge(check)
+            waiting = [c for i, c in enumerate(checks) if i not in results]
+            unmeasured = [m for m in wanted if m not in self.values and m not in self.failed]
+            # Freed as soon as nothing left needs it, so a parent never loads beside it.
+            if "model" in self.values and not any("model" in c.needs for c in waiting) and not any(
+                    "model" in self.depends(m) for m in unmeasured):
+                self.note("freeing the merged model")
+                del self.values["model"]
+                _free()
+            if name is not None:
+                self.measure(name)
+        return [results[i] for i in range(len(checks))]
+
+    def _judge(self, check: SmokeCheckLike) -> CheckResult:
+        failed = [self.failed[n] for n in check.needs if n in self.failed]
+        if failed:
+            return CheckResult(check.name, "failed", failed[0], {"seconds": self._seconds(check)})
+        inputs = {n: self.values[n] for n in check.needs}
+        if "settings" in inputs:
+            # A copy per check: the recipe's settings are a pydantic model, which a check could change.
+            inputs["settings"] = replace(self.settings, config=self.settings.config.model_copy(deep=True))
+        start = time.perf_counter()
+        try:
+            result = check.judge(**inputs)
+        except RegistryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken check is a failed check, not a crash
+            if os.environ.get("REGISTRY_DEBUG") == "1":
+                raise
+            result = CheckResult(check.name, "failed", f"the check raised {type(exc).__name__}: {_one_line(exc)}")
+        result.details.setdefault("seconds", self._seconds(check) + round(time.perf_counter() - start, 3))
+        return result
+
+    def _seconds(self, check: SmokeCheckLike) -> float:
+        # The time of what the check declared: a measurement two checks share counts for both.
+        return round(sum(self.seconds.get(n, 0.0) for n in self.closure(check.needs)), 3)
+
+    def _settings(self) -> SmokeSettings:
+        return self.settings
+
+    def _sources(self) -> tuple[SourceModel, ...]:
+        return tuple(merge_sources(self.recipe, self.provenance))
+
+    def _model(self) -> LoadedModel:
+        self.note(f"loading the model on {self.settings.device}")
+        self.loaded.append("merged")
+        return LoadedModel(*load_model(self.settings.model_dir, self.settings.device))
+
+    def _short(self) -> ShortRun:
+        self.note("short generation")
+        loaded = self.values["model"]
+        return run_short(loaded.model, loaded.tokenizer, self.settings.config.short)
+
+    def _long(self) -> tuple[LongRun, ...]:
+        loaded, s = self.values["model"], self.settings
+        return tuple(run_long(loaded.model, loaded.tokenizer, s.config.long, s.device, progress=self.note,
+                              model_name=f"the model in {s.model_dir}"))
+
+    def _nll(self) -> float:
+        loaded = self.values["model"]
+        return nll(loaded.model, loaded.tokenizer, self.settings.parity_text())
+
+    def _parents(self) -> Parents:
+        s = self.settings
+        if not s.config.parity.enabled:
+            return Parents((), ())
+        evaluated, unavailable = [], []
+        cells = [(r.tokens, r.depth) for r in self.values.get("long", ()) if r.status != "skipped"]
+        for source in self.values["sources"]:
+            if source.path is None:
+                unavailable.append(source)
+                continue
+            self.note(f"evaluating parent '{source.name}'")
+            self.loaded.append(source.name)
+            try:
+                model, tokenizer = load_model(source.path, s.device)
+            except SmokeError:
+                # The message names the folder, which must not reach smoke.json.
+                unavailable.append(replace(source, path=None, missing="its folder could not be loaded as a model"))
+                continue
+            try:
+                short = run_short(model, tokenizer, s.config.short)
+            except NoChatTemplate:
+                short = None
+            value = nll(model, tokenizer, s.parity_text())
+            long = (run_long(model, tokenizer, s.config.long, s.device, cells,
+                             model_name=f"parent '{source.name}' ({source.path})") if s.config.parity.retrieval else [])
+            evaluated.append(ParentEval(source.name, short, value, tuple(long)))
+            del model, tokenizer
+            _free()
+        return Parents(tuple(evaluated), tuple(unavailable))
+
+    def _weights(self) -> WeightComparison | None:
+        s, sources = self.settings, self.values["sources"]
+        if not s.config.weights.enabled or not sources or any(src.path is None for src in sources):
+            return None
+        self.note("comparing every tensor with the weighted sum of the sources")
+        return compare_weights(s.model_dir, sources, normalize=s.normalize, merge_dtype=s.merge_dtype,
+                               tolerance=s.config.weights.tolerance)
+
+    def _parity(self) -> tuple[ParityRow, ...]:
+        if not self.settings.config.parity.enabled or not self.values["parents"].evaluated:
+            return ()
+        parents, long = self.values["parents"].evaluated, self.values["long"]
+        # Compare retrieval only where the merge and every parent ran.
+        ran = {p.name: {(r.tokens, r.depth): r for r in p.long if r.status != "skipped"} for p in parents}
+        merged_runs = {(r.tokens, r.depth): r for r in long if r.status != "skipped"}
+        cells = ([c for c in merged_runs if all(c in runs for runs in ran.values())]
+                 if self.settings.config.parity.retrieval else [])
+        rows = [ParityRow("merged", self.values["nll"], sum(merged_runs[c].status == "retrieved" for c in cells), len(cells))]
+        rows += [ParityRow(p.name, p.nll, sum(ran[p.name][c].status == "retrieved" for c in cells), len(cells)) for p in parents]
+        return tuple(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -949,32 +1106,25 @@ def run_smoke(
         raise SmokeError(f"{folder}: no config.json here; pass the folder `registry merge` wrote")
     provenance = read_report(Provenance, folder)
     config = recipe.smoke if recipe is not None else SmokeConfig()
-    ctx = SmokeContext(folder, recipe, config, pick_device(device), provenance, progress, strict=strict)
-    results = []
-    debug = os.environ.get("REGISTRY_DEBUG") == "1"
-    for check in checks:
-        ctx.note(f"check '{check.name}'")
-        start = time.perf_counter()
-        try:
-            result = check.run(ctx)
-        except RegistryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a broken check is a failed check, not a crash
-            if debug:
-                raise
-            result = CheckResult(check.name, "failed", f"the check raised {type(exc).__name__}: {_one_line(exc)}")
-        result.details.setdefault("seconds", round(time.perf_counter() - start, 3))
-        results.append(result)
+    if recipe is not None:
+        normalize, merge_dtype = recipe.merge.parameters.normalize, recipe.merge.dtype
+    else:
+        normalize = provenance is None or provenance.normalize is not False
+        merge_dtype = provenance.dtype if provenance is not None else None
+    settings = SmokeSettings(folder, config, pick_device(device), strict, normalize, merge_dtype)
+    measured = Measurements(settings, recipe, provenance, progress)
+    results = measured.judge_all(checks)
     merge_id = provenance.merge_identity if provenance is not None else None
     report = SmokeReport(
         passed=all(r.status != "failed" for r in results),
-        device=ctx.device,
+        device=settings.device,
         smoke_identity=smoke_identity(merge_id, recipe) if merge_id is not None and recipe is not None else None,
         merge_identity=merge_id,
         checks=results,
-        short=ctx.short,
-        long=ctx.long,
-        parity=ctx.parity,
+        short=measured.values.get("short"),
+        long=list(measured.values.get("long", ())),
+        parity=list(measured.values.get("parity", ())),
+        loaded=tuple(measured.loaded),
     )
     if write:
         write_report(report.to_report(), folder)

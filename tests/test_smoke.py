@@ -334,14 +334,14 @@ def test_plugin_checks_run_after_the_built_ins_and_can_fail_the_model(tiny, monk
     from registry.hookspecs import hookimpl
     from registry.plugins import get_plugin_manager
 
-    def vocab_check(ctx):
-        size = ctx.model.config.vocab_size
+    def vocab_check(model):
+        size = model.model.config.vocab_size
         return CheckResult("vocab", "failed" if size < 1000 else "passed", f"vocabulary of {size} tokens", {"size": size})
 
     class Plugin:
         @hookimpl
         def register_smoke_checks(self, register):
-            register(SmokeCheck("vocab", vocab_check))
+            register(SmokeCheck("vocab", vocab_check, ("model",)))
 
     pm = get_plugin_manager()
     plugin = pm.register(Plugin())
@@ -359,7 +359,7 @@ def test_plugin_checks_run_after_the_built_ins_and_can_fail_the_model(tiny, monk
         class Twice:
             @hookimpl
             def register_smoke_checks(self, register):
-                register(SmokeCheck("short", vocab_check))
+                register(SmokeCheck("short", vocab_check, ("model",)))
 
         twice = pm.register(Twice())
         try:
@@ -369,6 +369,83 @@ def test_plugin_checks_run_after_the_built_ins_and_can_fail_the_model(tiny, monk
             pm.unregister(name=twice)
     finally:
         pm.unregister(name=plugin)
+
+
+def test_a_plugin_check_gets_complete_immutable_measurements_whatever_its_order(tiny):
+    from registry.hookspecs import hookimpl
+    from registry.plugins import get_plugin_manager
+    from registry.smoke import SmokeSettings
+
+    seen = {}
+
+    def early(settings, long):
+        seen["settings"], seen["long"] = settings, long
+        return CheckResult("early", "passed", f"{len(long)} prompts")
+
+    def edit_a_run(long):
+        long[0].status = "retrieved"
+
+    def add_a_run(long):
+        long.append(long[0])
+
+    def raise_the_bar(settings):
+        # Its own copy of the recipe's settings: the long check below still judges with min_retrieved 0.
+        settings.config.long.min_retrieved = 1.0
+        return CheckResult("raise_the_bar", "passed", "changed its copy")
+
+    def go_strict(settings):
+        settings.strict = True
+
+    class Plugin:
+        @hookimpl
+        def register_smoke_checks(self, register):
+            register(SmokeCheck("early", early, ("settings", "long"), order=1))
+            register(SmokeCheck("edit_a_run", edit_a_run, ("long",), order=2))
+            register(SmokeCheck("add_a_run", add_a_run, ("long",), order=3))
+            register(SmokeCheck("raise_the_bar", raise_the_bar, ("settings",), order=4))
+            register(SmokeCheck("go_strict", go_strict, ("settings",), order=5))
+
+    pm = get_plugin_manager()
+    plugin = pm.register(Plugin())
+    try:
+        config = SmokeConfig(short=ShortSmoke(max_new_tokens=2),
+                             long=LongSmoke(lengths=[128, 256], depths=[0.5, 0.9], cpu_max_tokens=128, max_new_tokens=1))
+        report = _run(tiny, config)
+    finally:
+        pm.unregister(name=plugin)
+    verdicts = {c.name: (c.status, c.reason) for c in report.checks}
+    assert list(verdicts) == ["early", "edit_a_run", "add_a_run", "raise_the_bar", "go_strict", "weights", "short", "long", "parity"]
+    # Ordered first, judged over every prompt: the ones run and the ones skipped, as the report records them.
+    assert verdicts["early"] == ("passed", "4 prompts")
+    assert isinstance(seen["long"], tuple) and seen["long"] == tuple(report.long)
+    assert [(r.tokens, r.depth, r.status != "skipped") for r in seen["long"]] == [
+        (128, 0.5, True), (128, 0.9, True), (256, 0.5, False), (256, 0.9, False)]
+    assert isinstance(seen["settings"], SmokeSettings) and seen["settings"].config == config
+    assert verdicts["edit_a_run"] == ("failed", "the check raised FrozenInstanceError: cannot assign to field 'status'")
+    assert verdicts["add_a_run"] == ("failed", "the check raised AttributeError: 'tuple' object has no attribute 'append'")
+    assert verdicts["go_strict"] == ("failed", "the check raised FrozenInstanceError: cannot assign to field 'strict'")
+    assert verdicts["raise_the_bar"] == ("passed", "changed its copy")
+    assert verdicts["long"][0] == "passed" and config.long.min_retrieved == 0.0
+    assert [r.status for r in report.long] == [r.status for r in seen["long"]]
+    # No parent is at hand, so none was loaded; the merged model once, whatever number of checks ran on it.
+    assert report.loaded == ("merged",)
+
+
+def test_a_check_needing_what_is_not_a_measurement_is_an_error(tiny):
+    check = SmokeCheck("vocab", lambda vocabulary: None, ("vocabulary",))
+    with pytest.raises(SmokeError) as err:
+        _run(tiny, SmokeConfig(), checks=[check])
+    assert str(err.value) == (
+        "smoke check 'vocab' needs 'vocabulary', which is not a measurement; "
+        "it can need settings, sources, model, short, long, nll, parents, weights, parity"
+    )
+    # A check written against the old shared context (run(ctx)) says how to register it now.
+    old_style = type("OldStyle", (), {"name": "vocab", "run": lambda self, ctx: None})()
+    with pytest.raises(SmokeError) as err:
+        _run(tiny, SmokeConfig(), checks=[old_style])
+    assert str(err.value) == (
+        "smoke check 'vocab' has no judge and needs; register SmokeCheck(name, judge, needs=(...)) with the measurements it judges"
+    )
 
 
 def test_smoke_json_format(tiny):
@@ -625,6 +702,39 @@ def test_shuffled_embedding_rows_are_worse_than_both_parents(toy_merges):
     assert report.checks[0].status == "failed" and "first: model.embed_tokens.weight" in report.checks[0].reason
 
 
+def test_the_merged_model_is_freed_before_a_parent_loads_and_disabled_parity_loads_no_parent(toy_merges):
+    import weakref
+
+    folder, recipe_file = toy_merges["good"]
+    recipe = load_recipe(recipe_file)
+    merged: list[weakref.ref] = []
+    alive_when_a_parent_loads: list[bool] = []
+
+    def keep_a_reference(model):
+        merged.append(weakref.ref(model.model))
+        return CheckResult("model", "passed", type(model.model).__name__)
+
+    def note(message: str) -> None:
+        if message.startswith("evaluating parent"):
+            alive_when_a_parent_loads.append(merged[0]() is not None)
+
+    checks = [*builtin_checks(), SmokeCheck("model", keep_a_reference, ("model",))]
+    report = run_smoke(folder, recipe, device="cpu", write=False, checks=checks, progress=note)
+    assert _statuses(report) == {"weights": "passed", "short": "passed", "long": "passed", "parity": "passed", "model": "passed"}
+    assert report.loaded == ("merged", "cos", "fmt")
+    # One model in memory at a time: the merged one is gone when each parent loads.
+    assert alive_when_a_parent_loads == [False, False]
+
+    recipe.smoke.parity.enabled = False
+    notes: list[str] = []
+    report = run_smoke(folder, recipe, device="cpu", write=False, progress=notes.append)
+    assert _statuses(report) == {"weights": "passed", "short": "passed", "long": "passed", "parity": "skipped"}
+    assert report.checks[3].reason == "disabled in the recipe (smoke.parity.enabled: false)"
+    # The weights check reads the sources' files; no parent is ever loaded as a model.
+    assert report.loaded == ("merged",) and report.parity == []
+    assert not [n for n in notes if "parent" in n]
+
+
 def test_a_shuffled_tensor_the_prompts_never_use_is_caught_by_the_weight_check_only(toy_merges, good_report):
     good = good_report
     report = _smoke(toy_merges, "shuffled_unused")
@@ -733,6 +843,14 @@ def test_repetition_is_judged_against_the_parents_when_they_are_at_hand(toy_merg
     stop = "stopped on EOS" if alone.details["stopped"] == "eos" else "hit max_new_tokens (32)"
     assert (judged.status, judged.reason) == ("passed", f"{alone.details['new_tokens']} tokens, {stop}")
     assert judged.details["parents"] == {name: {"repeated_ngrams": repeated, "longest_run": run} for name in ("a", "b")}
+    # With parity disabled no parent is loaded, not even to judge repetition: the absolute bar applies.
+    recipe.smoke = strict.model_copy(deep=True)
+    recipe.smoke.parity.enabled = False
+    notes: list[str] = []
+    report = run_smoke(merged, recipe, device="cpu", checks=short_only, progress=notes.append)
+    assert [(c.status, c.reason) for c in report.checks] == [(alone.status, alone.reason)]
+    assert "parents" not in report.checks[0].details
+    assert report.loaded == ("merged",) and not [n for n in notes if "parent" in n]
     # One parent that repeats less (ft_fmt): the bar rises only to the parent that repeats least.
     recipe = parse_recipe(
         "repo_id: t/t\nsources:\n"
