@@ -727,7 +727,7 @@ def test_the_merged_model_is_freed_before_a_parent_loads_and_disabled_parity_loa
 
     recipe.smoke.parity.enabled = False
     notes: list[str] = []
-    report = run_smoke(folder, recipe, device="cpu", write=False, progress=notes.append)
+    report = run_smoke(folder, recipe, device="cpu", write=False, checks=builtin_checks(), progress=notes.append)
     assert _statuses(report) == {"weights": "passed", "short": "passed", "long": "passed", "parity": "skipped"}
     assert report.checks[3].reason == "disabled in the recipe (smoke.parity.enabled: false)"
     # The weights check reads the sources' files; no parent is ever loaded as a model.
