@@ -413,8 +413,8 @@ def publish(
         out.print(f"{outcome.repo_id} is already published from recipe {outcome.recipe_sha256[:12]} "
                   f"on {', '.join(outcome.targets)}: nothing to do")
         return
-    out.print(f"model: {outcome.model_dir}")
-    out.print(f"card:  {outcome.card}")
+    out.print(f"model: {outcome.model_dir or 'not built here: a card-only publish keeps the weights the targets hold'}")
+    out.print(f"card:  {outcome.card or 'rendered from the reports the targets hold'}")
     for p in outcome.plans:
         if p.up_to_date:
             out.print(f"{p.target}: {p.location} is up to date; nothing would be sent")
