@@ -116,7 +116,7 @@ class LocalTarget(Target):
             for rel, file in bundle.files.items():
                 dest = staging.path / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(file.path or _kept(self.home, latest, rel, file), dest)
+                _link_or_copy(_source(self.home, latest, rel, file), dest)
             _fsync_tree(staging.path)
             # Renamed under the index lock, so `reconcile` never takes a version still being indexed for debris.
             with _locked_index(self.home) as index:
@@ -242,16 +242,24 @@ def _adoptable(repo_id: str, folder: Path, rel: str) -> dict[str, Any] | None:
                   {r: (f.sha256, f.size) for r, f in files.items()}, metadata)
 
 
-def _kept(home: Path, latest: dict[str, Any] | None, rel: str, file: FileEntry) -> Path:
-    """The latest version's copy of a file a card-only bundle keeps (a hard link to it costs no space)."""
+def _source(home: Path, latest: dict[str, Any] | None, rel: str, file: FileEntry) -> Path:
+    """Where to take a bundle file from: the latest version's copy when it holds the same bytes (a hard
+    link to it costs no space and keeps unchanged files shared), else the bundle's own path."""
     recorded = (latest or {}).get("files", {}).get(rel)
     folder = version_folder(home, latest) if latest else None
-    if folder is None or recorded != {"sha256": file.sha256, "size": file.size} or not (folder / rel).is_file():
+    if folder is not None and recorded == {"sha256": file.sha256, "size": file.size}:
+        try:
+            if (folder / rel).stat().st_size == file.size:
+                return folder / rel
+        except OSError:
+            pass
+    if file.path is None:
         raise PublishError(
-            f"the local registry's latest {(latest or {}).get('repo_id', 'version')} lacks {rel}, which this card-only publish keeps",
+            f"the local registry's latest version of {(latest or {}).get('repo_id', 'this model')} lacks {rel}, "
+            "which this card-only publish keeps",
             "run `registry publish` again: it will rebuild the model",
         )
-    return folder / rel
+    return file.path
 
 
 def _same_content(entry: dict[str, Any], bundle: Bundle) -> bool:
