@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.testing.fixtures import HUB_TOKEN, hub_client
+from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, hub_client
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "recipes" / "examples" / "toy_cos_fmt.yaml"
@@ -31,7 +31,8 @@ class Edits:
         shutil.copytree(ROOT / "tests" / "fixtures" / "toy" / "ft_cos", root / "sources" / "ft_cos")
         shutil.copytree(ROOT / "tests" / "fixtures" / "toy" / "ft_fmt", root / "sources" / "ft_fmt")
         self.recipe = root / "toy.yaml"
-        self.recipe.write_text(EXAMPLE.read_text().replace("../../tests/fixtures/toy", "./sources"))
+        text = EXAMPLE.read_text().replace("../../tests/fixtures/toy", "./sources")
+        self.recipe.write_text(text.replace("repo_id: registry-examples/", f"repo_id: {HUB_ORG}/"))
         self.home = root / ".registry"
 
     def edit(self, old: str, new: str) -> None:
@@ -50,7 +51,7 @@ class Edits:
              "--format", "json", *args],
             cwd=self.root, capture_output=True, text=True, timeout=600, env=env,
         )
-        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.returncode == 0, "\n".join(line for line in run.stderr.splitlines() if not line.startswith("import time:"))
         imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in run.stderr.splitlines()
                     if line.startswith("import time:")}
         return json.loads(run.stdout), imported
