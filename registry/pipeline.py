@@ -44,7 +44,7 @@ class PublishOutcome:
     targets: list[str]
     unchanged: bool = False
     model_dir: str | None = None
-    merge: str | None = None  # "merged" | "reused"
+    merge: str | None = None  # "merged" | "reused" | "skipped" (card only: the targets keep their weights)
     smoke: dict[str, Any] | None = None  # {"passed": bool, "reused": bool, "failed": [...]}
     card: str | None = None
     results: list[PublishResult] = field(default_factory=list)
