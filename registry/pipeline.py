@@ -132,7 +132,7 @@ def publish(
             provenance, smoke, folder = at_hand
             text = render_card(recipe, provenance, smoke)
             # Current: this merge, and the card we would render now, byte for byte.
-            stale = [(c, h) for c, h in zip(chosen, held)
+            stale = [(c, h) for c, h in zip(chosen, held, strict=True)
                      if h is None or h.merge_identity != merge_id or h.card_identity != card_identity(text)]
             if not stale:
                 outcome.unchanged = True
