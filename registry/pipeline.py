@@ -1,8 +1,11 @@
 """`registry publish`: validate → plan → merge → smoke → card → push, as one composition of the stages.
 
 The order is chosen so the cheap questions come first: once the sources are pinned (hashes and Hub
-commit shas, no torch), every target is asked whether it already holds this recipe built from these
-pins. When all say yes, nothing is merged, nothing imported beyond the Hub client, nothing sent.
+commit shas, no torch), every target says what it holds under this merge identity, and the card is
+rendered from the reports at hand (the build folder's, else a target's). A target holding this merge
+and this card is current; when all are, nothing is merged, nothing imported beyond the Hub client,
+nothing sent. When only the card changed, the card alone is published; only what needs the weights
+(another merge, other smoke settings, a target that cannot keep files) builds the model.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """The `hf` target: the Hugging Face Hub (or any server speaking its API, via HF_ENDPOINT).
 
-One publish is one atomic commit of every file, made on top of the revision's head as it was read
-(`parent_commit`), so a concurrent push is a clear conflict and never a silent overwrite. Before
-anything heavy runs, `whoami` tells whether the token may write to the repo's namespace, and the
-remote card's recipe hash, the remote provenance's source pins and the remote file hashes tell
-whether the model is already there; then nothing is sent at all. A commit deletes only the files
+One publish is one atomic commit of every file whose content differs from the remote one, made on
+top of the revision's head as it was read (`parent_commit`), so a concurrent push is a clear conflict
+and never a silent overwrite; a card-only publish is a commit of README.md alone. Before anything
+heavy runs, `whoami` tells whether the token may write to the repo's namespace, and `current` reads
+back what the repo holds under this merge identity (the card's `registry.merge_identity`, then
+`provenance.json` checked against the remote file hashes, `smoke.json` and `README.md`), from which
+the pipeline decides whether anything is to be sent. A commit deletes only the files
 an earlier publish recorded in the remote `provenance.json`; anyone else's files are kept.
 """
 
