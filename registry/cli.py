@@ -451,8 +451,8 @@ def publish(
         out.print(f"{esc(outcome.repo_id)} is already published from recipe {outcome.recipe_sha256[:12]} "
                   f"on {esc(', '.join(outcome.targets))}: nothing to do")
         return
-    out.print(f"model: {esc(outcome.model_dir)}")
-    out.print(f"card:  {esc(outcome.card)}")
+    out.print(f"model: {esc(outcome.model_dir) if outcome.model_dir else 'not built here: a card-only publish keeps the weights the targets hold'}")
+    out.print(f"card:  {esc(outcome.card) if outcome.card else 'rendered from the reports the targets hold'}")
     for p in outcome.plans:
         if p.up_to_date:
             out.print(f"{esc(p.target)}: {esc(p.location)} is up to date; nothing would be sent")

@@ -1,8 +1,11 @@
 """`registry publish`: validate → plan → merge → smoke → card → push, as one composition of the stages.
 
 The order is chosen so the cheap questions come first: once the sources are pinned (hashes and Hub
-commit shas, no torch), every target is asked whether it already holds this recipe built from these
-pins. When all say yes, nothing is merged, nothing imported beyond the Hub client, nothing sent.
+commit shas, no torch), every target says what it holds under this merge identity, and the card is
+rendered from the reports at hand (the build folder's, else a target's). A target holding this merge
+and this card is current; when all are, nothing is merged, nothing imported beyond the Hub client,
+nothing sent. When only the card changed, the card alone is published; only what needs the weights
+(another merge, other smoke settings, a target that cannot keep files) builds the model.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import PublishError, RegistryError, UsageError
-from .publish import CARD_NAME, Bundle, PublishPlan, PublishResult, bundle_files
+from .publish import CARD_NAME, Bundle, PublishPlan, PublishResult, bundle_files, card_only_files
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
     from rich.console import Console
 
+    from .publish import Published
     from .recipe import Recipe
     from .reports import Provenance, Smoke
     from .sources import Plan
@@ -43,7 +47,7 @@ class PublishOutcome:
     targets: list[str]
     unchanged: bool = False
     model_dir: str | None = None
-    merge: str | None = None  # "merged" | "reused"
+    merge: str | None = None  # "merged" | "reused" | "skipped" (card only: the targets keep their weights)
     smoke: dict[str, Any] | None = None  # {"passed": bool, "reused": bool, "failed": [...]}
     card: str | None = None
     results: list[PublishResult] = field(default_factory=list)
@@ -113,6 +117,7 @@ def publish(
         _at(c, partial(c.target.check_access, recipe, c.options))
 
     from . import build_root
+    from .identity import card_identity, merge_identity, smoke_identity
     from .merge import default_output
 
     plan = make_plan(recipe, update=update, out=build_root(), device=device)
@@ -122,21 +127,33 @@ def publish(
     pins = pins_of(plan)
     note(f"pinned {len(plan.sources)} sources: " + ", ".join(f"{s.name} {s.pin[:12]}" for s in plan.sources))
 
-    # Every target is asked (not just until one says no), so an unreachable one fails before the merge.
-    current = [] if dry_run else [_at(c, lambda: c.target.is_current(recipe, pins, c.options)) for c in chosen]
-    if current and all(current):
-        outcome.unchanged = True
-        outcome.results = [PublishResult(c.name, "", None, changed=False, detail="already published") for c in chosen]
-        return outcome
+    if not dry_run:
+        merge_id = merge_identity(recipe, plan)
+        # Every target is asked (not just until one says no), so an unreachable one fails before the merge.
+        held = [_at(c, partial(c.target.current, recipe, merge_id, c.options)) for c in chosen]
+        at_hand = _reports_at_hand(recipe, plan, out, merge_id, smoke_identity(merge_id, recipe), held)
+        if at_hand is not None:
+            from .card import render_card
+
+            provenance, smoke, folder = at_hand
+            text = render_card(recipe, provenance, smoke)
+            # Current: this merge, and the card we would render now, byte for byte.
+            stale = [(c, h) for c, h in zip(chosen, held, strict=True)
+                     if h is None or h.merge_identity != merge_id or h.card_identity != card_identity(text)]
+            if not stale:
+                outcome.unchanged = True
+                outcome.results = [PublishResult(c.name, "", None, changed=False, detail="already published") for c in chosen]
+                return outcome
+            if all(c.target.card_only and h is not None and h.provenance is not None
+                   and h.provenance.files == provenance.files for c, h in stale):
+                _check_smoke(smoke, force)
+                stale_names = {c.name for c, _ in stale}
+                return _publish_card(outcome, [(c, c.name in stale_names) for c in chosen], provenance, smoke, folder,
+                                     text, pins, recipe, note)
 
     model_dir = _merged(recipe, plan, out, device, console, outcome, note)
     provenance, smoke = _smoked(recipe, model_dir, device, outcome, note, console)
-    if not smoke.passed and not force:
-        failed = "; ".join(f"{c.name}: {c.reason}" for c in smoke.failed())
-        raise PublishError(
-            f"smoke test failed ({failed}); nothing was published",
-            "fix the recipe, or publish anyway with --force",
-        )
+    _check_smoke(smoke, force)
 
     from .card import write_card
 
@@ -156,14 +173,84 @@ def publish(
         if dry_run:
             outcome.plans.append(_at(c, lambda: c.target.plan(bundle, c.options)))
             continue
-        note(f"publishing to {c.name}")
-        try:
-            outcome.results.append(c.target.publish(bundle, c.options))
-        except RegistryError as exc:
-            raise PublishError(_partial(outcome.results, c.name, exc.message), exc.hint) from None
-        for message in outcome.results[-1].notes:
-            note(f"{c.name}: {message}")
+        _publish_to(c, bundle, outcome, note)
     return outcome
+
+
+def _reports_at_hand(recipe, plan, out: Path, merge_id: str, smoke_id: str, held: list[Published | None]):
+    """(provenance, smoke, build folder or None) for this merge and these smoke settings, without merging.
+
+    The build folder first; else the reports a target holds. None when neither has both.
+    """
+    from .merge import matches
+    from .reports import Provenance, Smoke, read_current
+
+    provenance = read_current(Provenance, out)
+    if matches(provenance, recipe, plan, out):
+        smoke = read_current(Smoke, out)
+        if _smoke_fits(smoke, smoke_id):
+            return provenance, smoke, out
+    for h in held:
+        if h is not None and h.provenance is not None and h.provenance.merge_identity == merge_id \
+                and _smoke_fits(h.smoke, smoke_id):
+            return h.provenance, h.smoke, None
+    return None
+
+
+def _smoke_fits(smoke: Smoke | None, smoke_id: str) -> bool:
+    """True when a smoke report was made with this smoke identity (this merge, these smoke settings): it is reused."""
+    return smoke is not None and smoke.smoke_identity == smoke_id
+
+
+def _check_smoke(smoke: Smoke, force: bool) -> None:
+    if not smoke.passed and not force:
+        failed = "; ".join(f"{c.name}: {c.reason}" for c in smoke.failed())
+        raise PublishError(
+            f"smoke test failed ({failed}); nothing was published",
+            "fix the recipe, or publish anyway with --force",
+        )
+
+
+def _publish_card(outcome, targets: list[tuple[Chosen, bool]], provenance: Provenance, smoke: Smoke, folder: Path | None, text: str,
+                  pins, recipe: Recipe, note) -> PublishOutcome:
+    """Publish a re-rendered card beside the weights the targets already hold: no merge, no smoke, no weight sent."""
+    import tempfile
+
+    from .files import replace_atomically
+    from .reports import write as write_report
+
+    outcome.merge = "skipped"
+    outcome.smoke = {"passed": smoke.passed, "reused": True, "failed": [c.name for c in smoke.failed()]}
+    outcome.model_dir = str(folder) if folder is not None else None
+    note("card only: the merge and its smoke report are unchanged" + ("" if folder is not None else "; reports read from the target"))
+    with tempfile.TemporaryDirectory(prefix="registry-card-") as scratch:
+        # The card goes beside the build it describes; with no build here, the reports and card are written to scratch.
+        where = folder if folder is not None else Path(scratch)
+        if folder is None:
+            write_report(provenance, where)
+            write_report(smoke, where)
+        replace_atomically(where / CARD_NAME, text.encode("utf-8"))
+        outcome.card = str(where / CARD_NAME) if folder is not None else None
+        bundle = Bundle(
+            repo_id=recipe.repo_id, recipe_sha256=recipe.sha256, pins=pins,
+            files=card_only_files(provenance, where), provenance=provenance, smoke=smoke, card=text,
+        )
+        for c, stale in targets:
+            if stale:
+                _publish_to(c, bundle, outcome, note)
+            else:
+                outcome.results.append(PublishResult(c.name, "", None, changed=False, detail="already published"))
+    return outcome
+
+
+def _publish_to(c: Chosen, bundle: Bundle, outcome: PublishOutcome, note) -> None:
+    note(f"publishing to {c.name}")
+    try:
+        outcome.results.append(c.target.publish(bundle, c.options))
+    except RegistryError as exc:
+        raise PublishError(_partial(outcome.results, c.name, exc.message), exc.hint) from None
+    for message in outcome.results[-1].notes:
+        note(f"{c.name}: {message}")
 
 
 def _at(chosen: Chosen, call: Callable[[], Any]) -> Any:
@@ -198,7 +285,7 @@ def _smoked(recipe, model_dir: Path, device, outcome, note, console) -> tuple[Pr
     if provenance is None:
         raise PublishError(f"{model_dir} has no provenance.json; run `registry merge` again")
     smoke = read_current(Smoke, model_dir)
-    reused = smoke is not None and smoke.smoke_identity == smoke_identity(provenance.merge_identity, recipe)
+    reused = _smoke_fits(smoke, smoke_identity(provenance.merge_identity, recipe))
     if not reused:
         from .plugins import get_smoke_checks
         from .smoke import run_smoke

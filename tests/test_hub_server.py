@@ -117,6 +117,9 @@ def test_upload_folder_speaks_the_hub_protocol_and_skips_unchanged_files(
         f"POST /{REPO}.git/info/lfs/objects/verify 200",
         f"POST /api/models/{REPO}/commit/main 200",
     ]
+    # The weights went once, in the LFS upload; the commit carried the small files and the pointers.
+    assert hub_server.bytes_received(r"^PUT /lfs-upload/") == (model_dir / "model.safetensors").stat().st_size
+    assert 0 < hub_server.bytes_received(r"/commit/") < (model_dir / "model.safetensors").stat().st_size
     info = hub_api.model_info(REPO, files_metadata=True)
     assert info.sha == first.oid and re.fullmatch(r"[0-9a-f]{40}", info.sha)
     siblings = {s.rfilename: s for s in info.siblings or []}
@@ -149,6 +152,7 @@ def test_upload_folder_speaks_the_hub_protocol_and_skips_unchanged_files(
         f"POST /{REPO}.git/info/lfs/objects/batch 200",
         f"GET /api/models/{REPO}/revision/main 200",
     ]
+    assert hub_server.bytes_received(r"^PUT ") == hub_server.bytes_received(r"/commit/") == 0
     assert [c.title for c in hub_api.list_repo_commits(REPO)] == ["Publish", "initial commit"]
 
 

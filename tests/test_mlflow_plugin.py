@@ -19,7 +19,8 @@ import pytest
 
 from registry import hookspecs
 from registry.errors import PublishError
-from registry.publish import Bundle, bundle_files
+from registry.identity import card_identity
+from registry.publish import Bundle, Published, bundle_files
 from registry.publish.hf import HfTarget
 from registry.recipe import parse_recipe
 from registry.reports import Provenance, Smoke
@@ -245,7 +246,8 @@ def test_publish_registers_a_version_with_files_card_tags_and_alias(target_cls, 
     target = target_cls()
     opts = options(target_cls, uri, mlflow_home, model_name="cos-fmt")
     recipe, bundle = make_bundle(tmp_path / "build", "team/cos-fmt")
-    assert not target.is_current(recipe, PINS, opts)
+    merge_id = bundle.provenance.merge_identity
+    assert target.current(recipe, merge_id, opts) is None
     plan = target.plan(bundle, opts)
     assert (plan.up_to_date, plan.upload, plan.location) == (
         False, ["README.md", "config.json", "model.safetensors", "provenance.json", "smoke.json"], f"models:/cos-fmt at {uri}",
@@ -262,6 +264,8 @@ def test_publish_registers_a_version_with_files_card_tags_and_alias(target_cls, 
     assert version.tags == {
         "registry.repo_id": "team/cos-fmt",
         "registry.recipe_sha256": recipe.sha256,
+        "registry.merge_identity": merge_id,
+        "registry.card_identity": card_identity(bundle.card),
         "registry.pins": PINS_JSON,
         "registry.sources": f"cos=local sha256:{'c' * 64}; fmt=org/fmt@{'f' * 40}",
         "registry.base_model": "org/cos, org/fmt",
@@ -280,8 +284,8 @@ def test_publish_registers_a_version_with_files_card_tags_and_alias(target_cls, 
     assert sorted(p.name for p in downloaded.iterdir()) == sorted(bundle.files)
     assert {rel: sha256(downloaded / rel) for rel in bundle.files} == {rel: f.sha256 for rel, f in bundle.files.items()}
 
-    # Same recipe, same pins: nothing is sent, no version is created.
-    assert target.is_current(recipe, PINS, opts)
+    # Same merge, same card: nothing is sent, no version is created.
+    assert target.current(recipe, merge_id, opts) == Published(merge_id, card_identity(bundle.card))
     assert target.plan(bundle, opts).to_dict() == {
         "target": "mlflow", "location": f"models:/cos-fmt/1 at {uri}", "up_to_date": True, "upload": [], "delete": [], "upload_bytes": 0, "kept": [],
     }
@@ -291,12 +295,21 @@ def test_publish_registers_a_version_with_files_card_tags_and_alias(target_cls, 
 
     # A source moved to a new commit: same recipe, new pins, so a new version that takes the alias.
     moved = {**PINS, "fmt": {**PINS["fmt"], "revision": "e" * 40}}
-    assert not target.is_current(recipe, moved, opts)
     _, rebuilt = make_bundle(tmp_path / "build2", "team/cos-fmt", pins=moved)
+    moved_id = rebuilt.provenance.merge_identity
+    assert target.current(recipe, moved_id, opts) is None
     second = target.publish(rebuilt, opts)
     assert (second.changed, second.revision) == (True, "2")
     assert client.get_registered_model("cos-fmt").aliases == {"latest-smoke-passed": 2}
-    assert target.is_current(recipe, PINS, opts) and target.is_current(recipe, moved, opts)
+    assert target.current(recipe, merge_id, opts) is not None and target.current(recipe, moved_id, opts) is not None
+
+    # Same merge, another card (a template or summary edit): a new version, since MLflow cannot keep the files.
+    assert target.card_only is False
+    _, recarded = make_bundle(tmp_path / "build3", "team/cos-fmt", body="# Edited card\n")
+    assert recarded.provenance.merge_identity == merge_id
+    assert target.plan(recarded, opts).up_to_date is False
+    assert target.publish(recarded, opts).revision == "3"
+    assert target.current(recipe, merge_id, opts) == Published(merge_id, card_identity(recarded.card))
 
 
 def test_a_failed_smoke_test_registers_a_version_but_leaves_the_alias(target_cls, uri, mlflow_home, client, tmp_path):
@@ -326,7 +339,7 @@ def test_the_registry_comes_from_mlflow_environment_variables(target_cls, uri, m
     opts = target_cls.Options()  # what `registry publish --target mlflow` uses when the recipe names no mlflow entry
     recipe, bundle = make_bundle(tmp_path / "build", "team/from-env")
     with pytest.raises(PublishError) as info:
-        target.is_current(recipe, PINS, opts)
+        target.current(recipe, bundle.provenance.merge_identity, opts)
     assert str(info.value) == (
         "no MLflow registry URI (set registry_uri in the recipe's mlflow publish entry, or MLFLOW_REGISTRY_URI / MLFLOW_TRACKING_URI)"
     )
@@ -336,7 +349,7 @@ def test_the_registry_comes_from_mlflow_environment_variables(target_cls, uri, m
     opts = target_cls.Options(experiment="from-env")
     assert target.publish(bundle, opts).location == f"models:/team--from-env/1 at {uri}"
     assert client.get_model_version("team--from-env", "1").source.startswith((tmp_path / "artifacts").as_uri())
-    assert target.is_current(recipe, PINS, opts)
+    assert target.current(recipe, bundle.provenance.merge_identity, opts) is not None
 
 
 def test_an_unreachable_registry_is_one_clear_error(target_cls, tmp_path):

@@ -297,7 +297,7 @@ def test_a_summary_edit_reuses_merge_and_smoke_and_a_threshold_edit_reruns_smoke
     recipe.write_text(recipe.read_text().replace("summary: Linear merge", "summary: Edited linear merge"))
     edited = run()
     # Same merge, same smoke settings: only the card is new, so is the local version holding it.
-    assert stages(edited) == ("reused", True, True, True)
+    assert stages(edited) == ("skipped", True, True, True)
     assert edited["model_dir"] == first["model_dir"] and smoke_json.stat().st_mtime_ns == written
     assert "Edited linear merge" in Path(edited["card"]).read_text()
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from registry.errors import PublishError
-from registry.publish import Bundle, bundle_files
+from registry.identity import card_identity
+from registry.publish import Bundle, Published, bundle_files
 from registry.publish.hf import HfOptions, HfTarget
 from registry.publish.local import LocalTarget, list_latest, read_index
 from registry.recipe import parse_recipe
@@ -83,9 +84,10 @@ def test_local_publish_is_atomic_versioned_and_idempotent(tmp_path):
     home = tmp_path / "home"
     target = LocalTarget(home)
     options = target.Options()
-    assert not target.is_current(recipe, PINS, options)
-
     bundle = make_bundle(make_model(tmp_path / "build", recipe), recipe)
+    merge_id = bundle.provenance.merge_identity
+    assert target.current(recipe, merge_id, options) is None
+
     first = target.publish(bundle, options)
     assert first.changed and first.revision.endswith("-" + recipe.sha256[:12])
     folder = Path(first.location)
@@ -94,8 +96,8 @@ def test_local_publish_is_atomic_versioned_and_idempotent(tmp_path):
         assert hashlib.sha256((folder / rel).read_bytes()).hexdigest() == entry.sha256
     assert not any(p.name.startswith(".staging") for p in folder.parent.iterdir())
 
-    assert target.is_current(recipe, PINS, options)
-    assert not target.is_current(recipe, {**PINS, "org/b": {**PINS["org/b"], "revision": "c" * 40}}, options)
+    assert target.current(recipe, merge_id, options) == Published(merge_id, card_identity(bundle.card), bundle.provenance, bundle.smoke)
+    assert target.current(recipe, "c" * 64, options) is None  # another merge (a source moved, a weight changed)
     again = target.publish(bundle, options)
     assert (again.changed, again.location, again.revision) == (False, first.location, first.revision)
     assert len(read_index(home)["models"]) == 1
@@ -103,7 +105,7 @@ def test_local_publish_is_atomic_versioned_and_idempotent(tmp_path):
 
     # Someone deletes a published file: the registry notices and publishes a fresh version.
     (folder / "model.safetensors").unlink()
-    assert not target.is_current(recipe, PINS, options)
+    assert target.current(recipe, merge_id, options) is None
     third = target.publish(bundle, options)
     assert third.changed and third.location != first.location
 
@@ -149,7 +151,9 @@ def test_hf_publish_one_commit_then_nothing(hub_server, hf, tmp_path):
         anonymous.model_info(recipe.repo_id)
 
     hub_server.clear_requests()
-    assert hf.is_current(recipe, PINS, options)
+    merge_id = bundle.provenance.merge_identity
+    assert hf.current(recipe, merge_id, options) == Published(merge_id, card_identity(bundle.card), bundle.provenance, bundle.smoke)
+    assert hf.current(recipe, "c" * 64, options) is None
     again = hf.publish(bundle, options)
     assert (again.changed, again.revision) == (False, result.revision)
     assert hub_server.count(r"^POST .*/commit/") == 0
@@ -344,7 +348,8 @@ def test_cli_flags_override_the_targets_they_apply_to():
 KILL = """\
 import os, signal, sys
 from pathlib import Path
-from registry.publish import Bundle, bundle_files
+from registry.identity import card_identity
+from registry.publish import Bundle, Published, bundle_files
 from registry.publish.local import LocalTarget
 from registry.reports import Provenance, Smoke, read
 
@@ -489,7 +494,7 @@ def test_an_index_path_leading_out_of_the_home_is_never_followed(tmp_path, monke
         assert cli(command, home, monkeypatch, capsys) == (1, "", message), command
     [model] = read_local(home)
     assert (model.card, model.provenance, model.smoke) == ("", None, None)
-    assert not target.is_current(recipe, PINS, target.Options())
+    assert target.current(recipe, read(Provenance, tmp_path / "build").merge_identity, target.Options()) is None
 
 
 @pytest.mark.parametrize("remote", [
@@ -502,8 +507,9 @@ def test_hf_a_remote_provenance_of_another_format_or_merge_is_not_current(hub_se
     bundle = make_bundle(make_model(tmp_path / "build", recipe), recipe)
     options = HfOptions()
     hf.publish(bundle, options)
-    assert hf.is_current(recipe, PINS, options)
+    merge_id = bundle.provenance.merge_identity
+    assert hf.current(recipe, merge_id, options) is not None
     if remote is None:
         remote = bundle.provenance.model_copy(update={"merge_identity": "f" * 64}).model_dump_json()
     hub_client(hub_server).upload_file(path_or_fileobj=remote.encode(), path_in_repo="provenance.json", repo_id=recipe.repo_id)
-    assert not hf.is_current(recipe, PINS, options)
+    assert hf.current(recipe, merge_id, options) is None

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from ..errors import PublishError
 from ..files import sha256_file
 from ..leaks import scan_file
+from ..reports import PROVENANCE_FILE, SMOKE_FILE
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -28,11 +29,29 @@ class TargetOptions(BaseModel):
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a bundle: where it lies here and its content hash."""
+    """One file of a bundle: where it lies here and its content hash.
 
-    path: Path
+    `path` is None for a file kept from the published version (a card-only publish on a machine
+    without the build): the target already holds these exact bytes and must not need them again.
+    """
+
+    path: Path | None
     sha256: str
     size: int
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a target holds under a merge identity: its card's hash and, where it can read them back, its reports.
+
+    With reports, a card can be re-rendered without the build folder; a target that cannot read them
+    back (an MLflow registry) gives only the two identities.
+    """
+
+    merge_identity: str
+    card_identity: str
+    provenance: Provenance | None = None
+    smoke: Smoke | None = None
 
 
 @dataclass
@@ -112,6 +131,10 @@ class Target:
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = TargetOptions
+    # True when the target can take a card-only bundle: files with no local path, which it keeps from
+    # the version it holds. A target that needs every file's bytes sets False; the pipeline then
+    # builds the model (merging again if the build folder is gone) before publishing to it.
+    card_only: ClassVar[bool] = False
 
     def check_access(self, recipe: Recipe, options: BaseModel) -> None:
         """Raise PublishError now if this target will refuse the publish (a token that may not write, say).
@@ -119,12 +142,13 @@ class Target:
         Called for every target before any work, --dry-run included, so it must be cheap.
         """
 
-    def is_current(self, recipe: Recipe, pins: dict[str, Any], options: BaseModel) -> bool:
-        """True when the target already holds this recipe built from these source pins.
+    def current(self, recipe: Recipe, merge_id: str, options: BaseModel) -> Published | None:
+        """What the target holds for `recipe.repo_id` when that is an intact build with this merge identity; else None.
 
-        Called before any merge, so it must not need the model files (nor import torch).
+        Called before any merge, so it must not need the model files (nor import torch). The pipeline,
+        not the target, decides from it whether the target is current (same merge, same card).
         """
-        return False
+        return None
 
     def plan(self, bundle: Bundle, options: BaseModel) -> PublishPlan:
         """What `publish` would send (for --dry-run), without changing anything."""
@@ -133,6 +157,13 @@ class Target:
     def publish(self, bundle: Bundle, options: BaseModel) -> PublishResult:
         """Publish the bundle; atomic: on failure the target is left as it was."""
         raise NotImplementedError
+
+
+def published(merge_id: str, card: str, provenance: Provenance | None = None, smoke: Smoke | None = None) -> Published:
+    """A `Published` for a version whose card text the target read back."""
+    from ..identity import card_identity
+
+    return Published(merge_id, card_identity(card), provenance, smoke)
 
 
 def bundle_files(
@@ -156,9 +187,22 @@ def bundle_files(
     return files
 
 
+def card_only_files(provenance: Provenance, folder: Path, environ: Mapping[str, str] | None = None) -> dict[str, FileEntry]:
+    """A card-only bundle's files: the merge's outputs kept from the published version (no local path), and
+    the card and reports from `folder`. Raises PublishError when those hold a secret."""
+    files = {rel: FileEntry(None, f.sha256, f.size) for rel, f in provenance.files.items()}
+    for rel in (CARD_NAME, PROVENANCE_FILE, SMOKE_FILE):
+        path = folder / rel
+        files[rel] = FileEntry(path, sha256_file(path), path.stat().st_size)
+    check_no_secrets(files, environ)
+    return dict(sorted(files.items()))
+
+
 def check_no_secrets(files: Mapping[str, FileEntry], environ: Mapping[str, str] | None = None) -> None:
     """Raise PublishError naming the first file, line and kind of secret found in `files` (never the secret itself)."""
-    found = [(rel, leak) for rel, entry in sorted(files.items()) for leak in scan_file(entry.path, environ)]
+    # A kept file (no path here) was scanned when it was first published.
+    found = [(rel, leak) for rel, entry in sorted(files.items()) if entry.path is not None
+             for leak in scan_file(entry.path, environ)]
     if not found:
         return
     rel, leak = found[0]
@@ -170,10 +214,3 @@ def check_no_secrets(files: Mapping[str, FileEntry], environ: Mapping[str, str] 
 
 
 PIN_FIELDS = ("kind", "repo_id", "revision", "content_sha256")
-
-
-def same_pins(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    """True when two {alias: pin} maps pin the same sources (labels and weights aside)."""
-    if not a or not b or set(a) != set(b):
-        return False
-    return all(all(a[k].get(f) == b[k].get(f) for f in PIN_FIELDS) for k in a)

@@ -1,10 +1,12 @@
 """The `hf` target: the Hugging Face Hub (or any server speaking its API, via HF_ENDPOINT).
 
-One publish is one atomic commit of every file, made on top of the revision's head as it was read
-(`parent_commit`), so a concurrent push is a clear conflict and never a silent overwrite. Before
-anything heavy runs, `whoami` tells whether the token may write to the repo's namespace, and the
-remote card's recipe hash, the remote provenance's source pins and the remote file hashes tell
-whether the model is already there; then nothing is sent at all. A commit deletes only the files
+One publish is one atomic commit of every file whose content differs from the remote one, made on
+top of the revision's head as it was read (`parent_commit`), so a concurrent push is a clear conflict
+and never a silent overwrite; a card-only publish is a commit of README.md alone. Before anything
+heavy runs, `whoami` tells whether the token may write to the repo's namespace, and `current` reads
+back what the repo holds under this merge identity (the card's `registry.merge_identity`, then
+`provenance.json` checked against the remote file hashes, `smoke.json` and `README.md`), from which
+the pipeline decides whether anything is to be sent. A commit deletes only the files
 an earlier publish recorded in the remote `provenance.json`; anyone else's files are kept.
 """
 
@@ -19,8 +21,13 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..errors import PublishError, ReportError
 from ..hookspecs import hookimpl
-from ..reports import Provenance, parse
-from . import Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
+from ..reports import Provenance, Smoke, parse
+from . import CARD_NAME, Bundle, Published, PublishPlan, PublishResult, Target, TargetOptions, published
+
+if TYPE_CHECKING:
+    from ..reports import Report
+
+    R = TypeVar("R", bound=Report)
 
 if TYPE_CHECKING:
     from ..hub_errors import HubFailure
@@ -43,6 +50,7 @@ class HfTarget(Target):
 
     name = "hf"
     Options = HfOptions
+    card_only = True
 
     def __init__(self, *, sleep: Callable[[float], None] = time.sleep):
         self._api = None
@@ -74,27 +82,36 @@ class HfTarget(Target):
                 f"use a token with write access to {namespace}: `hf auth login` or HF_TOKEN",
             )
 
-    def is_current(self, recipe, pins, options) -> bool:
+    def current(self, recipe, merge_id, options) -> Published | None:
+        """The remote card and reports when the revision holds an intact build with this merge identity."""
         info = self._remote_info(recipe.repo_id, options)
-        if info is None or _card_registry(info).get("recipe_sha256") != recipe.sha256:
-            return False
-        provenance = self._remote_provenance(recipe.repo_id, info.sha)
+        # The card names its merge: another one means no download at all.
+        if info is None or _card_registry(info).get("merge_identity") != merge_id:
+            return None
+        provenance = self._remote_report(Provenance, recipe.repo_id, info.sha)
         # The card and the weights beside it must describe the same merge.
-        if provenance is None or _card_registry(info).get("merge_identity") != provenance.merge_identity:
-            return False
-        if not same_pins({alias: pin.model_dump() for alias, pin in provenance.sources.items()}, pins):
-            return False
+        if provenance is None or provenance.merge_identity != merge_id:
+            return None
         remote = _remote_files(info)
         for rel, meta in provenance.files.items():
             have = remote.get(rel)
-            if have is None or (have["sha256"] is not None and have["sha256"] != meta.sha256):
-                return False
-        return True
+            if have is None or have["size"] != meta.size or (have["sha256"] is not None and have["sha256"] != meta.sha256):
+                return None
+        card = self._remote_text(recipe.repo_id, CARD_NAME, info.sha)
+        if card is None:
+            return None
+        return published(merge_id, card, provenance, self._remote_report(Smoke, recipe.repo_id, info.sha))
 
     def plan(self, bundle: Bundle, options) -> PublishPlan:
         info = self._remote_info(bundle.repo_id, options)
         remote = _remote_files(info) if info is not None else {}
         upload = [rel for rel, f in sorted(bundle.files.items()) if not _same_file(f, remote.get(rel))]
+        missing = [rel for rel in upload if bundle.files[rel].path is None]
+        if missing:
+            raise PublishError(
+                f"{bundle.repo_id} on the Hub lacks {missing[0]}, which this card-only publish keeps and does not have here",
+                "run `registry publish` again: it will rebuild the model",
+            )
         extra = sorted(rel for rel in remote if rel not in bundle.files and rel != ".gitattributes")
         # Only what an earlier publish put there goes; a file someone else committed is theirs to remove.
         ours = self._published_files(bundle.repo_id, info) if extra else set()
@@ -109,7 +126,7 @@ class HfTarget(Target):
         """The files the remote provenance.json lists: what an earlier publish of this tool put there."""
         if info is None:
             return set()
-        provenance = self._remote_provenance(repo_id, info.sha)
+        provenance = self._remote_report(Provenance, repo_id, info.sha)
         return set(provenance.files) if provenance is not None else set()
 
     # -- publishing ---------------------------------------------------------------------------
@@ -142,8 +159,9 @@ class HfTarget(Target):
         repo_id, revision = bundle.repo_id, options.revision or "main"
 
         def operations():
-            # create_commit mutates its operations: build them afresh for every attempt.
-            ops: list[Any] = [CommitOperationAdd(rel, str(f.path)) for rel, f in sorted(bundle.files.items())]
+            # create_commit mutates its operations: build them afresh for every attempt. Only what
+            # differs is sent: a card-only publish is one commit of README.md (and whatever else changed).
+            ops: list[Any] = [CommitOperationAdd(rel, str(bundle.files[rel].path)) for rel in plan.upload]
             ops += [CommitOperationDelete(rel) for rel in plan.delete]
             return ops
 
@@ -234,20 +252,30 @@ class HfTarget(Target):
         except (RepositoryNotFoundError, RevisionNotFoundError):
             return None
 
-    def _remote_provenance(self, repo_id: str, sha: str) -> Provenance | None:
-        """The provenance published at `sha`; None when there is none, or it is corrupt or of another format (not current)."""
+    def _remote_text(self, repo_id: str, name: str, sha: str) -> str | None:
+        """A small file published at `sha` as text; None when there is none."""
         from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
 
         api = self._client()
         try:
-            path = self._retry(lambda: api.hf_hub_download(repo_id, Provenance.FILE, revision=sha), f"read {Provenance.FILE}", repo_id)
-            return parse(Provenance, Path(path).read_bytes(), f"{repo_id}@{sha[:12]}/{Provenance.FILE}")
-        except (RemoteEntryNotFoundError, ReportError):
+            path = self._retry(lambda: api.hf_hub_download(repo_id, name, revision=sha), f"read {name}", repo_id)
+            return Path(path).read_bytes().decode("utf-8")
+        except (RemoteEntryNotFoundError, UnicodeDecodeError):
             return None
         except HfHubHTTPError as exc:
             if exc.response is not None and exc.response.status_code == 404:
                 return None
             raise
+
+    def _remote_report(self, kind: type[R], repo_id: str, sha: str) -> R | None:
+        """The `kind` report published at `sha`; None when there is none, or it is corrupt or of another format (not current)."""
+        text = self._remote_text(repo_id, kind.FILE, sha)
+        if text is None:
+            return None
+        try:
+            return parse(kind, text, f"{repo_id}@{sha[:12]}/{kind.FILE}")
+        except ReportError:
+            return None
 
     def _retry(self, call: Callable[[], T], what: str, repo_id: str | None = None) -> T:
         """Run a Hub call, retrying 429, 5xx and dropped connections with backoff that honours Retry-After."""
@@ -340,6 +368,9 @@ def _same_file(local, remote: dict[str, Any] | None) -> bool:
         return False
     if remote["sha256"] is not None:
         return remote["sha256"] == local.sha256
+    if local.path is None:
+        # Kept from the published version, whose provenance `current` checked against these files.
+        return remote["size"] == local.size
     return remote["blob_id"] == _git_blob_sha1(local.path)
 
 

@@ -29,7 +29,19 @@ from .. import staging as staging_dirs
 from ..errors import PublishError
 from ..hookspecs import hookimpl
 from ..files import sha256_file
-from . import CARD_NAME, PIN_FIELDS, Bundle, PublishPlan, PublishResult, Target, TargetOptions, bundle_files, same_pins
+from . import (
+    CARD_NAME,
+    PIN_FIELDS,
+    Bundle,
+    FileEntry,
+    Published,
+    PublishPlan,
+    PublishResult,
+    Target,
+    TargetOptions,
+    bundle_files,
+    published,
+)
 
 INDEX = "index.json"
 _STAGING = ".staging-"
@@ -46,18 +58,27 @@ class LocalTarget(Target):
 
     name = "local"
     Options = LocalOptions
+    card_only = True
 
     def __init__(self, home: Path | None = None):
         self.home = home or registry_home()
 
-    def is_current(self, recipe, pins, options) -> bool:
+    def current(self, recipe, merge_id, options) -> Published | None:
+        """The latest version's card and reports when it is an intact build with this merge identity."""
+        from ..reports import Provenance, Smoke, read_current
+
         latest = latest_version(self.home, recipe.repo_id)
-        return bool(
-            latest
-            and latest["recipe_sha256"] == recipe.sha256
-            and same_pins(latest.get("pins"), pins)
-            and _intact(self.home, latest)
-        )
+        if not latest or latest.get("merge_identity") != merge_id or not _intact(self.home, latest):
+            return None
+        folder = version_folder(self.home, latest)
+        provenance = read_current(Provenance, folder)
+        if provenance is None or provenance.merge_identity != merge_id:
+            return None
+        try:
+            card = (folder / CARD_NAME).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return published(merge_id, card, provenance, read_current(Smoke, folder))
 
     def plan(self, bundle: Bundle, options) -> PublishPlan:
         latest = latest_version(self.home, bundle.repo_id)
@@ -95,7 +116,7 @@ class LocalTarget(Target):
             for rel, file in bundle.files.items():
                 dest = staging.path / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(file.path, dest)
+                _link_or_copy(_source(self.home, latest, rel, file), dest)
             _fsync_tree(staging.path)
             # Renamed under the index lock, so `reconcile` never takes a version still being indexed for debris.
             with _locked_index(self.home) as index:
@@ -222,6 +243,26 @@ def _adoptable(repo_id: str, folder: Path, rel: str) -> dict[str, Any] | None:
     return _entry(repo_id, folder.name, when, recipe_sha256, provenance.merge_identity, rel,
                   smoke.passed if smoke is not None else None, pins,
                   {r: (f.sha256, f.size) for r, f in files.items()}, metadata)
+
+
+def _source(home: Path, latest: dict[str, Any] | None, rel: str, file: FileEntry) -> Path:
+    """Where to take a bundle file from: the latest version's copy when it holds the same bytes (a hard
+    link to it costs no space and keeps unchanged files shared), else the bundle's own path."""
+    recorded = (latest or {}).get("files", {}).get(rel)
+    folder = version_folder(home, latest) if latest else None
+    if folder is not None and recorded == {"sha256": file.sha256, "size": file.size}:
+        try:
+            if (folder / rel).stat().st_size == file.size:
+                return folder / rel
+        except OSError:
+            pass
+    if file.path is None:
+        raise PublishError(
+            f"the local registry's latest version of {(latest or {}).get('repo_id', 'this model')} lacks {rel}, "
+            "which this card-only publish keeps",
+            "run `registry publish` again: it will rebuild the model",
+        )
+    return file.path
 
 
 def _same_content(entry: dict[str, Any], bundle: Bundle) -> bool:

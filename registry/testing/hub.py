@@ -188,6 +188,7 @@ class LoggedRequest:
     query: Mapping[str, list[str]]
     status: int | None
     fault: str | None = None
+    received: int = 0  # bytes of request body the server read: what the client sent it
 
     @property
     def line(self) -> str:
@@ -212,6 +213,7 @@ class _Body:
         self.length: int | None = None if self.chunked else int(headers.get("Content-Length") or 0)
         self._left = self.length or 0  # bytes left in the body (Content-Length) or in the current chunk
         self._done = not self.chunked and self._left == 0
+        self.received = 0
 
     def read(self, size: int = 1 << 20) -> bytes:
         """Up to `size` bytes of the body; b"" once it is all read."""
@@ -236,6 +238,7 @@ class _Body:
         data = self._rfile.read(min(size, self._left))
         if not data:
             raise _ClientGone()
+        self.received += len(data)
         self._left -= len(data)
         if self._left == 0:
             if self.chunked:
@@ -527,6 +530,10 @@ class HubServer:
         """How many requests match `pattern` (see `find`)."""
         return len(self.find(pattern))
 
+    def bytes_received(self, pattern: str = "") -> int:
+        """The request body bytes of the requests matching `pattern` (all by default): what clients sent."""
+        return sum(r.received for r in self.find(pattern))
+
     def clear_requests(self) -> None:
         """Forget the requests logged so far."""
         with self._lock:
@@ -613,7 +620,7 @@ class HubServer:
 
     def _record(self, req: _Request, status: int | None, fault: str | None) -> None:
         with self._lock:
-            self._log.append(LoggedRequest(req.method, req.path, req.query, status, fault))
+            self._log.append(LoggedRequest(req.method, req.path, req.query, status, fault, req.body.received))
 
     def _write(self, handler: _Handler, response: _Response, *, head_only: bool) -> None:
         try:

@@ -28,7 +28,8 @@ from typing import Any, Callable, TypeVar
 from pydantic import field_validator
 
 from registry.errors import PublishError
-from registry.publish import PIN_FIELDS, Bundle, PublishPlan, PublishResult, Target, TargetOptions, same_pins
+from registry.identity import card_identity
+from registry.publish import PIN_FIELDS, Bundle, Published, PublishPlan, PublishResult, Target, TargetOptions
 
 T = TypeVar("T")
 TAG = "registry."  # prefix of every tag this target writes
@@ -131,15 +132,22 @@ class MlflowTarget(Target):
 
     name = "mlflow"
     Options = MlflowOptions
+    # A version's files are one run's artifacts: a new card means a new version with every file logged
+    # again, so a card-only publish is not possible here and the pipeline builds the model for it.
+    card_only = False
 
-    def is_current(self, recipe, pins, options) -> bool:
+    def current(self, recipe, merge_id, options) -> Published | None:
+        """The newest version of this merge, by its merge and card identity tags (no reports: MLflow keeps them as files)."""
         registry = Registry(options)
-        return registry.find(model_name(options, recipe.repo_id), recipe.sha256, pins) is not None
+        found = registry.find(model_name(options, recipe.repo_id), merge_id)
+        if found is None or not found.tags.get(TAG + "card_identity"):
+            return None
+        return Published(merge_id, found.tags[TAG + "card_identity"])
 
     def plan(self, bundle: Bundle, options) -> PublishPlan:
         registry = Registry(options)
         name = model_name(options, bundle.repo_id)
-        found = registry.find(name, bundle.recipe_sha256, bundle.pins)
+        found = registry.find(name, bundle.provenance.merge_identity, card_identity(bundle.card))
         if found is not None:
             return PublishPlan(self.name, registry.location(name, found.version), up_to_date=True)
         upload = [] if options.link_only else sorted(bundle.files)
@@ -153,7 +161,7 @@ class MlflowTarget(Target):
         name = model_name(options, bundle.repo_id)
         model = registry.registered_model(name)
         if model is not None:
-            found = registry.find(name, bundle.recipe_sha256, bundle.pins)
+            found = registry.find(name, bundle.provenance.merge_identity, card_identity(bundle.card))
             if found is not None:
                 return PublishResult(
                     self.name, registry.location(name, found.version), str(found.version), changed=False,
@@ -255,11 +263,11 @@ class Registry:
         except Exception as exc:
             raise self.error(exc, f"read registered model '{name}'") from None
 
-    def find(self, name: str, recipe_sha256: str, pins: dict[str, Any]):
-        """The newest ready version registered from this recipe and these source pins, or None."""
-        query = f"name = '{name}' and tags.`{TAG}recipe_sha256` = '{recipe_sha256}'"
+    def find(self, name: str, merge_id: str, card_id: str | None = None):
+        """The newest ready version registered from this merge (and, given `card_id`, with this card), or None."""
+        query = f"name = '{name}' and tags.`{TAG}merge_identity` = '{merge_id}'"
         found = self.call(f"search the versions of '{name}'", lambda: self.client.search_model_versions(query))
-        matching = [v for v in found if v.status == "READY" and same_pins(_json(v.tags.get(TAG + "pins")), pins)]
+        matching = [v for v in found if v.status == "READY" and card_id in (None, v.tags.get(TAG + "card_identity"))]
         return max(matching, key=lambda v: int(v.version), default=None)
 
     def versions(self, name: str) -> list:
@@ -391,13 +399,6 @@ def _unreachable(exc: Exception, line: str) -> bool:
     return bool(names & {"ConnectionError", "OperationalError", "Timeout"}) or "Max retries exceeded" in line
 
 
-def _json(text: str | None) -> Any:
-    try:
-        return json.loads(text) if text else None
-    except json.JSONDecodeError:
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
 # What a version records
 
@@ -408,6 +409,8 @@ def version_tags(bundle: Bundle) -> dict[str, str]:
     tags = {
         TAG + "repo_id": bundle.repo_id,
         TAG + "recipe_sha256": bundle.recipe_sha256,
+        TAG + "merge_identity": bundle.provenance.merge_identity,
+        TAG + "card_identity": card_identity(bundle.card),
         TAG + "pins": json.dumps(pins, sort_keys=True, separators=(",", ":")),
         TAG + "sources": "; ".join(f"{alias}={_describe_pin(pin)}" for alias, pin in pins.items()),
         TAG + "smoke": "not run" if bundle.smoke is None else "passed" if bundle.smoke.passed else "failed",
