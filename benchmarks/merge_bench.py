@@ -190,7 +190,7 @@ def main() -> None:
         rss = statistics.median(r for _, r, _ in results[name])
         cpu = statistics.median(c for _, _, c in results[name])
         wall, fastest = statistics.median(walls), min(walls)
-        paired = statistics.median(w / b for w, b in zip(walls, base_walls))
+        paired = statistics.median(w / b for w, b in zip(walls, base_walls, strict=True))
         summary[name] = {"median_s": wall, "ratio_wall": wall / base_wall, "ratio_paired": paired, "min_s": fastest,
                          "ratio_min": fastest / base_min, "median_peak_rss": rss, "ratio_rss": rss / base_rss,
                          "median_cpu_s": cpu, "ratio_cpu": cpu / base_cpu, "runs_s": walls}

@@ -23,7 +23,8 @@ from .identity import smoke_identity
 from .leaks import find_leaks
 from .markdown import code, codeblock, md
 from .recipe import MergeInput, Recipe, parse_ref
-from .reports import PROVENANCE_FILE, SMOKE_FILE, Provenance, Smoke, read as read_report
+from .reports import PROVENANCE_FILE, SMOKE_FILE, Provenance, Smoke
+from .reports import read as read_report
 from .templating import template_loader
 
 CARD_TEMPLATE = "model_card.md.j2"

@@ -24,7 +24,8 @@ from . import frontmatter
 from .card import NUMBER_FILTERS, weight_text
 from .errors import CatalogError, OlderReportError, UsageError
 from .hub_rules import repo_id_problem
-from .reports import Provenance, Report, Smoke, parse, read as read_report
+from .reports import Provenance, Report, Smoke, parse
+from .reports import read as read_report
 from .templating import default_template_dir, template_dirs, template_loader
 
 TEMPLATE_FOLDER = "catalog"
@@ -288,7 +289,7 @@ def render_card_bodies(bodies: Sequence[str], workers: int | None = None) -> lis
     chunks = [list(bodies[i::workers]) for i in range(workers)]
     helpers = [_start_helper(chunk) for chunk in chunks[1:]]
     done = [[render_card_body(b) for b in chunks[0]]]
-    for chunk, helper in zip(chunks[1:], helpers):
+    for chunk, helper in zip(chunks[1:], helpers, strict=True):
         done.append(_helper_result(helper, chunk))
     results: list[tuple[Any, str]] = [("", "")] * len(bodies)
     for i, rendered in enumerate(done):
@@ -415,7 +416,7 @@ def catalog_context(models: Sequence[CatalogModel]) -> dict[str, Any]:
     """Everything the index and model templates see, as plain data (strings are escaped by the templates)."""
     ordered = sorted(models, key=lambda m: m.repo_id.lower())
     bodies = render_card_bodies([card_body(m.card) for m in ordered])
-    entries = [_entry(m, html, summary) for m, (html, summary) in zip(ordered, bodies)]
+    entries = [_entry(m, html, summary) for m, (html, summary) in zip(ordered, bodies, strict=True)]
     by_id = {e["repo_id"].lower(): e for e in entries}
     for entry in entries:
         entry["parents"] = [

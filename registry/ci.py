@@ -23,7 +23,8 @@ from typing import Any
 from .errors import RecipeError, RegistryError, ReportError, UsageError
 from .markdown import cell, code, fenced, longest_run
 from .recipe import ModelRef, Recipe, env_names, load_recipe, parse_recipe
-from .reports import Provenance, Smoke, read as read_report
+from .reports import Provenance, Smoke
+from .reports import read as read_report
 
 RECIPES_DIR = "recipes"
 EXAMPLES_DIR = "recipes/examples"
@@ -809,9 +810,9 @@ def _assemble(items: list[RecipeSummary], deleted: list[str], changes: Changes |
     cards = [item for item in items if item.card is not None]
     skeleton = intro + "".join(heads) + "".join(_card_block(item, "") for item in cards)
     budgets = _share(limit - utf8_len(skeleton), [utf8_len(item.card or "") for item in cards])
-    previews = {item.recipe: _preview(item.card or "", budget) for item, budget in zip(cards, budgets)}
+    previews = {item.recipe: _preview(item.card or "", budget) for item, budget in zip(cards, budgets, strict=True)}
     body = intro + "".join(
-        head + (_card_block(item, previews[item.recipe]) if item.card is not None else "") for head, item in zip(heads, items)
+        head + (_card_block(item, previews[item.recipe]) if item.card is not None else "") for head, item in zip(heads, items, strict=True)
     )
     truncated = any(previews[item.recipe] != item.card for item in cards)
     if utf8_len(body) > limit:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -45,7 +45,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
     ] = None,
 ) -> None:
@@ -102,7 +102,7 @@ def recipe_files(paths: list[Path]) -> list[Path]:
 
 @app.command()
 def validate(
-    paths: Annotated[Optional[list[Path]], typer.Argument(help="Recipe files or folders [default: recipes/].")] = None,
+    paths: Annotated[list[Path] | None, typer.Argument(help="Recipe files or folders [default: recipes/].")] = None,
     format: FormatOption = Format.text,
 ) -> None:
     """Check recipes statically: no network, no torch, no merge."""
@@ -176,19 +176,19 @@ def plugins(format: FormatOption = Format.text) -> None:
 def card(
     recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
     model_dir: Annotated[
-        Optional[Path], typer.Option("--model-dir", help="Folder of the merged model: its provenance.json and smoke.json are shown.")
+        Path | None, typer.Option("--model-dir", help="Folder of the merged model: its provenance.json and smoke.json are shown.")
     ] = None,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the card to this file [default: print it].")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the card to this file [default: print it].")] = None,
     templates: Annotated[
-        Optional[Path], typer.Option("--templates", help="Folder of the team's card templates [default: ./templates].")
+        Path | None, typer.Option("--templates", help="Folder of the team's card templates [default: ./templates].")
     ] = None,
     format: FormatOption = Format.text,
 ) -> None:
     """Render the model card (README.md): Hub metadata, merge, sources, smoke results, provenance."""
     from .card import front_matter, read_reports, render_card, write_card
     from .plugins import get_targets
-    from .templating import template_dirs
     from .recipe import load_recipe
+    from .templating import template_dirs
 
     loaded = load_recipe(recipe, targets=get_targets())
     provenance, smoke = read_reports(model_dir) if model_dir is not None else (None, None)
@@ -227,7 +227,7 @@ def catalog_build(
     ] = "local",
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the site to; rebuilt whole.")] = Path("site"),
     templates: Annotated[
-        Optional[Path], typer.Option("--templates", help="Folder holding the team's catalog/ templates [default: ./templates].")
+        Path | None, typer.Option("--templates", help="Folder holding the team's catalog/ templates [default: ./templates].")
     ] = None,
     format: FormatOption = Format.text,
 ) -> None:
@@ -276,7 +276,7 @@ class Device(str, enum.Enum):
 def smoke(
     model_dir: Annotated[Path, typer.Argument(help="Folder of the merged model (config.json, weights, tokenizer).")],
     recipe: Annotated[
-        Optional[Path], typer.Option("--recipe", help="Recipe the model was merged from: smoke settings, and the parents to compare with.")
+        Path | None, typer.Option("--recipe", help="Recipe the model was merged from: smoke settings, and the parents to compare with.")
     ] = None,
     device: Annotated[Device, typer.Option("--device", help="auto picks cuda when a GPU is usable.")] = Device.auto,
     format: FormatOption = Format.text,
@@ -306,7 +306,7 @@ UpdateOption = Annotated[
     bool, typer.Option("--update", help="Accept sources that changed since the lock file pinned them; re-resolve Hub revisions.")
 ]
 OutputDirOption = Annotated[
-    Optional[Path], typer.Option("-o", "--output", help="Output folder [default: .registry/build/<recipe sha12>, or under $REGISTRY_HOME].")
+    Path | None, typer.Option("-o", "--output", help="Output folder [default: .registry/build/<recipe sha12>, or under $REGISTRY_HOME].")
 ]
 
 
@@ -320,7 +320,8 @@ def plan(
     """Pin every source (Hub commit, local content hash), check they can be merged, write the lock file."""
     from .plugins import get_targets
     from .recipe import load_recipe
-    from .sources import plan as make_plan, write_lock
+    from .sources import plan as make_plan
+    from .sources import write_lock
 
     loaded = load_recipe(recipe, targets=get_targets())
     with _HashBar(format is Format.text) as bar:
@@ -338,7 +339,7 @@ class _HashBar:
     def __init__(self, enabled: bool):
         self.enabled, self.progress, self.task = enabled, None, None
 
-    def __enter__(self) -> "_HashBar":
+    def __enter__(self) -> _HashBar:
         return self
 
     def update(self, done: int, total: int) -> None:
@@ -389,10 +390,12 @@ def merge(
 ) -> None:
     """Merge the recipe's pinned sources with mergekit into a complete, reproducible output folder."""
     from . import build_root
-    from .merge import check_output, default_output, merge as run
+    from .merge import check_output, default_output
+    from .merge import merge as run
     from .plugins import get_targets
     from .recipe import load_recipe
-    from .sources import plan as make_plan, write_lock
+    from .sources import plan as make_plan
+    from .sources import write_lock
 
     loaded = load_recipe(recipe, targets=get_targets())
     if output is not None:
@@ -422,11 +425,11 @@ def merge(
 def publish(
     recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
     target: Annotated[
-        Optional[list[str]], typer.Option("--target", help="Where to publish (repeatable) [default: the recipe's publish list, else local].")
+        list[str] | None, typer.Option("--target", help="Where to publish (repeatable) [default: the recipe's publish list, else local].")
     ] = None,
-    private: Annotated[Optional[bool], typer.Option("--private/--public", help="Visibility of a Hub repo created by this publish.")] = None,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch to publish to (created when missing).")] = None,
-    create_pr: Annotated[Optional[bool], typer.Option("--create-pr", help="Open a Hub pull request instead of committing.")] = None,
+    private: Annotated[bool | None, typer.Option("--private/--public", help="Visibility of a Hub repo created by this publish.")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub branch to publish to (created when missing).")] = None,
+    create_pr: Annotated[bool | None, typer.Option("--create-pr", help="Open a Hub pull request instead of committing.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Do everything but the push; show what would be sent.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Publish even though the smoke test failed.")] = False,
     device: Annotated[Device, typer.Option("--device", help="auto uses CUDA when torch sees a GPU, else the CPU.")] = Device.auto,
@@ -531,7 +534,7 @@ ci_app = typer.Typer(
 app.add_typer(ci_app, name="ci")
 
 BaseOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--base", help="Compare HEAD with its merge base with this ref [default: origin/$GITHUB_BASE_REF, else origin/main or main]."),
 ]
 MaxSourceOption = Annotated[
@@ -566,12 +569,12 @@ def ci_changed(
 
 @ci_app.command("summary")
 def ci_summary(
-    recipes: Annotated[Optional[list[str]], typer.Argument(help="Recipe files [default: those the change touches].")] = None,
+    recipes: Annotated[list[str] | None, typer.Argument(help="Recipe files [default: those the change touches].")] = None,
     base: BaseOption = None,
     reports: Annotated[
-        Optional[Path], typer.Option("--reports", help="Folder of the dry runs' reports: provenance.json and smoke.json in report-<recipe slug>/ (the workflow's artifacts).")
+        Path | None, typer.Option("--reports", help="Folder of the dry runs' reports: provenance.json and smoke.json in report-<recipe slug>/ (the workflow's artifacts).")
     ] = None,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the Markdown to this file.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the Markdown to this file.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1024, help="Most UTF-8 bytes of Markdown (GitHub comments take 65,536 characters).")] = 64_512,
     max_source_gb: MaxSourceOption = 2.0,
     format: FormatOption = Format.text,

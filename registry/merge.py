@@ -30,7 +30,8 @@ from .errors import MergeError, RegistryError, UsageError
 from .files import fsync_path, sha256_file
 from .identity import merge_identity
 from .machine import WRITE_THREADS, check_resources, estimate_resources, output_dtype, pick_device
-from .reports import PROVENANCE_FILE, Provenance, SourcePin, read_current, write as write_report
+from .reports import PROVENANCE_FILE, Provenance, SourcePin, read_current
+from .reports import write as write_report
 from .sources import HashCache, PinnedSource, Plan, check_carried_files, fetch, stat_identity
 
 if TYPE_CHECKING:

@@ -10,10 +10,11 @@ nothing sent. When only the card changed, the card alone is published; only what
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .errors import PublishError, RegistryError, UsageError
 from .publish import CARD_NAME, Bundle, PublishPlan, PublishResult, bundle_files, card_only_files
@@ -106,7 +107,8 @@ def publish(
     """Publish a recipe to its targets; every stage's finished output is reused when it still matches."""
     from .plugins import get_targets
     from .recipe import load_recipe
-    from .sources import plan as make_plan, write_lock
+    from .sources import plan as make_plan
+    from .sources import write_lock
 
     recipe = load_recipe(recipe_path, targets=get_targets())
     overrides = {"private": private, "revision": revision, "create_pr": create_pr}

@@ -77,7 +77,7 @@ def _weight_kind(value: Any) -> str:
 
 # The tags start with '~' so error locations can drop them (see _problems_from_validation).
 Weight = Annotated[
-    Union[Annotated[float, Tag("~number")], Annotated[list[WeightFilter], Tag("~list")]],
+    Annotated[float, Tag("~number")] | Annotated[list[WeightFilter], Tag("~list")],
     Discriminator(_weight_kind),
 ]
 

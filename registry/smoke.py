@@ -30,7 +30,9 @@ from .errors import RegistryError, SmokeError
 from .identity import smoke_identity
 from .machine import memory_available, pick_device
 from .recipe import SmokeConfig, WeightFilter, weight_for
-from .reports import Provenance, Smoke, read as read_report, write as write_report
+from .reports import Provenance, Smoke
+from .reports import read as read_report
+from .reports import write as write_report
 from .sources import SHARD_INDEX, expand_local, folder_content_sha256
 
 if TYPE_CHECKING:
@@ -199,7 +201,7 @@ def _hub_cached(repo_id: str, revision: str | None) -> tuple[Path | None, str | 
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)), None
-    except Exception:  # noqa: BLE001 - any failure means the snapshot is not at hand
+    except Exception:
         return None, "it is not in the local Hub cache"
 
 
@@ -698,7 +700,7 @@ class _TensorFiles:
             self.where = {}
             for file in sorted(folder.glob("*.safetensors")):
                 with safe_open(str(file), framework="pt") as f:
-                    self.where.update({k: file for k in f.keys()})
+                    self.where.update({k: file for k in f})
         if not self.where:
             raise SmokeError(f"no safetensors weights in {folder}")
         self._open: dict[Path, Any] = {}
@@ -789,7 +791,7 @@ def compare_weights(
             finite = finite and bool(torch.isfinite(got).all())
             expected = torch.zeros_like(got)
             scale = torch.zeros_like(got)
-            for w, (files, src_name) in zip(weights, parts):
+            for w, (files, src_name) in zip(weights, parts, strict=True):
                 x = files.rows(src_name, start, start + step)
                 x = (x.to(cast) if cast is not None else x).float()
                 expected.add_(x, alpha=w)
@@ -946,7 +948,7 @@ class Measurements:
             self.failed[name] = exc.message
         except RegistryError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a broken measurement fails the checks needing it, not the run
+        except Exception as exc:
             if os.environ.get("REGISTRY_DEBUG") == "1":
                 raise
             self.failed[name] = f"measuring the {name} raised {type(exc).__name__}: {_one_line(exc)}"
@@ -994,7 +996,7 @@ class Measurements:
             result = check.judge(**inputs)
         except RegistryError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a broken check is a failed check, not a crash
+        except Exception as exc:
             if os.environ.get("REGISTRY_DEBUG") == "1":
                 raise
             result = CheckResult(check.name, "failed", f"the check raised {type(exc).__name__}: {_one_line(exc)}")

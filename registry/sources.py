@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 from .errors import SourceError
 from .files import replace_atomically, sha256_file
-from .machine import Estimate, check_resources as _check_resources, estimate_resources
+from .machine import Estimate, estimate_resources
+from .machine import check_resources as _check_resources
 from .recipe import ModelRef, Recipe, WeightFilter, env_names, parse_ref
 from .yamldoc import Loc
 
@@ -620,7 +621,7 @@ def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | Non
     revision = locked["commit"] if reuse else src.requested_revision
     try:
         info = api.model_info(src.repo_id, revision=revision, files_metadata=True)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line saying what to do
+    except Exception as exc:
         raise _hub_error(recipe, src, exc) from None
     src.revision = info.sha
     if reuse or (locked and locked.get("model") == src.model and locked.get("commit") == info.sha):
@@ -651,7 +652,7 @@ def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | Non
         small = ["config.json", *(n for n in (*TOKENIZER_FILES, *TEMPLATE_FILES) if n in siblings)]
         local = {n: Path(hf_hub_download(src.repo_id, n, revision=info.sha)) for n in small}
         meta = api.get_safetensors_metadata(src.repo_id, revision=info.sha)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _hub_error(recipe, src, exc) from None
     src.config = json.loads(local["config.json"].read_text(encoding="utf-8"))
     src.carried = {n: sha256_file(p) for n, p in local.items()}
@@ -668,7 +669,7 @@ def _cached_snapshot(repo_id: str, commit: str) -> Path | None:
 
     try:
         return Path(snapshot_download(repo_id, revision=commit, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached
+    except Exception:
         return None
 
 
@@ -686,7 +687,7 @@ def fetch(src: PinnedSource) -> Path:
             src.repo_id, revision=src.revision,
             allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"],
         )
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         kinds = {c.__name__ for c in type(exc).__mro__}
         raise SourceError(f"source '{src.name}': downloading {src.repo_id}@{src.revision} failed ({type(exc).__name__}: {exc}); "
                           + ("check the network and retry" if kinds & {"TransportError", "OSError"} else "retry, or pin another revision")) from None

@@ -8,8 +8,8 @@ their own jinja2 environment on this loader.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .errors import UsageError
 

@@ -494,7 +494,7 @@ def test_reference_models_leaked_paths_stay_out(tmp_path):
     bare_recipe = load_recipe(bare)
     # Reports name a source without an alias by its reference as written: here, the path itself.
     provenance = provenance_of(
-        {path: SourcePin(kind="local", content_sha256=digit * 64, weight=w) for path, digit, w in zip(LEAKED_PATHS, "ab", (0.3, 0.7))},
+        {path: SourcePin(kind="local", content_sha256=digit * 64, weight=w) for path, digit, w in zip(LEAKED_PATHS, "ab", (0.3, 0.7), strict=True)},
         config_donor=LEAKED_PATHS[0],
     )
     smoke = smoke_of(parity=[{"model": model, "nll": nll, "long_retrieved": 0, "long_total": 0}

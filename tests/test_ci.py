@@ -724,7 +724,7 @@ def test_the_command_check_catches_unknown_commands_and_flags() -> None:
 
 @pytest.mark.parametrize(("workflow", "args"), registry_commands(), ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_workflows_call_only_commands_and_flags_the_cli_has(workflow: str, args: list[str]) -> None:
-    path, problems = check_command(args)
+    _path, problems = check_command(args)
     assert problems == [], f"{workflow}: registry {' '.join(args)}"
 
 

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from models import build_tokenizer
+
 from registry.errors import PublishError
 from registry.leaks import SECRET_FORMATS, find_leaks, find_secrets
 from registry.publish import bundle_files

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from models import TinyConfig, build_family
+
 from registry import reports
 from registry.smoke_checks import builtin_checks
 from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, LIMITED_TOKENS, ORG_WRITERS, hub_client

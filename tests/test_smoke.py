@@ -152,7 +152,7 @@ def _within(seconds: float, call):
     def target():
         try:
             outcome["result"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:
             outcome["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)

@@ -212,7 +212,7 @@ def test_hf_conflict_leaves_the_repo_as_it_was(hub_server, hf, tmp_path):
         f"{recipe.repo_id}@main changed while publishing (someone else pushed); nothing was committed: "
         "run `registry publish` again to publish on top of it"
     )
-    sha, files = remote_state(api, recipe.repo_id)
+    _sha, files = remote_state(api, recipe.repo_id)
     assert files == sorted([*before[1], "theirs.txt"])
     # A rerun publishes on top of the other push, and keeps the other person's file.
     rerun = HfTarget().publish(bundle, HfOptions())

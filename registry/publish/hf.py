@@ -16,8 +16,9 @@ import hashlib
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import PublishError, ReportError
 from ..hookspecs import hookimpl

@@ -27,8 +27,8 @@ from typing import Any
 from .. import registry_home
 from .. import staging as staging_dirs
 from ..errors import PublishError
-from ..hookspecs import hookimpl
 from ..files import sha256_file
+from ..hookspecs import hookimpl
 from . import (
     CARD_NAME,
     PIN_FIELDS,
@@ -96,7 +96,7 @@ class LocalTarget(Target):
         if latest and _same_content(latest, bundle) and _intact(self.home, latest):
             return PublishResult(self.name, str(version_folder(self.home, latest)), latest["version"], changed=False,
                                  detail="already published", notes=notes)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         parent = self.home / "models" / bundle.repo_id
         version = f"{now:%Y%m%dT%H%M%SZ}-{bundle.short_sha}"
         for n in range(2, 100):  # the same recipe republished within a second
@@ -216,7 +216,8 @@ def _adoptable(repo_id: str, folder: Path, rel: str) -> dict[str, Any] | None:
 
     from ..errors import RegistryError
     from ..frontmatter import load as load_front_matter
-    from ..reports import Provenance, Smoke, read as read_report
+    from ..reports import Provenance, Smoke
+    from ..reports import read as read_report
 
     match = _VERSION.fullmatch(folder.name)
     if not match or not (folder / CARD_NAME).is_file():
@@ -238,7 +239,7 @@ def _adoptable(repo_id: str, folder: Path, rel: str) -> dict[str, Any] | None:
         files = bundle_files(folder, known=recorded)
     except (OSError, ValueError, TypeError, AttributeError, RegistryError, yaml.YAMLError):
         return None  # not a complete version folder of this registry: left alone
-    when = dt.datetime.strptime(match[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    when = dt.datetime.strptime(match[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
     pins = {alias: {f: getattr(pin, f) for f in PIN_FIELDS} for alias, pin in provenance.sources.items()}
     return _entry(repo_id, folder.name, when, recipe_sha256, provenance.merge_identity, rel,
                   smoke.passed if smoke is not None else None, pins,

@@ -45,7 +45,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -72,11 +72,7 @@ _BASE_MODEL_RELATIONS = {"adapter", "merge", "quantized", "finetune"}
 # What the Hub commits as `.gitattributes` when it creates a repo: these names always go to LFS.
 _INITIAL_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
-    for pattern in (
-        "*.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gz *.h5 *.joblib *.lfs.* *.mlmodel *.model *.msgpack"
-        " *.npy *.npz *.onnx *.ot *.parquet *.pb *.pickle *.pkl *.pt *.pth *.rar *.safetensors"
-        " saved_model/**/* *.tar.* *.tar *.tflite *.tgz *.wasm *.xz *.zip *.zst *tfevents*"
-    ).split()
+    for pattern in ["*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*", "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb", "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite", "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*"]
 )
 
 
@@ -734,7 +730,7 @@ class HubServer:
              sorted((path, blob.git_oid) for path, blob in files.items())]
         )
         oid = hashlib.sha1(seed.encode()).hexdigest()
-        commit = Commit(oid, parent and parent.oid, title, message, author, datetime.now(timezone.utc), dict(files))
+        commit = Commit(oid, parent and parent.oid, title, message, author, datetime.now(UTC), dict(files))
         repo.commits[oid] = commit
         return commit
 
@@ -864,7 +860,7 @@ class HubServer:
             existing = self._repos[(kind, repo_id)]
             raise HubError(409, f"You already created this {kind} repo", extra={"url": self._url(existing)})
         private = payload.get("visibility") == "private" or payload.get("private") is True
-        repo = Repo(kind, repo_id, private, datetime.now(timezone.utc), creator=user)
+        repo = Repo(kind, repo_id, private, datetime.now(UTC), creator=user)
         files = {".gitattributes": self._store_regular(_INITIAL_GITATTRIBUTES.encode())}
         repo.refs["refs/heads/main"] = self._new_commit(repo, None, files, "initial commit", "", user).oid
         self._repos[(kind, repo_id)] = repo

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,7 +22,7 @@ def versions(
         str, typer.Argument(help="A registered model name, or a recipe file (its mlflow publish entry names the model).")
     ],
     registry_uri: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--registry-uri", help="The MLflow registry [default: the recipe's, else MLFLOW_REGISTRY_URI, else MLFLOW_TRACKING_URI]."),
     ] = None,
     format: FormatOption = Format.text,
