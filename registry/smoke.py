@@ -700,7 +700,7 @@ class _TensorFiles:
             self.where = {}
             for file in sorted(folder.glob("*.safetensors")):
                 with safe_open(str(file), framework="pt") as f:
-                    self.where.update({k: file for k in f})
+                    self.where.update({k: file for k in f.keys()})  # noqa: SIM118 - safe_open is not iterable
         if not self.where:
             raise SmokeError(f"no safetensors weights in {folder}")
         self._open: dict[Path, Any] = {}

@@ -11,8 +11,6 @@ from pydantic import BaseModel, ConfigDict
 
 from ..errors import PublishError
 from ..files import sha256_file
-from ..leaks import scan_file
-from ..reports import PROVENANCE_FILE, SMOKE_FILE
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -190,6 +188,8 @@ def bundle_files(
 def card_only_files(provenance: Provenance, folder: Path, environ: Mapping[str, str] | None = None) -> dict[str, FileEntry]:
     """A card-only bundle's files: the merge's outputs kept from the published version (no local path), and
     the card and reports from `folder`. Raises PublishError when those hold a secret."""
+    from ..reports import PROVENANCE_FILE, SMOKE_FILE
+
     files = {rel: FileEntry(None, f.sha256, f.size) for rel, f in provenance.files.items()}
     for rel in (CARD_NAME, PROVENANCE_FILE, SMOKE_FILE):
         path = folder / rel
@@ -200,6 +200,8 @@ def card_only_files(provenance: Provenance, folder: Path, environ: Mapping[str, 
 
 def check_no_secrets(files: Mapping[str, FileEntry], environ: Mapping[str, str] | None = None) -> None:
     """Raise PublishError naming the first file, line and kind of secret found in `files` (never the secret itself)."""
+    from ..leaks import scan_file
+
     # A kept file (no path here) was scanned when it was first published.
     found = [(rel, leak) for rel, entry in sorted(files.items()) if entry.path is not None
              for leak in scan_file(entry.path, environ)]

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import PublishError, ReportError
 from ..hookspecs import hookimpl
-from ..reports import Provenance, Smoke, parse
 from . import CARD_NAME, Bundle, Published, PublishPlan, PublishResult, Target, TargetOptions, published
 
 if TYPE_CHECKING:
@@ -89,6 +88,8 @@ class HfTarget(Target):
         # The card names its merge: another one means no download at all.
         if info is None or _card_registry(info).get("merge_identity") != merge_id:
             return None
+        from ..reports import Provenance, Smoke
+
         provenance = self._remote_report(Provenance, recipe.repo_id, info.sha)
         # The card and the weights beside it must describe the same merge.
         if provenance is None or provenance.merge_identity != merge_id:
@@ -127,6 +128,8 @@ class HfTarget(Target):
         """The files the remote provenance.json lists: what an earlier publish of this tool put there."""
         if info is None:
             return set()
+        from ..reports import Provenance
+
         provenance = self._remote_report(Provenance, repo_id, info.sha)
         return set(provenance.files) if provenance is not None else set()
 
@@ -274,6 +277,8 @@ class HfTarget(Target):
         if text is None:
             return None
         try:
+            from ..reports import parse
+
             return parse(kind, text, f"{repo_id}@{sha[:12]}/{kind.FILE}")
         except ReportError:
             return None
