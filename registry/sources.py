@@ -623,7 +623,7 @@ def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | Non
     revision = locked["commit"] if reuse else src.requested_revision
     try:
         info = api.model_info(src.repo_id, revision=revision, files_metadata=True)
-    except Exception as exc:
+    except Exception as exc:  # every failure becomes one line saying what to do
         raise _hub_error(recipe, src, exc) from None
     src.revision = info.sha
     if reuse or (locked and locked.get("model") == src.model and locked.get("commit") == info.sha):
@@ -671,7 +671,7 @@ def _cached_snapshot(repo_id: str, commit: str) -> Path | None:
 
     try:
         return Path(snapshot_download(repo_id, revision=commit, local_files_only=True))
-    except Exception:
+    except Exception:  # not cached
         return None
 
 

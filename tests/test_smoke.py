@@ -152,7 +152,7 @@ def _within(seconds: float, call):
     def target():
         try:
             outcome["result"] = call()
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the test
             outcome["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
