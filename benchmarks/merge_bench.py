@@ -71,7 +71,12 @@ def build_pair(root: Path, config: dict = CONFIG, device: str = "cpu") -> tuple[
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     shutil.rmtree(root, ignore_errors=True)
-    cfg = Qwen2Config(**config, architectures=["Qwen2ForCausalLM"], rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, dtype="bfloat16")
+    cfg = Qwen2Config(
+        **config,
+        architectures=["Qwen2ForCausalLM"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        dtype="bfloat16",
+    )
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Qwen2ForCausalLM(cfg).state_dict().items()}
     print(f"building a {sum(torch.Size(s).numel() for s in shapes.values()) / 1e6:.0f}M-parameter pair in {root}", file=sys.stderr)

@@ -485,7 +485,12 @@ def cut_utf8(text: str, limit: int) -> str:
 
 def _joins_previous(char: str) -> bool:
     # Combining marks, variation selectors and zero-width joiners belong to the character before them.
-    return bool(unicodedata.combining(char)) or unicodedata.category(char) == "Me" or char in "\u200d\ufe0e\ufe0f" or "\U000e0020" <= char <= "\U000e007f"
+    return (
+        bool(unicodedata.combining(char))
+        or unicodedata.category(char) == "Me"
+        or char in "\u200d\ufe0e\ufe0f"
+        or "\U000e0020" <= char <= "\U000e007f"
+    )
 
 
 def _fence_after(line: str, fence: tuple[str, int] | None) -> tuple[str, int] | None:

@@ -572,7 +572,11 @@ def ci_summary(
     recipes: Annotated[list[str] | None, typer.Argument(help="Recipe files [default: those the change touches].")] = None,
     base: BaseOption = None,
     reports: Annotated[
-        Path | None, typer.Option("--reports", help="Folder of the dry runs' reports: provenance.json and smoke.json in report-<recipe slug>/ (the workflow's artifacts).")
+        Path | None,
+        typer.Option(
+            "--reports",
+            help="Folder of the dry runs' reports: provenance.json and smoke.json in report-<recipe slug>/ (the workflow's artifacts).",
+        ),
     ] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the Markdown to this file.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1024, help="Most UTF-8 bytes of Markdown (GitHub comments take 65,536 characters).")] = 64_512,

@@ -15,7 +15,7 @@ def register_targets(register):
 
 @hookspec
 def register_smoke_checks(register):
-    """Register smoke checks: register(SmokeCheck(name, judge, needs)); judge gets the measurements named in needs (smoke.MEASUREMENTS), complete and immutable."""
+    """Register smoke checks: register(SmokeCheck(name, judge, needs)); judge gets its needs (smoke.MEASUREMENTS), complete and immutable."""
 
 
 @hookspec

@@ -173,7 +173,7 @@ def publish(
     )
     for c in chosen:
         if dry_run:
-            outcome.plans.append(_at(c, lambda: c.target.plan(bundle, c.options)))
+            outcome.plans.append(_at(c, partial(c.target.plan, bundle, c.options)))
             continue
         _publish_to(c, bundle, outcome, note)
     return outcome

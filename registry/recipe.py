@@ -593,7 +593,9 @@ def _check_sources(recipe: Recipe, doc: Document):
             if ref.kind == "local":
                 yield doc.problem(("sources", alias, "revision"), "revision applies to Hub models only; this source is a local path")
             elif ref.revision:
-                yield doc.problem(("sources", alias, "revision"), f"revision given twice: '@{ref.revision}' in model and revision: '{source.revision}'")
+                yield doc.problem(
+                    ("sources", alias, "revision"), f"revision given twice: '@{ref.revision}' in model and revision: '{source.revision}'"
+                )
             elif not _REVISION.fullmatch(source.revision):
                 yield doc.problem(("sources", alias, "revision"), "revision must be a branch, tag or commit sha")
             else:

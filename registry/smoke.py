@@ -201,7 +201,7 @@ def _hub_cached(repo_id: str, revision: str | None) -> tuple[Path | None, str | 
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)), None
-    except Exception:
+    except Exception:  # any failure means the snapshot is not at hand
         return None, "it is not in the local Hub cache"
 
 
@@ -700,7 +700,7 @@ class _TensorFiles:
             self.where = {}
             for file in sorted(folder.glob("*.safetensors")):
                 with safe_open(str(file), framework="pt") as f:
-                    self.where.update({k: file for k in f.keys()})  # noqa: SIM118 - safe_open is not iterable
+                    self.where.update({k: file for k in f.keys()})  # noqa: SIM118 - a safe_open handle has keys() but is not iterable
         if not self.where:
             raise SmokeError(f"no safetensors weights in {folder}")
         self._open: dict[Path, Any] = {}
@@ -948,7 +948,7 @@ class Measurements:
             self.failed[name] = exc.message
         except RegistryError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # a broken measurement fails the checks needing it, not the run
             if os.environ.get("REGISTRY_DEBUG") == "1":
                 raise
             self.failed[name] = f"measuring the {name} raised {type(exc).__name__}: {_one_line(exc)}"
@@ -996,7 +996,7 @@ class Measurements:
             result = check.judge(**inputs)
         except RegistryError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # a broken check is a failed check, not a crash
             if os.environ.get("REGISTRY_DEBUG") == "1":
                 raise
             result = CheckResult(check.name, "failed", f"the check raised {type(exc).__name__}: {_one_line(exc)}")

@@ -440,7 +440,9 @@ def _weight_files(recipe: Recipe, src: PinnedSource, path: Path, shown: str) -> 
                                       "shards lie beside the index")
         missing = [s for s in shards if not os.path.lexists(path / s)]
         if missing:
-            raise _error(recipe, src, f"source '{src.name}': {index.name} lists {missing[0]}, which is not in {path}; the download or copy is incomplete")
+            raise _error(
+                recipe, src, f"source '{src.name}': {index.name} lists {missing[0]}, which is not in {path}; the download or copy is incomplete"
+            )
         return [index.name, *shards]
     if os.path.lexists(path / "model.safetensors"):
         return ["model.safetensors"]
@@ -621,7 +623,7 @@ def _inspect_hub(recipe: Recipe, src: PinnedSource, locked: dict[str, Any] | Non
     revision = locked["commit"] if reuse else src.requested_revision
     try:
         info = api.model_info(src.repo_id, revision=revision, files_metadata=True)
-    except Exception as exc:
+    except Exception as exc:  # every failure becomes one line saying what to do
         raise _hub_error(recipe, src, exc) from None
     src.revision = info.sha
     if reuse or (locked and locked.get("model") == src.model and locked.get("commit") == info.sha):
@@ -669,7 +671,7 @@ def _cached_snapshot(repo_id: str, commit: str) -> Path | None:
 
     try:
         return Path(snapshot_download(repo_id, revision=commit, local_files_only=True))
-    except Exception:
+    except Exception:  # not cached
         return None
 
 
@@ -706,7 +708,8 @@ def _donor(recipe: Recipe, sources: list[PinnedSource]) -> str:
         return names[0]
     if base not in names:
         raise _error(recipe, ("merge", "base_model"),
-                     f"base_model '{base}' is not one of merge.models; for a linear merge it only picks the config and tokenizer donor, so name one of the models")
+                     f"base_model '{base}' is not one of merge.models; for a linear merge it only picks the config and tokenizer donor, "
+                     "so name one of the models")
     return base
 
 
@@ -877,7 +880,9 @@ def _tokenizer_check(recipe: Recipe, ref: PinnedSource, other: PinnedSource, tok
     if not differ:
         templates = [n for n in TEMPLATE_FILES if ref.tokenizer.get(n) != other.tokenizer.get(n)]
         if templates:
-            return Check("tokenizer", "warning", f"'{other.name}' has a different {templates[0]} than '{ref.name}'; the merged model uses '{ref.name}''s")
+            return Check(
+                "tokenizer", "warning", f"'{other.name}' has a different {templates[0]} than '{ref.name}'; the merged model uses '{ref.name}''s"
+            )
         return Check("tokenizer", "passed", "tokenizer files are identical")
     listing = ", ".join(differ)
     if tokenizer_source is not None:
@@ -894,9 +899,12 @@ def _license_checks(recipe: Recipe, sources: list[PinnedSource]) -> list[Check]:
         if src.kind != "hub":
             continue
         if src.license is None:
-            checks.append(Check("license", "warning", f"'{src.name}' ({src.repo_id}) declares no license; check that you may redistribute a merge of it"))
+            checks.append(
+                Check("license", "warning", f"'{src.name}' ({src.repo_id}) declares no license; check that you may redistribute a merge of it")
+            )
         elif recipe.license is not None and src.license != recipe.license:
-            checks.append(Check("license", "warning", f"'{src.name}' ({src.repo_id}) is licensed '{src.license}' but the recipe says '{recipe.license}'; check that the parent's license allows it"))
+            checks.append(Check("license", "warning", f"'{src.name}' ({src.repo_id}) is licensed '{src.license}' but the recipe says "
+                                f"'{recipe.license}'; check that the parent's license allows it"))
         else:
             checks.append(Check("license", "passed", f"'{src.name}' ({src.repo_id}) is licensed '{src.license}'"))
     return checks

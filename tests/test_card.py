@@ -317,8 +317,10 @@ merge:
     assert metadata_problems(meta) == []
     rows = [line for line in section(card, "Source models").splitlines() if line.startswith("| `")]
     assert rows == [
-        f"| `a` | Open R1 | [open-r1/OpenR1-Qwen-1.5B](https://huggingface.co/open-r1/OpenR1-Qwen-1.5B) | commit [`{sha}`](https://huggingface.co/open-r1/OpenR1-Qwen-1.5B/tree/{sha}) |",
-        "| `b` | Ours | local checkpoint, published as [team/b-published](https://huggingface.co/team/b-published) | weights sha256 `" + "b" * 64 + "` |",
+        "| `a` | Open R1 | [open-r1/OpenR1-Qwen-1.5B](https://huggingface.co/open-r1/OpenR1-Qwen-1.5B) | "
+        f"commit [`{sha}`](https://huggingface.co/open-r1/OpenR1-Qwen-1.5B/tree/{sha}) |",
+        "| `b` | Ours | local checkpoint, published as [team/b-published](https://huggingface.co/team/b-published) | "
+        "weights sha256 `" + "b" * 64 + "` |",
         "| `Qwen/Qwen2.5-1.5B@main` | none | [Qwen/Qwen2.5-1.5B](https://huggingface.co/Qwen/Qwen2.5-1.5B) | `main`, not pinned to a commit |",
     ]
     assert "| `a` | Open R1 | 0.2 for self\\_attn; 0.5 otherwise |" in card
@@ -459,9 +461,15 @@ def test_failed_smoke_is_shown_as_failed(tmp_path):
         "long": [
             {"tokens": 256, "depth": 0.5, "status": "retrieved", "reason": None, "finite": True, "seconds": 0.05, "peak_memory_bytes": 1_500_000},
             {"tokens": 512, "depth": 0.5, "status": "missed", "reason": None, "finite": False, "seconds": 0.1, "peak_memory_bytes": 2_000_000},
-            {"tokens": 131072, "depth": 0.5, "status": "skipped", "reason": "longer than cpu_max_tokens 8192", "finite": None, "seconds": None, "peak_memory_bytes": None},
+            {
+                "tokens": 131072, "depth": 0.5, "status": "skipped", "reason": "longer than cpu_max_tokens 8192",
+                "finite": None, "seconds": None, "peak_memory_bytes": None,
+            },
         ],
-        "parity": [{"model": "merged", "nll": 5.5, "long_retrieved": 1, "long_total": 2}, {"model": "cos", "nll": None, "long_retrieved": 0, "long_total": 0}],
+        "parity": [
+            {"model": "merged", "nll": 5.5, "long_retrieved": 1, "long_total": 2},
+            {"model": "cos", "nll": None, "long_retrieved": 0, "long_total": 0},
+        ],
     })
     card = render(recipe_text(), smoke=smoke)
     assert "\n> **Warning:** this model failed its smoke tests; see the smoke tests below.\n" in card

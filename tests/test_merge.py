@@ -372,7 +372,10 @@ def test_incompatible_sources_fail_before_any_weight_is_written(family, tmp_path
         tok = json.loads((b / "tokenizer.json").read_text())
         tok["added_tokens"][1]["content"] = "<|start|>"
         (b / "tokenizer.json").write_text(json.dumps(tok))
-        expected = "source 'b' has a different tokenizer than 'a' (tokenizer.json differ); set merge.tokenizer_source to the source whose tokenizer the merge should use"
+        expected = (
+            "source 'b' has a different tokenizer than 'a' (tokenizer.json differ); "
+            "set merge.tokenizer_source to the source whose tokenizer the merge should use"
+        )
     elif broken == "vocab":
         rewrite_tensors(family.b, b, reshape="model.embed_tokens.weight")
         edit_json(b / "config.json", vocab_size=159)

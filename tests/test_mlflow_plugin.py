@@ -165,7 +165,8 @@ def make_bundle(folder: Path, repo_id: str, *, weight: float = 0.3, smoke_passed
     rng = np.random.default_rng(int(weight * 1000))
     save_file({"model.embed_tokens.weight": rng.standard_normal((64, 16)).astype(np.float32),
                "lm_head.weight": rng.standard_normal((64, 16)).astype(np.float32)}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 16, "vocab_size": 64}))
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 16, "vocab_size": 64}
+    (folder / "config.json").write_text(json.dumps(config))
     short = "passed" if smoke_passed else "failed"
     checks = [
         {"name": "short", "status": short, "reason": "" if smoke_passed else "output is 4 repeated tokens", "details": {}},

@@ -152,7 +152,7 @@ def _within(seconds: float, call):
     def target():
         try:
             outcome["result"] = call()
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the test
             outcome["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
@@ -363,7 +363,7 @@ def test_plugin_checks_run_after_the_built_ins_and_can_fail_the_model(tiny, monk
 
         twice = pm.register(Twice())
         try:
-            with pytest.raises(RegistryError, match="^smoke check 'short' is registered twice$"):
+            with pytest.raises(RegistryError, match=r"^smoke check 'short' is registered twice$"):
                 get_smoke_checks()
         finally:
             pm.unregister(name=twice)

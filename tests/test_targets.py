@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -129,6 +130,8 @@ def remote_state(api, repo_id, revision="main"):
 
 
 def test_hf_publish_one_commit_then_nothing(hub_server, hf, tmp_path):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
     recipe = parse_recipe(RECIPE.format(repo_id=f"{HUB_ORG}/toy"))
     bundle = make_bundle(make_model(tmp_path / "build", recipe, big=True), recipe)
     options = HfOptions(private=True)
@@ -147,7 +150,7 @@ def test_hf_publish_one_commit_then_nothing(hub_server, hf, tmp_path):
         assert hashlib.sha256(data).hexdigest() == entry.sha256, rel
     assert [t.name for t in api.list_repo_refs(recipe.repo_id).tags] == [f"recipe-{recipe.sha256[:12]}"]
     anonymous = hub_client(hub_server, token=False)
-    with pytest.raises(Exception, match="404|Repository Not Found|not found"):
+    with pytest.raises(RepositoryNotFoundError, match=r"404|Repository Not Found|not found"):
         anonymous.model_info(recipe.repo_id)
 
     hub_server.clear_requests()
@@ -306,8 +309,11 @@ def test_hf_dropped_upload_changes_nothing_and_a_rerun_completes(hub_server, hf,
     api.create_repo(recipe.repo_id)
     before = remote_state(api, recipe.repo_id)
     hub_server.inject(r"^PUT ", "drop", times=10)
-    with pytest.raises(Exception):
+    with pytest.raises(PublishError) as dropped:
         hf.publish(bundle, HfOptions())
+    # The cause in parentheses is the HTTP client's own wording for the dropped connection.
+    assert re.fullmatch(r"Error while uploading 'model\.safetensors' to the Hub\. \(.+\); nothing was committed", dropped.value.message)
+    assert dropped.value.hint == "run `registry publish` again; uploaded files are not re-sent"
     assert remote_state(api, recipe.repo_id) == before
     assert hub_server.count(r"^POST .*/commit/") == 0
     assert HfTarget().publish(bundle, HfOptions()).changed

@@ -263,12 +263,16 @@ def test_aliases_resolve_with_revisions_and_options():
 
 
 def test_sha256_ignores_formatting_and_publish_settings():
-    a = parse_recipe("repo_id: t/m\nmerge: {merge_method: linear, models: [{model: o/a, parameters: {weight: 1}}, {model: o/b, parameters: {weight: 1}}]}\n")
+    a = parse_recipe(
+        "repo_id: t/m\nmerge: {merge_method: linear, models: [{model: o/a, parameters: {weight: 1}}, {model: o/b, parameters: {weight: 1}}]}\n"
+    )
     b = parse_recipe(
         "# comment\nrepo_id: t/m\npublish: [{target: local}]\nmerge:\n  merge_method: linear\n"
         "  models:\n    - {model: o/a, parameters: {weight: 1}}\n    - {model: o/b, parameters: {weight: 1}}\n"
     )
-    c = parse_recipe("repo_id: t/m\nmerge: {merge_method: linear, models: [{model: o/a, parameters: {weight: 1}}, {model: o/b, parameters: {weight: 2}}]}\n")
+    c = parse_recipe(
+        "repo_id: t/m\nmerge: {merge_method: linear, models: [{model: o/a, parameters: {weight: 1}}, {model: o/b, parameters: {weight: 2}}]}\n"
+    )
     assert a.sha256 == b.sha256 != c.sha256
 
 

@@ -23,6 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -326,7 +327,7 @@ class Registry:
         try:
             for rel, entry in sorted(bundle.files.items()):
                 folder = posixpath.join(ARTIFACT_PATH, posixpath.dirname(rel)).rstrip("/")
-                self.call(f"log {rel}", lambda: self._log_file(run_id, rel, entry.path, folder))
+                self.call(f"log {rel}", partial(self._log_file, run_id, rel, entry.path, folder))
             self._check_logged(run_id, bundle)
             self.call("finish the run", lambda: self.client.set_terminated(run_id, "FINISHED"))
         except PublishError:
@@ -351,7 +352,7 @@ class Registry:
         pending = [ARTIFACT_PATH]
         while pending:
             folder = pending.pop()
-            for item in self.call("list the logged files", lambda: self.client.list_artifacts(run_id, folder)):
+            for item in self.call("list the logged files", partial(self.client.list_artifacts, run_id, folder)):
                 if item.is_dir:
                     pending.append(item.path)
                 else:
