@@ -527,12 +527,15 @@ def show(
 def verify(
     target: Annotated[str, typer.Argument(help="hf:REPO[@REV], a local-registry REPO[@VERSION], or a folder.")],
     key: Annotated[Optional[Path], typer.Option("--key", help="PEM public key: check model.sig with it.")] = None,
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="Merge again from recipe.yaml and the pinned sources; compare every file.")] = False,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Merge again from recipe.yaml and the pinned sources; compare every file.")
+    ] = False,
     recipe: Annotated[
         Optional[Path], typer.Option("--recipe", help="Recipe to rebuild from [default: the published recipe.yaml].")
     ] = None,
     source: Annotated[
-        Optional[list[str]], typer.Option("--source", help="ALIAS=PATH: a source's folder for --rebuild (repeatable) [default: as the recipe names it].")
+        Optional[list[str]],
+        typer.Option("--source", help="ALIAS=PATH: a source's folder for --rebuild (repeatable) [default: as the recipe names it]."),
     ] = None,
     device: Annotated[Device, typer.Option("--device", help="Where --rebuild merges.")] = Device.cpu,
     format: FormatOption = Format.text,
@@ -555,6 +558,10 @@ def verify(
             table.add_row(esc(c.name), f"[{colour[c.status]}]{c.status}[/{colour[c.status]}]", esc(c.message))
         out = _console()
         out.print(table)
+        # The table wraps long lines; each problem again in one piece, for logs and grep.
+        for c in result.checks:
+            if c.status in ("failed", "unverifiable"):
+                out.print(f"[{colour[c.status]}]{c.status}:[/{colour[c.status]}] {esc(c.message)}")
         where = f" at {result.revision}" if result.revision else ""
         out.print(f"{esc(result.target)}{esc(where)}: {result.verdict}")
     if result.exit_code:
