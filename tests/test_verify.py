@@ -308,3 +308,22 @@ def test_text_output_names_each_problem_on_one_line(toy, tmp_path):
         "failed: notes [draft].txt: not a published file (not in provenance.json)",
         f"{folder}: mismatch",
     ]
+
+
+def test_rebuild_reads_the_published_recipe_yaml(toy, tmp_path):
+    folder = _folder_copy(toy, tmp_path)
+    code, result = verify(toy, str(folder), "--rebuild")
+    assert (code, result["verdict"]) == (3, "cannot verify")
+    assert failed(result) == {"rebuild": "recipe.yaml: not published with this model; pass --recipe FILE to rebuild from one"}
+
+    # Published beside the model, its sources named by environment variables (set here), it is what a rebuild reads.
+    shutil.copyfile(toy / "toy.yaml", folder / "recipe.yaml")
+    code, result = verify(toy, str(folder), "--rebuild")
+    assert (code, result["verdict"]) == (0, "verified")
+    assert result["checks"][-1]["message"].endswith("files rebuilt bit-identical from recipe.yaml and the pinned sources")
+
+    # A source it cannot find is named: the rebuild cannot be made, which is not a mismatch.
+    done = run(toy, "verify", str(folder), "--rebuild", "--format", "json", env={"CHECKPOINTS": ""})
+    assert done.returncode == 3
+    [check] = [c for c in json.loads(done.stdout)["checks"] if c["name"] == "rebuild"]
+    assert check["status"] == "unverifiable" and "environment variable CHECKPOINTS is empty" in check["message"]
