@@ -527,6 +527,12 @@ def show(
 def verify(
     target: Annotated[str, typer.Argument(help="hf:REPO[@REV], a local-registry REPO[@VERSION], or a folder.")],
     key: Annotated[Optional[Path], typer.Option("--key", help="PEM public key: check model.sig with it.")] = None,
+    identity: Annotated[
+        Optional[str], typer.Option("--identity", help="Check model.sig as a keyless Sigstore signature by this identity (needs the network).")
+    ] = None,
+    issuer: Annotated[
+        str, typer.Option("--issuer", help="The OIDC issuer of --identity.")
+    ] = "https://token.actions.githubusercontent.com",
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Merge again from recipe.yaml and the pinned sources; compare every file.")
     ] = False,
@@ -546,7 +552,8 @@ def verify(
     sources = parse_sources(source or [])
     if (recipe is not None or sources) and not rebuild:
         raise UsageError("--recipe and --source are for --rebuild")
-    result = run(target, key=key, rebuild=rebuild, recipe=recipe, sources=sources, device=device.value)
+    signer = (identity, issuer) if identity else None
+    result = run(target, key=key, identity=signer, rebuild=rebuild, recipe=recipe, sources=sources, device=device.value)
     if format is Format.json:
         emit_json(result.to_dict())
     else:

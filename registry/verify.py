@@ -158,6 +158,7 @@ def verify(
     target: str,
     *,
     key: Path | None = None,
+    identity: tuple[str, str] | None = None,
     rebuild: bool = False,
     recipe: Path | None = None,
     sources: Mapping[str, Path] | None = None,
@@ -165,6 +166,8 @@ def verify(
     workers: int | None = None,
 ) -> Verification:
     """Check `target`: files against provenance.json, no extra file, card and reports of this merge, signature, rebuild."""
+    if key is not None and identity is not None:
+        raise UsageError("--key and --identity check two kinds of signature; pass one of them")
     if key is not None and not key.is_file():
         raise UsageError(f"{key}: no such public key file")
     if recipe is not None and not recipe.is_file():
@@ -188,7 +191,10 @@ def verify(
     checks.append(check_smoke(located.folder, provenance))
     if EVAL_FILE in located.names:
         checks.append(Check("eval", "skipped", f"{EVAL_FILE}: not checked; this registry has no eval report format yet"))
-    checks.append(check_signature(located.folder, located.names, key, card))
+    if identity is not None:
+        checks.append(check_sigstore(located.folder, located.names, *identity))
+    else:
+        checks.append(check_signature(located.folder, located.names, key, card))
     if rebuild:
         checks.append(check_rebuild(located.folder, provenance, recipe, sources or {}, device))
     return result
@@ -302,6 +308,27 @@ def check_signature(folder: Path, names: tuple[str, ...], key: Path | None, card
     except Exception as exc:  # model-signing raises ValueError, and others from its parsers, for a bad signature
         return Check("signature", "failed", f"{SIGNATURE_FILE}: does not verify with {key.name}: {_signature_reason(exc, folder)}")
     return Check("signature", "passed", f"{SIGNATURE_FILE}: signed by key {fingerprint[:12]}")
+
+
+def check_sigstore(folder: Path, names: tuple[str, ...], identity: str, issuer: str) -> Check:
+    """model.sig is a keyless Sigstore signature by `identity` (an e-mail or CI workflow URL) from OIDC `issuer`; needs the network."""
+    if SIGNATURE_FILE not in names:
+        return Check("signature", "unverifiable", f"{SIGNATURE_FILE}: missing, so the identity cannot be checked (the model is not signed)")
+    try:
+        from model_signing import verifying
+        from sigstore.errors import NetworkError, TUFError
+    except ImportError:
+        return Check("signature", "unverifiable", f"{SIGNATURE_FILE}: model-signing is not installed; pip install 'registry[sign]'")
+    try:
+        config = verifying.Config().use_sigstore_verifier(identity=identity, oidc_issuer=issuer).set_ignore_unsigned_files(True)
+        config.verify(folder, folder / SIGNATURE_FILE)
+    except (NetworkError, TUFError) as exc:
+        # Sigstore's trust root (TUF metadata) and transparency log are online: offline, nothing can be concluded.
+        return Check("signature", "unverifiable", f"{SIGNATURE_FILE}: a Sigstore signature needs the network to check, "
+                                                  f"and it could not be reached ({_signature_reason(exc, folder)})")
+    except Exception as exc:  # a bad bundle, another identity, a changed file
+        return Check("signature", "failed", f"{SIGNATURE_FILE}: not a Sigstore signature by {identity}: {_signature_reason(exc, folder)}")
+    return Check("signature", "passed", f"{SIGNATURE_FILE}: signed by {identity} ({issuer}) through Sigstore")
 
 
 def _signature_reason(exc: BaseException, folder: Path) -> str:

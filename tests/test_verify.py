@@ -327,3 +327,18 @@ def test_rebuild_reads_the_published_recipe_yaml(toy, tmp_path):
     assert done.returncode == 3
     [check] = [c for c in json.loads(done.stdout)["checks"] if c["name"] == "rebuild"]
     assert check["status"] == "unverifiable" and "environment variable CHECKPOINTS is empty" in check["message"]
+
+
+def test_a_sigstore_identity_needs_the_network(toy, tmp_path):
+    folder = _folder_copy(toy, tmp_path)
+    (folder / "model.sig").write_bytes(sign(folder, toy / "team.key.pem"))
+    # No network: every request goes to a closed port, and no trust root is cached in this home.
+    offline = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "", "HOME": str(tmp_path),
+               "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_DATA_HOME": str(tmp_path / "data")}
+    code, result = verify(toy, str(folder), "--identity", "release@example.org", env=offline)
+    assert (code, result["verdict"]) == (3, "cannot verify")
+    message = failed(result)["signature"]
+    assert message.startswith("model.sig: a Sigstore signature needs the network to check, and it could not be reached (")
+
+    done = run(toy, "verify", str(folder), "--identity", "release@example.org", "--key", str(toy / "team.pub.pem"))
+    assert (done.returncode, done.stderr) == (2, "error: --key and --identity check two kinds of signature; pass one of them\n")
