@@ -61,7 +61,7 @@ def merged(cache: Path) -> Path:
 
 def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> float:
     started = time.perf_counter()
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done = subprocess.run(cmd, capture_output=True)
     wall = time.perf_counter() - started
     if done.returncode not in ok:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout.decode()[-2000:]}{done.stderr.decode()[-2000:]}")
