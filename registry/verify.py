@@ -208,9 +208,11 @@ def check_files(folder: Path, provenance: Provenance, names: tuple[str, ...], wo
         return Check("files", "failed", f"{missing[0]}: listed in {PROVENANCE_FILE} but missing"
                      + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     found = hash_files(folder, list(provenance.files), workers)
-    for rel, record in provenance.files.items():
-        if found[rel] != record.sha256:
-            return Check("files", "failed", f"{rel}: sha256 {found[rel]}, but {PROVENANCE_FILE} lists {record.sha256}")
+    differ = [rel for rel, record in provenance.files.items() if found[rel] != record.sha256]
+    if differ:
+        rel = differ[0]
+        more = f" (and {len(differ) - 1} more: {', '.join(differ[1:])})" if len(differ) > 1 else ""
+        return Check("files", "failed", f"{rel}: sha256 {found[rel]}, but {PROVENANCE_FILE} lists {provenance.files[rel].sha256}{more}")
     return Check("files", "passed", f"{len(provenance.files)} files match {PROVENANCE_FILE}")
 
 
@@ -362,9 +364,10 @@ def check_rebuild(folder: Path, provenance: Provenance, recipe_file: Path | None
         want = provenance.sources.get(src.name)
         if want is None:
             return Check("rebuild", "failed", f"{path.name}: source '{src.name}' is not in {PROVENANCE_FILE}")
-        if src.pin != want.pin:
-            where = f"{src.repo_id}@{src.pin}" if src.kind == "hub" else f"{src.model} holds sha256 {src.pin}"
-            return Check("rebuild", "failed", f"source '{src.name}' no longer matches its pin: {PROVENANCE_FILE} pins {want.pin}, {where}")
+        if (src.kind, src.pin) != (want.kind, want.pin):
+            pinned = f"{want.repo_id}@{want.pin}" if want.kind == "hub" else want.pin
+            where = f"the Hub has {src.repo_id}@{src.pin}" if src.kind == "hub" else f"{src.model} holds sha256 {src.pin}"
+            return Check("rebuild", "failed", f"source '{src.name}' no longer matches its pin: {PROVENANCE_FILE} pins {pinned}, {where}")
     found = merge_identity(recipe, pinned)
     if found != provenance.merge_identity:
         return Check("rebuild", "failed", f"{path.name}: merge identity {found}, but {PROVENANCE_FILE} has {provenance.merge_identity}")

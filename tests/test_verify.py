@@ -342,3 +342,30 @@ def test_a_sigstore_identity_needs_the_network(toy, tmp_path):
 
     done = run(toy, "verify", str(folder), "--identity", "release@example.org", "--key", str(toy / "team.pub.pem"))
     assert (done.returncode, done.stderr) == (2, "error: --key and --identity check two kinds of signature; pass one of them\n")
+
+
+def test_rebuild_reads_hub_sources_at_their_pinned_commits(hub_server, hub_api, toy, tmp_path):
+    for name in ("ft_cos", "ft_fmt"):
+        hub_api.create_repo(f"{HUB_ORG}/toy-{name}")
+        hub_api.upload_folder(folder_path=str(TOY / name), repo_id=f"{HUB_ORG}/toy-{name}")
+    text = (toy / "hub.yaml").read_text().replace("${CHECKPOINTS}/ft_", f"{HUB_ORG}/toy-ft_")
+    (tmp_path / "hub-sources.yaml").write_text(text.replace(HUB_REPO, f"{HUB_ORG}/toy-from-hub"))
+    env = hub_server.client_env(HUB_TOKEN)
+    done = run(toy, "publish", str(tmp_path / "hub-sources.yaml"), "--target", "hf", "--format", "json", env=env)
+    assert done.returncode == 0, done.stderr
+    pinned = hub_api.model_info(f"{HUB_ORG}/toy-ft_cos").sha
+
+    # The parent's main moves on: a rebuild still reads the commit the merge read.
+    moved = hub_api.upload_folder(folder_path=str(TOY / "base"), repo_id=f"{HUB_ORG}/toy-ft_cos").oid
+    target = f"hf:{HUB_ORG}/toy-from-hub"
+    code, result = verify(toy, target, "--rebuild", "--recipe", str(tmp_path / "hub-sources.yaml"), env=env)
+    assert (code, result["verdict"]) == (0, "verified"), result
+    assert statuses(result)["rebuild"] == "passed"
+
+    # A local folder in its place is another pin, named as such.
+    code, result = verify(toy, target, "--rebuild", "--recipe", str(tmp_path / "hub-sources.yaml"), "--source", f"cos={TOY / 'ft_cos'}",
+                          env=env)
+    cos = content_sha256({"model.safetensors": sha256_file(TOY / "ft_cos" / "model.safetensors")})
+    assert code == 1 and failed(result) == {"rebuild": f"source 'cos' no longer matches its pin: provenance.json pins "
+                                                       f"{HUB_ORG}/toy-ft_cos@{pinned}, {TOY / 'ft_cos'} holds sha256 {cos}"}
+    assert moved != pinned
