@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import RegistryError, ReportError, UsageError
+from .errors import ReportError, UsageError, VerifyError
 from .files import sha256_file
 from .reports import PROVENANCE_FILE, SMOKE_FILE, Provenance, Smoke, read
 
@@ -39,12 +39,6 @@ IGNORED_FILES = (".gitattributes",)
 
 Status = Literal["passed", "failed", "unverifiable", "skipped"]
 Verdict = Literal["verified", "mismatch", "cannot verify"]
-
-
-class VerifyError(RegistryError):
-    """A target cannot be verified at all: not found, not downloadable, or not a published model."""
-
-    exit_code = 3
 
 
 @dataclass(frozen=True)

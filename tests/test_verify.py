@@ -369,3 +369,12 @@ def test_rebuild_reads_hub_sources_at_their_pinned_commits(hub_server, hub_api, 
     assert code == 1 and failed(result) == {"rebuild": f"source 'cos' no longer matches its pin: provenance.json pins "
                                                        f"{HUB_ORG}/toy-ft_cos@{pinned}, {TOY / 'ft_cos'} holds sha256 {cos}"}
     assert moved != pinned
+
+
+def test_an_eval_report_is_listed_as_not_checked(toy, tmp_path):
+    folder = _folder_copy(toy, tmp_path)
+    (folder / "eval.json").write_text("{}")
+    code, result = verify(toy, str(folder))
+    assert (code, result["verdict"]) == (0, "verified")
+    assert [c for c in result["checks"] if c["name"] == "eval"] == [
+        {"name": "eval", "status": "skipped", "message": "eval.json: not checked; this registry has no eval report format yet"}]
