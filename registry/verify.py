@@ -353,7 +353,8 @@ def check_rebuild(folder: Path, provenance: Provenance, recipe_file: Path | None
         recipe = _rebuild_recipe(path, provenance, given)
         pinned = plan(recipe, update=True, check_resources=False)
     except (SourceError, UsageError) as exc:
-        return Check("rebuild", "unverifiable", " ".join(str(exc).split()))
+        # A SourceError holds one problem a line (each source that cannot be found): one row, problems joined.
+        return Check("rebuild", "unverifiable", "; ".join(" ".join(line.split()) for line in str(exc).splitlines() if line.strip()))
     for src in pinned.sources:
         want = provenance.sources.get(src.name)
         if want is None:

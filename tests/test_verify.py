@@ -326,7 +326,9 @@ def test_rebuild_reads_the_published_recipe_yaml(toy, tmp_path):
     done = run(toy, "verify", str(folder), "--rebuild", "--format", "json", env={"CHECKPOINTS": ""})
     assert done.returncode == 3
     [check] = [c for c in json.loads(done.stdout)["checks"] if c["name"] == "rebuild"]
-    assert check["status"] == "unverifiable" and "environment variable CHECKPOINTS is empty" in check["message"]
+    fix = "environment variable CHECKPOINTS is empty; export CHECKPOINTS=/path/to/the/folder it stands for"
+    assert check == {"name": "rebuild", "status": "unverifiable",
+                     "message": f"{folder / 'recipe.yaml'}:10:12: sources.cos.model: {fix}; {folder / 'recipe.yaml'}:13:12: sources.fmt.model: {fix}"}
 
 
 def test_a_sigstore_identity_needs_the_network(toy, tmp_path):
