@@ -126,10 +126,16 @@ def _walk(folder: Path) -> tuple[str, ...]:
 def _download(repo: str, revision: str | None) -> Located:
     """Download every file of `repo` at `revision`, pinned to its commit first, into the registry's cache."""
     from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     from .hub_errors import describe
     from .sources import cache_dir
 
+    try:
+        # Also keeps the cache folder below inside the cache: a repo id has no '..' or leading '/'.
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        raise UsageError(f"hf:{repo}: not a Hub repo id ({exc})", "write hf:OWNER/NAME[@REVISION]") from None
     try:
         info = HfApi().model_info(repo, revision=revision)
         names = tuple(sorted(s.rfilename for s in info.siblings or ()))

@@ -203,6 +203,10 @@ def test_a_missing_repo_cannot_be_verified(hub_server, toy):
     assert done.returncode == 3
     assert done.stderr.startswith(f"error: hf:{HUB_ORG}/nothing-here: ")
 
+    # A repo id that would lead out of the download cache is no repo id.
+    done = run(toy, "verify", "hf:../../etc", env=hub_server.client_env(HUB_TOKEN))
+    assert done.returncode == 2 and done.stderr.startswith("error: hf:../../etc: not a Hub repo id (")
+
 
 # ---------------------------------------------------------------------------------------------
 # The local registry and folders
