@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import ReportError, UsageError, VerifyError
+from .errors import RegistryError, ReportError, UsageError, VerifyError
 from .files import sha256_file
 from .reports import PROVENANCE_FILE, SMOKE_FILE, Provenance, Smoke, read
 
@@ -347,7 +347,6 @@ def check_rebuild(folder: Path, provenance: Provenance, recipe_file: Path | None
     import filecmp
     import tempfile
 
-    from .errors import SourceError
     from .identity import merge_identity
     from .merge import merge
     from .sources import plan
@@ -358,9 +357,8 @@ def check_rebuild(folder: Path, provenance: Provenance, recipe_file: Path | None
     try:
         recipe = _rebuild_recipe(path, provenance, given)
         pinned = plan(recipe, update=True, check_resources=False)
-    except (SourceError, UsageError) as exc:
-        # A SourceError holds one problem a line (each source that cannot be found): one row, problems joined.
-        return Check("rebuild", "unverifiable", "; ".join(" ".join(line.split()) for line in str(exc).splitlines() if line.strip()))
+    except RegistryError as exc:  # a source not found or not readable, a recipe that does not validate
+        return Check("rebuild", "unverifiable", _one_line(exc))
     for src in pinned.sources:
         want = provenance.sources.get(src.name)
         if want is None:
@@ -374,7 +372,10 @@ def check_rebuild(folder: Path, provenance: Provenance, recipe_file: Path | None
         return Check("rebuild", "failed", f"{path.name}: merge identity {found}, but {PROVENANCE_FILE} has {provenance.merge_identity}")
     with tempfile.TemporaryDirectory(prefix="registry-rebuild-") as tmp:
         out = Path(tmp) / "model"
-        merge(recipe, pinned, out, device)
+        try:
+            merge(recipe, pinned, out, device)
+        except RegistryError as exc:  # not enough disk or memory, a source changed while read
+            return Check("rebuild", "unverifiable", f"the merge failed: {_one_line(exc)}")
         for rel in provenance.files:
             if not (out / rel).is_file() or not filecmp.cmp(out / rel, folder / rel, shallow=False):
                 return Check("rebuild", "failed", f"{rel}: the rebuilt file differs from the published one")
@@ -382,6 +383,11 @@ def check_rebuild(folder: Path, provenance: Provenance, recipe_file: Path | None
         if extra := sorted(made - set(provenance.files)):
             return Check("rebuild", "failed", f"{extra[0]}: the rebuild writes it, but {PROVENANCE_FILE} does not list it")
     return Check("rebuild", "passed", f"{len(provenance.files)} files rebuilt bit-identical from {path.name} and the pinned sources")
+
+
+def _one_line(exc: RegistryError) -> str:
+    # A SourceError or RecipeError holds one problem a line (each source that cannot be found): joined here.
+    return "; ".join(" ".join(line.split()) for line in str(exc).splitlines() if line.strip())
 
 
 def _rebuild_recipe(path: Path, provenance: Provenance, given: Mapping[str, Path]) -> Recipe:

@@ -334,6 +334,11 @@ def test_rebuild_reads_the_published_recipe_yaml(toy, tmp_path):
     assert check == {"name": "rebuild", "status": "unverifiable",
                      "message": f"{folder / 'recipe.yaml'}:10:12: sources.cos.model: {fix}; {folder / 'recipe.yaml'}:13:12: sources.fmt.model: {fix}"}
 
+    # A published recipe that does not validate cannot be rebuilt from; its problem is named.
+    (folder / "recipe.yaml").write_text((toy / "toy.yaml").read_text().replace("merge_method: linear", "merge_method: lineer"))
+    code, result = verify(toy, str(folder), "--rebuild")
+    assert code == 3 and failed(result)["rebuild"].startswith(f"{folder / 'recipe.yaml'}:17:17: merge.merge_method: ")
+
 
 def test_a_sigstore_identity_needs_the_network(toy, tmp_path):
     folder = _folder_copy(toy, tmp_path)
