@@ -526,6 +526,58 @@ def show(
         out.print(Markdown(shown(card.read_text(encoding="utf-8"), lines=True)))
 
 
+@app.command()
+def verify(
+    target: Annotated[str, typer.Argument(help="hf:REPO[@REV], a local-registry REPO[@VERSION], or a folder.")],
+    key: Annotated[Optional[Path], typer.Option("--key", help="PEM public key: check model.sig with it.")] = None,
+    identity: Annotated[
+        Optional[str], typer.Option("--identity", help="Check model.sig as a keyless Sigstore signature by this identity (needs the network).")
+    ] = None,
+    issuer: Annotated[
+        str, typer.Option("--issuer", help="The OIDC issuer of --identity.")
+    ] = "https://token.actions.githubusercontent.com",
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Merge again from recipe.yaml and the pinned sources; compare every file.")
+    ] = False,
+    recipe: Annotated[
+        Optional[Path], typer.Option("--recipe", help="Recipe to rebuild from [default: the published recipe.yaml].")
+    ] = None,
+    source: Annotated[
+        Optional[list[str]],
+        typer.Option("--source", help="ALIAS=PATH: a source's folder for --rebuild (repeatable) [default: as the recipe names it]."),
+    ] = None,
+    device: Annotated[Device, typer.Option("--device", help="Where --rebuild merges.")] = Device.cpu,
+    format: FormatOption = Format.text,
+) -> None:
+    """Check a published model: files against provenance.json, no extra file, card and reports of this merge, signature."""
+    from .verify import parse_sources, verify as run
+
+    sources = parse_sources(source or [])
+    if (recipe is not None or sources) and not rebuild:
+        raise UsageError("--recipe and --source are for --rebuild")
+    signer = (identity, issuer) if identity else None
+    result = run(target, key=key, identity=signer, rebuild=rebuild, recipe=recipe, sources=sources, device=device.value)
+    if format is Format.json:
+        emit_json(result.to_dict())
+    else:
+        from rich.table import Table
+
+        colour = {"passed": "green", "failed": "red", "unverifiable": "yellow", "skipped": "dim"}
+        table = Table("check", "status", "detail")
+        for c in result.checks:
+            table.add_row(esc(c.name), f"[{colour[c.status]}]{c.status}[/{colour[c.status]}]", esc(c.message))
+        out = _console()
+        out.print(table)
+        # The table wraps long lines; each problem again in one piece, for logs and grep.
+        for c in result.checks:
+            if c.status in ("failed", "unverifiable"):
+                out.print(f"[{colour[c.status]}]{c.status}:[/{colour[c.status]}] {esc(c.message)}")
+        where = f" at {result.revision}" if result.revision else ""
+        out.print(f"{esc(result.target)}{esc(where)}: {result.verdict}")
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
 ci_app = typer.Typer(
     help="For CI: the recipes a change touches (a job matrix) and the pull request summary.",
     no_args_is_help=True,

@@ -87,6 +87,12 @@ class PublishError(RegistryError):
     """A publish target refused or failed; nothing half-written is left behind."""
 
 
+class VerifyError(RegistryError):
+    """A published model cannot be verified at all: its repo or revision cannot be read (exit 3, "cannot verify")."""
+
+    exit_code = 3
+
+
 class ReportError(RegistryError):
     """A file one stage left for the next is corrupt, incomplete or of an unknown format version."""
 
