@@ -529,9 +529,9 @@ def show(
 @app.command()
 def verify(
     target: Annotated[str, typer.Argument(help="hf:REPO[@REV], a local-registry REPO[@VERSION], or a folder.")],
-    key: Annotated[Optional[Path], typer.Option("--key", help="PEM public key: check model.sig with it.")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="PEM public key: check model.sig with it.")] = None,
     identity: Annotated[
-        Optional[str], typer.Option("--identity", help="Check model.sig as a keyless Sigstore signature by this identity (needs the network).")
+        str | None, typer.Option("--identity", help="Check model.sig as a keyless Sigstore signature by this identity (needs the network).")
     ] = None,
     issuer: Annotated[
         str, typer.Option("--issuer", help="The OIDC issuer of --identity.")
@@ -540,17 +540,18 @@ def verify(
         bool, typer.Option("--rebuild", help="Merge again from recipe.yaml and the pinned sources; compare every file.")
     ] = False,
     recipe: Annotated[
-        Optional[Path], typer.Option("--recipe", help="Recipe to rebuild from [default: the published recipe.yaml].")
+        Path | None, typer.Option("--recipe", help="Recipe to rebuild from [default: the published recipe.yaml].")
     ] = None,
     source: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--source", help="ALIAS=PATH: a source's folder for --rebuild (repeatable) [default: as the recipe names it]."),
     ] = None,
     device: Annotated[Device, typer.Option("--device", help="Where --rebuild merges.")] = Device.cpu,
     format: FormatOption = Format.text,
 ) -> None:
     """Check a published model: files against provenance.json, no extra file, card and reports of this merge, signature."""
-    from .verify import parse_sources, verify as run
+    from .verify import parse_sources
+    from .verify import verify as run
 
     sources = parse_sources(source or [])
     if (recipe is not None or sources) and not rebuild:
