@@ -19,6 +19,11 @@ def register_smoke_checks(register):
 
 
 @hookspec
+def register_signers(register):
+    """Register ways of signing a published bundle: register(SignerInstance) for each (see registry.signing.Signer)."""
+
+
+@hookspec
 def register_template_dirs():
     """Return folders of card and catalog templates that override the packaged defaults."""
 

@@ -12,19 +12,27 @@ from pydantic import BaseModel, ConfigDict
 from ..errors import PublishError
 from ..files import sha256_file
 from ..leaks import scan_file
+from ..release import LOCK_FILE, RECIPE_FILE
 from ..reports import PROVENANCE_FILE, SMOKE_FILE
+from ..signing import SIGNATURE_FILE
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
     from ..reports import FileRecord, Provenance, Smoke
 
 CARD_NAME = "README.md"
+# What every publish writes beside the merge's own files (the signature only when signed): an earlier
+# publish of ours put them there, so a target may replace or remove them.
+RELEASE_FILES = (CARD_NAME, PROVENANCE_FILE, SMOKE_FILE, RECIPE_FILE, LOCK_FILE, SIGNATURE_FILE)
 
 
 class TargetOptions(BaseModel):
     """Base for a target's options in a recipe's `publish:` list: strict, unknown keys refused."""
 
     model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
+
+    # Refuse to publish here unsigned (see the recipe's `sign:` block and registry.signing).
+    require_signature: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,8 +199,10 @@ def card_only_files(provenance: Provenance, folder: Path, environ: Mapping[str, 
     """A card-only bundle's files: the merge's outputs kept from the published version (no local path), and
     the card and reports from `folder`. Raises PublishError when those hold a secret."""
     files = {rel: FileEntry(None, f.sha256, f.size) for rel, f in provenance.files.items()}
-    for rel in (CARD_NAME, PROVENANCE_FILE, SMOKE_FILE):
+    for rel in RELEASE_FILES:
         path = folder / rel
+        if rel == SIGNATURE_FILE and not path.is_file():
+            continue
         files[rel] = FileEntry(path, sha256_file(path), path.stat().st_size)
     check_no_secrets(files, environ)
     return dict(sorted(files.items()))

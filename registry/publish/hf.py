@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from ..errors import PublishError, ReportError
 from ..hookspecs import hookimpl
 from ..reports import Provenance, Smoke, parse
-from . import CARD_NAME, Bundle, Published, PublishPlan, PublishResult, Target, TargetOptions, published
+from . import CARD_NAME, RELEASE_FILES, Bundle, Published, PublishPlan, PublishResult, Target, TargetOptions, published
 
 if TYPE_CHECKING:
     from ..reports import Report
@@ -127,7 +127,7 @@ class HfTarget(Target):
         if info is None:
             return set()
         provenance = self._remote_report(Provenance, repo_id, info.sha)
-        return set(provenance.files) if provenance is not None else set()
+        return set(provenance.files) | set(RELEASE_FILES) if provenance is not None else set()
 
     # -- publishing ---------------------------------------------------------------------------
 
