@@ -20,7 +20,7 @@ def register_smoke_checks(register):
 
 @hookspec
 def register_signers(register):
-    """Register ways of signing a published bundle: register(SignerInstance) for each (see registry.signing.Signer)."""
+    """Register ways of signing a published bundle: call register(signer) with a registry.signing.Signer instance."""
 
 
 @hookspec

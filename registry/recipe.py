@@ -235,8 +235,9 @@ class SmokeConfig(Strict):
 class SignSpec(Strict):
     """How a publish is signed (`registry.signing`): publish settings, not part of what was built."""
 
+    # `method`: a registered signer (`key`, `sigstore`); else REGISTRY_SIGNING_METHOD, else `key`.
     # `key`: a local EC private key file (${VAR}, ~, relative to the recipe); else REGISTRY_SIGNING_KEY.
-    method: str = "key"
+    method: str | None = None
     key: str | None = None
     required: bool = False
 

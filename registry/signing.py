@@ -6,7 +6,7 @@ other published file; `.gitattributes` and `model.sig` itself are left out. It i
 card is rendered, into the folder being published, so it travels in the same Hub commit or local
 version. Signers register through the `register_signers` hook; the built-ins are `key` (a local
 elliptic-curve private key) and `sigstore` (keyless, with the ambient OIDC identity of a CI job, which
-needs the network). A key's path comes from the recipe's `sign: {key: ...}` or `REGISTRY_SIGNING_KEY`;
+needs the network), chosen by the recipe's `sign: {method: ...}` or `REGISTRY_SIGNING_METHOD`. A key's path comes from the recipe's `sign: {key: ...}` or `REGISTRY_SIGNING_KEY`;
 it is never printed, and only its public key's fingerprint is recorded (the card's
 `registry.signing_key`).
 """
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 SIGNATURE_FILE = "model.sig"
 KEY_VARIABLE = "REGISTRY_SIGNING_KEY"
+METHOD_VARIABLE = "REGISTRY_SIGNING_METHOD"
 EXTRA_HINT = "install the signing extra: pip install 'registry[sign]'"
 
 
@@ -127,7 +128,7 @@ def signing_plan(
     environ = os.environ if environ is None else environ
     spec = recipe.sign
     required = bool(spec is not None and spec.required) or any(getattr(o, "require_signature", False) for o in options)
-    method = spec.method if spec is not None else "key"
+    method = (spec.method if spec is not None else None) or environ.get(METHOD_VARIABLE) or KeySigner.name
     signer = signers.get(method)
     if signer is None:
         from .hints import suggest

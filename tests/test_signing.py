@@ -243,7 +243,7 @@ def test_signed_publish_to_the_local_registry(workspace, keys):
     tampered = workspace / "tampered"
     shutil.copytree(folder, tampered)
     (tampered / "README.md").write_text(card + "\nextra line\n")
-    with pytest.raises(ValueError, match="README.md"):
+    with pytest.raises(ValueError, match=r"README\.md"):
         verify(tampered, keys["team.pub"])
 
     # Publishing the same recipe unsigned drops the signature: a new card, no model.sig.
