@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from markupsafe import escape
 from model_signing import verifying
 
 from models import TinyConfig, build_family
@@ -238,6 +239,16 @@ def test_signed_publish_to_the_local_registry(workspace, keys):
     assert f"  signing_key: {fingerprint(keys['team.pub'])}\n" in card
     assert (folder / RECIPE_FILE).read_text() == (Path(outcome["model_dir"]) / RECIPE_FILE).read_text()
     assert_no_secret(keys["team"], run.stdout, run.stderr, folders=(workspace / ".registry",))
+
+    # The catalog shows the published recipe and the key's fingerprint.
+    from registry.catalog import build_site, model_page, read_local
+
+    site = workspace / "site"
+    build_site(read_local(workspace / ".registry"), site, [])
+    page = (site / model_page(REPO_ID)).read_text()
+    assert f"<pre><code>{escape((folder / RECIPE_FILE).read_text())}</code></pre>" in page
+    assert "was not published" not in page
+    assert f"by the key with SHA-256 fingerprint <code>{fingerprint(keys['team.pub'])}</code>" in page
 
     # A tampered card no longer verifies.
     tampered = workspace / "tampered"
