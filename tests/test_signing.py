@@ -271,8 +271,9 @@ def test_signed_publish_to_the_local_registry(workspace, keys):
 def test_signed_publish_to_the_hub_is_one_commit(hub_server, workspace, keys, tmp_path):
     recipe = write_recipe(workspace, "hub-signed", extra="publish: [{target: hf, require_signature: true}]\n")
     env = {**hub_server.client_env(HUB_TOKEN), KEY_VARIABLE: str(keys["team"])}
-    run = publish(workspace, recipe, "--format", "json", env=env)
+    run = publish(workspace, recipe, env=env)  # as people run it: progress notes and the smoke report shown
     assert run.returncode == 0, run.stderr
+    assert "signed the bundle with key in " in run.stderr
     assert hub_server.count(r"^POST /api/models/.*/commit/") == 1
 
     api = hub_client(hub_server)
