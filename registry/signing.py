@@ -6,9 +6,9 @@ other published file; `.gitattributes` and `model.sig` itself are left out. It i
 card is rendered, into the folder being published, so it travels in the same Hub commit or local
 version. Signers register through the `register_signers` hook; the built-ins are `key` (a local
 elliptic-curve private key) and `sigstore` (keyless, with the ambient OIDC identity of a CI job, which
-needs the network), chosen by the recipe's `sign: {method: ...}` or `REGISTRY_SIGNING_METHOD`. A key's path comes from the recipe's `sign: {key: ...}` or `REGISTRY_SIGNING_KEY`;
-it is never printed, and only its public key's fingerprint is recorded (the card's
-`registry.signing_key`).
+needs the network), chosen by the recipe's `sign: {method: ...}` or `REGISTRY_SIGNING_METHOD`. A
+key's path comes from the recipe's `sign: {key: ...}` or `REGISTRY_SIGNING_KEY`; it is never printed,
+and only its public key's fingerprint is recorded (the card's `registry.signing_key`).
 """
 
 from __future__ import annotations
