@@ -156,7 +156,7 @@ def base_models(recipe: Recipe) -> list[str]:
     return found
 
 
-def card_metadata(recipe: Recipe, provenance: Provenance | None = None) -> dict[str, Any]:
+def card_metadata(recipe: Recipe, provenance: Provenance | None = None, signing_key: str | None = None) -> dict[str, Any]:
     """The card's YAML front matter: what the Hub reads for a merge, plus the fields publishing compares."""
     meta: dict[str, Any] = {}
     parents = base_models(recipe)
@@ -178,6 +178,9 @@ def card_metadata(recipe: Recipe, provenance: Provenance | None = None) -> dict[
     if provenance is not None:
         registry["merge_identity"] = provenance.merge_identity
     registry["version"] = str(version)
+    if signing_key is not None:
+        # The fingerprint of the public key that signed model.sig (never the key or its path).
+        registry["signing_key"] = signing_key
     # The sources' text facts, which provenance (merge facts only) does not record; the catalog reads them here.
     described = {
         item.key: {k: v for k, v in (("label", item.source.label), ("hub_id", item.source.hub_id)) if v}
@@ -194,13 +197,17 @@ def card_context(
     provenance: Provenance | None = None,
     smoke: Smoke | None = None,
     sections: Iterable[tuple[str, str]] = (),
+    signing_key: str | None = None,
 ) -> dict[str, Any]:
     """Everything a card template sees, as plain data built from an allow-list of fields (never a local path)."""
     import yaml
 
+    from .release import LOCK_FILE, RECIPE_FILE
+    from .signing import SIGNATURE_FILE
+
     inputs = recipe.inputs()
     names = {item.name: item.key for item in inputs}
-    metadata = card_metadata(recipe, provenance)
+    metadata = card_metadata(recipe, provenance, signing_key)
     merge = recipe.merge
     return {
         "repo_id": recipe.repo_id,
@@ -225,6 +232,7 @@ def card_context(
         "usage": {"prompt": recipe.smoke.short.prompt, "max_new_tokens": recipe.smoke.short.max_new_tokens},
         "provenance": _provenance_context(provenance) if provenance is not None else None,
         "sections": [{"title": str(title), "body": str(body).strip("\n")} for title, body in sections],
+        "release": {"recipe": RECIPE_FILE, "lock": LOCK_FILE, "signature": SIGNATURE_FILE, "signing_key": signing_key},
     }
 
 
@@ -332,6 +340,7 @@ def render_card(
     provenance: Provenance | None = None,
     smoke: Smoke | None = None,
     template_dirs: Sequence[Path | str] | None = None,
+    signing_key: str | None = None,
 ) -> str:
     """The model card (README.md text) for `recipe`; raises CardError rather than return a card that leaks."""
     check_reports(recipe, provenance, smoke)
@@ -340,7 +349,7 @@ def render_card(
 
         template_dirs = default_dirs()
     sections = plugin_sections(recipe, provenance, smoke)
-    context = card_context(recipe, provenance, smoke, sections)
+    context = card_context(recipe, provenance, smoke, sections, signing_key)
     text = _render(card_environment(template_dirs), CARD_TEMPLATE, context)
     text = text.rstrip("\n") + "\n"
     check_card(text, recipe)
@@ -353,9 +362,10 @@ def write_card(
     provenance: Provenance | None = None,
     smoke: Smoke | None = None,
     template_dirs: Sequence[Path | str] | None = None,
+    signing_key: str | None = None,
 ) -> str:
     """Render the card and write it to `path` (whole or not at all); returns the text."""
-    text = render_card(recipe, provenance, smoke, template_dirs)
+    text = render_card(recipe, provenance, smoke, template_dirs, signing_key)
     try:
         replace_atomically(path, text.encode("utf-8"))
     except OSError as exc:

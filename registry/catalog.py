@@ -24,6 +24,7 @@ from . import frontmatter
 from .card import NUMBER_FILTERS, weight_text
 from .errors import CatalogError, OlderReportError, UsageError
 from .hub_rules import repo_id_problem
+from .release import RECIPE_FILE
 from .reports import Provenance, Report, Smoke, parse
 from .reports import read as read_report
 from .templating import default_template_dir, template_dirs, template_loader
@@ -31,7 +32,6 @@ from .templating import default_template_dir, template_dirs, template_loader
 TEMPLATE_FOLDER = "catalog"
 HUB_URL = "https://huggingface.co"
 CARD_NAME = "README.md"
-RECIPE_FILE = "recipe.yaml"
 # Written into every built site, so a rebuild may replace the folder and nothing else.
 MARKER = ".registry-catalog"
 SMOKE_STATES = ("passed", "failed", "unknown", "not run")
@@ -477,6 +477,7 @@ def _entry(model: CatalogModel, html: Any, summary: str) -> dict[str, Any]:
         "published_at": model.published_at,
         "card_html": html,
         "recipe": model.recipe,
+        "signing_key": _signing_key(meta),
         "merge": _merge_context(model.provenance, described),
         "smoke_report": _smoke_context(model.smoke),
         "notes": [f"{name}: {OLDER_REPORT_NOTE}" for name in model.older_reports],
@@ -487,6 +488,13 @@ def _entry(model: CatalogModel, html: Any, summary: str) -> dict[str, Any]:
             "parents": json.dumps(parents, ensure_ascii=False),
         },
     }
+
+
+def _signing_key(meta: Mapping[str, Any]) -> str | None:
+    """The fingerprint of the key that signed the model (`registry.signing_key`), when the card records one."""
+    registry = meta.get("registry")
+    found = registry.get("signing_key") if isinstance(registry, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def _described_sources(meta: Mapping[str, Any]) -> dict[str, dict[str, str]]:

@@ -19,6 +19,11 @@ def register_smoke_checks(register):
 
 
 @hookspec
+def register_signers(register):
+    """Register ways of signing a published bundle: call register(signer) with a registry.signing.Signer instance."""
+
+
+@hookspec
 def register_template_dirs():
     """Return folders of card and catalog templates that override the packaged defaults."""
 

@@ -10,6 +10,7 @@ nothing sent. When only the card changed, the card alone is published; only what
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from .publish import Published
     from .recipe import Recipe
     from .reports import Provenance, Smoke
+    from .signing import SigningPlan
     from .sources import Plan
 
 
@@ -114,9 +116,15 @@ def publish(
     overrides = {"private": private, "revision": revision, "create_pr": create_pr}
     chosen = choose_targets(recipe, targets, overrides)
     outcome = PublishOutcome(str(recipe_path), recipe.repo_id, recipe.sha256, [c.name for c in chosen], dry_run=dry_run)
-    # A target that will refuse (a token without write access) says so before sources are hashed or merged.
+    # A target that will refuse (a token without write access) says so before sources are hashed or merged;
+    # so does a publish that must be signed without a key.
     for c in chosen:
         _at(c, partial(c.target.check_access, recipe, c.options))
+    from .plugins import get_signers
+    from .signing import signing_plan
+
+    signer = signing_plan(recipe, [c.options for c in chosen], get_signers())
+    signing_key = signer.fingerprint if signer is not None else None
 
     from . import build_root
     from .identity import card_identity, merge_identity, smoke_identity
@@ -138,7 +146,7 @@ def publish(
             from .card import render_card
 
             provenance, smoke, folder = at_hand
-            text = render_card(recipe, provenance, smoke)
+            text = render_card(recipe, provenance, smoke, signing_key=signing_key)
             # Current: this merge, and the card we would render now, byte for byte.
             stale = [(c, h) for c, h in zip(chosen, held, strict=True)
                      if h is None or h.merge_identity != merge_id or h.card_identity != card_identity(text)]
@@ -146,12 +154,14 @@ def publish(
                 outcome.unchanged = True
                 outcome.results = [PublishResult(c.name, "", None, changed=False, detail="already published") for c in chosen]
                 return outcome
-            if all(c.target.card_only and h is not None and h.provenance is not None
-                   and h.provenance.files == provenance.files for c, h in stale):
+            # A signature covers the weights' bytes: signing a card-only publish needs the build folder.
+            if (signer is None or folder is not None) and all(
+                    c.target.card_only and h is not None and h.provenance is not None
+                    and h.provenance.files == provenance.files for c, h in stale):
                 _check_smoke(smoke, force)
                 stale_names = {c.name for c, _ in stale}
                 return _publish_card(outcome, [(c, c.name in stale_names) for c in chosen], provenance, smoke, folder,
-                                     text, pins, recipe, note)
+                                     text, pins, recipe, note, plan, signer)
 
     model_dir = _merged(recipe, plan, out, device, console, outcome, note)
     provenance, smoke = _smoked(recipe, model_dir, device, outcome, note, console)
@@ -160,8 +170,9 @@ def publish(
     from .card import write_card
 
     card_path = model_dir / CARD_NAME
-    text = write_card(recipe, card_path, provenance, smoke)
+    text = write_card(recipe, card_path, provenance, smoke, signing_key=signing_key)
     outcome.card = str(card_path)
+    _release(model_dir, recipe, plan, signer, note)
     bundle = Bundle(
         repo_id=recipe.repo_id,
         recipe_sha256=recipe.sha256,
@@ -213,8 +224,23 @@ def _check_smoke(smoke: Smoke, force: bool) -> None:
         )
 
 
+def _release(folder: Path, recipe: Recipe, plan: Plan, signer: SigningPlan | None, note) -> None:
+    """Write the published recipe and lock beside the card, then sign the folder (or drop an old signature)."""
+    from .release import write_release
+    from .signing import SIGNATURE_FILE
+
+    write_release(folder, recipe, plan)
+    if signer is None:
+        # A signature left from an earlier signed publish covers other files: it must not travel.
+        (folder / SIGNATURE_FILE).unlink(missing_ok=True)
+        return
+    started = time.perf_counter()
+    signer.sign(folder)
+    note(f"signed the bundle with {signer.signer.name} in {time.perf_counter() - started:.2f} s")
+
+
 def _publish_card(outcome, targets: list[tuple[Chosen, bool]], provenance: Provenance, smoke: Smoke, folder: Path | None, text: str,
-                  pins, recipe: Recipe, note) -> PublishOutcome:
+                  pins, recipe: Recipe, note, plan: Plan, signer: SigningPlan | None) -> PublishOutcome:
     """Publish a re-rendered card beside the weights the targets already hold: no merge, no smoke, no weight sent."""
     import tempfile
 
@@ -233,6 +259,7 @@ def _publish_card(outcome, targets: list[tuple[Chosen, bool]], provenance: Prove
             write_report(smoke, where)
         replace_atomically(where / CARD_NAME, text.encode("utf-8"))
         outcome.card = str(where / CARD_NAME) if folder is not None else None
+        _release(where, recipe, plan, signer, note)
         bundle = Bundle(
             repo_id=recipe.repo_id, recipe_sha256=recipe.sha256, pins=pins,
             files=card_only_files(provenance, where), provenance=provenance, smoke=smoke, card=text,

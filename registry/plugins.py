@@ -12,7 +12,7 @@ from . import hookspecs
 from .errors import RegistryError
 
 ENTRY_POINT_GROUP = "registry"
-DEFAULT_PLUGINS = ("registry.publish.local", "registry.publish.hf", "registry.smoke_checks")
+DEFAULT_PLUGINS = ("registry.publish.local", "registry.publish.hf", "registry.smoke_checks", "registry.signing")
 
 _pm: pluggy.PluginManager | None = None
 
@@ -65,6 +65,11 @@ def get_smoke_checks() -> list[Any]:
     """Every registered smoke check, built-ins included, in running order; a name registered twice is an error."""
     checks = collect("register_smoke_checks", "smoke check")
     return sorted(checks.values(), key=lambda c: getattr(c, "order", 100))
+
+
+def get_signers() -> dict[str, Any]:
+    """Bundle signers by name (`key`, `sigstore`, plugins'); a name registered twice is an error."""
+    return collect("register_signers", "signer")
 
 
 def list_plugins() -> list[dict[str, Any]]:

@@ -56,6 +56,8 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 _REVISION = re.compile(r"[A-Za-z0-9._/-]{1,255}")
+# Where and how to publish, not what is built: left out of the recipe's hash and of the published recipe.
+PUBLISH_SETTINGS = {"publish", "sign"}
 
 
 class Strict(BaseModel):
@@ -230,6 +232,25 @@ class SmokeConfig(Strict):
     weights: WeightsSmoke = Field(default_factory=WeightsSmoke)
 
 
+class SignSpec(Strict):
+    """How a publish is signed (`registry.signing`): publish settings, not part of what was built."""
+
+    # `method`: a registered signer (`key`, `sigstore`); else REGISTRY_SIGNING_METHOD, else `key`.
+    # `key`: a local EC private key file (${VAR}, ~, relative to the recipe); else REGISTRY_SIGNING_KEY.
+    method: str | None = None
+    key: str | None = None
+    required: bool = False
+
+    @field_validator("key")
+    @classmethod
+    def _key_refs(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not value.strip():
+                raise ValueError("key must name a file")
+            check_env_refs(value)
+        return value
+
+
 class PublishSpec(BaseModel):
     """`{target: NAME, ...options}`; the options are checked by the target's own model."""
 
@@ -261,6 +282,7 @@ class Recipe(Strict):
     merge: MergeConfig
     smoke: SmokeConfig = Field(default_factory=SmokeConfig)
     publish: list[PublishSpec] = []
+    sign: SignSpec | None = None
 
     _document: Document | None = PrivateAttr(default=None)
     _path: Path | None = PrivateAttr(default=None)
@@ -278,7 +300,7 @@ class Recipe(Strict):
     @property
     def sha256(self) -> str:
         """Content hash of the recipe (without publish settings): same merge, same hash."""
-        data = self.model_dump(mode="json", exclude={"publish"}, exclude_defaults=True)
+        data = self.model_dump(mode="json", exclude=PUBLISH_SETTINGS, exclude_defaults=True)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 

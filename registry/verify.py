@@ -12,7 +12,6 @@ public key's DER SubjectPublicKeyInfo.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -22,15 +21,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import RegistryError, ReportError, UsageError, VerifyError
 from .files import sha256_file
+from .release import LOCK_FILE, RECIPE_FILE
 from .reports import PROVENANCE_FILE, SMOKE_FILE, Provenance, Smoke, read
+from .signing import SIGNATURE_FILE, public_key_fingerprint
 
 if TYPE_CHECKING:
     from .recipe import Recipe
 
 CARD_FILE = "README.md"
-SIGNATURE_FILE = "model.sig"
-RECIPE_FILE = "recipe.yaml"
-LOCK_FILE = "recipe.lock.json"
 EVAL_FILE = "eval.json"
 # Files a publish adds beside the merged ones; the merged ones are listed in provenance.json.
 BUNDLE_FILES = (CARD_FILE, PROVENANCE_FILE, SMOKE_FILE, RECIPE_FILE, LOCK_FILE, EVAL_FILE, SIGNATURE_FILE)
@@ -281,8 +279,7 @@ def key_fingerprint(public_key: Path) -> str:
         key = serialization.load_pem_public_key(public_key.read_bytes())
     except ValueError:
         raise UsageError(f"{public_key}: not a PEM public key", "pass the public half of the signing key") from None
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
+    return public_key_fingerprint(key)
 
 
 def check_signature(folder: Path, names: tuple[str, ...], key: Path | None, card: dict[str, Any] | None) -> Check:

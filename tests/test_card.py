@@ -179,11 +179,25 @@ def test_cli_writes_the_card_and_reports_json(tmp_path):
     assert data["card"].startswith("---\nbase_model:\n- deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B\n")
 
 
+def test_signed_card_records_the_key_fingerprint_and_links_the_signature(reference_reports):
+    provenance, smoke = reference_reports
+    fingerprint = "ab" * 32
+    signed = render_card(load_recipe(COS_FMT), provenance, smoke, template_dirs=(), signing_key=fingerprint)
+    # Only the front matter's registry block and the provenance section change.
+    added = [line for line in signed.splitlines() if line not in REFERENCE.splitlines()]
+    assert added == [
+        f"  signing_key: {fingerprint}",
+        f"- **Signed:** [`model.sig`](model.sig), by the key with SHA-256 fingerprint `{fingerprint}`",
+    ]
+    assert front_matter(signed)["registry"]["signing_key"] == fingerprint
+
+
 def test_sections_without_data_say_so():
     card = render(recipe_text())
     assert section(card, "Smoke tests") == "No smoke-test report was found for this model: it has not been checked to load or generate."
     assert section(card, "Provenance") == (
-        "- **Recipe sha256:** `" + parse_recipe(recipe_text(), "t.yaml").sha256 + "`\n\n"
+        "- **Recipe sha256:** `" + parse_recipe(recipe_text(), "t.yaml").sha256 + "`\n"
+        "- **Recipe:** [`recipe.yaml`](recipe.yaml), its sources pinned in [`recipe.lock.json`](recipe.lock.json)\n\n"
         "No provenance report was found: the file hashes and tool versions of these weights are not recorded here."
     )
     assert "| `cos` | GRPO, cosine reward | local checkpoint, not on the Hub | not recorded |" in card

@@ -99,16 +99,16 @@ def linked(before: dict[str, tuple], after: dict[str, tuple]) -> list[str]:
     return sorted(rel for rel in after if rel in before and after[rel][1] == before[rel][1])
 
 
-def check_card_only(edits: Edits, before: dict, outcome: dict, imported: set[str]) -> dict:
+def check_card_only(edits: Edits, before: dict, outcome: dict, imported: set[str], expected: list[str]) -> dict:
     after = edits.snapshot()
     assert (outcome["merge"], outcome["smoke"]["reused"], outcome["results"][0]["changed"]) == ("skipped", True, True)
     assert not imported & HEAVY
-    assert changed(before, after) == ["README.md"]
+    assert changed(before, after) == expected
     if edits.target == "hf":
         assert edits.sent()["lfs"] == 0
         assert edits.hub.count(r"/lfs/objects/batch") == 0
     else:
-        weights = sorted(rel for rel in after if rel != "README.md")
+        weights = sorted(rel for rel in after if rel not in expected)
         assert linked(before, after) == weights
     return after
 
@@ -133,6 +133,7 @@ def test_each_kind_of_edit_redoes_only_what_it_changes(edits: Edits, tmp_path):
     (tmp_path / "templates").mkdir()
     template = (ROOT / "templates" / "model_card.md.j2").read_text()
     (tmp_path / "templates" / "model_card.md.j2").write_text(template + "\nMaintained by the registry team.\n")
+    # A template changes the card alone; a text field of the recipe also changes the published recipe.yaml.
     for old, new in [
         (None, None),  # the template edit above
         ("summary: Linear merge", "summary: Edited linear merge"),
@@ -144,7 +145,7 @@ def test_each_kind_of_edit_redoes_only_what_it_changes(edits: Edits, tmp_path):
             edits.edit(old, new)
         versions = edits.versions()
         outcome, imported = edits.publish()
-        state = check_card_only(edits, state, outcome, imported)
+        state = check_card_only(edits, state, outcome, imported, ["README.md"] if old is None else ["README.md", "recipe.yaml"])
         assert edits.versions() == versions + 1
     text = edits.card()
     assert "Maintained by the registry team." in text and "Edited linear merge" in text
@@ -159,7 +160,7 @@ def test_each_kind_of_edit_redoes_only_what_it_changes(edits: Edits, tmp_path):
     shutil.rmtree(edits.home / "build")
     (tmp_path / "templates" / "model_card.md.j2").write_text(template + "\nMaintained by the platform team.\n")
     outcome, imported = edits.publish()
-    state = check_card_only(edits, state, outcome, imported)
+    state = check_card_only(edits, state, outcome, imported, ["README.md"])
     assert outcome["model_dir"] is None and not (edits.home / "build").exists()
 
     # The build folder is back only when something needs the weights: a smoke threshold edit re-runs
@@ -168,7 +169,7 @@ def test_each_kind_of_edit_redoes_only_what_it_changes(edits: Edits, tmp_path):
     outcome, _ = edits.publish()
     assert (outcome["merge"], outcome["smoke"]["reused"]) == ("merged", False)
     after = edits.snapshot()
-    assert changed(state, after) == ["README.md", "smoke.json"]
+    assert changed(state, after) == ["README.md", "recipe.yaml", "smoke.json"]
     if edits.target == "hf":
         assert edits.sent()["lfs"] == 0
     state = after
@@ -177,11 +178,11 @@ def test_each_kind_of_edit_redoes_only_what_it_changes(edits: Edits, tmp_path):
     outcome, _ = edits.publish()
     assert (outcome["merge"], outcome["smoke"]["reused"]) == ("reused", False)
     after = edits.snapshot()
-    assert changed(state, after) == ["README.md", "smoke.json"]
+    assert changed(state, after) == ["README.md", "recipe.yaml", "smoke.json"]
     if edits.target == "hf":
         assert edits.sent()["lfs"] == 0
     else:
-        assert linked(state, after) == sorted(rel for rel in after if rel not in ("README.md", "smoke.json"))
+        assert linked(state, after) == sorted(rel for rel in after if rel not in ("README.md", "recipe.yaml", "smoke.json"))
     state = after
 
     # A merge weight: merged again, new weights sent.

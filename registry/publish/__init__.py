@@ -17,12 +17,24 @@ if TYPE_CHECKING:
     from ..reports import FileRecord, Provenance, Smoke
 
 CARD_NAME = "README.md"
+# What every publish writes beside the merge's own files (the signature only when signed): an earlier
+# publish of ours put them there, so a target may replace or remove them.
+def release_files() -> tuple[str, ...]:
+    """The files every publish writes beside the merge's outputs: card, reports, recipe, lock, signature."""
+    from ..release import LOCK_FILE, RECIPE_FILE
+    from ..reports import PROVENANCE_FILE, SMOKE_FILE
+    from ..signing import SIGNATURE_FILE
+
+    return (CARD_NAME, PROVENANCE_FILE, SMOKE_FILE, RECIPE_FILE, LOCK_FILE, SIGNATURE_FILE)
 
 
 class TargetOptions(BaseModel):
     """Base for a target's options in a recipe's `publish:` list: strict, unknown keys refused."""
 
     model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
+
+    # Refuse to publish here unsigned (see the recipe's `sign:` block and registry.signing).
+    require_signature: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,11 +200,13 @@ def bundle_files(
 def card_only_files(provenance: Provenance, folder: Path, environ: Mapping[str, str] | None = None) -> dict[str, FileEntry]:
     """A card-only bundle's files: the merge's outputs kept from the published version (no local path), and
     the card and reports from `folder`. Raises PublishError when those hold a secret."""
-    from ..reports import PROVENANCE_FILE, SMOKE_FILE
+    from ..signing import SIGNATURE_FILE
 
     files = {rel: FileEntry(None, f.sha256, f.size) for rel, f in provenance.files.items()}
-    for rel in (CARD_NAME, PROVENANCE_FILE, SMOKE_FILE):
+    for rel in release_files():
         path = folder / rel
+        if rel == SIGNATURE_FILE and not path.is_file():
+            continue
         files[rel] = FileEntry(path, sha256_file(path), path.stat().st_size)
     check_no_secrets(files, environ)
     return dict(sorted(files.items()))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import PublishError, ReportError
 from ..hookspecs import hookimpl
-from . import CARD_NAME, Bundle, Published, PublishPlan, PublishResult, Target, TargetOptions, published
+from . import CARD_NAME, Bundle, Published, PublishPlan, PublishResult, Target, TargetOptions, published, release_files
 
 if TYPE_CHECKING:
     from ..reports import Report
@@ -131,7 +131,7 @@ class HfTarget(Target):
         from ..reports import Provenance
 
         provenance = self._remote_report(Provenance, repo_id, info.sha)
-        return set(provenance.files) if provenance is not None else set()
+        return set(provenance.files) | set(release_files()) if provenance is not None else set()
 
     # -- publishing ---------------------------------------------------------------------------
 
