@@ -316,6 +316,11 @@ def test_text_output_names_each_problem_on_one_line(toy, tmp_path):
 
 def test_rebuild_reads_the_published_recipe_yaml(toy, tmp_path):
     folder = _folder_copy(toy, tmp_path)
+    # As published, recipe.yaml names each local source by a variable a rebuilder sets.
+    code, result = verify(toy, str(folder), "--rebuild")
+    assert code == 3 and failed(result)["rebuild"].endswith(
+        "environment variable REGISTRY_SOURCE_FMT is not set; export REGISTRY_SOURCE_FMT=/path/to/the/folder it stands for")
+    (folder / "recipe.yaml").unlink()
     code, result = verify(toy, str(folder), "--rebuild")
     assert (code, result["verdict"]) == (3, "cannot verify")
     assert failed(result) == {"rebuild": "recipe.yaml: not published with this model; pass --recipe FILE to rebuild from one"}
