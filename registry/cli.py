@@ -528,7 +528,9 @@ def show(
 
 @app.command()
 def verify(
-    target: Annotated[str, typer.Argument(help="hf:REPO[@REV], a local-registry REPO[@VERSION], or a folder.")],
+    target: Annotated[
+        str, typer.Argument(help="hf:REPO[@REV], a plugin's SCHEME:REF (e.g. mlflow:MODEL/VERSION), a local-registry REPO[@VERSION], or a folder.")
+    ],
     key: Annotated[Path | None, typer.Option("--key", help="PEM public key: check model.sig with it.")] = None,
     identity: Annotated[
         str | None, typer.Option("--identity", help="Check model.sig as a keyless Sigstore signature by this identity (needs the network).")

@@ -24,6 +24,11 @@ def register_signers(register):
 
 
 @hookspec
+def register_verify_sources(register):
+    """Register `registry verify` target schemes: register(VerifySource(scheme, fetch)), fetch(ref, cache_dir) -> folder of the published files."""
+
+
+@hookspec
 def register_template_dirs():
     """Return folders of card and catalog templates that override the packaged defaults."""
 

@@ -72,6 +72,11 @@ def get_signers() -> dict[str, Any]:
     return collect("register_signers", "signer")
 
 
+def get_verify_sources() -> dict[str, Any]:
+    """`registry verify` target schemes from plugins (`hf:` is built in), by scheme; a scheme registered twice is an error."""
+    return collect("register_verify_sources", "verify source")
+
+
 def list_plugins() -> list[dict[str, Any]]:
     """Every loaded plugin with the hooks it implements and the version of its distribution."""
     pm = get_plugin_manager()

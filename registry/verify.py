@@ -1,6 +1,7 @@
 """`registry verify`: check a published model against its own provenance, card, reports and signature.
 
-A target is `hf:REPO[@REV]` (downloaded at that exact commit into the cache), a local-registry
+A target is `hf:REPO[@REV]` (downloaded at that exact commit into the cache), `SCHEME:REF` for a
+scheme a plugin registers (`register_verify_sources`, e.g. `mlflow:MODEL/VERSION`), a local-registry
 `REPO[@VERSION]`, or a folder. Each check yields one row; a failed row names the file. The verdict is
 `verified`, `mismatch` (a file differs from what was published) or `cannot verify` (something needed
 to check is missing: no signature where a key was given, a source not at hand for a rebuild).
@@ -13,7 +14,8 @@ public key's DER SubjectPublicKeyInfo.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,18 +91,28 @@ class Located:
     revision: str | None = None
 
 
+@dataclass(frozen=True)
+class VerifySource:
+    """A plugin's target scheme: `fetch(ref, cache_dir)` puts exactly the published files of `SCHEME:REF` in a folder and returns it."""
+
+    name: str
+    fetch: Callable[[str, Path], Path]
+
+
 # ---------------------------------------------------------------------------------------------
 # Targets
 
 
 def locate(target: str) -> Located:
-    """The files of `target`: a Hub repo downloaded at its exact commit, a local-registry version, or a folder."""
+    """The files of `target`: a Hub repo at its exact commit, a plugin's SCHEME:REF, a local-registry version, or a folder."""
     if target.startswith("hf:"):
         repo, _, revision = target[3:].partition("@")
         return _download(repo, revision or None)
     path = Path(target)
     if path.is_dir():
         return Located(path, _walk(path))
+    if scheme := re.match(r"([a-z][a-z0-9+.-]*):", target):
+        return _fetch(scheme.group(1), target[scheme.end():])
     from . import registry_home
     from .publish.local import checked_version_folder, versions
 
@@ -115,6 +127,20 @@ def locate(target: str) -> Located:
     entry = found[-1]
     folder = checked_version_folder(registry_home(), entry)
     return Located(folder, _walk(folder), entry.get("version"))
+
+
+def _fetch(scheme: str, ref: str) -> Located:
+    """The files of `SCHEME:REF` through the plugin that registered the scheme, in the registry's cache."""
+    from .plugins import get_verify_sources
+    from .sources import cache_dir
+
+    found = get_verify_sources()
+    if scheme not in found:
+        known = ", ".join(f"{name}:" for name in ["hf", *sorted(found)])
+        raise UsageError(f"{scheme}:{ref}: no installed plugin reads '{scheme}:' targets (known: {known})",
+                         "install the plugin that provides it, or pass a folder or a local-registry REPO[@VERSION]")
+    folder = found[scheme].fetch(ref, cache_dir() / "verify" / scheme)
+    return Located(folder, _walk(folder))
 
 
 def _walk(folder: Path) -> tuple[str, ...]:

@@ -203,7 +203,8 @@ def test_registry_plugins_lists_the_installed_plugin_with_its_version(plugin_sit
     assert run.returncode == 0, run.stderr
     listed = {p["name"]: p for p in json.loads(run.stdout)}
     assert listed["mlflow"] == {
-        "name": "mlflow", "hooks": ["register_commands", "register_targets"], "package": "registry-mlflow", "version": "0.1.0",
+        "name": "mlflow", "hooks": ["register_commands", "register_targets", "register_verify_sources"],
+        "package": "registry-mlflow", "version": "0.1.0",
     }
 
 
@@ -492,3 +493,89 @@ def test_tags_and_description_come_from_the_bundle_not_the_files(target_cls, tmp
     assert (tags["registry.smoke"], tags["registry.smoke.short"]) == ("failed", "failed: output is 4 repeated tokens")
     assert tags["registry.base_model"] == "org/cos, org/fmt"
     assert module.version_description(bundle, "x") == CARD_BODY.format(repo_id="team/from-bundle", short="failed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Signed versions, and `registry verify mlflow:MODEL/VERSION`
+
+SIGNED_RECIPE = """\
+repo_id: team/tiny-signed
+license: mit
+sources:
+  a: {{model: ./models/a, label: Fine-tune A}}
+  b: {{model: ./models/b, label: Fine-tune B}}
+merge:
+  merge_method: linear
+  models:
+    - {{model: a, parameters: {{weight: 0.3}}}}
+    - {{model: b, parameters: {{weight: 0.7}}}}
+  dtype: bfloat16
+smoke:
+  short: {{max_new_tokens: 8}}
+publish:
+  - {{target: mlflow, model_name: tiny-signed, experiment: signed, registry_uri: '{uri}', artifact_location: '{artifacts}', require_signature: true}}
+"""
+
+
+def test_a_signed_version_keeps_its_signature_and_verifies(plugin_site, uri, mlflow_home, client, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from models import TinyConfig, build_family
+
+    from registry.signing import KEY_VARIABLE
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    key, public = tmp_path / "team.pem", tmp_path / "team.pub"
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    public.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    build_family(tmp_path / "models", TinyConfig(vocab_size=320))
+    recipe = tmp_path / "signed.yaml"
+    artifacts = tmp_path / "artifacts"
+    recipe.write_text(SIGNED_RECIPE.format(uri=uri, artifacts=artifacts.as_uri()))
+    env = env_with(plugin_site, REGISTRY_HOME=str(tmp_path / "home"))
+    published = registry("publish", str(recipe), env={**env, KEY_VARIABLE: str(key)}, cwd=tmp_path)
+    assert published.returncode == 0, published.stdout + published.stderr
+
+    version = client.get_model_version("tiny-signed", "1")
+    logged = {item.path for item in client.list_artifacts(version.run_id, "model")}
+    assert {"model/model.sig", "model/README.md", "model/provenance.json", "model/model.safetensors"} <= logged
+
+    env = {**env, "MLFLOW_TRACKING_URI": uri}
+    good = registry("verify", "mlflow:tiny-signed/1", "--key", str(public), "--format", "json", env=env)
+    assert good.returncode == 0, good.stdout + good.stderr
+    result = json.loads(good.stdout)
+    assert (result["verdict"], {c["name"]: c["status"] for c in result["checks"]}) == ("verified", {
+        "provenance": "passed", "files": "passed", "extra files": "passed", "card": "passed", "smoke": "passed", "signature": "passed",
+    })
+    assert sorted(p.name for p in Path(result["folder"]).iterdir()) == sorted(Path(p).name for p in logged)
+
+    # One artifact rewritten in the store: the files and the signature checks both name it.
+    [stored] = artifacts.rglob("model/config.json")
+    original = sha256(stored)
+    stored.write_text(stored.read_text().replace("}", ', "tampered": true}', 1))
+    bad = registry("verify", "mlflow:tiny-signed/1", "--key", str(public), env=env)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    problems = [line for line in bad.stdout.splitlines() if line.startswith("failed:")]
+    assert problems[0] == f"failed: config.json: sha256 {sha256(stored)}, but provenance.json lists {original}"
+    assert problems[1].startswith("failed: model.sig: does not verify with team.pub: ") and "config.json" in problems[1]
+    assert len(problems) == 2
+    assert bad.stdout.splitlines()[-1] == "mlflow:tiny-signed/1: mismatch"
+
+
+def test_verify_names_the_schemes_installed_plugins_read(plugin_site, uri, tmp_path):
+    env = env_with(None, REGISTRY_HOME=str(tmp_path / "home"))
+    without = registry("verify", "mlflow:tiny-signed/1", env=env)
+    assert (without.returncode, without.stdout) == (2, "")
+    assert without.stderr.splitlines() == [
+        "error: mlflow:tiny-signed/1: no installed plugin reads 'mlflow:' targets (known: hf:) "
+        "(install the plugin that provides it, or pass a folder or a local-registry REPO[@VERSION])",
+    ]
+    env = env_with(plugin_site, REGISTRY_HOME=str(tmp_path / "home"), MLFLOW_TRACKING_URI=uri)
+    unknown = registry("verify", "s3:bucket/model", env=env)
+    assert "no installed plugin reads 's3:' targets (known: hf:, mlflow:)" in unknown.stderr
+    for ref, message in (
+        ("mlflow:tiny/latest", "mlflow:tiny/latest: expected mlflow:MODEL/VERSION (a registered model name and a version number)"),
+        ("mlflow:../2", "mlflow:../2: model_name '..' must not look like a relative path (MLflow stores names as paths)"),
+    ):
+        run = registry("verify", ref, env=env)
+        assert run.stderr.splitlines() == [f"error: {message}"], run.stderr

@@ -21,6 +21,16 @@ def register_targets(register):
 
 
 @hookimpl
+def register_verify_sources(register):
+    """Register `mlflow:MODEL/VERSION` for `registry verify`: the version's artifacts, downloaded."""
+    from registry.verify import VerifySource
+
+    from .target import fetch_version
+
+    register(VerifySource("mlflow", fetch_version))
+
+
+@hookimpl
 def register_commands(cli):
     """Add `registry mlflow ...` (inspect a registered model's versions, with --registry-uri)."""
     from .commands import mlflow_app

@@ -505,6 +505,29 @@ def _git_blob_sha1(path: Path) -> str:
 # Reading back (for `registry mlflow versions`)
 
 
+def fetch_version(ref: str, cache: Path) -> Path:
+    """Download the artifacts of version `ref` (MODEL/VERSION) into a fresh folder under `cache`, for `registry verify`."""
+    from registry.errors import UsageError
+
+    name, _, version = ref.rpartition("/")
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise UsageError(f"mlflow:{ref}: {exc}") from None
+    if not version.isdigit():
+        raise UsageError(f"mlflow:{ref}: expected mlflow:MODEL/VERSION (a registered model name and a version number)")
+    registry = Registry(MlflowOptions())
+    found = registry.call(f"read version {version} of '{name}'", lambda: registry.client.get_model_version(name, version))
+    if not found.run_id:
+        raise UsageError(f"mlflow:{ref}: the version holds no files, it links {found.source}", "verify that Hub commit with hf:REPO@REVISION")
+    folder = cache / name / version
+    # A fresh folder: a file left from an earlier download would count as an extra published file.
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return Path(registry.call(f"download the files of version {version} of '{name}'",
+                              lambda: registry.client.download_artifacts(found.run_id, ARTIFACT_PATH, str(folder))))
+
+
 def list_versions(options: MlflowOptions, name: str) -> list[dict[str, Any]]:
     """Every version of a registered model as plain data: recipe, smoke result, aliases, source."""
     registry = Registry(options)
