@@ -177,12 +177,7 @@ def find_leaks(text: str, environ: Mapping[str, str] | None = None) -> list[Leak
             shown = shown if len(shown) <= 60 else shown[:57] + "…"
             candidates.append((match.start(), match.end(), rank, f"{what} '{shown}'"))
     leaks: list[Leak] = []
-    covered = -1
-    # One leak per place: a Windows path also looks like a UNC path once its backslashes are escaped.
-    for start, end, _, what in sorted(candidates, key=lambda c: (c[0], c[2])):
-        if start < covered:
-            continue
-        covered = end
+    for start, what in _one_per_place(candidates):
         at = where[start]
         line = text.count("\n", 0, at) + 1
         col = at - (text.rfind("\n", 0, at) + 1) + 1
@@ -203,15 +198,24 @@ def find_secrets(data: bytes, environ: Mapping[str, str] | None = None) -> list[
     for start, end, what in _secrets_in(data, binary=True):
         candidates.append((start, end, 1, what))
     leaks: list[Leak] = []
-    covered = -1
-    for start, end, _, what in sorted(candidates, key=lambda c: (c[0], c[2])):
-        if start < covered:
-            continue
-        covered = end
+    for start, what in _one_per_place(candidates):
         line_start = data.rfind(b"\n", 0, start) + 1
         col = len(data[line_start:start].decode("utf-8", "replace")) + 1
         leaks.append(Leak(data.count(b"\n", 0, start) + 1, col, what))
     return leaks
+
+
+def _one_per_place(candidates: list[tuple[int, int, int, str]]) -> list[tuple[int, str]]:
+    """(start, what) of each candidate not overlapping an earlier one; at one place the lowest rank wins
+    (a token is named by its environment variable; a Windows path also looks like a UNC path once its
+    backslashes are escaped)."""
+    kept: list[tuple[int, str]] = []
+    covered = -1
+    for start, end, _, what in sorted(candidates, key=lambda c: (c[0], c[2])):
+        if start >= covered:
+            kept.append((start, what))
+            covered = end
+    return kept
 
 
 def scan_file(path: Path, environ: Mapping[str, str] | None = None) -> list[Leak]:
