@@ -27,7 +27,7 @@ from typing import Any
 from .. import registry_home
 from .. import staging as staging_dirs
 from ..errors import PublishError
-from ..files import sha256_file
+from ..files import fsync_path, sha256_file
 from ..hookspecs import hookimpl
 from . import (
     CARD_NAME,
@@ -292,16 +292,9 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    for folder in [*sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True), root]:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    # Deepest first, so each folder is synced after what it holds; the root last.
+    for path in [*sorted(root.rglob("*"), reverse=True), root]:
+        fsync_path(path)
 
 
 def read_index(home: Path | None = None) -> dict[str, Any]:
