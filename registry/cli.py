@@ -125,7 +125,10 @@ def _validate(paths: list[Path] | None, format: Format) -> None:
         except RecipeError as exc:
             results.append({"file": str(file), "valid": False, "problems": [p.to_dict() for p in exc.problems]})
         else:
-            results.append({"file": str(file), "valid": True, "repo_id": recipe.repo_id, "sha256": recipe.sha256, "problems": []})
+            result = {"file": str(file), "valid": True, "repo_id": recipe.repo_id, "sha256": recipe.sha256, "problems": []}
+            if recipe.sweep is not None:
+                result.update(family=recipe.sweep.family, points=len(recipe.points()))
+            results.append(result)
     invalid = [r for r in results if not r["valid"]]
     if format is Format.json:
         emit_json({"valid": not invalid, "recipes": results})
@@ -133,7 +136,8 @@ def _validate(paths: list[Path] | None, format: Format) -> None:
         say = _styled_printer()
         for result in results:
             if result["valid"]:
-                say(("ok", "green"), f"    {shown(result['file'])}  ({shown(result['repo_id'])})")
+                family = f"; family {shown(result['family'])}, {result['points']} points" if "family" in result else ""
+                say(("ok", "green"), f"    {shown(result['file'])}  ({shown(result['repo_id'])}{family})")
             for p in result["problems"]:
                 where = f"{p['loc']}: " if p["loc"] else ""
                 say(("error", "red"), f" {shown(p['file'])}:{p['line']}:{p['col']}: {shown(where + p['message'])}")

@@ -8,13 +8,16 @@ config file is accepted too and read as the `merge:` block of a recipe with defa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
+import string
 import struct
 import types
 import typing
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -266,6 +269,91 @@ class PublishSpec(BaseModel):
         return self._options
 
 
+# A sweep's points beyond this are refused unless `sweep.max_points` raises it.
+DEFAULT_MAX_POINTS = 64
+# `fmt: 1 - cos`: the other weight is one minus a swept one.
+_COMPLEMENT = re.compile(r"\s*1\s*-\s*(\S+)\s*")
+_FAMILY = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
+# What `select:` ranks points by, and which way is better. `score:TASK/METRIC` names an evaluation score (higher is better).
+FAMILY_METRICS = {
+    "nll": "lower",  # NLL on the fixed text, nats per token
+    "kl": "lower",  # KL divergence to the nearest parent, nats per token
+    "top1": "higher",  # top-1 agreement with the nearest parent
+    "retrieved": "higher",  # share of pass keys retrieved
+}
+
+
+class Sweep(Strict):
+    """A family of merges: one point per weight setting of the swept aliases, each published as its own model."""
+
+    family: str
+    # alias: [weights] (the product of the lists is the grid), or alias: "1 - other"
+    grid: dict[str, list[float] | str] | None = None
+    # or the points themselves: [{alias: weight, ...}, ...]
+    points: list[dict[str, float | str]] | None = None
+    max_points: int = Field(default=DEFAULT_MAX_POINTS, ge=1, le=4096)
+    # `passed` (every point whose smoke test passed), `best:METRIC` or `best:METRIC:N` (the N best)
+    select: str = "passed"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which points of a family are published: all that passed, or the `top` best by `metric`."""
+
+    metric: str | None = None
+    top: int = 1
+
+    @property
+    def higher_is_better(self) -> bool:
+        """True when a larger value of the metric is better."""
+        return self.metric is not None and FAMILY_METRICS.get(self.metric, "higher") == "higher"
+
+
+def parse_selection(text: str) -> Selection:
+    """`passed`, `best:METRIC` or `best:METRIC:N` as a Selection; ValueError saying what is accepted."""
+    if text == "passed":
+        return Selection()
+    if not text.startswith("best:") or text == "best:":
+        raise ValueError(f"select {text!r} is not one of: passed, best:METRIC, best:METRIC:N")
+    rest = text.removeprefix("best:")
+    metric, _, top = rest.rpartition(":")
+    if not metric or not re.fullmatch(r"[+-]?\d+", top):
+        metric, top = rest, "1"
+    if metric not in FAMILY_METRICS and not re.fullmatch(r"score:[^/\s]+/\S+", metric):
+        raise ValueError(
+            f"unknown metric {metric!r}{_did_you_mean(metric, list(FAMILY_METRICS))}; "
+            f"use one of {', '.join(FAMILY_METRICS)} or score:TASK/METRIC"
+        )
+    if int(top) < 1:
+        raise ValueError(f"select {text!r}: the number of points must be a positive integer, got {top!r}")
+    return Selection(metric, int(top))
+
+
+def format_weight(value: float) -> str:
+    """A weight as people write it: 0.3, 1, 0.25 (never 0.30000000000000004 or 1.0)."""
+    text = format(Decimal(repr(float(value))).normalize(), "f")
+    return "0" if text in ("-0", "0.0") else text
+
+
+def _complement(value: float) -> float:
+    # Decimal arithmetic on the written digits, so 1 - 0.7 is 0.3 and formats as written.
+    return float(Decimal(1) - Decimal(repr(float(value))))
+
+
+@dataclass(frozen=True)
+class Point:
+    """One member of a family: the swept aliases' weights and the plain recipe that merges them."""
+
+    index: int
+    weights: dict[str, float]
+    recipe: Recipe
+
+    @property
+    def label(self) -> str:
+        """`cos=0.3 fmt=0.7` (empty for a plain recipe)."""
+        return " ".join(f"{alias}={format_weight(w)}" for alias, w in self.weights.items())
+
+
 class Recipe(Strict):
     """A merge recipe: what to merge, how to test it, where to publish it."""
 
@@ -283,6 +371,7 @@ class Recipe(Strict):
     smoke: SmokeConfig = Field(default_factory=SmokeConfig)
     publish: list[PublishSpec] = []
     sign: SignSpec | None = None
+    sweep: Sweep | None = None
 
     _document: Document | None = PrivateAttr(default=None)
     _path: Path | None = PrivateAttr(default=None)
@@ -311,6 +400,29 @@ class Recipe(Strict):
 
             return Problem(str(self._path or "<recipe>"), 1, 1, format_loc(loc), message)
         return self._document.problem(loc, message)
+
+    @property
+    def family(self) -> str | None:
+        """The family name of a sweep; None for a plain recipe."""
+        return self.sweep.family if self.sweep else None
+
+    def points(self) -> list[Point]:
+        """The family's members, each a plain recipe (repo id filled in, weights set); a plain recipe is a family of one."""
+        if self.sweep is None:
+            return [Point(0, {}, self)]
+        points = []
+        for index, weights in enumerate(sweep_weights(self.sweep)):
+            models = [
+                m.model_copy(update={"parameters": ModelParameters(weight=weights[m.model])}) if m.model in weights else m
+                for m in self.merge.models
+            ]
+            recipe = self.model_copy(update={
+                "repo_id": fill_repo_id(self.repo_id, weights),
+                "merge": self.merge.model_copy(update={"models": models}),
+                "sweep": None,
+            })
+            points.append(Point(index, weights, recipe))
+        return points
 
     def inputs(self) -> list[MergeInput]:
         """The merge's models with their references resolved through `sources:`."""
@@ -572,13 +684,18 @@ def _semantic_problems(recipe: Recipe, doc: Document, targets: dict[str, Any] | 
     yield from _check_metadata(recipe, doc)
     resolved = yield from _check_sources(recipe, doc)
     yield from _check_merge(recipe, doc, resolved)
+    if recipe.sweep is not None:
+        yield from _check_sweep(recipe, recipe.sweep, doc)
     yield from _check_publish(recipe, doc, targets)
 
 
 def _check_metadata(recipe: Recipe, doc: Document):
-    problem = repo_id_problem(recipe.repo_id)
-    if problem:
-        yield doc.problem(("repo_id",), problem)
+    if recipe.sweep is None:
+        problem = repo_id_problem(recipe.repo_id)
+        if problem and "{" in recipe.repo_id:
+            problem = f"repo_id {recipe.repo_id!r} has placeholders, but the recipe has no sweep: section to fill them"
+        if problem:
+            yield doc.problem(("repo_id",), problem)
     if recipe.ancestor is not None:
         problem = repo_id_problem(recipe.ancestor)
         if problem:
@@ -675,8 +792,11 @@ def _check_merge(recipe: Recipe, doc: Document, resolved: dict[str, ModelRef]):
         if ref in seen:
             yield doc.problem((*loc, "model"), f"'{entry.model}' is the same model as merge.models[{seen[ref]}]; list each model once")
         seen.setdefault(ref, i)
-        if entry.parameters is None:
+        swept = entry.model in _swept(recipe.sweep)
+        if entry.parameters is None and not swept:
             yield doc.problem(loc, "missing weight: add 'parameters: {weight: ...}'")
+        elif entry.parameters is not None and swept:
+            yield doc.problem((*loc, "parameters"), f"'{entry.model}' is swept: its weights come from sweep:; remove its parameters here")
 
     for key in ("base_model", "tokenizer_source"):
         value = getattr(merge, key)
@@ -699,17 +819,22 @@ def _check_merge(recipe: Recipe, doc: Document, resolved: dict[str, ModelRef]):
             except ValueError as exc:
                 yield doc.problem(("merge", "tokenizer", "source"), str(exc))
 
-    yield from _check_weights(recipe, doc)
+    # A swept model's weights are checked per point (_check_sweep); None here leaves the sums to those checks.
+    swept = _swept(recipe.sweep)
+    entries = [m.parameters.weight if m.parameters and m.model not in swept else None for m in merge.models]
+    yield from _check_weights(entries, merge.parameters.normalize, doc)
 
 
-def _check_weights(recipe: Recipe, doc: Document):
-    merge = recipe.merge
-    normalize = merge.parameters.normalize
-    entries = [m.parameters.weight if m.parameters else None for m in merge.models]
+def _check_weights(entries: list[Any], normalize: bool, doc: Document, where: Loc | None = None, point: str = ""):
+    """Each weight in range, and sums mergekit can normalise; `where` and `point` locate a sweep point's weights."""
     filters = {w.filter for weight in entries if isinstance(weight, list) for w in weight}
     too_large = False
     for i, weight in enumerate(entries):
         loc = ("merge", "models", i, "parameters", "weight")
+        if where is not None:
+            # A sweep point: each weight was checked where it is written; only the sums remain.
+            too_large |= weight is not None and not isinstance(weight, list) and abs(weight) > MAX_WEIGHT
+            continue
         if isinstance(weight, list):
             if not weight:
                 yield doc.problem(loc, "weight list is empty; give a number or {filter, value} entries")
@@ -739,15 +864,150 @@ def _check_weights(recipe: Recipe, doc: Document):
         total = sum(values)  # type: ignore[arg-type]
         if total == 0:
             yield doc.problem(
-                ("merge", "models"),
-                f"weights sum to 0{scope}; with normalize: true every merged tensor would be NaN",
+                where or ("merge", "models"),
+                f"{point}weights sum to 0{scope}; with normalize: true every merged tensor would be NaN",
             )
         elif not _normalizable(values):  # type: ignore[arg-type]
             yield doc.problem(
-                ("merge", "models"),
-                f"weights sum to {total:g}{scope}, which is 0 in float32, the precision mergekit merges in; "
+                where or ("merge", "models"),
+                f"{point}weights sum to {total:g}{scope}, which is 0 in float32, the precision mergekit merges in; "
                 "with normalize: true every merged tensor would be NaN; scale the weights up",
             )
+
+
+def _swept(sweep: Sweep | None) -> set[str]:
+    """The aliases a sweep gives weights to."""
+    if sweep is None:
+        return set()
+    if sweep.points is not None:
+        return {alias for point in sweep.points for alias in point}
+    return set(sweep.grid or {})
+
+
+def _check_sweep(recipe: Recipe, sweep: Sweep, doc: Document):
+    """The sweep's shape, each point's weights, the repo id template and the selection."""
+    if not _FAMILY.fullmatch(sweep.family):
+        yield doc.problem(("sweep", "family"), f"family {_show(sweep.family)} must be a name of letters, digits, '-', '_' and '.' (at most 96)")
+    try:
+        parse_selection(sweep.select)
+    except ValueError as exc:
+        yield doc.problem(("sweep", "select"), str(exc))
+    if (sweep.grid is None) == (sweep.points is None):
+        yield doc.problem(("sweep",), "give the weights either as grid: (alias: [weights]) or as points: ([{alias: weight}]), not both")
+        return
+    names = [m.model for m in recipe.merge.models]
+    shape_ok = True
+    written: dict[str, Loc] = {}
+    if sweep.grid is not None:
+        lists = {alias: values for alias, values in sweep.grid.items() if isinstance(values, list)}
+        for alias, values in sweep.grid.items():
+            written[alias] = ("sweep", "grid", alias)
+            if isinstance(values, list):
+                if not values:
+                    shape_ok = False
+                    yield doc.problem(("sweep", "grid", alias), f"empty grid: '{alias}' lists no weights")
+                for j, value in enumerate(values):
+                    shape_ok &= yield from _check_point_weight(recipe, doc, ("sweep", "grid", alias, j), value)
+            elif not _complement_of(values, lists):
+                shape_ok = False
+                yield doc.problem(("sweep", "grid", alias), _complement_problem(alias, values, lists))
+        if not sweep.grid:
+            shape_ok = False
+            yield doc.problem(("sweep", "grid"), "empty grid: give each swept alias a list of weights")
+        elif not lists and shape_ok:
+            shape_ok = False
+            yield doc.problem(("sweep", "grid"), "the grid lists no weights: give at least one alias a list, e.g. cos: [0.3, 0.5]")
+        count = math.prod(len(v) for v in lists.values()) if lists else 0
+        where: Loc = ("sweep", "grid")
+    else:
+        points = sweep.points or []
+        if not points:
+            shape_ok = False
+            yield doc.problem(("sweep", "points"), "empty grid: points lists no points")
+        keys = list(dict.fromkeys(alias for point in points for alias in point))
+        for i, point in enumerate(points):
+            missing = [alias for alias in keys if alias not in point]
+            if missing:
+                shape_ok = False
+                named = ", ".join(repr(a) for a in missing)
+                yield doc.problem(("sweep", "points", i), f"point gives no weight for {named}; every point weights every swept alias")
+            numbers = {a: v for a, v in point.items() if not isinstance(v, str)}
+            for alias, value in point.items():
+                written.setdefault(alias, ("sweep", "points", i, alias))
+                if isinstance(value, str):
+                    if not _complement_of(value, numbers):
+                        shape_ok = False
+                        yield doc.problem(("sweep", "points", i, alias), _complement_problem(alias, value, numbers))
+                else:
+                    shape_ok &= yield from _check_point_weight(recipe, doc, ("sweep", "points", i, alias), value)
+        count = len(points)
+        where = ("sweep", "points")
+    for alias, loc in written.items():
+        if alias not in names:
+            shape_ok = False
+            yield doc.problem(loc, f"'{alias}' is not a model of the merge{_did_you_mean(alias, names)}; merge models: {', '.join(names)}", key=True)
+    if not written:
+        return
+    if count > sweep.max_points:
+        yield doc.problem(where, f"the sweep has {count} points, more than max_points ({sweep.max_points}); "
+                          "sweep fewer weights, or raise sweep.max_points")
+        return
+    try:
+        fields = repo_id_fields(recipe.repo_id)
+    except ValueError as exc:
+        yield doc.problem(("repo_id",), f"repo_id {recipe.repo_id!r} is not a template: {exc}")
+        return
+    swept = set(written)
+    for name in fields:
+        if name not in swept:
+            shape_ok = False
+            yield doc.problem(("repo_id",), f"placeholder {{{name}}} in repo_id is not a swept alias{_did_you_mean(name, sorted(swept))}; "
+                              f"swept: {', '.join(sorted(swept))}")
+    if any(spec or conv for _, name, spec, conv in string.Formatter().parse(recipe.repo_id) if name is not None):
+        shape_ok = False
+        yield doc.problem(("repo_id",), "repo_id placeholders are plain {alias}: weights are written as people write them (0.3)")
+    if not shape_ok:
+        return
+    normalize = recipe.merge.parameters.normalize
+    seen: dict[str, Point] = {}
+    for point in recipe.points():
+        loc = where if sweep.points is None else (*where, point.index)
+        entries = [m.parameters.weight if m.parameters else None for m in point.recipe.merge.models]
+        yield from _check_weights(entries, normalize, doc, loc, f"point {point.label}: ")
+        repo_id = point.recipe.repo_id
+        problem = repo_id_problem(repo_id)
+        if problem:
+            yield doc.problem(("repo_id",), f"point {point.label}: {problem}")
+            return
+        if repo_id in seen:
+            yield doc.problem(("repo_id",), f"points {seen[repo_id].label} and {point.label} both publish to {repo_id!r}; "
+                              "put each swept alias in repo_id as {alias}")
+            return
+        seen[repo_id] = point
+
+
+def _check_point_weight(recipe: Recipe, doc: Document, loc: Loc, value: float):
+    """A swept weight: in range, and not negative under normalize. Returns whether it is usable."""
+    if abs(value) > MAX_WEIGHT:
+        yield doc.problem(loc, _too_large("weight", value))
+        return False
+    if recipe.merge.parameters.normalize and value < 0:
+        yield doc.problem(loc, _negative(value))
+    return True
+
+
+def _complement_of(text: str, numbers: dict[str, Any]) -> bool:
+    match = _COMPLEMENT.fullmatch(text)
+    return bool(match) and match.group(1) in numbers
+
+
+def _complement_problem(alias: str, text: str, numbers: dict[str, Any]) -> str:
+    match = _COMPLEMENT.fullmatch(text)
+    if match:
+        named = match.group(1)
+        return (f"'{alias}: {text}' refers to '{named}', which is not given as numbers here"
+                f"{_did_you_mean(named, list(numbers))}; write '1 - ALIAS' of an alias with weights")
+    return f"'{alias}' must be a list of weights or '1 - ALIAS', got {_show(text)}"
 
 
 def weight_for(weight: float | list[WeightFilter] | None, tensor: str) -> float | None:
@@ -758,6 +1018,50 @@ def weight_for(weight: float | list[WeightFilter] | None, tensor: str) -> float 
         if item.filter is None or item.filter == "*" or (tensor and item.filter in tensor):
             return item.value
     return None
+
+
+def sweep_weights(sweep: Sweep) -> list[dict[str, float]]:
+    """Each point's weights by alias, in order: the grid's product (first alias slowest) or the points as listed."""
+    if sweep.points is not None:
+        return [_resolve_complements(point) for point in sweep.points]
+    grid = sweep.grid or {}
+    swept = [alias for alias, values in grid.items() if isinstance(values, list)]
+    out = []
+    for combo in itertools.product(*(grid[alias] for alias in swept)):
+        given: dict[str, float | str] = dict(zip(swept, combo, strict=True))
+        point = {alias: given.get(alias, grid[alias]) for alias in grid}
+        out.append(_resolve_complements(point))
+    return out
+
+
+def _resolve_complements(point: dict[str, float | str]) -> dict[str, float]:
+    """`1 - other` replaced by its value; a malformed or circular one raises ValueError (validation reports it first)."""
+    out: dict[str, float] = {}
+    for alias, value in point.items():
+        if isinstance(value, str):
+            match = _COMPLEMENT.fullmatch(value)
+            other = point.get(match.group(1)) if match else None
+            if isinstance(other, bool) or not isinstance(other, (int, float)):
+                raise ValueError(f"{alias}: {value!r}")
+            out[alias] = _complement(other)
+        else:
+            out[alias] = float(value)
+    return out
+
+
+def repo_id_fields(template: str) -> list[str]:
+    """The placeholders of a repo id template, `{cos}` -> ['cos']; ValueError for a malformed one."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
+def fill_repo_id(template: str, weights: dict[str, float]) -> str:
+    """The template with each `{alias}` replaced by its weight as people write it."""
+    out = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        out.append(literal)
+        if name is not None:
+            out.append(format_weight(weights[name]))
+    return "".join(out)
 
 
 def _float32(value: float) -> float:
