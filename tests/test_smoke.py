@@ -960,6 +960,8 @@ def test_good_merges_at_other_weights_pass_against_the_better_parent(tmp_path, w
     assert [(r.model, r.long_retrieved) for r in report.parity] == [("merged", 3), ("cos", 3), ("fmt", 3)]
     # Far inside the bar (best_nll_margin 0.5): measured 0.004-0.023 nats over the better parent.
     assert merged.nll - min(cos.nll, fmt.nll) < 0.1
+    # Far inside the KL gate too (max_kl 1.0, min_top1_agreement 50%): measured 0.004-0.21 nats, 88-100%.
+    assert min(cos.kl, fmt.kl) < 0.25 and max(cos.top1_agreement, fmt.top1_agreement) > 0.85
 
 
 # ---------------------------------------------------------------------------------------------
