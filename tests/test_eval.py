@@ -267,6 +267,15 @@ def test_cli_eval_writes_eval_json_reuses_it_and_judges_an_edited_gate_again(tmp
         assert "passkey │ exact_match │ 1 ± 0  │ 1 ± 0 │ 1 ± 0" in out
         assert "gate passkey exact_match: passed (1 against cos's 1: as good, within the allowed 0.2)" in out
 
+        # `registry card --model-dir` shows what `registry eval` wrote there.
+        with pytest.raises(SystemExit) as done:
+            main(["card", str(recipe), "--model-dir", str(model), "--format", "json"])
+        card = json.loads(capsys.readouterr().out)
+        assert (done.value.code, card["eval"]) == (0, True)
+        assert card["metadata"]["model-index"] == [{"name": "toy", "results": [{
+            "task": {"type": "text-generation", "name": "Text Generation"}, "dataset": {"name": "passkey", "type": "passkey"},
+            "metrics": [{"type": "exact_match", "value": 1.0, "name": "exact_match"}]}]}]
+
         # The gate is judged from the scores: editing it re-judges, it does not re-evaluate.
         recipe.write_text(recipe.read_text().replace("metric: exact_match", "metric: accuracy"))
         with pytest.raises(SystemExit) as done:
