@@ -113,15 +113,15 @@ def validate(
 
 
 def _validate(paths: list[Path] | None, format: Format) -> None:
-    from .plugins import get_targets
+    from .plugins import get_evaluators, get_targets
     from .recipe import load_recipe
 
     results = []
     files = recipe_files(paths or [Path("recipes")])
-    targets = get_targets()
+    targets, evaluators = get_targets(), get_evaluators()
     for file in files:
         try:
-            recipe = load_recipe(file, targets=targets)
+            recipe = load_recipe(file, targets=targets, evaluators=evaluators)
         except RecipeError as exc:
             results.append({"file": str(file), "valid": False, "problems": [p.to_dict() for p in exc.problems]})
         else:
@@ -196,11 +196,17 @@ def card(
 
     loaded = load_recipe(recipe, targets=get_targets())
     provenance, smoke = read_reports(model_dir) if model_dir is not None else (None, None)
+    evaluation = None
+    if model_dir is not None and loaded.eval is not None:
+        from .reports import Eval
+        from .reports import read as read_report
+
+        evaluation = read_report(Eval, model_dir)
     dirs = template_dirs(templates)
     if output is not None:
-        text = write_card(loaded, output, provenance, smoke, dirs)
+        text = write_card(loaded, output, provenance, smoke, dirs, evaluation=evaluation)
     else:
-        text = render_card(loaded, provenance, smoke, dirs)
+        text = render_card(loaded, provenance, smoke, dirs, evaluation=evaluation)
     if format is Format.json:
         emit_json({
             "repo_id": loaded.repo_id,
@@ -208,13 +214,15 @@ def card(
             "output": str(output) if output is not None else None,
             "provenance": provenance is not None,
             "smoke": smoke is not None,
+            "eval": evaluation is not None,
             "metadata": front_matter(text),
             "card": text if output is None else None,
         })
     elif output is None:
         write(text)
     else:
-        found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke)) if data is not None) or "no reports"
+        found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke), ("eval.json", evaluation))
+                          if data is not None) or "no reports"
         _console().print(f"wrote {esc(output)} for {esc(loaded.repo_id)} ({found})")
 
 
@@ -303,6 +311,46 @@ def smoke(
     else:
         print_report(report, _console())
     if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command("eval")
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="Folder of the merged model (config.json, weights, tokenizer).")],
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", help="Recipe with the eval: section, and the parents to compare with [default: MODEL_DIR/recipe.yaml].")
+    ] = None,
+    device: Annotated[Device, typer.Option("--device", help="auto picks cuda when a GPU is usable.")] = Device.auto,
+    format: FormatOption = Format.text,
+) -> None:
+    """Score a model and its parents on the recipe's eval: tasks; writes eval.json (reused while model and settings are unchanged)."""
+    from .evaluate import get_evaluator, print_report, run_eval
+    from .plugins import get_evaluators, get_targets
+    from .recipe import load_recipe
+    from .release import RECIPE_FILE
+
+    if recipe is None:
+        recipe = model_dir / RECIPE_FILE
+        if not recipe.is_file():
+            raise UsageError(f"{model_dir} holds no {RECIPE_FILE}; name the recipe with its eval: section: --recipe RECIPE")
+    elif not recipe.is_file():
+        raise UsageError(f"{recipe}: no such recipe file")
+    evaluators = get_evaluators()
+    loaded = load_recipe(recipe, targets=get_targets(), evaluators=evaluators)
+    if loaded.eval is None:
+        raise UsageError(f"{recipe}: the recipe has no eval: section", "add one naming the evaluator and its tasks")
+    err = _console(stderr=True)
+    progress = None if format is Format.json else (lambda message: err.print(f"[dim]{esc(message)}[/dim]"))
+    run = run_eval(model_dir, loaded, get_evaluator(loaded.eval, evaluators), device=device.value, progress=progress)
+    if format is Format.json:
+        from .reports import data
+
+        emit_json({"reused": run.reused, "evaluated": list(run.evaluated), "missing": run.missing, "report": data(run.report)})
+    else:
+        for alias, why in run.missing.items():
+            err.print(f"parent {esc(alias)} not scored: {esc(why)}")
+        print_report(run.report, _console())
+    if not run.report.passed:
         raise typer.Exit(1)
 
 
@@ -435,7 +483,7 @@ def publish(
     revision: Annotated[str | None, typer.Option("--revision", help="Hub branch to publish to (created when missing).")] = None,
     create_pr: Annotated[bool | None, typer.Option("--create-pr", help="Open a Hub pull request instead of committing.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Do everything but the push; show what would be sent.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Publish even though the smoke test failed.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Publish even though the smoke test or the eval gate failed.")] = False,
     device: Annotated[Device, typer.Option("--device", help="auto uses CUDA when torch sees a GPU, else the CPU.")] = Device.auto,
     update: UpdateOption = False,
     format: FormatOption = Format.text,

@@ -19,6 +19,11 @@ def register_smoke_checks(register):
 
 
 @hookspec
+def register_evaluators(register):
+    """Register evaluators: call register(EvaluatorClass) for each one (see registry.evaluate.Evaluator)."""
+
+
+@hookspec
 def register_signers(register):
     """Register ways of signing a published bundle: call register(signer) with a registry.signing.Signer instance."""
 
@@ -35,7 +40,7 @@ def register_template_dirs():
 
 @hookspec
 def card_sections(recipe, result):
-    """Return extra Markdown sections ((title, markdown) pairs) for a card; `result` maps provenance/smoke to their reports or None."""
+    """Return extra Markdown sections ((title, markdown) pairs) for a card; `result` maps provenance/smoke/eval to their reports or None."""
 
 
 @hookspec
