@@ -241,8 +241,8 @@ def test_an_unknown_task_is_one_error_naming_it(evaluator_cls):
     with pytest.raises(RegistryError) as err:
         evaluator_cls().evaluate(request(evaluator_cls, TOY / "ft_cos", tasks=("toy_passkey", "no_such_task")))
     assert str(err.value) == (
-        f"no task named 'no_such_task' in lm-eval {version('lm-eval')} or {TASKS.resolve()}\n"
-        "  list the known ones with `lm-eval ls tasks`, or add your task folder to the evaluator's include_path"
+        f"no task named 'no_such_task' in lm-eval {version('lm-eval')} or {TASKS.resolve()}"
+        " (list the known ones with `lm-eval ls tasks`, or add your task folder to the evaluator's include_path)"
     )
 
 
@@ -250,8 +250,8 @@ def test_a_missing_include_path_is_one_error_resolved_against_the_recipe(evaluat
     with pytest.raises(RegistryError) as err:
         evaluator_cls().evaluate(request(evaluator_cls, TOY / "ft_cos", recipe_dir=tmp_path, include_path=["tasks"]))
     assert str(err.value) == (
-        f"eval include_path 'tasks' is not a folder (looked for {tmp_path / 'tasks'})\n"
-        "  give a folder of lm-eval task YAMLs, relative to the recipe's folder"
+        f"eval include_path 'tasks' is not a folder (looked for {tmp_path / 'tasks'})"
+        " (give a folder of lm-eval task YAMLs, relative to the recipe's folder)"
     )
 
 
@@ -286,7 +286,7 @@ def test_the_backend_is_hf_on_cpu_and_vllm_only_where_it_can_run(plugin):
     assert plugin.choose_backend("hf", "cuda") == "hf"
     with pytest.raises(RegistryError) as err:
         plugin.choose_backend("vllm", "cuda")
-    assert str(err.value) == "the eval backend is vllm but vllm is not installed\n  pip install vllm on a GPU machine, or set backend: hf"
+    assert str(err.value) == "the eval backend is vllm but vllm is not installed (pip install vllm on a GPU machine, or set backend: hf)"
 
 
 def test_model_args_name_the_folder_by_absolute_path_and_map_options_per_backend(plugin, evaluator_cls):

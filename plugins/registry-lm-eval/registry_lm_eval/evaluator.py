@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from registry.errors import RegistryError
+from registry.errors import EvalError
 from registry.evaluate import EvalRequest
 from registry.reports import MetricScore, TaskScores
 
@@ -40,10 +40,6 @@ RESERVED_MODEL_ARGS = {
     "device": "use --device or the eval section's device",
     "batch_size": "use the eval section's batch_size",
 }
-
-
-class EvalError(RegistryError):
-    """An evaluation that lm-eval cannot run as asked (unknown task, missing backend, dataset not cached)."""
 
 
 class LmEvalOptions(BaseModel):
