@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from importlib.metadata import version
@@ -360,3 +362,118 @@ def test_the_task_dataset_is_the_toys_chat_pass_key_prompts():
         assert row["key"] == pass_key(row["tokens"], row["depth"], 5)
         assert row["prompt"].count(row["key"]) == 2 and row["prompt"].endswith(" What is the pass key?")
         assert len(tok(row["prompt"], add_special_tokens=False)["input_ids"]) == row["tokens"]
+
+
+# ---------------------------------------------------------------------------------------------
+# `registry publish` and `registry validate` with the installed plugin, in processes of their own
+
+# Smoke settings under which the 1/-1 merge passes (short output not judged, parity and weights off),
+# so that the eval gate alone decides.
+LENIENT_SMOKE = """\
+smoke:
+  short: {max_new_tokens: 4, min_logit_std: 0.000001, max_repeated_ngrams: 1.0}
+  long: {lengths: [128], depths: [0.5]}
+  parity: {enabled: false}
+  weights: {enabled: false}
+"""
+EVAL = """\
+eval:
+  evaluator: lm-eval
+  tasks: [toy_passkey]
+  options: {include_path: evals, dtype: bfloat16}
+  gate:
+    - {task: toy_passkey, metric: "exact_match,key", max_drop: 0.2}
+"""
+
+
+def publish_recipe(folder: Path, *, weights=(0.3, 0.7), normalize=True, summary="Toy merge") -> Path:
+    """A toy recipe with an eval: section, beside a copy of the plugin's task folder (include_path: evals)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "evals").exists():
+        shutil.copytree(TASKS, folder / "evals")
+    path = folder / "toy.yaml"
+    path.write_text(
+        f"repo_id: team/toy\nsummary: {summary}\nsources:\n  cos: {{model: {TOY / 'ft_cos'}}}\n  fmt: {{model: {TOY / 'ft_fmt'}}}\n"
+        "merge:\n  merge_method: linear\n  models:\n"
+        f"    - {{model: cos, parameters: {{weight: {weights[0]}}}}}\n    - {{model: fmt, parameters: {{weight: {weights[1]}}}}}\n"
+        f"  parameters: {{normalize: {str(normalize).lower()}}}\n  dtype: bfloat16\n" + LENIENT_SMOKE + EVAL
+    )
+    return path
+
+
+def registry_cli(*args: str, site: Path | None, home: Path) -> subprocess.CompletedProcess:
+    """`python -m registry ARGS` with the plugin's folder on the path (or not), a scratch registry home, offline."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "REGISTRY_LOAD_PLUGINS") and not k.startswith("HF_")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT)] + ([str(site)] if site else [])), REGISTRY_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "registry", *args], capture_output=True, text=True, cwd=home.parent, env=env, timeout=900)
+
+
+def test_publish_scores_the_merge_and_both_parents_into_eval_json_and_the_card_and_reuses_them(plugin_site, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from registry import reports
+
+    home = tmp_path / ".registry"
+    recipe = publish_recipe(tmp_path / "recipes")
+    first = registry_cli("publish", str(recipe), "--target", "local", "--device", "cpu", "--format", "json", site=plugin_site, home=home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    outcome = json.loads(first.stdout)
+    assert outcome["eval"] == {"passed": True, "reused": False, "evaluated": ["merged", "cos", "fmt"], "failed": []}
+    [result] = outcome["results"]
+    folder = Path(result["location"])
+    report = reports.read(reports.Eval, folder)
+    assert (report.evaluator, report.evaluator_version, report.device, report.limit) == ("lm-eval", version("lm-eval"), "cpu", None)
+    assert report.tasks == ALL_KEYS
+    assert report.parents == {"cos": ALL_KEYS, "fmt": ALL_KEYS}
+    assert [(g.metric, g.passed, g.reason) for g in report.gate] == [
+        ("exact_match,key", True, "1 against cos's 1: as good, within the allowed 0.2")]
+
+    card = (folder / "README.md").read_text()
+    assert ("| Task | Metric | Merged | `cos` | `fmt` |\n|---|---|---:|---:|---:|\n"
+            "| `toy_passkey` | `exact_match,key` | 1 ± 0 | 1 ± 0 | 1 ± 0 |\n") in card
+    assert f"Scored with `lm-eval` `{version('lm-eval')}` on cpu; each parent with the same settings" in card
+    data = ModelCard.load(folder / "README.md").data
+    assert data.model_name == "toy"
+    assert [(r.task_type, r.dataset_type, r.dataset_name, r.metric_type, r.metric_value) for r in data.eval_results] == [
+        ("text-generation", "toy_passkey", "toy_passkey", "exact_match,key", 1.0)]
+
+    # A summary edit re-publishes the card with the scores as they were: nothing is evaluated again.
+    recipe.write_text(recipe.read_text().replace("summary: Toy merge", "summary: Edited toy merge"))
+    second = registry_cli("publish", str(recipe), "--target", "local", "--device", "cpu", "--format", "json", site=plugin_site, home=home)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads(second.stdout)
+    assert (again["merge"], again["eval"]) == ("skipped", {"passed": True, "reused": True, "evaluated": [], "failed": []})
+    assert reports.read(reports.Eval, Path(again["results"][0]["location"])) == report
+
+    # A broken merge of the same parents (1/-1, no normalize): only it is scored (the parents' scores are
+    # cached by their pins), it retrieves almost nothing and its gate stops the publish.
+    broken = publish_recipe(tmp_path / "broken", weights=(1.0, -1.0), normalize=False)
+    refused = registry_cli("publish", str(broken), "--target", "local", "--device", "cpu", site=plugin_site, home=home)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    [line] = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(
+        r"error: eval gate failed \(toy_passkey exact_match,key: (0|0\.1) against cos's 1: (1|0\.9) worse, over the allowed 0\.2\); "
+        r"nothing was published \(fix the recipe, or publish anyway with --force\)", line), line
+    assert "parent cos: scores reused" in refused.stderr and "parent fmt: scores reused" in refused.stderr
+    versions = {folder.name, Path(again["results"][0]["location"]).name}
+    assert {p.name for p in folder.parent.iterdir()} == versions
+
+
+def test_validate_checks_the_plugins_options_and_names_the_package_when_it_is_missing(plugin_site, tmp_path):
+    recipe = publish_recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace("dtype: bfloat16}", "dtype: bf16, chat_template: true}"))
+    home = tmp_path / ".registry"
+    run = registry_cli("validate", str(recipe), site=plugin_site, home=home)
+    assert run.returncode == 1
+    line = recipe.read_text().splitlines().index("  options: {include_path: evals, dtype: bf16, chat_template: true}") + 1
+    assert (run.stdout + run.stderr).splitlines() == [
+        f"error {recipe}:{line}:41: eval.options.dtype: unknown dtype 'bf16' (did you mean 'bfloat16'?); expected one of float32, float16, bfloat16",
+        f"error {recipe}:{line}:47: eval.options.chat_template: unknown key 'chat_template' (did you mean 'apply_chat_template'?)",
+        "1 of 1 recipe invalid",
+    ]
+
+    missing = registry_cli("validate", str(publish_recipe(tmp_path / "ok")), site=None, home=home)
+    assert missing.returncode == 1
+    assert (missing.stdout + missing.stderr).splitlines()[0].endswith(
+        ":19:14: eval.evaluator: unknown evaluator 'lm-eval': it is provided by the plugin package 'registry-lm-eval' "
+        "(pip install ./plugins/registry-lm-eval)")
