@@ -345,7 +345,7 @@ def test_lm_eval_results_become_task_scores(plugin):
 
 
 def test_the_reference_tasks_exist_in_the_installed_lm_eval(plugin):
-    """recipes/cos_fmt.yaml names aime24 and minerva_math500: both ship with the lm-eval the plugin requires."""
+    """The reference eval settings (README) name aime24 and minerva_math500: both ship with the lm-eval the plugin requires."""
     manager = plugin.task_manager((), "{}")
     assert manager.match_tasks(["aime24", "minerva_math500"]) == ["aime24", "minerva_math500"]
 
@@ -477,3 +477,24 @@ def test_validate_checks_the_plugins_options_and_names_the_package_when_it_is_mi
     assert (missing.stdout + missing.stderr).splitlines()[0].endswith(
         ":19:14: eval.evaluator: unknown evaluator 'lm-eval': it is provided by the plugin package 'registry-lm-eval' "
         "(pip install ./plugins/registry-lm-eval)")
+
+
+def test_a_task_needing_an_lm_eval_extra_names_the_extra(evaluator_cls):
+    """minerva_math500 (the reference recipe's) imports sympy and math-verify, which the plugin's `math` extra installs."""
+    with pytest.raises(RegistryError) as err:
+        evaluator_cls().evaluate(request(evaluator_cls, TOY / "ft_cos", tasks=("minerva_math500",), limit=1))
+    assert str(err.value) == (
+        "lm-eval could not load minerva_math500: `sympy`, `math_verify` and `antlr4-python3-runtime==4.11` are required for "
+        "generating translation task prompt templates (install the extra it needs: pip install 'registry-lm-eval[math]' for "
+        "the minerva_math tasks, else the lm-eval extra its message names)")
+
+
+def test_a_dataset_missing_from_the_cache_is_one_error_saying_evaluation_is_offline(evaluator_cls, monkeypatch):
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RegistryError) as err:
+        evaluator_cls().evaluate(request(evaluator_cls, TOY / "ft_cos", tasks=("toy_hub_dataset",)))
+    assert str(err.value) == (
+        "lm-eval could not load a dataset of toy_hub_dataset: Couldn't reach 'registry-tests/no-such-dataset' on the Hub "
+        "(OfflineModeIsEnabled) (evaluation runs offline; download the dataset once with HF_DATASETS_OFFLINE=0 "
+        "HF_HUB_OFFLINE=0 set, then run again)")

@@ -136,6 +136,11 @@ class LmEvalEvaluator:
                     log_samples=False,
                     **seeds,
                 )
+            except ModuleNotFoundError as exc:  # a task's utils.py imports what one of lm-eval's extras installs
+                first = str(exc).split(". ")[0]
+                raise EvalError(f"lm-eval could not load {', '.join(request.tasks)}: {first}",
+                                f"install the extra it needs: pip install '{PACKAGE}[math]' for the minerva_math tasks, "
+                                "else the lm-eval extra its message names") from exc
             except ConnectionError as exc:  # what datasets raises offline for a dataset not in its cache
                 raise EvalError(
                     f"lm-eval could not load a dataset of {', '.join(request.tasks)}: {exc}",
