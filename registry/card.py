@@ -401,7 +401,7 @@ def render_card(
         from .templating import template_dirs as default_dirs
 
         template_dirs = default_dirs()
-    sections = plugin_sections(recipe, provenance, smoke)
+    sections = plugin_sections(recipe, provenance, smoke, evaluation)
     context = card_context(recipe, provenance, smoke, sections, signing_key, evaluation)
     text = _render(card_environment(template_dirs), CARD_TEMPLATE, context)
     text = text.rstrip("\n") + "\n"
@@ -427,11 +427,12 @@ def write_card(
     return text
 
 
-def plugin_sections(recipe: Recipe, provenance: Provenance | None, smoke: Smoke | None) -> list[tuple[str, str]]:
+def plugin_sections(recipe: Recipe, provenance: Provenance | None, smoke: Smoke | None,
+                    evaluation: Eval | None = None) -> list[tuple[str, str]]:
     """Extra (title, markdown) sections from plugins' `card_sections` hooks."""
     from .plugins import get_plugin_manager
 
-    result = {"provenance": provenance, "smoke": smoke}
+    result = {"provenance": provenance, "smoke": smoke, "eval": evaluation}
     sections: list[tuple[str, str]] = []
     for found in get_plugin_manager().hook.card_sections(recipe=recipe, result=result):
         for entry in found or []:

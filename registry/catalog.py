@@ -25,7 +25,7 @@ from .card import NUMBER_FILTERS, weight_text
 from .errors import CatalogError, OlderReportError, UsageError
 from .hub_rules import repo_id_problem
 from .release import RECIPE_FILE
-from .reports import Provenance, Report, Smoke, parse
+from .reports import Eval, Provenance, Report, Smoke, parse
 from .reports import read as read_report
 from .templating import default_template_dir, template_dirs, template_loader
 
@@ -56,6 +56,7 @@ class CatalogModel:
     # version was also published to a Hub, so a local model gets no link rather than a guessed one.
     url: str | None = None
     older_reports: list[str] = field(default_factory=list)  # reports an older registry wrote, shown as a note
+    evaluation: Eval | None = None  # eval.json, when the recipe had an eval: section
 
 
 @dataclass
@@ -125,6 +126,7 @@ def read_local(home: Path | None = None) -> list[CatalogModel]:
             published_at=entry.get("published_at"),
             smoke_passed=entry.get("smoke_passed"),
             older_reports=older,
+            evaluation=_current(older, read_report, Eval, folder) if inside else None,
         ))
     return models
 
@@ -187,6 +189,7 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
             published_at=modified.isoformat(timespec="seconds").replace("+00:00", "Z") if modified else None,
             url=f"{endpoint}/{info.id}",
             older_reports=older,
+            evaluation=report(Eval),
         )
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -433,8 +436,13 @@ def catalog_context(models: Sequence[CatalogModel]) -> dict[str, Any]:
         counts = Counter(v for e in entries for v in (e[key] if isinstance(e[key], list) else [e[key]]))
         return [{"value": v, "count": n} for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0].lower()))]
 
+    # One column per task and metric that any model was scored on: the index sorts by them.
+    columns = sorted({key for e in entries for key in e["scores"]})
+    for entry in entries:
+        entry["score_cells"] = [entry["scores"].get(key) for key in columns]
     return {
         "models": entries,
+        "score_columns": [{"task": task, "metric": metric} for task, metric in columns],
         "filters": {
             "tag": options("tags"),
             "method": options("method"),
@@ -480,6 +488,7 @@ def _entry(model: CatalogModel, html: Any, summary: str) -> dict[str, Any]:
         "signing_key": _signing_key(meta),
         "merge": _merge_context(model.provenance, described),
         "smoke_report": _smoke_context(model.smoke),
+        "scores": _scores(model.evaluation),
         "notes": [f"{name}: {OLDER_REPORT_NOTE}" for name in model.older_reports],
         # Filters read these; JSON so that any tag text round-trips (the template escapes it).
         "data": {
@@ -532,6 +541,14 @@ def _merge_context(provenance: Provenance | None, described: Mapping[str, Mappin
         "sources": rows,
         "versions": provenance.versions,
     }
+
+
+def _scores(evaluation: Eval | None) -> dict[tuple[str, str], dict[str, Any]]:
+    """(task, metric) -> the merge's score (value and stderr), for every metric that has a value."""
+    if evaluation is None:
+        return {}
+    return {(task, metric): score.model_dump() for task, scores in evaluation.tasks.items()
+            for metric, score in scores.metrics.items() if score.value is not None}
 
 
 def _smoke_context(smoke: Smoke | None) -> dict[str, Any] | None:

@@ -192,11 +192,17 @@ def card(
 
     loaded = load_recipe(recipe, targets=get_targets())
     provenance, smoke = read_reports(model_dir) if model_dir is not None else (None, None)
+    evaluation = None
+    if model_dir is not None and loaded.eval is not None:
+        from .reports import Eval
+        from .reports import read as read_report
+
+        evaluation = read_report(Eval, model_dir)
     dirs = template_dirs(templates)
     if output is not None:
-        text = write_card(loaded, output, provenance, smoke, dirs)
+        text = write_card(loaded, output, provenance, smoke, dirs, evaluation=evaluation)
     else:
-        text = render_card(loaded, provenance, smoke, dirs)
+        text = render_card(loaded, provenance, smoke, dirs, evaluation=evaluation)
     if format is Format.json:
         emit_json({
             "repo_id": loaded.repo_id,
@@ -204,13 +210,15 @@ def card(
             "output": str(output) if output is not None else None,
             "provenance": provenance is not None,
             "smoke": smoke is not None,
+            "eval": evaluation is not None,
             "metadata": front_matter(text),
             "card": text if output is None else None,
         })
     elif output is None:
         write(text)
     else:
-        found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke)) if data is not None) or "no reports"
+        found = ", ".join(name for name, data in (("provenance.json", provenance), ("smoke.json", smoke), ("eval.json", evaluation))
+                          if data is not None) or "no reports"
         _console().print(f"wrote {esc(output)} for {esc(loaded.repo_id)} ({found})")
 
 

@@ -40,7 +40,7 @@ def register_template_dirs():
 
 @hookspec
 def card_sections(recipe, result):
-    """Return extra Markdown sections ((title, markdown) pairs) for a card; `result` maps provenance/smoke to their reports or None."""
+    """Return extra Markdown sections ((title, markdown) pairs) for a card; `result` maps provenance/smoke/eval to their reports or None."""
 
 
 @hookspec

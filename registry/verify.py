@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from .errors import RegistryError, ReportError, UsageError, VerifyError
 from .files import sha256_file
 from .release import LOCK_FILE, RECIPE_FILE
-from .reports import PROVENANCE_FILE, SMOKE_FILE, Provenance, Smoke, read
+from .reports import EVAL_FILE, PROVENANCE_FILE, SMOKE_FILE, Eval, Provenance, Smoke, read
 from .signing import SIGNATURE_FILE, public_key_fingerprint
 
 if TYPE_CHECKING:
     from .recipe import Recipe
 
 CARD_FILE = "README.md"
-EVAL_FILE = "eval.json"
 # Files a publish adds beside the merged ones; the merged ones are listed in provenance.json.
 BUNDLE_FILES = (CARD_FILE, PROVENANCE_FILE, SMOKE_FILE, RECIPE_FILE, LOCK_FILE, EVAL_FILE, SIGNATURE_FILE)
 # The Hub adds this to every repo; nothing reads it.
@@ -214,7 +213,7 @@ def verify(
     checks.append(check_card(card, provenance))
     checks.append(check_smoke(located.folder, provenance))
     if EVAL_FILE in located.names:
-        checks.append(Check("eval", "skipped", f"{EVAL_FILE}: not checked; this registry has no eval report format yet"))
+        checks.append(check_eval(located.folder, provenance))
     if identity is not None:
         checks.append(check_sigstore(located.folder, located.names, *identity))
     else:
@@ -295,6 +294,19 @@ def check_smoke(folder: Path, provenance: Provenance) -> Check:
     if smoke.merge_identity != provenance.merge_identity:
         return Check("smoke", "failed", f"{SMOKE_FILE}: merge_identity {smoke.merge_identity}, but {PROVENANCE_FILE} has {provenance.merge_identity}")
     return Check("smoke", "passed", f"{SMOKE_FILE}: {'passed' if smoke.passed else 'failed (published with --force)'}, for this merge")
+
+
+def check_eval(folder: Path, provenance: Provenance) -> Check:
+    """eval.json (published with an eval: section) belongs to this merge."""
+    try:
+        evaluation = read(Eval, folder)
+    except ReportError as exc:
+        return Check("eval", "failed", exc.message)
+    if evaluation is None or evaluation.merge_identity != provenance.merge_identity:
+        found = evaluation.merge_identity if evaluation is not None else None
+        return Check("eval", "failed", f"{EVAL_FILE}: merge_identity {found}, but {PROVENANCE_FILE} has {provenance.merge_identity}")
+    gate = "no gate" if not evaluation.gate else "gate passed" if evaluation.passed else "gate failed (published with --force)"
+    return Check("eval", "passed", f"{EVAL_FILE}: {evaluation.evaluator} {evaluation.evaluator_version}, {gate}, for this merge")
 
 
 def key_fingerprint(public_key: Path) -> str:

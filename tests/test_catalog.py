@@ -34,7 +34,7 @@ from registry.catalog import (
 from registry.errors import ReportError
 from registry.publish import Bundle, bundle_files
 from registry.publish.local import LocalOptions, LocalTarget
-from registry.reports import Provenance, Smoke
+from registry.reports import Eval, Provenance, Smoke
 from registry.reports import write as write_report
 from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, HUB_USER
 
@@ -84,6 +84,7 @@ def publish(
     smoke: bool | None = True,
     extra: str = "",
     method: str = "linear",
+    scores: dict[str, dict[str, float | None]] | None = None,
 ) -> None:
     """Publish a small fake model (card, reports, config, weights) with LocalTarget."""
     folder = work / repo_id.replace("/", "__")
@@ -126,6 +127,14 @@ def publish(
             "parity": [],
         })
         write_report(report, folder)
+    if scores is not None:
+        # eval.json: task -> metric -> value, each with a standard error of a tenth of it.
+        tasks = {task: {"version": "1", "samples": 100, "metrics": {
+            metric: {"value": v, "stderr": None if v is None else round(v / 10, 4)} for metric, v in metrics.items()}}
+            for task, metrics in scores.items()}
+        write_report(Eval.model_validate({
+            "eval_identity": "e" * 64, "merge_identity": merge_id, "evaluator": "lm-eval", "evaluator_version": "0.4.9",
+            "config_sha256": "c" * 64, "device": "cuda", "tasks": tasks, "passed": True}), folder)
     (folder / "config.json").write_text('{"model_type": "qwen2"}')
     (folder / "model.safetensors").write_bytes(b"\0" * 64)
     bundle = Bundle(repo_id, recipe_sha, {}, bundle_files(folder), provenance, report, card)
@@ -250,6 +259,50 @@ def test_index_lists_the_latest_version_of_every_published_model(page: Watched, 
     assert page.page.locator(f'li[data-repo="{CHILD}"] dd.parents').inner_text() == f"{BASE}, deepseek-ai/up-c"
     assert page.page.get_attribute(f'li[data-repo="{CHILD}"] dd.parents a', "href") == f"models/{BASE}.html"
     page.quiet()
+
+
+def test_sorting_by_a_score_column_reorders_the_models(browser: Any, tmp_path: Path):
+    home, hostile = tmp_path / "registry", f"task{SCRIPT}"
+    publish(home, tmp_path / "build", f"{ORG}/low", summary="low", parents=["up/a"], tags=[],
+            scores={"aime24": {"exact_match": 0.1}, "minerva_math500": {"exact_match": 0.8}})
+    publish(home, tmp_path / "build", f"{ORG}/high", summary="high", parents=["up/a"], tags=[],
+            scores={"aime24": {"exact_match": 0.3}, "minerva_math500": {"exact_match": 0.2}, hostile: {f"m{IMG}": 0.5}})
+    publish(home, tmp_path / "build", f"{ORG}/middle", summary="middle", parents=["up/a"], tags=[],
+            scores={"aime24": {"exact_match": 0.2, "extracted": None}})
+    publish(home, tmp_path / "build", f"{ORG}/unscored", summary="none", parents=["up/a"], tags=[])
+    build_site(read_local(home), tmp_path / "site", [])
+    server = make_server(tmp_path / "site", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        watched = Watched(context.new_page())
+        p = watched.page
+        p.goto(f"http://127.0.0.1:{server.server_address[1]}/index.html")
+
+        def order() -> list[str]:
+            return p.eval_on_selector_all("#scores tbody tr", "rows => rows.map(r => r.dataset.repo.split('/')[1])")
+
+        assert p.eval_on_selector_all("#scores thead th", "cells => cells.map(c => c.innerText)") == [
+            "Model", "aime24 exact_match", "minerva_math500 exact_match", f"{hostile} m{IMG}"]
+        assert order() == ["high", "low", "middle", "unscored"]  # by name, as built
+        assert p.eval_on_selector_all(f'#scores tr[data-repo="{ORG}/high"] td', "cells => cells.map(c => c.innerText)") == [
+            "0.3 ± 0.03", "0.2 ± 0.02", "0.5 ± 0.05"]
+
+        p.click("#scores thead button[data-column='1']")
+        assert order() == ["high", "middle", "low", "unscored"]
+        assert p.get_attribute("#scores thead th:nth-child(2)", "aria-sort") == "descending"
+        p.click("#scores thead button[data-column='1']")
+        assert order() == ["low", "middle", "high", "unscored"]  # lowest first; no score stays last
+        assert p.get_attribute("#scores thead th:nth-child(2)", "aria-sort") == "ascending"
+        p.click("#scores thead button[data-column='2']")
+        assert order() == ["low", "high", "middle", "unscored"]
+        assert (p.get_attribute("#scores thead th:nth-child(2)", "aria-sort"),
+                p.get_attribute("#scores thead th:nth-child(3)", "aria-sort")) == ("none", "descending")
+        watched.quiet()
+    finally:
+        context.close()
+        server.shutdown()
+        server.server_close()
 
 
 def test_search_and_filters_hide_exactly_the_right_rows(page: Watched, base_url: str):

@@ -48,13 +48,13 @@ smoke:
 
 
 def toy_recipe(folder: Path, *, weights=(0.3, 0.7), normalize=True, smoke=LENIENT_SMOKE, eval_section=EVAL,
-               summary="Toy merge") -> Path:
+               summary="Toy merge", repo_id="team/toy") -> Path:
     for name in ("cos", "fmt"):
         if not (folder / "models" / name).exists():
             shutil.copytree(TOY / f"ft_{name}", folder / "models" / name)
     path = folder / "toy.yaml"
     path.write_text(
-        f"repo_id: team/toy\nsummary: {summary}\nsources:\n  cos: {{model: ./models/cos}}\n  fmt: {{model: ./models/fmt}}\n"
+        f"repo_id: {repo_id}\nsummary: {summary}\nsources:\n  cos: {{model: ./models/cos}}\n  fmt: {{model: ./models/fmt}}\n"
         "merge:\n  merge_method: linear\n  models:\n"
         f"    - {{model: cos, parameters: {{weight: {weights[0]}}}}}\n    - {{model: fmt, parameters: {{weight: {weights[1]}}}}}\n"
         f"  parameters: {{normalize: {str(normalize).lower()}}}\n  dtype: bfloat16\n" + smoke + eval_section
@@ -239,6 +239,32 @@ def test_a_broken_merge_scores_zero_and_its_gate_stops_the_publish_unless_forced
         assert "| `passkey` | `exact_match` | **failed** | 0 against cos's 1: 1 worse, over the allowed 0.2 |" in card
 
 
+def test_eval_json_goes_to_the_hub_and_a_card_edit_reuses_it_from_there(tmp_path, home, hub_server, monkeypatch):
+    from registry.pipeline import publish
+    from registry.testing.fixtures import HUB_ORG, HUB_TOKEN, hub_client
+
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    recipe = toy_recipe(tmp_path, repo_id=f"{HUB_ORG}/toy-scored")
+    with registered() as evaluator:
+        first = publish(recipe, targets=["hf"], device="cpu")
+        assert first.eval["evaluated"] == ["merged", "cos", "fmt"]
+        api = hub_client(hub_server)
+        files = api.list_repo_files(f"{HUB_ORG}/toy-scored")
+        assert "eval.json" in files and "smoke.json" in files
+        on_hub = reports.parse(Eval, Path(api.hf_hub_download(f"{HUB_ORG}/toy-scored", "eval.json")).read_text(), "hub")
+        assert on_hub == reports.read(Eval, Path(first.model_dir))
+
+        # No build folder (a fresh CI runner): the card is re-rendered from the reports the Hub holds.
+        shutil.rmtree(home / "build")
+        recipe.write_text(recipe.read_text().replace("summary: Toy merge", "summary: Edited toy merge"))
+        edited = publish(recipe, targets=["hf"], device="cpu")
+        assert (edited.merge, edited.model_dir) == ("skipped", None)
+        assert edited.eval == {"passed": True, "reused": True, "evaluated": [], "failed": []}
+        assert len(evaluator.calls) == 3
+        card = Path(api.hf_hub_download(f"{HUB_ORG}/toy-scored", "README.md")).read_text()
+        assert "Edited toy merge" in card and "| `passkey` | `exact_match` | 1 ± 0 | 1 ± 0 | 1 ± 0 |" in card
+
+
 # ---------------------------------------------------------------------------------------------
 # `registry eval`
 
@@ -266,6 +292,15 @@ def test_cli_eval_writes_eval_json_reuses_it_and_judges_an_edited_gate_again(tmp
         out = capsys.readouterr().out
         assert "passkey │ exact_match │ 1 ± 0  │ 1 ± 0 │ 1 ± 0" in out
         assert "gate passkey exact_match: passed (1 against cos's 1: as good, within the allowed 0.2)" in out
+
+        # `registry card --model-dir` shows what `registry eval` wrote there.
+        with pytest.raises(SystemExit) as done:
+            main(["card", str(recipe), "--model-dir", str(model), "--format", "json"])
+        card = json.loads(capsys.readouterr().out)
+        assert (done.value.code, card["eval"]) == (0, True)
+        assert card["metadata"]["model-index"] == [{"name": "toy", "results": [{
+            "task": {"type": "text-generation", "name": "Text Generation"}, "dataset": {"name": "passkey", "type": "passkey"},
+            "metrics": [{"type": "exact_match", "value": 1.0, "name": "exact_match"}]}]}]
 
         # The gate is judged from the scores: editing it re-judges, it does not re-evaluate.
         recipe.write_text(recipe.read_text().replace("metric: exact_match", "metric: accuracy"))

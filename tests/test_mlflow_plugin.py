@@ -23,7 +23,7 @@ from registry.identity import card_identity
 from registry.publish import Bundle, Published, bundle_files
 from registry.publish.hf import HfTarget
 from registry.recipe import parse_recipe
-from registry.reports import Provenance, Smoke
+from registry.reports import Eval, GateRow, MetricScore, Provenance, Smoke, TaskScores
 from registry.reports import write as write_report
 from registry.testing.fixtures import HUB_ORG, HUB_TOKEN
 
@@ -334,6 +334,38 @@ def test_a_failed_smoke_test_registers_a_version_but_leaves_the_alias(target_cls
         "version 1; smoke test failed: alias 'latest-smoke-passed' not set"
     )
     assert client.get_registered_model("team--never-passed").aliases == {}
+
+
+def test_eval_scores_are_metrics_of_the_versions_run_and_a_failed_gate_leaves_the_alias(target_cls, uri, mlflow_home, client, tmp_path):
+    target = target_cls()
+    opts = options(target_cls, uri, mlflow_home, model_name="scored")
+
+    def scores(value: float, stderr: float | None) -> dict[str, TaskScores]:
+        return {"minerva_math500": TaskScores(version="1.0", samples=500, metrics={
+            "exact_match,none": MetricScore(value=value, stderr=stderr), "extracted": MetricScore(value=None)})}
+
+    def evaluation(value: float, passed: bool) -> Eval:
+        gate = GateRow(task="minerva_math500", metric="exact_match,none", max_drop=0.02, value=value, parent="fmt",
+                       parent_value=0.31, passed=passed, reason="")
+        return Eval(eval_identity="e" * 64, merge_identity="m" * 64, evaluator="lm-eval", evaluator_version="0.4.9",
+                    config_sha256="c" * 64, device="cuda", tasks=scores(value, 0.02),
+                    parents={"cos": scores(0.25, 0.019), "fmt": scores(0.31, 0.021)}, gate=[gate], passed=passed)
+
+    _, good = make_bundle(tmp_path / "good", "team/scored", weight=0.3)
+    good.evaluation = evaluation(0.32, True)
+    assert target.publish(good, opts).detail == "version 1; alias 'latest-smoke-passed' moved to it"
+    version = client.get_model_version("scored", "1")
+    assert client.get_run(version.run_id).data.metrics == {
+        "eval/minerva_math500/exact_match_none": 0.32, "eval/minerva_math500/exact_match_none_stderr": 0.02,
+        "parent/cos/minerva_math500/exact_match_none": 0.25, "parent/cos/minerva_math500/exact_match_none_stderr": 0.019,
+        "parent/fmt/minerva_math500/exact_match_none": 0.31, "parent/fmt/minerva_math500/exact_match_none_stderr": 0.021,
+    }
+    assert (version.tags["registry.eval"], version.tags["registry.eval.evaluator"]) == ("passed", "lm-eval 0.4.9")
+
+    _, bad = make_bundle(tmp_path / "bad", "team/scored", weight=0.4)
+    bad.evaluation = evaluation(0.1, False)
+    assert target.publish(bad, opts).detail == "version 2; eval gate failed: alias 'latest-smoke-passed' left at version 1"
+    assert client.get_model_version("scored", "2").tags["registry.eval"] == "failed"
 
 
 def test_the_registry_comes_from_mlflow_environment_variables(target_cls, uri, mlflow_home, client, tmp_path, monkeypatch):

@@ -387,10 +387,23 @@ def test_rebuild_reads_hub_sources_at_their_pinned_commits(hub_server, hub_api, 
     assert moved != pinned
 
 
-def test_an_eval_report_is_listed_as_not_checked(toy, tmp_path):
+def test_an_eval_report_must_belong_to_the_merge(toy, tmp_path):
+    from registry.reports import Eval, Provenance, read, write
+
     folder = _folder_copy(toy, tmp_path)
-    (folder / "eval.json").write_text("{}")
+    merge_id = read(Provenance, folder).merge_identity
+    report = Eval(eval_identity="e" * 64, merge_identity=merge_id, evaluator="lm-eval", evaluator_version="0.4.9",
+                  config_sha256="c" * 64, device="cpu", tasks={}, passed=True)
+    write(report, folder)
     code, result = verify(toy, str(folder))
     assert (code, result["verdict"]) == (0, "verified")
     assert [c for c in result["checks"] if c["name"] == "eval"] == [
-        {"name": "eval", "status": "skipped", "message": "eval.json: not checked; this registry has no eval report format yet"}]
+        {"name": "eval", "status": "passed", "message": "eval.json: lm-eval 0.4.9, no gate, for this merge"}]
+
+    write(report.model_copy(update={"merge_identity": "f" * 64}), folder)
+    code, result = verify(toy, str(folder))
+    assert (code, failed(result)) == (1, {"eval": f"eval.json: merge_identity {'f' * 64}, but provenance.json has {merge_id}"})
+
+    (folder / "eval.json").write_text("{}")
+    code, result = verify(toy, str(folder))
+    assert (code, failed(result)) == (1, {"eval": f"{folder / 'eval.json'}: unknown eval.json format null (this registry reads format 1)"})

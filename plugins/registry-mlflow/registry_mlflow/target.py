@@ -188,7 +188,8 @@ class MlflowTarget(Target):
                 ),
             ).version
             old = (model.aliases or {}).get(options.alias) if model is not None else None
-            if bundle.smoke is not None and bundle.smoke.passed:
+            gate_failed = bundle.evaluation is not None and not bundle.evaluation.passed
+            if bundle.smoke is not None and bundle.smoke.passed and not gate_failed:
                 try:
                     registry.call(
                         f"move alias '{options.alias}' of '{name}'",
@@ -199,7 +200,7 @@ class MlflowTarget(Target):
                     raise
                 detail = f"version {version}; alias '{options.alias}' moved to it"
             else:
-                why = "smoke test failed" if bundle.smoke is not None else "no smoke test"
+                why = "no smoke test" if bundle.smoke is None else "smoke test failed" if not bundle.smoke.passed else "eval gate failed"
                 left = f"left at version {old}" if old is not None else "not set"
                 detail = f"version {version}; {why}: alias '{options.alias}' {left}"
         except PublishError:
@@ -329,6 +330,9 @@ class Registry:
                 folder = posixpath.join(ARTIFACT_PATH, posixpath.dirname(rel)).rstrip("/")
                 self.call(f"log {rel}", partial(self._log_file, run_id, rel, entry.path, folder))
             self._check_logged(run_id, bundle)
+            if bundle.evaluation is not None:
+                metrics = eval_metrics(bundle.evaluation)
+                self.call("log the eval scores", lambda: self.client.log_batch(run_id, metrics=metrics))
             self.call("finish the run", lambda: self.client.set_terminated(run_id, "FINISHED"))
         except PublishError:
             self.abandon_run(run_id)
@@ -424,7 +428,35 @@ def version_tags(bundle: Bundle) -> dict[str, str]:
         status, reason = check.status, check.reason
         key = TAG + "smoke." + re.sub(r"[^\w.\-]", "_", check.name)
         tags[key] = f"{status}: {reason}" if reason and status != "passed" else status
+    if bundle.evaluation is not None:
+        evaluation = bundle.evaluation
+        tags[TAG + "eval"] = "passed" if evaluation.passed else "failed"
+        tags[TAG + "eval.evaluator"] = f"{evaluation.evaluator} {evaluation.evaluator_version}"
     return tags
+
+
+def eval_metrics(evaluation) -> list:
+    """eval.json's scores as MLflow metrics: `eval/TASK/METRIC` (and `_stderr`) for the merge, `parent/ALIAS/...` for its parents."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    found: dict[str, float] = {}
+    for prefix, tasks in [("eval", evaluation.tasks), *((f"parent/{alias}", t) for alias, t in evaluation.parents.items())]:
+        for task, scores in tasks.items():
+            for metric, score in scores.metrics.items():
+                key = _metric_key(f"{prefix}/{task}/{metric}")
+                if score.value is not None:
+                    found[key] = score.value
+                if score.stderr is not None:
+                    found[key + "_stderr"] = score.stderr
+    return [Metric(key, value, now, 0) for key, value in found.items()]
+
+
+def _metric_key(text: str) -> str:
+    """A metric name MLflow accepts (letters, digits, `_ - . : /` and spaces); lm-eval's `exact_match,none` becomes `exact_match_none`."""
+    return re.sub(r"[^\w\-.:/ ]", "_", text)
 
 
 def _describe_pin(pin: dict[str, Any]) -> str:

@@ -45,3 +45,34 @@
   form.hidden = false;
   apply();
 })();
+
+// Sorting the score table by a column: highest first, again for lowest first; a model without that
+// score goes last either way. Rows are moved, never rebuilt, so nothing is parsed as markup.
+(function () {
+  "use strict";
+  var table = document.getElementById("scores");
+  if (!table) return;
+  var body = table.tBodies[0];
+  var headers = Array.prototype.slice.call(table.tHead.rows[0].cells);
+  headers.forEach(function (th) {
+    var button = th.querySelector("button");
+    if (!button) return;
+    button.addEventListener("click", function () {
+      var column = Number(button.dataset.column);
+      var descending = th.getAttribute("aria-sort") !== "descending";
+      var rows = Array.prototype.slice.call(body.rows);
+      function value(row) {
+        var v = row.cells[column].dataset.value;
+        return v === undefined ? null : Number(v);
+      }
+      rows.sort(function (a, b) {
+        var x = value(a), y = value(b);
+        if (x === null || y === null) return (x === null) - (y === null);
+        return descending ? y - x : x - y;
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+      headers.forEach(function (other) { if (other.hasAttribute("aria-sort")) other.setAttribute("aria-sort", "none"); });
+      th.setAttribute("aria-sort", descending ? "descending" : "ascending");
+    });
+  });
+})();
