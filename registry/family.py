@@ -383,6 +383,19 @@ def draw_chart(family: Family, folder: str | Path) -> list[Path] | None:
     return paths
 
 
+def show_family(family: Family, console: Console, folder: str | Path | None = None) -> list[Path] | None:
+    """Print the family's table, then draw its chart into `folder` and name the files, or say how to get the chart."""
+    print_table(family, console)
+    if folder is None:
+        return None
+    paths = draw_chart(family, folder)
+    if paths is None:
+        console.print(CHART_HINT, markup=False)
+    else:
+        console.print("chart: " + ", ".join(esc(p) for p in paths))
+    return paths
+
+
 def family_files(family: Family) -> dict[str, bytes]:
     """The files each point's bundle carries for its family: family.json, and the chart when matplotlib is at hand."""
     return {family.FILE: dumps(family).encode("utf-8"), **(chart_bytes(family) or {})}
@@ -391,5 +404,5 @@ def family_files(family: Family) -> dict[str, bytes]:
 __all__ = [
     "CHART_HINT", "CHART_PNG", "CHART_SVG", "PointReports", "build_family", "chart_available", "chart_bytes", "chart_lines",
     "chart_panels", "draw_chart", "family_files", "markdown_table", "measure_parents", "metric_value", "print_table", "select",
-    "table_rows",
+    "show_family", "table_rows",
 ]
