@@ -90,20 +90,20 @@ def family(toy_family) -> Family:
 TABLE = """\
                                            family toy-cos-fmt (select: passed)
 ┏━━━━━━━━━━━━━━━━━┳━━━━━┳━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━┓
-┃ model           ┃ cos ┃ fmt ┃ state  ┃ smoke  ┃ NLL   ┃ retrieved ┃ KL cos ┃ KL fmt ┃ top-1 cos ┃ top-1 fmt ┃ selected ┃
+┃ model           ┃ cos ┃ fmt ┃ state  ┃ smoke  ┃   NLL ┃ retrieved ┃ KL cos ┃ KL fmt ┃ top-1 cos ┃ top-1 fmt ┃ selected ┃
 ┡━━━━━━━━━━━━━━━━━╇━━━━━╇━━━━━╇━━━━━━━━╇━━━━━━━━╇━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━╇━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━┩
-│ cos=0 fmt=1     │ 0   │ 1   │ tested │ passed │ 0.324 │ 2/2       │ 0.7099 │ 0.0000 │ 0.823     │ 1.000     │ yes      │
-│ cos=0.5 fmt=0.5 │ 0.5 │ 0.5 │ tested │ passed │ 0.312 │ 2/2       │ 0.2072 │ 0.2892 │ 0.885     │ 0.858     │ yes      │
-│ cos=1 fmt=0     │ 1   │ 0   │ tested │ passed │ 0.296 │ 2/2       │ 0.0000 │ 1.0470 │ 1.000     │ 0.823     │ yes      │
+│ cos=0 fmt=1     │   0 │   1 │ tested │ passed │ 0.324 │       2/2 │ 0.7099 │ 0.0000 │     0.823 │     1.000 │ yes      │
+│ cos=0.5 fmt=0.5 │ 0.5 │ 0.5 │ tested │ passed │ 0.312 │       2/2 │ 0.2072 │ 0.2892 │     0.885 │     0.858 │ yes      │
+│ cos=1 fmt=0     │   1 │   0 │ tested │ passed │ 0.296 │       2/2 │ 0.0000 │ 1.0470 │     1.000 │     0.823 │ yes      │
 ├─────────────────┼─────┼─────┼────────┼────────┼───────┼───────────┼────────┼────────┼───────────┼───────────┼──────────┤
-│ parent cos      │ 1   │ 0   │ parent │        │ 0.296 │ 2/2       │ 0.0000 │ 1.0470 │ 1.000     │ 0.823     │          │
-│ parent fmt      │ 0   │ 1   │ parent │        │ 0.324 │ 2/2       │ 0.7099 │ 0.0000 │ 0.823     │ 1.000     │          │
+│ parent cos      │   1 │   0 │ parent │        │ 0.296 │       2/2 │ 0.0000 │ 1.0470 │     1.000 │     0.823 │          │
+│ parent fmt      │   0 │   1 │ parent │        │ 0.324 │       2/2 │ 0.7099 │ 0.0000 │     0.823 │     1.000 │          │
 └─────────────────┴─────┴─────┴────────┴────────┴───────┴───────────┴────────┴────────┴───────────┴───────────┴──────────┘
 """
 
 MARKDOWN = """\
 | model | cos | fmt | state | smoke | NLL | retrieved | KL cos | KL fmt | top-1 cos | top-1 fmt | selected |
-|---|---|---|---|---|---|---|---|---|---|---|---|
+|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|
 | cos=0 fmt=1 | 0 | 1 | tested | passed | 0.324 | 2/2 | 0.7099 | 0.0000 | 0.823 | 1.000 | yes |
 | cos=0.5 fmt=0.5 | 0.5 | 0.5 | tested | passed | 0.312 | 2/2 | 0.2072 | 0.2892 | 0.885 | 0.858 | yes |
 | cos=1 fmt=0 | 1 | 0 | tested | passed | 0.296 | 2/2 | 0.0000 | 1.0470 | 1.000 | 0.823 | yes |
@@ -226,7 +226,7 @@ def test_scores_come_from_the_eval_reports_of_points_and_parents(toy_family):
     assert [r.label for r in family.rows if r.selected] == ["cos=0.5 fmt=0.5"]
     assert markdown_table(family).splitlines()[:3] == [
         "| model | cos | fmt | state | smoke | NLL | retrieved | KL cos | KL fmt | top-1 cos | top-1 fmt | passkey/acc | selected |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         "| cos=0 fmt=1 | 0 | 1 | tested | passed | 0.324 | 2/2 | 0.7099 | 0.0000 | 0.823 | 1.000 | 0.250 | no |",
     ]
 
@@ -290,7 +290,7 @@ def test_markdown_table(family):
 
 def test_user_text_in_the_table_is_data(family):
     odd = with_rows(family, **{"cos=0 fmt=1": {"label": "[bold red]x|y[/] <b>"}})
-    assert "│ [bold red]x|y[/] <b> │" in table_text(odd)
+    assert "│ [bold red]x|y[/] <b> │   0 │   1 │ tested │" in table_text(odd)
     assert markdown_table(odd).splitlines()[2].startswith("| [bold red]x\\|y[/] &lt;b&gt; | 0 | 1 |")
 
 
