@@ -229,6 +229,14 @@ def test_scores_come_from_the_eval_reports_of_points_and_parents(toy_family):
         "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         "| cos=0 fmt=1 | 0 | 1 | tested | passed | 0.324 | 2/2 | 0.7099 | 0.0000 | 0.823 | 1.000 | 0.250 | no |",
     ]
+    # The score is a fifth panel of the chart, and a column of the card's family section.
+    svg = ET.fromstring(chart_bytes(family)[CHART_SVG])
+    assert [e.get("id") for e in svg.iter() if (e.get("id") or "").startswith("family-line-4")] == ["family-line-4-0-0"]
+    middle = with_eval[1]
+    card = render_card(middle.point.recipe, middle.provenance, middle.smoke, family=family)
+    assert "| Model | `cos` | `fmt` | NLL | Retrieved | KL to nearest parent | passkey/acc |" in card
+    assert "| **this model** | 0.5 | 0.5 | 0.312 | 2 of 2 | 0.2072 (`cos`) | 0.750 |" in card
+    assert "| parent `fmt` | 0 | 1 | 0.324 | 2 of 2 | 0.0000 (`fmt`) | 0.250 |" in card
 
 
 # ---------------------------------------------------------------------------------------------
