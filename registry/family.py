@@ -224,23 +224,29 @@ def _columns(family: Family) -> list[_Column]:
     """The columns the family has data for."""
     parents = [r.label for r in family.parents]
     rows = family.rows
-    columns = [_Column("model", lambda r: r.label if r.kind == "point" else f"parent {r.label}", number=False)]
-    columns += [_Column(a, lambda r, a=a: format_weight(r.weights[a]) if a in r.weights else "") for a in family.aliases]
-    columns += [
-        _Column("state", lambda r: r.state, number=False),
-        _Column("smoke", lambda r: "" if r.kind == "parent" else {True: "passed", False: "failed", None: "n/a"}[r.smoke_passed],
-                number=False),
+    # The label carries the weights (`cos=0.3 fmt=0.7`); a tested point's state is its smoke verdict.
+    columns = [
+        _Column("point", lambda r: r.label if r.kind == "point" else f"parent {r.label}", number=False),
+        _Column("state", _state_text, number=False),
         _Column("NLL", lambda r: _number(r.nll)),
         _Column("retrieved", lambda r: f"{r.retrieved.retrieved}/{r.retrieved.total}" if r.retrieved else "n/a"),
     ]
     if any(r.kl for r in rows):
         columns += [_Column(f"KL {p}", lambda r, p=p: _number(r.kl.get(p), 4)) for p in parents]
     if any(r.top1 for r in rows):
-        columns += [_Column(f"top-1 {p}", lambda r, p=p: _number(r.top1.get(p))) for p in parents]
+        columns += [_Column(f"top1 {p}", lambda r, p=p: _number(r.top1.get(p))) for p in parents]
     names = sorted({name for r in rows for name in r.scores})
     columns += [_Column(name, lambda r, n=name: _number(r.scores[n].value) if n in r.scores else "n/a") for name in names]
     columns += [_Column("selected", lambda r: "" if r.kind == "parent" else "yes" if r.selected else "no", number=False)]
     return columns
+
+
+def _state_text(row: FamilyRow) -> str:
+    if row.state == "tested":
+        return {True: "passed", False: "failed", None: "tested"}[row.smoke_passed]
+    if row.state == "published" and row.smoke_passed is False:
+        return "published, failed"
+    return row.state
 
 
 def table_rows(family: Family) -> tuple[list[str], list[list[str]]]:
@@ -251,18 +257,22 @@ def table_rows(family: Family) -> tuple[list[str], list[list[str]]]:
 
 def print_table(family: Family, console: Console) -> None:
     """Show the family as a rich table (user text escaped: recipe text is data)."""
+    from rich.measure import Measurement
+    from rich.segment import Segments
     from rich.table import Table
 
     _, rows = table_rows(family)
     table = Table(title=f"family {esc(family.family)} (select: {esc(family.selection)})")
     for column in _columns(family):
-        table.add_column(esc(column.header), justify="right" if column.number else "left")
+        table.add_column(esc(column.header), justify="right" if column.number else "left", no_wrap=True)
     points = len(family.points)
     for i, row in enumerate(rows):
         if i == points and i:
             table.add_section()
         table.add_row(*[esc(c) for c in row])
-    console.print(table)
+    # At its natural width: a narrow terminal (a CI log is 80 columns) wraps the lines rather than rich cutting numbers short.
+    width = max(console.width, Measurement.get(console, console.options.update_width(10_000), table).maximum)
+    console.print(Segments(console.render(table, console.options.update_width(width))), soft_wrap=True)
 
 
 def markdown_table(family: Family) -> str:
