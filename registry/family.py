@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .markdown import cell
 from .output import esc
 from .recipe import Point, Recipe, Selection, format_weight, parse_ref, parse_selection
-from .reports import Family, FamilyRow, MetricScore, Provenance, Retrieved, Smoke, TaskScores, dumps
+from .reports import Eval, Family, FamilyRow, MetricScore, Provenance, Retrieved, Smoke, TaskScores, dumps
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -38,7 +38,7 @@ class PointReports:
     point: Point
     provenance: Provenance | None
     smoke: Smoke | None
-    eval: Any | None = None  # reports.Eval
+    eval: Eval | None = None
     published: tuple[str, ...] = ()
 
 
@@ -58,10 +58,10 @@ def build_family(
     rows their retrieval per length and KL against each other, else the points' smoke reports speak for them.
     """
     aliases = list(points[0].point.weights) if points else []
-    parents = [item.name for item in recipe.inputs()]
+    keys = _keys(recipe)
     measured = {e.name: e for e in endpoints or ()}
-    rows = [_point_row(p) for p in points]
-    rows += [_parent_row(recipe, alias, aliases, points, measured.get(alias)) for alias in parents]
+    rows = [_point_row(p, keys) for p in points]
+    rows += [_parent_row(recipe, name, aliases, points, measured.get(name), keys) for name in keys]
     text = selection or (recipe.sweep.select if recipe.sweep else "passed")
     family = Family(
         family=recipe.family or recipe.repo_id.rpartition("/")[2],
@@ -75,7 +75,12 @@ def build_family(
     return family.model_copy(update={"rows": [r.model_copy(update={"selected": id(r) in chosen}) for r in family.rows]})
 
 
-def _point_row(item: PointReports) -> FamilyRow:
+def _keys(recipe: Recipe) -> dict[str, str]:
+    # Reports name a parent by its alias; one written as a path in the merge block is shown by its key (model_N), never the path.
+    return {item.name: item.key for item in recipe.inputs()}
+
+
+def _point_row(item: PointReports, keys: dict[str, str]) -> FamilyRow:
     smoke = item.smoke
     merged = next((r for r in smoke.parity if r.model == "merged"), None) if smoke else None
     retrieval: dict[int, Retrieved] = {}
@@ -104,20 +109,22 @@ def _point_row(item: PointReports) -> FamilyRow:
         nll=merged.nll if merged else None,
         retrieved=_total(retrieval),
         retrieval=dict(sorted(retrieval.items())),
-        kl={r.model: r.kl for r in parents},
-        top1={r.model: r.top1_agreement for r in parents},
+        kl={keys.get(r.model, r.model): r.kl for r in parents},
+        top1={keys.get(r.model, r.model): r.top1_agreement for r in parents},
         scores=_scores(item.eval.tasks) if item.eval is not None else {},
         published=list(item.published),
     )
 
 
-def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence[PointReports], endpoint: ParentEndpoint | None) -> FamilyRow:
+def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence[PointReports], endpoint: ParentEndpoint | None,
+                keys: dict[str, str]) -> FamilyRow:
     source = recipe.sources.get(alias)
     ref = parse_ref(source.model if source else alias)
-    scores = next((p.eval.parents[alias] for p in points if p.eval is not None and alias in p.eval.parents), None)
+    key = keys[alias]
+    scores = next((p.eval.parents[n] for p in points if p.eval is not None for n in (key, alias) if n in p.eval.parents), None)
     row = FamilyRow(
         kind="parent",
-        label=alias,
+        label=key,
         weights={a: 1.0 if a == alias else 0.0 for a in aliases},
         repo_id=ref.value if ref.kind == "hub" else None,
         state="parent",
@@ -127,7 +134,8 @@ def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence
         retrieval = {tokens: Retrieved(retrieved=got, total=ran) for tokens, (got, ran) in sorted(endpoint.retrieval.items())}
         return row.model_copy(update={
             "nll": endpoint.nll, "retrieval": retrieval, "retrieved": _total(retrieval),
-            "kl": dict(endpoint.kl), "top1": dict(endpoint.top1_agreement),
+            "kl": {keys.get(n, n): v for n, v in endpoint.kl.items()},
+            "top1": {keys.get(n, n): v for n, v in endpoint.top1_agreement.items()},
         })
     # Every point runs its parents on the same text and prompts: the first report that has the parent speaks for all.
     parity = next((r for p in points if p.smoke for r in p.smoke.parity if r.model == alias), None)
@@ -137,7 +145,7 @@ def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence
         "nll": parity.nll,
         "retrieved": Retrieved(retrieved=parity.long_retrieved, total=parity.long_total) if parity.long_total else None,
         # Against itself a parent is exact by definition; against the others only measure_parents knows.
-        "kl": {alias: 0.0}, "top1": {alias: 1.0},
+        "kl": {key: 0.0}, "top1": {key: 1.0},
     })
 
 

@@ -31,7 +31,7 @@ from registry.family import (
     show_family,
 )
 from registry.leaks import find_leaks
-from registry.recipe import load_recipe, parse_selection
+from registry.recipe import load_recipe, parse_recipe, parse_selection
 from registry.reports import Eval, Family, FamilyRow, MetricScore, Retrieved, TaskScores
 
 ROOT = Path(__file__).parent.parent
@@ -394,3 +394,20 @@ def test_each_point_card_has_the_family_section_and_leaks_nothing(family, toy_fa
     first = render_card(items[0].point.recipe, items[0].provenance, items[0].smoke, family=family)
     assert "| **this model** | 0 | 1 | 0.324 | 2 of 2 | 0.0000 (`fmt`) |" in first
     assert "## Family" not in render_card(middle.point.recipe, middle.provenance, middle.smoke)
+
+
+def test_parents_are_named_by_alias_or_key_never_by_path():
+    recipe = parse_recipe(
+        "repo_id: team/m-cos{cos}\n"
+        "sources:\n  cos: {model: org/cos}\n"
+        "merge:\n  merge_method: linear\n  models:\n    - model: cos\n"
+        "    - {model: /data/private/fmt, parameters: {weight: 0.5}}\n  parameters: {normalize: true}\n"
+        "sweep:\n  family: f\n  grid: {cos: [0.25, 0.5]}\n", "s.yaml")
+    family = build_family(recipe, [PointReports(p, None, None) for p in recipe.points()])
+    assert [(r.kind, r.label, r.repo_id, r.weights, r.state, r.selected) for r in family.rows] == [
+        ("point", "cos=0.25", "team/m-cos0.25", {"cos": 0.25}, "planned", False),
+        ("point", "cos=0.5", "team/m-cos0.5", {"cos": 0.5}, "planned", False),
+        ("parent", "cos", "org/cos", {"cos": 1.0}, "parent", False),  # a Hub parent keeps its repo id
+        ("parent", "model_2", None, {"cos": 0.0}, "parent", False),
+    ]
+    assert "/data/private" not in reports.dumps(family)
