@@ -1,9 +1,10 @@
 """The family report: a sweep's points and its parents side by side, as a table, Markdown and a chart.
 
 `build_family` gathers each point's reports (provenance, smoke, eval) into one typed `family.json`
-(reports.Family); `select` picks the points to publish; `print_table`, `markdown_table` and
-`draw_chart` show it. The chart needs matplotlib (the `chart` extra): without it `draw_chart`
-returns None and the caller prints CHART_HINT.
+(reports.Family), with the parents' own rows from `measure_parents`; `select` picks the points to
+publish; `print_table`, `markdown_table` and `draw_chart` show it (`show_family` does all three), and
+`family_files` is what each point's repo carries. The chart needs matplotlib (the `chart` extra):
+without it `draw_chart` returns None and the caller prints CHART_HINT.
 """
 
 from __future__ import annotations
@@ -187,10 +188,10 @@ def metric_value(row: FamilyRow, metric: str) -> float | None:
     elif metric == "retrieved":
         value = row.retrieved.retrieved / row.retrieved.total if row.retrieved and row.retrieved.total else None
     elif metric == "kl":
-        value = min((v for v in row.kl.values() if v is not None), default=None)
+        value = min((v for v in row.kl.values() if v is not None and math.isfinite(v)), default=None)
     elif metric == "top1":
         nearest = row.nearest_parent
-        value = row.top1.get(nearest) if nearest else max((v for v in row.top1.values() if v is not None), default=None)
+        value = row.top1.get(nearest) if nearest else max((v for v in row.top1.values() if v is not None and math.isfinite(v)), default=None)
     elif metric.startswith("score:"):
         score = row.scores.get(metric.removeprefix("score:"))
         value = score.value if score else None

@@ -271,6 +271,9 @@ def test_a_point_without_the_metric_is_not_ranked(family):
     unmeasured = with_rows(family, **{"cos=1 fmt=0": {"nll": None}, "cos=0 fmt=1": {"nll": float("nan")}})
     assert labels(select(unmeasured, parse_selection("best:nll:3"))) == ["cos=0.5 fmt=0.5"]
     assert labels(select(family, parse_selection("best:score:passkey/acc"))) == []
+    broken = with_rows(family, **{"cos=0 fmt=1": {"kl": {"cos": float("nan"), "fmt": float("nan")}}})
+    assert labels(select(broken, parse_selection("best:kl"))) == ["cos=1 fmt=0"]
+    assert broken.points[0].nearest_parent is None
 
 
 def test_the_recipe_selection_or_its_override_marks_the_selected_rows(toy_family):
