@@ -497,10 +497,12 @@ def list_models(format: FormatOption = Format.text) -> None:
         return
     from rich.table import Table
 
-    table = Table("repo id", "version", "smoke", "path")
+    table = Table("repo id", "version", "smoke", "family", "path")
     for entry, folder in zip(found, folders, strict=True):
         smoke = {True: "passed", False: "failed", None: "-"}[entry.get("smoke_passed")]
-        table.add_row(esc(entry["repo_id"]), esc(entry["version"]), smoke, esc(folder))
+        family = entry.get("family") if isinstance(entry.get("family"), dict) else {}
+        member = f"{family.get('name')} ({family.get('label')})" if family else "-"
+        table.add_row(esc(entry["repo_id"]), esc(entry["version"]), smoke, esc(member), esc(folder))
     _console().print(table)
 
 
