@@ -22,6 +22,8 @@ from .reports import Family, FamilyRow, MetricScore, Provenance, Retrieved, Smok
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from .smoke import ParentEndpoint
+
 # The chart's files, beside family.json in each point's repo; the card refers to the SVG by this relative path.
 CHART_SVG = "family.svg"
 CHART_PNG = "family.png"
@@ -44,11 +46,22 @@ class PointReports:
 # Building and selecting
 
 
-def build_family(recipe: Recipe, points: Sequence[PointReports], selection: str | None = None) -> Family:
-    """The family report of `recipe` (a sweep, or a plain recipe as a family of one) from its points' reports."""
+def build_family(
+    recipe: Recipe,
+    points: Sequence[PointReports],
+    selection: str | None = None,
+    endpoints: Sequence[ParentEndpoint] | None = None,
+) -> Family:
+    """The family report of `recipe` (a sweep, or a plain recipe as a family of one) from its points' reports.
+
+    `selection` overrides the recipe's `select:`; `endpoints` (measure_parents) give the parents' own
+    rows their retrieval per length and KL against each other, else the points' smoke reports speak for them.
+    """
     aliases = list(points[0].point.weights) if points else []
     parents = [item.name for item in recipe.inputs()]
-    rows = [_point_row(p) for p in points] + [_parent_row(recipe, alias, aliases, points) for alias in parents]
+    measured = {e.name: e for e in endpoints or ()}
+    rows = [_point_row(p) for p in points]
+    rows += [_parent_row(recipe, alias, aliases, points, measured.get(alias)) for alias in parents]
     text = selection or (recipe.sweep.select if recipe.sweep else "passed")
     family = Family(
         family=recipe.family or recipe.repo_id.rpartition("/")[2],
@@ -71,13 +84,7 @@ def _point_row(item: PointReports) -> FamilyRow:
             continue
         seen = retrieval.get(entry.tokens, Retrieved(retrieved=0, total=0))
         retrieval[entry.tokens] = Retrieved(retrieved=seen.retrieved + (entry.status == "retrieved"), total=seen.total + 1)
-    if merged is not None and merged.long_total:
-        # The cells every parent ran too: the same prompts the parents' rows count.
-        retrieved = Retrieved(retrieved=merged.long_retrieved, total=merged.long_total)
-    elif retrieval:
-        retrieved = Retrieved(retrieved=sum(r.retrieved for r in retrieval.values()), total=sum(r.total for r in retrieval.values()))
-    else:
-        retrieved = None
+    parents = [r for r in smoke.parity if r.model != "merged"] if smoke else []
     if item.published:
         state = "published"
     elif smoke is not None:
@@ -95,39 +102,57 @@ def _point_row(item: PointReports) -> FamilyRow:
         state=state,
         smoke_passed=smoke.passed if smoke else None,
         nll=merged.nll if merged else None,
-        retrieved=retrieved,
+        retrieved=_total(retrieval),
         retrieval=dict(sorted(retrieval.items())),
-        kl=_against_parents(merged, "kl"),
-        top1=_against_parents(merged, "top1"),
+        kl={r.model: r.kl for r in parents},
+        top1={r.model: r.top1_agreement for r in parents},
         scores=_scores(item.eval.tasks) if item.eval is not None else {},
         published=list(item.published),
     )
 
 
-def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence[PointReports]) -> FamilyRow:
+def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence[PointReports], endpoint: ParentEndpoint | None) -> FamilyRow:
     source = recipe.sources.get(alias)
     ref = parse_ref(source.model if source else alias)
-    # Every point runs its parents on the same text and prompts: the first report that has the parent speaks for all.
-    parity = next((r for p in points if p.smoke for r in p.smoke.parity if r.model == alias), None)
     scores = next((p.eval.parents[alias] for p in points if p.eval is not None and alias in p.eval.parents), None)
-    return FamilyRow(
+    row = FamilyRow(
         kind="parent",
         label=alias,
         weights={a: 1.0 if a == alias else 0.0 for a in aliases},
         repo_id=ref.value if ref.kind == "hub" else None,
         state="parent",
-        nll=parity.nll if parity else None,
-        retrieved=Retrieved(retrieved=parity.long_retrieved, total=parity.long_total) if parity and parity.long_total else None,
-        kl=_against_parents(parity, "kl"),
-        top1=_against_parents(parity, "top1"),
         scores=_scores(scores) if scores else {},
     )
+    if endpoint is not None and endpoint.missing is None:
+        retrieval = {tokens: Retrieved(retrieved=got, total=ran) for tokens, (got, ran) in sorted(endpoint.retrieval.items())}
+        return row.model_copy(update={
+            "nll": endpoint.nll, "retrieval": retrieval, "retrieved": _total(retrieval),
+            "kl": dict(endpoint.kl), "top1": dict(endpoint.top1_agreement),
+        })
+    # Every point runs its parents on the same text and prompts: the first report that has the parent speaks for all.
+    parity = next((r for p in points if p.smoke for r in p.smoke.parity if r.model == alias), None)
+    if parity is None:
+        return row
+    return row.model_copy(update={
+        "nll": parity.nll,
+        "retrieved": Retrieved(retrieved=parity.long_retrieved, total=parity.long_total) if parity.long_total else None,
+        # Against itself a parent is exact by definition; against the others only measure_parents knows.
+        "kl": {alias: 0.0}, "top1": {alias: 1.0},
+    })
 
 
-def _against_parents(row: Any, field: str) -> dict[str, float | None]:
-    # KL and top-1 agreement against each parent: on the smoke report's parity rows once it measures them.
-    value = getattr(row, field, None) if row is not None else None
-    return dict(value) if isinstance(value, dict) else {}
+def _total(retrieval: dict[int, Retrieved]) -> Retrieved | None:
+    if not retrieval:
+        return None
+    return Retrieved(retrieved=sum(r.retrieved for r in retrieval.values()), total=sum(r.total for r in retrieval.values()))
+
+
+def measure_parents(recipe: Recipe, points: Sequence[PointReports], device: str = "auto") -> list[ParentEndpoint]:
+    """The parents as the family's endpoints (smoke.parent_endpoints): mostly read from the parents' cache the points' smoke runs left."""
+    from .smoke import parent_endpoints
+
+    first = points[0] if points else None
+    return parent_endpoints(first.point.recipe if first else recipe, device=device, provenance=first.provenance if first else None)
 
 
 def _scores(tasks: dict[str, TaskScores]) -> dict[str, MetricScore]:
@@ -252,9 +277,95 @@ def chart_available() -> bool:
         return False
 
 
+def chart_panels(family: Family) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """The chart's panels with data: (title, [(series name, row → value or None)])."""
+    parents = [r.label for r in family.parents]
+    panels: list[tuple[str, list[tuple[str, Any]]]] = [
+        ("NLL on the fixed text (nats per token, lower is better)", [("NLL", lambda r: metric_value(r, "nll"))]),
+        ("Pass keys retrieved (share)", [("retrieved", lambda r: metric_value(r, "retrieved"))]),
+        ("KL divergence to each parent (nats per token)", [(f"to {p}", lambda r, p=p: r.kl.get(p)) for p in parents]),
+        ("Top-1 agreement with each parent", [(f"with {p}", lambda r, p=p: r.top1.get(p)) for p in parents]),
+    ]
+    names = sorted({name for r in family.rows for name in r.scores})
+    panels += [(f"Score {name}", [(name, lambda r, n=name: metric_value(r, f"score:{n}"))]) for name in names]
+    return [(title, series) for title, series in panels if any(_finite(f(r)) for _, f in series for r in family.rows)]
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def chart_lines(family: Family) -> list[tuple[str, list[FamilyRow]]]:
+    """The chart's lines: one per combination of the other independent aliases' weights, its points in x order."""
+    x_alias, others = (family.axes[0], family.axes[1:]) if family.axes else (None, [])
+    groups: dict[tuple[float, ...], list[FamilyRow]] = {}
+    for row in family.points:
+        groups.setdefault(tuple(row.weights.get(a, 0.0) for a in others), []).append(row)
+    return [
+        (" ".join(f"{a}={format_weight(w)}" for a, w in zip(others, key, strict=True)),
+         sorted(rows, key=lambda r: r.weights.get(x_alias, 0.0) if x_alias else 0.0))
+        for key, rows in sorted(groups.items())
+    ]
+
+
+def _plain(text: str) -> str:
+    # A '$' pair would start matplotlib's math text: user text is shown as written.
+    return text.replace("$", r"\$")
+
+
 def chart_bytes(family: Family) -> dict[str, bytes] | None:
-    """The chart as {CHART_SVG: bytes, CHART_PNG: bytes}; None without matplotlib."""
-    raise NotImplementedError
+    """The chart as {CHART_SVG: bytes, CHART_PNG: bytes}, the same bytes for the same family; None without matplotlib."""
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import io
+
+    panels, lines = chart_panels(family), chart_lines(family)
+    x_alias = family.axes[0] if family.axes else None
+
+    def x_of(row: FamilyRow) -> float:
+        return row.weights.get(x_alias, 0.0) if x_alias else 0.0
+
+    files: dict[str, bytes] = {}
+    # Fixed ids and no date: the same family gives the same bytes. The figure is drawn without pyplot
+    # (its own Agg canvas), so no global backend or state is touched.
+    with matplotlib.rc_context({"svg.hashsalt": "registry-family", "svg.fonttype": "path", "font.family": "DejaVu Sans"}):
+        columns = 2 if len(panels) > 1 else 1
+        rows = max(1, math.ceil(len(panels) / columns))
+        fig = Figure(figsize=(5.5 * columns, 3.4 * rows), layout="constrained")
+        fig.suptitle(_plain(f"Family {family.family}: each metric against the weight of {x_alias or 'the point'}"))
+        for n, (title, series) in enumerate(panels):
+            ax = fig.add_subplot(rows, columns, n + 1)
+            ax.set_title(_plain(title), fontsize=10)
+            ax.set_xlabel(_plain(f"weight of {x_alias}" if x_alias else "point"))
+            ax.grid(True, alpha=0.3)
+            for s, (name, value) in enumerate(series):
+                color = f"C{s}"
+                for g, (group, members) in enumerate(lines):
+                    xs = [x_of(r) for r in members]
+                    ys = [v if _finite(v := value(r)) else float("nan") for r in members]
+                    label = " ".join(t for t in (name if len(series) > 1 else "", group) if t) or name
+                    (line,) = ax.plot(xs, ys, marker="o", color=color, linestyle=("-", "--", ":", "-.")[g % 4], label=_plain(label))
+                    line.set_gid(f"family-line-{n}-{s}-{g}")
+                for p, parent in enumerate(family.parents):
+                    v = value(parent)
+                    if not _finite(v):
+                        continue
+                    (mark,) = ax.plot([x_of(parent)], [v], marker="*", markersize=13, color=color, linestyle="none",
+                                      markeredgecolor="black", markeredgewidth=0.6)
+                    mark.set_gid(f"family-parent-{n}-{s}-{p}")
+                    ax.annotate(_plain(parent.label), (x_of(parent), v), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            if title.startswith(("Pass keys", "Top-1")):
+                ax.set_ylim(-0.05, 1.05)
+            if len(series) > 1 or len(lines) > 1:
+                ax.legend(fontsize=7)
+        for fmt, name, metadata in (("svg", CHART_SVG, {"Date": None}), ("png", CHART_PNG, {"Software": None})):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, metadata=metadata, dpi=100)
+            files[name] = buffer.getvalue()
+    return files
 
 
 def draw_chart(family: Family, folder: str | Path) -> list[Path] | None:
@@ -278,6 +389,7 @@ def family_files(family: Family) -> dict[str, bytes]:
 
 
 __all__ = [
-    "CHART_HINT", "CHART_PNG", "CHART_SVG", "PointReports", "build_family", "chart_available", "chart_bytes",
-    "draw_chart", "family_files", "markdown_table", "metric_value", "print_table", "select", "table_rows",
+    "CHART_HINT", "CHART_PNG", "CHART_SVG", "PointReports", "build_family", "chart_available", "chart_bytes", "chart_lines",
+    "chart_panels", "draw_chart", "family_files", "markdown_table", "measure_parents", "metric_value", "print_table", "select",
+    "table_rows",
 ]
