@@ -236,11 +236,11 @@ def catalog_build(
     format: FormatOption = Format.text,
 ) -> None:
     """Build a static site: an index with search and filters, and one page per model with card, recipe, smoke results and lineage."""
-    from .catalog import TEMPLATE_FOLDER, build_site, read_models
+    from .catalog import TEMPLATE_FOLDER, build_site, read_families, read_models
     from .templating import template_dirs
 
     dirs = template_dirs(templates, holding=TEMPLATE_FOLDER)
-    result = build_site(read_models(source), output, dirs)
+    result = build_site(read_models(source), output, dirs, read_families(source))
     if format is Format.json:
         emit_json({"source": source, **result.to_dict()})
     else:
@@ -249,7 +249,9 @@ def catalog_build(
             from . import registry_home
 
             source = f"the local registry {registry_home()}"
-        _console().print(f"wrote {esc(output / 'index.html')} and {result.models} model page{plural} from {esc(source)} in {result.seconds:.2f} s")
+        families = f", {result.families} family page{'' if result.families == 1 else 's'}" if result.families else ""
+        _console().print(f"wrote {esc(output / 'index.html')} and {result.models} model page{plural}{families} "
+                         f"from {esc(source)} in {result.seconds:.2f} s")
 
 
 @catalog_app.command("serve")
