@@ -213,40 +213,50 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _columns(family: Family) -> list[tuple[str, Any]]:
-    """(header, row → text) for each column the family has data for."""
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    text: Any  # row → the cell's text
+    number: bool = True  # right-aligned
+
+
+def _columns(family: Family) -> list[_Column]:
+    """The columns the family has data for."""
     parents = [r.label for r in family.parents]
     rows = family.rows
-    columns: list[tuple[str, Any]] = [("model", lambda r: r.label if r.kind == "point" else f"parent {r.label}")]
-    columns += [(a, lambda r, a=a: format_weight(r.weights[a]) if a in r.weights else "") for a in family.aliases]
+    columns = [_Column("model", lambda r: r.label if r.kind == "point" else f"parent {r.label}", number=False)]
+    columns += [_Column(a, lambda r, a=a: format_weight(r.weights[a]) if a in r.weights else "") for a in family.aliases]
     columns += [
-        ("state", lambda r: r.state),
-        ("smoke", lambda r: "" if r.kind == "parent" else {True: "passed", False: "failed", None: "n/a"}[r.smoke_passed]),
-        ("NLL", lambda r: _number(r.nll)),
-        ("retrieved", lambda r: f"{r.retrieved.retrieved}/{r.retrieved.total}" if r.retrieved else "n/a"),
+        _Column("state", lambda r: r.state, number=False),
+        _Column("smoke", lambda r: "" if r.kind == "parent" else {True: "passed", False: "failed", None: "n/a"}[r.smoke_passed],
+                number=False),
+        _Column("NLL", lambda r: _number(r.nll)),
+        _Column("retrieved", lambda r: f"{r.retrieved.retrieved}/{r.retrieved.total}" if r.retrieved else "n/a"),
     ]
     if any(r.kl for r in rows):
-        columns += [(f"KL {p}", lambda r, p=p: _number(r.kl.get(p), 4)) for p in parents]
+        columns += [_Column(f"KL {p}", lambda r, p=p: _number(r.kl.get(p), 4)) for p in parents]
     if any(r.top1 for r in rows):
-        columns += [(f"top-1 {p}", lambda r, p=p: _number(r.top1.get(p))) for p in parents]
+        columns += [_Column(f"top-1 {p}", lambda r, p=p: _number(r.top1.get(p))) for p in parents]
     names = sorted({name for r in rows for name in r.scores})
-    columns += [(name, lambda r, n=name: _number(r.scores[n].value) if n in r.scores else "n/a") for name in names]
-    columns += [("selected", lambda r: "" if r.kind == "parent" else "yes" if r.selected else "no")]
+    columns += [_Column(name, lambda r, n=name: _number(r.scores[n].value) if n in r.scores else "n/a") for name in names]
+    columns += [_Column("selected", lambda r: "" if r.kind == "parent" else "yes" if r.selected else "no", number=False)]
     return columns
 
 
 def table_rows(family: Family) -> tuple[list[str], list[list[str]]]:
     """The table's headers and its rows as plain text (points, then the parents), shared by every form."""
     columns = _columns(family)
-    return [h for h, _ in columns], [[str(f(r)) for _, f in columns] for r in family.points + family.parents]
+    return [c.header for c in columns], [[str(c.text(r)) for c in columns] for r in family.points + family.parents]
 
 
 def print_table(family: Family, console: Console) -> None:
     """Show the family as a rich table (user text escaped: recipe text is data)."""
     from rich.table import Table
 
-    headers, rows = table_rows(family)
-    table = Table(*[esc(h) for h in headers], title=f"family {esc(family.family)} (select: {esc(family.selection)})")
+    _, rows = table_rows(family)
+    table = Table(title=f"family {esc(family.family)} (select: {esc(family.selection)})")
+    for column in _columns(family):
+        table.add_column(esc(column.header), justify="right" if column.number else "left")
     points = len(family.points)
     for i, row in enumerate(rows):
         if i == points and i:
@@ -258,7 +268,8 @@ def print_table(family: Family, console: Console) -> None:
 def markdown_table(family: Family) -> str:
     """The family as a Markdown table (points, then the parents), every cell escaped."""
     headers, rows = table_rows(family)
-    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    rule = "|".join("---:" if c.number else "---" for c in _columns(family))
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", f"|{rule}|"]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -383,6 +394,19 @@ def draw_chart(family: Family, folder: str | Path) -> list[Path] | None:
     return paths
 
 
+def show_family(family: Family, console: Console, folder: str | Path | None = None) -> list[Path] | None:
+    """Print the family's table, then draw its chart into `folder` and name the files, or say how to get the chart."""
+    print_table(family, console)
+    if folder is None:
+        return None
+    paths = draw_chart(family, folder)
+    if paths is None:
+        console.print(CHART_HINT, markup=False)
+    else:
+        console.print("chart: " + ", ".join(esc(p) for p in paths))
+    return paths
+
+
 def family_files(family: Family) -> dict[str, bytes]:
     """The files each point's bundle carries for its family: family.json, and the chart when matplotlib is at hand."""
     return {family.FILE: dumps(family).encode("utf-8"), **(chart_bytes(family) or {})}
@@ -391,5 +415,5 @@ def family_files(family: Family) -> dict[str, bytes]:
 __all__ = [
     "CHART_HINT", "CHART_PNG", "CHART_SVG", "PointReports", "build_family", "chart_available", "chart_bytes", "chart_lines",
     "chart_panels", "draw_chart", "family_files", "markdown_table", "measure_parents", "metric_value", "print_table", "select",
-    "table_rows",
+    "show_family", "table_rows",
 ]
