@@ -186,6 +186,9 @@ def read_local_families(home: Path | None = None) -> list[CatalogFamily]:
         report = read_report(Family, folder)
         if report is None:
             continue
+        if report.family != name:
+            raise CatalogError(f"{folder}/{Family.FILE}: names family {report.family!r}, but the index lists it as {name!r}",
+                               "remove that entry of the index or publish the family again")
         charts = {n: data for n in (CHART_SVG, CHART_PNG) if (data := _read_bytes(folder / n)) is not None}
         families.append(CatalogFamily(report, entry.get("version"), charts))
     return families
@@ -542,8 +545,13 @@ def _sort_value(text: str) -> float | None:
 def _family_entry(family: CatalogFamily, by_id: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     """A family's page: the table the terminal and the card show (family.table_rows), each cell with a sort value."""
     from .family import CHART_PNG, CHART_SVG, table_rows
+    from .recipe import family_name_problem
 
     report = family.report
+    # The name becomes a page's path: only a valid family name may.
+    problem = family_name_problem(family.name)
+    if problem:
+        raise CatalogError(problem, "fix the family's name in its sweep and publish it again")
     headers, texts = table_rows(report)
     rows = []
     for row, cells in zip(report.points + report.parents, texts, strict=True):

@@ -911,3 +911,15 @@ def test_an_index_without_families_has_no_family_section_or_filter(page: Watched
     assert page.page.locator("#families").count() == 0
     assert page.page.locator("select[name=family]").count() == 0
     page.quiet()
+
+
+def test_a_family_whose_name_is_not_a_name_is_refused_in_one_line(tmp_path: Path):
+    from registry.catalog import CatalogFamily
+    from registry.reports import Family
+
+    report = Family(family="../../escape", recipe_sha256="a" * 64, aliases=["a"], selection="passed", rows=[])
+    with pytest.raises(CatalogError) as refused:
+        build_site([], tmp_path / "site", [], [CatalogFamily(report)])
+    assert str(refused.value) == ("family '../../escape' must be a name of letters, digits, '-', '_' and '.' (at most 96) "
+                                  "(fix the family's name in its sweep and publish it again)")
+    assert not (tmp_path / "site").exists() and not (tmp_path / "escape.html").exists()
