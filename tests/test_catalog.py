@@ -923,3 +923,38 @@ def test_a_family_whose_name_is_not_a_name_is_refused_in_one_line(tmp_path: Path
     assert str(refused.value) == ("family '../../escape' must be a name of letters, digits, '-', '_' and '.' (at most 96) "
                                   "(fix the family's name in its sweep and publish it again)")
     assert not (tmp_path / "site").exists() and not (tmp_path / "escape.html").exists()
+
+
+def test_families_are_read_from_the_family_report_each_point_carries_on_the_hub(hub_server: Any, hub_api: Any, tmp_path: Path):
+    from huggingface_hub import CommitOperationAdd
+
+    from registry.catalog import read_families
+    from registry.family import PointReports, build_family
+    from registry.recipe import parse_recipe
+    from registry.reports import dumps
+
+    recipe = parse_recipe(FAMILY_SWEEP.replace("fam-team/", f"{HUB_ORG}/"))
+    points = recipe.points()
+    family = build_family(recipe, [PointReports(p, None, None) for p in points])
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
+    for point in points[:2]:
+        repo_id = point.recipe.repo_id
+        upload_model(hub_api, repo_id, hub_card(repo_id, ["up/a", "up/b"], ["merge"], f"point {point.label}"))
+        hub_api.create_commit(repo_id, [CommitOperationAdd("family.json", dumps(family).encode()),
+                                        CommitOperationAdd("family.svg", svg)], commit_message="family")
+
+    models = read_models(f"hf:{HUB_ORG}", api=hub_api)
+    assert [(m.repo_id, m.family) for m in models] == [
+        (points[0].recipe.repo_id, {"name": "toy-a-b", "label": "a=0 b=1", "weights": {"a": 0.0, "b": 1.0}}),
+        (points[1].recipe.repo_id, {"name": "toy-a-b", "label": "a=0.25 b=0.75", "weights": {"a": 0.25, "b": 0.75}}),
+    ]
+    families = read_families(f"hf:{HUB_ORG}", models=models, api=hub_api)
+    assert [(f.name, f.report, f.charts) for f in families] == [("toy-a-b", family, {"family.svg": svg})]
+    result = build_site(models, tmp_path / "site", [], families)
+    assert result.families == 1
+    assert (tmp_path / "site" / "families" / "toy-a-b" / "family.svg").read_bytes() == svg
+    page = (tmp_path / "site" / "families" / "toy-a-b.html").read_text()
+    assert f'<a href="../models/{points[0].recipe.repo_id}.html">a=0 b=1</a>' in page
+    assert f'<tr data-repo="{points[4].recipe.repo_id}" data-order="4">' in page
+    # Every point is listed; only the two in this catalog link to a page.
+    assert page.count('<a href="../models/') == 2
