@@ -612,6 +612,10 @@ def _family_entry(family: CatalogFamily, by_id: Mapping[str, dict[str, Any]]) ->
             "url": f"{HUB_URL}/{row.repo_id}" if row.kind == "parent" and row.repo_id else None,
             "cells": [{"text": text, "value": _sort_value(text)} for text in cells],
         })
+        # The point column (its weights, `a=0.25 b=0.75`) sorts by the chart's x axis, the first swept alias.
+        axis = report.axes[0] if report.axes else None
+        if axis is not None and axis in row.weights:
+            rows[-1]["cells"][0]["value"] = row.weights[axis]
     folder = f"families/{family.name}/"
     return {
         "name": family.name,

@@ -900,26 +900,29 @@ def test_a_family_page_sorts_its_points_by_any_metric_column(page: Watched, fami
     p.goto(family_url + "families/toy-a-b.html")
     assert p.inner_text("h1") == "Family toy-a-b"
     headers = p.eval_on_selector_all("#family-table thead th", "ths => ths.map(t => t.textContent.trim())")
-    assert headers[:7] == ["model", "a", "b", "state", "smoke", "NLL", "retrieved"]
+    assert headers[:4] == ["point", "state", "NLL", "retrieved"]
     assert point_rows(p) == FAMILY_POINTS  # the sweep's order
+    # What each row sorts by: a number where the cell is one (the point column: the weight of `a`).
+    assert p.eval_on_selector_all("#family-table tbody.points tr", "rows => rows.map(r => [r.cells[0].dataset.value, r.cells[2].dataset.value])") == [
+        ["0.0", "0.324"], ["0.25", "0.298"], ["0.5", "0.305"], ["0.75", "0.301"], ["1.0", "0.296"]]
     assert p.eval_on_selector_all("#family-table tbody.parents tr td:first-child", "c => c.map(x => x.textContent)") == [
         "parent a", "parent b"]
 
     p.click("#family-table thead button:text-is('NLL')")
     by_nll = [FAMILY_POINTS[i] for i in (4, 1, 3, 2, 0)]  # 0.296, 0.298, 0.301, 0.305, 0.324
     assert point_rows(p) == by_nll
-    assert p.get_attribute("#family-table thead th:nth-child(6)", "aria-sort") == "ascending"
+    assert p.get_attribute("#family-table thead th:nth-child(3)", "aria-sort") == "ascending"
     p.click("#family-table thead button:text-is('NLL')")
     assert point_rows(p) == by_nll[::-1]
-    assert p.get_attribute("#family-table thead th:nth-child(6)", "aria-sort") == "descending"
-    nll_cells = p.eval_on_selector_all("#family-table tbody.points td:nth-child(6)", "c => c.map(x => x.textContent)")
+    assert p.get_attribute("#family-table thead th:nth-child(3)", "aria-sort") == "descending"
+    nll_cells = p.eval_on_selector_all("#family-table tbody.points td:nth-child(3)", "c => c.map(x => x.textContent)")
     assert nll_cells == ["0.324", "0.305", "0.301", "0.298", "0.296"]
 
-    # Another column starts ascending again; the parents never move.
-    p.click("#family-table thead button:text-is('a')")
+    # Another column starts ascending again (the point column by the weight of `a`); the parents never move.
+    p.click("#family-table thead button:text-is('point')")
     assert point_rows(p) == FAMILY_POINTS
-    assert p.get_attribute("#family-table thead th:nth-child(6)", "aria-sort") is None
-    p.click("#family-table thead button:text-is('a')")
+    assert p.get_attribute("#family-table thead th:nth-child(3)", "aria-sort") is None
+    p.click("#family-table thead button:text-is('point')")
     assert point_rows(p) == FAMILY_POINTS[::-1]
     assert p.eval_on_selector_all("#family-table tbody.parents tr td:first-child", "c => c.map(x => x.textContent)") == [
         "parent a", "parent b"]
