@@ -265,7 +265,7 @@ def test_plugin_sections_come_before_provenance(plugins):
     plugins(QuietPlugin())
     smoke = smoke_of()
     card = render(recipe_text(), smoke=smoke)
-    assert seen["args"] == ("team/test-merge", {"provenance": None, "smoke": smoke})
+    assert seen["args"] == ("team/test-merge", {"provenance": None, "smoke": smoke, "eval": None})
     assert "\n## Evaluation\n\n| task | score |\n|---|---:|\n| gsm8k | 71.2 |\n\n## Provenance\n" in card
 
 
