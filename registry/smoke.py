@@ -91,6 +91,15 @@ class LongRun:
     estimated_seconds: float | None = None  # the plan's estimate, before it ran (or why it was left out)
 
 
+def not_checked(long: Iterable[LongRun]) -> list[str]:
+    """Each long-context length none of whose prompts ran, with why: what a verdict over `long` did not check."""
+    lengths: dict[int, list[LongRun]] = {}
+    for run in long:
+        lengths.setdefault(run.tokens, []).append(run)
+    return [f"long context at {n} tokens ({runs[0].reason})" for n, runs in lengths.items()
+            if all(r.status == "skipped" for r in runs)]
+
+
 @dataclass(frozen=True)
 class ParityRow:
     """One model's NLL on the fixed text and retrieval over the long prompts both it and the merge ran."""
@@ -120,12 +129,8 @@ class SmokeReport:
     plan: SmokePlan | None = None  # the estimate made before the first generation
 
     def not_checked(self) -> list[str]:
-        """What the verdict did not check: each long-context length none of whose prompts ran, with why."""
-        lengths: dict[int, list[LongRun]] = {}
-        for run in self.long:
-            lengths.setdefault(run.tokens, []).append(run)
-        return [f"long context at {n} tokens ({runs[0].reason})" for n, runs in lengths.items()
-                if all(r.status == "skipped" for r in runs)]
+        """What the verdict did not check, with why (see `not_checked`)."""
+        return not_checked(self.long)
 
     def to_report(self) -> Smoke:
         """The typed smoke.json report (reports.write writes it)."""
