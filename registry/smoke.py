@@ -1313,14 +1313,17 @@ def print_report(report: SmokeReport, console: Any) -> None:
     for check in report.checks:
         table.add_row(esc(check.name), f"[{colour[check.status]}]{check.status}[/]", esc(check.reason))
     console.print(table)
+    if report.dtype:
+        console.print(f"computed in {esc(report.dtype)}: {esc(report.dtype_reason or '')}")
     if report.short:
         console.print(f"short: {report.short.new_tokens} tokens, stopped on {esc(report.short.stopped)}: {esc(repr(report.short.output))}")
     if report.long:
-        long = Table("tokens", "depth", "status", "seconds", "peak memory", "note", title="long context")
+        long = Table("tokens", "depth", "status", "seconds", "estimated", "peak memory", "note", title="long context")
         for run in report.long:
             peak = f"{run.peak_memory_bytes / _MIB:.0f} MiB" if run.peak_memory_bytes else ""
             seconds = f"{run.seconds:.2f}" if run.seconds is not None else ""
-            long.add_row(str(run.tokens), f"{run.depth:g}", f"[{colour[run.status]}]{run.status}[/]", seconds, peak,
+            estimated = f"{run.estimated_seconds:.2f}" if run.estimated_seconds is not None else ""
+            long.add_row(str(run.tokens), f"{run.depth:g}", f"[{colour[run.status]}]{run.status}[/]", seconds, estimated, peak,
                          esc(run.reason or ""))
         console.print(long)
     if report.parity:

@@ -490,7 +490,7 @@ def hub_card(repo_id: str, parents: list[str], tags: list[str], summary: str) ->
 def test_build_from_a_hub_org_lists_its_merges_with_cards_and_smoke(hub_server: Any, hub_api: Any, tmp_path: Path):
     parent, child = f"{HUB_ORG}/merged-parent", f"{HUB_ORG}/merged-child"
     upload_model(hub_api, parent, hub_card(parent, ["up/a", "up/b"], ["merge", "linear"], "The parent merge"),
-                 smoke={"format": 2, "passed": True, "device": "cpu", "checks": []})
+                 smoke={"format": 3, "passed": True, "device": "cpu", "checks": []})
     upload_model(hub_api, child, hub_card(child, [parent, "up/c"], ["merge", "linear", "code"], "The child merge"))
     upload_model(hub_api, f"{HUB_ORG}/not-a-merge", hub_card(f"{HUB_ORG}/not-a-merge", ["up/a"], ["finetune"], "no"))
     upload_model(hub_api, f"{HUB_USER}/elsewhere", hub_card(f"{HUB_USER}/elsewhere", ["up/a", "up/b"], ["merge"], "other owner"))
@@ -726,7 +726,7 @@ def test_a_hub_model_with_a_report_of_an_older_format_is_shown_with_a_note(hub_s
     old, new = f"{HUB_ORG}/old-format", f"{HUB_ORG}/current"
     upload_model(hub_api, old, hub_card(old, ["up/a", "up/b"], ["merge"], "an older registry wrote it"), smoke=OLD_SMOKE)
     upload_model(hub_api, new, hub_card(new, ["up/a", "up/b"], ["merge"], "current"),
-                 smoke={"format": 2, "passed": True, "device": "cpu", "checks": []})
+                 smoke={"format": 3, "passed": True, "device": "cpu", "checks": []})
     run = subprocess.run(
         [sys.executable, "-m", "registry", "catalog", "build", "--from", f"hf:{HUB_ORG}", "-o", "site", "--format", "json"],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **hub_server.client_env(HUB_TOKEN)}, timeout=120,
@@ -744,10 +744,10 @@ def test_a_hub_model_with_a_report_of_an_older_format_is_shown_with_a_note(hub_s
 @pytest.mark.parametrize("text, problem", [
     ('{"format": 2, "passed": tru', "not valid JSON (Expecting value: line 1 column 25 (char 24))"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"format": 2, "passed": true, "device": "cpu", "checks": "none"}', "checks: Input should be a valid list"),
-    ('{"format": 3, "passed": true}', "unknown smoke.json format 3 (this registry reads format 2)"),
-    ('{"format": "1", "passed": true}', 'unknown smoke.json format "1" (this registry reads format 2)'),
-    ('{"passed": true}', "unknown smoke.json format null (this registry reads format 2)"),
+    ('{"format": 3, "passed": true, "device": "cpu", "checks": "none"}', "checks: Input should be a valid list"),
+    ('{"format": 4, "passed": true}', "unknown smoke.json format 4 (this registry reads format 3)"),
+    ('{"format": "1", "passed": true}', 'unknown smoke.json format "1" (this registry reads format 3)'),
+    ('{"passed": true}', "unknown smoke.json format null (this registry reads format 3)"),
 ])
 def test_a_corrupt_report_on_the_hub_is_one_clear_error(hub_server: Any, hub_api: Any, text: str, problem: str):
     repo = f"{HUB_ORG}/corrupt"
