@@ -174,7 +174,7 @@ class LongSmoke(Strict):
     memory_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
     # Seconds the long prompts may take, the merge's and every parent's together, as estimated before
     # they run; the longest lengths that fit are kept. `time_budget` applies on any device (null: no
-    # limit); `cpu_time_budget` on CPU only, where a 1.5B model's 4096-token prompts would take an hour.
+    # limit); `cpu_time_budget` on CPU only, where the reference 1.5B merge's default plan took an hour.
     time_budget: float | None = Field(default=None, ge=0.0)
     cpu_time_budget: float | None = Field(default=480.0, ge=0.0)
 
