@@ -157,7 +157,7 @@ class SmokePlan:
 
     def message(self) -> str:
         """One line for the person waiting: the total, what runs, and how to bound it."""
-        from .card import human_seconds
+        from .numbers import human_seconds
 
         parents = len(self.models) - 1
         who = "merged" + (f" + {parents} parent{'s' * (parents != 1)}" if parents else "")
@@ -219,7 +219,7 @@ def make_plan(
 
 def _over_budget(seconds: float, depths: int, models: tuple[str, ...], limit: float, left: float,
                  setting: str | None, device: str) -> str:
-    from .card import human_seconds
+    from .numbers import human_seconds
 
     parents = len(models) - 1
     who = "merged" + (f" + {parents} parent{'s' * (parents != 1)}" if parents else "")

@@ -203,7 +203,7 @@ def test_a_budget_too_small_for_any_long_prompt_skips_them_all_and_the_verdict_s
         (256, 0.1, "skipped"), (256, 0.5, "skipped"), (256, 0.9, "skipped"),
         (512, 0.1, "skipped"), (512, 0.5, "skipped"), (512, 0.9, "skipped")]
     seconds = report.plan.length_seconds
-    from registry.card import human_seconds
+    from registry.numbers import human_seconds
 
     for run in report.long:
         assert run.reason == (f"would take about {human_seconds(seconds[run.tokens])} (3 depths × merged + 2 parents), "
@@ -277,61 +277,76 @@ def test_the_chosen_precision_is_used_for_every_model_and_recorded(toy_merge):
 
 
 def test_moving_from_the_merged_model_to_a_parent_needs_no_more_than_one_model(tmp_path):
-    # In a fresh process: memory an earlier test freed but the allocator kept would hide an allocation from RSS.
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
-            f"from test_smoke_budget import measure_transition; measure_transition(Path({str(tmp_path)!r}))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    figures = json.loads(run.stdout.strip().splitlines()[-1])
-    weights = figures["weights"]
-    # The first parent's load and runs, over the memory before the merged model loaded: no more than the
+    # Each in a fresh process: memory an earlier run freed but the allocator kept would hide an allocation from RSS.
+    def measured(hold: bool) -> dict:
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
+                f"from test_smoke_budget import measure_transition; measure_transition(Path({str(tmp_path)!r}), {hold})")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    freed, held = measured(False), measured(True)
+    weights = freed["weights"]
+    # The first parent's load and runs, over the memory before the merged model loaded, need no more than the
     # merged model's own load and runs (one model's weights plus working space), give or take a quarter of its weights.
-    assert figures["freed"]["parent"] < figures["freed"]["merged"] + weights / 4, figures
+    assert freed["parent"] < freed["merged"] + weights / 4, freed
     # The measurement sees a second model: a check that keeps the merged model until the parity is measured holds both.
-    assert figures["held"]["parent"] > figures["held"]["merged"] + weights / 2, figures
+    assert held["parent"] > held["merged"] + weights / 2, held
 
 
-def measure_transition(root: Path) -> None:
+def measure_transition(root: Path, hold: bool) -> None:
     """Peak RSS of the merged model's phase and of the first parent's, each over the RSS before the merged model loaded.
 
     The toy's weights (1.2 MB) are below what one model load moves RSS by, so a tiny family from
-    tests/models.py stands in: a vocabulary of 32000 makes each model 33 MB of bfloat16 weights.
+    tests/models.py stands in: 8 layers of hidden size 512 make each model 36M parameters, nearly all
+    of them in the layers, which every forward reads (a bfloat16 model may map its file rather than copy
+    it, and an embedding row no prompt uses is never read into memory).
     """
     from models import TinyConfig, build_family
     from test_smoke import _mergekit, _toy_recipe
 
-    from registry.smoke import CheckResult, SmokeCheck, _read_status
+    from registry.smoke import CheckResult, SmokeCheck, _read_status, load_model, nll, prefill
     from registry.smoke_checks import builtin_checks
 
-    family = build_family(root / "family", TinyConfig(hidden_size=256, intermediate_size=512, vocab_size=32000))
-    (root / "r").mkdir()
-    settings = SETTINGS % ", cpu_time_budget: null"
+    family = build_family(root / "family", TinyConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                                                          vocab_size=4000))
+    (root / "r").mkdir(exist_ok=True)
     recipe_path = _toy_recipe(root / "r", (0.3, 0.7), normalize=True, sources=(("a", family.a), ("b", family.b)),
-                              settings=settings)
-    folder = _mergekit(recipe_path, root / "merged")
+                              settings=SETTINGS % "")
+    folder = root / "merged"
+    if not (folder / "config.json").exists():
+        _mergekit(recipe_path, folder)
     recipe = load_recipe(recipe_path)
     recipe.smoke = SmokeConfig(short=ShortSmoke(max_new_tokens=4), long=LongSmoke(lengths=[128], depths=[0.5], max_new_tokens=2))
-    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    # Imports, kernels and the allocator's first arenas, on the 1 MB toy, so the merged model's phase pays none of them.
+    warm, tok = load_model(TOY / "base", "cpu", "bfloat16" if cpu_bf16_flag() else "float32")
+    prefill(warm, [5] * 128)
+    nll(warm, tok, "The grass is green. The sky is blue.")
+    del warm, tok
+    marks: dict[str, int] = {}
 
-    def phases(checks) -> dict[str, int]:
-        marks: dict[str, int] = {}
+    def note(message: str) -> None:
+        if message.startswith("loading the model"):
+            marks["base"] = _read_status("VmRSS")
+        elif message in ("evaluating parent 'a'", "evaluating parent 'b'"):
+            marks["merged" if message.endswith("'a'") else "parent"] = _read_status("VmHWM") - marks["base"]
+        else:
+            return
+        Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
 
-        def note(message: str) -> None:
-            if message.startswith("loading the model"):
-                marks["base"] = _read_status("VmRSS")
-            elif message in ("evaluating parent 'a'", "evaluating parent 'b'"):
-                marks["merged" if message.endswith("'a'") else "parent"] = _read_status("VmHWM") - marks["base"]
-            else:
-                return
-            Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
-
-        run_smoke(folder, recipe, device="cpu", checks=checks, write=False, progress=note, throughput=SLOW)
-        return marks
-
-    def hold(model, parity):
+    def keep(model, parity):
         return CheckResult("hold", "passed", "kept the merged model until the parity was measured")
 
-    phases(builtin_checks())  # warm: imports, kernels, the allocator's first arenas
-    freed = phases(builtin_checks())
-    held = phases([*builtin_checks(), SmokeCheck("hold", hold, ("model", "parity"))])
-    print(json.dumps({"weights": weights, "freed": freed, "held": held}))
+    checks = [*builtin_checks(), *([SmokeCheck("hold", keep, ("model", "parity"))] if hold else [])]
+    report = run_smoke(folder, recipe, device="cpu", checks=checks, write=False, progress=note, throughput=SLOW)
+    marks["weights"] = _parameters(folder) * {"bfloat16": 2, "float32": 4}[report.dtype]
+    print(json.dumps(marks))
+
+
+def _parameters(folder: Path) -> int:
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - a handle is not iterable
