@@ -350,3 +350,33 @@ def _parameters(folder: Path) -> int:
 
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - a handle is not iterable
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-vocabulary logits only where a check needs them
+
+
+def test_nll_holds_logits_for_one_chunk_of_positions_and_equals_the_whole_forward():
+    import torch
+
+    from registry.smoke import NLL_CHUNK, load_model, nll, prefill
+
+    model, tok = load_model(TOY / "base", "cpu", "float32")
+    text = " ".join(["The grass is green. The sky is blue. The pass key is 40917."] * 80)
+    ids = tok(text)["input_ids"]
+    assert len(ids) > 2 * NLL_CHUNK
+    shapes: list[tuple[int, ...]] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    try:
+        value = nll(model, tok, text)
+        prefill(model, ids)
+    finally:
+        hook.remove()
+    # NLL: every position, NLL_CHUNK at a time; prefill: the last position only.
+    chunks = [min(NLL_CHUNK, len(ids) - start) for start in range(0, len(ids) - 1, NLL_CHUNK)]
+    assert len(chunks) > 2 and max(chunks) == NLL_CHUNK
+    assert shapes == [*((1, n, 512) for n in chunks), (1, 1, 512)]
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    whole = float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])))
+    assert value == pytest.approx(whole, rel=1e-4)
