@@ -105,6 +105,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--models", nargs="+", choices=("base", "ft_cos", "ft_fmt", "larger"), default=["base", "ft_cos", "ft_fmt", "larger"])
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -114,8 +115,9 @@ def main() -> int:
     from registry.machine import cpu_bf16_flag
 
     with tempfile.TemporaryDirectory(prefix="smoke-precision-") as tmp:
-        models = {"toy base": TOY / "base", "toy ft_cos": TOY / "ft_cos", "toy ft_fmt": TOY / "ft_fmt",
-                  "larger (random)": larger_model(Path(tmp))}
+        every = {"base": ("toy base", lambda: TOY / "base"), "ft_cos": ("toy ft_cos", lambda: TOY / "ft_cos"),
+                 "ft_fmt": ("toy ft_fmt", lambda: TOY / "ft_fmt"), "larger": ("larger (random)", lambda: larger_model(Path(tmp)))}
+        models = {every[m][0]: every[m][1]() for m in args.models}
         results: dict[str, dict[str, list[dict]]] = {}
         for name, folder in models.items():
             for i in range(args.repeats):
@@ -124,8 +126,10 @@ def main() -> int:
                     run = subprocess.run([sys.executable, __file__, "--child", str(folder), dtype],
                                          capture_output=True, text=True, check=True)
                     results.setdefault(name, {}).setdefault(dtype, []).append(json.loads(run.stdout.splitlines()[-1]))
+                    print(f"{name} {dtype}: {run.stdout.splitlines()[-1]}", file=sys.stderr, flush=True)
     flag = cpu_bf16_flag()
-    print(f"CPU bfloat16 instructions: {flag or 'none'}; {results['toy base']['float32'][0]['threads']} threads; "
+    first = next(iter(results.values()))["float32"][0]
+    print(f"CPU bfloat16 instructions: {flag or 'none'}; {first['threads']} threads; "
           f"medians of {args.repeats} processes each")
     print(f"{'model':<16} {'params':>11} " + " ".join(f"{'prefill ' + str(n):>22}" for n in LENGTHS)
           + f" {'decode step':>22} {'NLL f32':>8} {'NLL bf16':>8} {'dNLL':>7} {'argmax agree':>12} {'keys f32/bf16':>13}")

@@ -1268,7 +1268,8 @@ def run_smoke(
         normalize = provenance is None or provenance.normalize is not False
         merge_dtype = provenance.dtype if provenance is not None else None
     device = pick_device(device)
-    dtype, why = choose_dtype(config.dtype, device, stored_dtype(folder), cpu_bf16_flag() if device == "cpu" else None)
+    stored, hidden = stored_dtype(folder)
+    dtype, why = choose_dtype(config.dtype, device, stored, cpu_bf16_flag() if device == "cpu" else None, hidden)
     settings = SmokeSettings(folder, config, device, strict, normalize, merge_dtype, dtype, why)
     measured = Measurements(settings, recipe, provenance, progress, throughput)
     results = measured.judge_all(checks)
@@ -1292,14 +1293,18 @@ def run_smoke(
     return report
 
 
-def stored_dtype(folder: Path) -> str | None:
-    """The dtype a checkpoint's config.json says its weights are stored in, if it says."""
+def stored_dtype(folder: Path) -> tuple[str | None, int | None]:
+    """(the dtype its weights are stored in, its hidden size), as a checkpoint's config.json says, where it says."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        return None
-    found = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
-    return found if isinstance(found, str) else None
+        return None, None
+    if not isinstance(config, dict):
+        return None, None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    found = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    hidden = text.get("hidden_size")
+    return (found if isinstance(found, str) else None), (hidden if isinstance(hidden, int) else None)
 
 
 def print_report(report: SmokeReport, console: Any) -> None:

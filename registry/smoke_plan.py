@@ -84,7 +84,14 @@ def generation_seconds(cost: Cost, speed: Throughput, n: int, new_tokens: int) -
 # Precision
 
 
-def choose_dtype(setting: str, device: str, stored: str | None, cpu_bf16_flag: str | None) -> tuple[str, str]:
+# Below this hidden size, bfloat16 products on CPU are slower than float32 even with native instructions:
+# the matrices are too small for the bfloat16 kernels to pay off (benchmarks/smoke_precision.py: the toy,
+# hidden 128, is about 2x slower in bfloat16; the reference model, hidden 1536, about 4x faster).
+BF16_CPU_MIN_HIDDEN = 1024
+
+
+def choose_dtype(setting: str, device: str, stored: str | None, cpu_bf16_flag: str | None,
+                 hidden_size: int | None = None) -> tuple[str, str]:
     """(dtype, why): what the smoke run computes in on `device` for a checkpoint stored in `stored`."""
     if setting != "auto":
         return setting, f"smoke.dtype is {setting}"
@@ -98,6 +105,9 @@ def choose_dtype(setting: str, device: str, stored: str | None, cpu_bf16_flag: s
     if cpu_bf16_flag is None:
         return "float32", ("this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16 or bf16), "
                            "where bfloat16 is slower than float32")
+    if hidden_size is not None and hidden_size < BF16_CPU_MIN_HIDDEN:
+        return "float32", (f"a small model (hidden size {hidden_size}, under {BF16_CPU_MIN_HIDDEN}), where bfloat16 "
+                           "is slower than float32 on CPU")
     return "bfloat16", (f"the checkpoint's dtype, and this CPU multiplies bfloat16 natively ({cpu_bf16_flag}): "
                         "faster than float32, with the same verdicts (benchmarks/smoke_precision.py)")
 

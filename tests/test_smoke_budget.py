@@ -114,6 +114,11 @@ def test_the_tighter_budget_applies_and_cpu_time_budget_only_on_cpu():
     ("auto", "cpu", "bfloat16", "avx512_bf16", ("bfloat16", "the checkpoint's dtype, and this CPU multiplies bfloat16 natively "
                                                 "(avx512_bf16): faster than float32, with the same verdicts "
                                                 "(benchmarks/smoke_precision.py)")),
+    ("auto", "cpu", ("bfloat16", 1536), "avx512_bf16", ("bfloat16", "the checkpoint's dtype, and this CPU multiplies bfloat16 "
+                                                         "natively (avx512_bf16): faster than float32, with the same verdicts "
+                                                         "(benchmarks/smoke_precision.py)")),
+    ("auto", "cpu", ("bfloat16", 128), "avx512_bf16", ("float32", "a small model (hidden size 128, under 1024), where bfloat16 "
+                                                       "is slower than float32 on CPU")),
     ("auto", "cpu", "bfloat16", None, ("float32", "this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16 or bf16), "
                                        "where bfloat16 is slower than float32")),
     ("auto", "cpu", "float32", "amx_bf16", ("float32", "the checkpoint is stored in float32, computed in float32 on CPU")),
@@ -125,7 +130,8 @@ def test_the_tighter_budget_applies_and_cpu_time_budget_only_on_cpu():
     ("bfloat16", "cpu", "float32", None, ("bfloat16", "smoke.dtype is bfloat16")),
 ])
 def test_precision_is_chosen_per_device_and_checkpoint(setting, device, stored, flag, expected):
-    assert choose_dtype(setting, device, stored, flag) == expected
+    stored, hidden = stored if isinstance(stored, tuple) else (stored, None)
+    assert choose_dtype(setting, device, stored, flag, hidden) == expected
 
 
 @pytest.mark.parametrize(("cpuinfo", "flag"), [
@@ -267,8 +273,9 @@ def test_the_chosen_precision_is_used_for_every_model_and_recorded(toy_merge):
     assert report.plan.dtype == "float32" and report.passed
     recipe.smoke.dtype = "auto"
     report = run_smoke(folder, recipe, device="cpu", checks=get_smoke_checks(), write=False, throughput=SLOW)
-    # The toy is stored in bfloat16: bfloat16 where this CPU multiplies it natively, else float32.
-    assert (report.dtype, report.dtype_reason) == choose_dtype("auto", "cpu", "bfloat16", cpu_bf16_flag())
+    # The toy is stored in bfloat16, and small (hidden size 128): float32, whatever the CPU.
+    assert (report.dtype, report.dtype_reason) == choose_dtype("auto", "cpu", "bfloat16", cpu_bf16_flag(), 128)
+    assert report.dtype == "float32"
     assert report.passed
 
 
