@@ -9,8 +9,8 @@ run in a sandbox with StrictUndefined, and values are inserted, never evaluated.
 from __future__ import annotations
 
 import functools
-import json
 import math
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from .hub_rules import LICENSES, repo_id_problem
 from .identity import smoke_identity
 from .leaks import find_leaks
 from .markdown import code, codeblock, md
+from .numbers import human_count, human_number, human_percent, human_seconds, human_size
 from .recipe import MergeInput, Recipe, parse_ref
 from .reports import EVAL_FILE, PROVENANCE_FILE, SMOKE_FILE, Eval, Family, MetricScore, Provenance, Smoke
 from .reports import read as read_report
@@ -68,49 +69,6 @@ def pystr(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)
 
 
-def human_size(value: Any) -> str:
-    """Bytes in binary units, to three significant digits: 512 B, 121 KiB, 3.47 GiB."""
-    size = float(value)
-    if not math.isfinite(size) or abs(size) < 1024:
-        return f"{size:.0f} B" if math.isfinite(size) else "n/a"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        size /= 1024
-        # Decided on the rounded value, so 1023.9 KiB reads 1.00 MiB rather than 1020 KiB.
-        if abs(float(_significant(size, 3))) < 1024 or unit == "TiB":
-            return f"{_significant(size, 3)} {unit}"
-    raise AssertionError("unreachable")
-
-
-def human_seconds(value: Any) -> str:
-    """A duration to two significant digits, in the unit a reader expects: 0.43 s, 12 s, 1.3 min, 2.5 h."""
-    seconds = float(value)
-    if not math.isfinite(seconds):
-        return "n/a"
-    if abs(float(_significant(seconds))) < 60:
-        return f"{_significant(seconds)} s"
-    # At least 1.0 in the larger unit: 59.7 s rounds up to 60 s, which reads 1.0 min.
-    minutes = max(seconds / 60, 1.0)
-    if float(_significant(minutes)) < 60:
-        return f"{_significant(minutes)} min"
-    return f"{_significant(max(seconds / 3600, 1.0))} h"
-
-
-def human_count(value: Any) -> str:
-    """An integer with thousands separators: 131,072."""
-    return f"{int(value):,}"
-
-
-def human_percent(value: Any) -> str:
-    """A fraction as a percentage to three significant digits: 0.5 -> 50%, 1/3 -> 33.3%."""
-    percent = float(value) * 100
-    return f"{percent:.3g}%" if abs(percent) < 1000 else f"{percent:.0f}%"
-
-
-def human_number(value: Any, digits: int = 3) -> str:
-    """A float with `digits` decimals (an NLL: 1.873)."""
-    return f"{float(value):.{digits}f}"
-
-
 def human_score(value: Any) -> str:
     """A benchmark score (MetricScore or its data) as value ± standard error, to three significant digits: 0.875 ± 0.125."""
     if isinstance(value, Mapping):
@@ -135,19 +93,6 @@ NUMBER_FILTERS = {
     "size": human_size, "seconds": human_seconds, "count": human_count, "percent": human_percent,
     "number": human_number, "weight": weight_text, "score": human_score,
 }
-
-
-def _significant(value: float, digits: int = 2) -> str:
-    """`value` rounded to `digits` significant digits, written without an exponent: 0.0043, 4.3, 43, 430."""
-    if value == 0:
-        return "0"
-    exponent = math.floor(math.log10(abs(value)))
-    decimals = max(0, digits - 1 - exponent)
-    rounded = round(value, decimals)
-    # Rounding can carry into a new leading digit (9.96 -> 10.0), which then needs one decimal less.
-    if rounded and math.floor(math.log10(abs(rounded))) > exponent:
-        decimals = max(0, decimals - 1)
-    return f"{rounded:.{decimals}f}"
 
 
 # ---------------------------------------------------------------------------------------------

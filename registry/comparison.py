@@ -105,7 +105,8 @@ def parent_settings_hash(config: SmokeConfig, parity_text: str, device: str) -> 
     settings["parity"] = {"text": parity_text}
     for key in ("min_logit_std", "max_repeated_ngrams", "max_token_run"):
         settings["short"].pop(key, None)
-    for key in ("lengths", "depths", "context_tokens", "cpu_max_tokens", "min_retrieved", "memory_fraction"):
+    for key in ("lengths", "depths", "context_tokens", "cpu_max_tokens", "min_retrieved", "memory_fraction", "time_budget",
+                "cpu_time_budget"):
         settings["long"].pop(key, None)
     versions = {}
     for package in ("torch", "transformers"):

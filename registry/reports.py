@@ -130,6 +130,39 @@ class LongEntry(_Model):
     output: str | None = None
     estimated_memory_bytes: int | None = None
     prefill_chunk_size: int | None = None
+    estimated_seconds: float | None = None
+
+
+class PlannedEntry(_Model):
+    """One run the smoke plan estimated before the first generation."""
+
+    model: str  # "merged" or a parent's name
+    what: Literal["load", "short", "nll", "long"]
+    seconds: float
+    tokens: int | None = None
+    depth: float | None = None
+    status: Literal["planned", "skipped"] = "planned"
+
+
+class EstimateEntry(_Model):
+    """The time estimate: measured throughput, the budget, every planned run (smoke_plan.py)."""
+
+    total_seconds: float  # of the runs planned, skipped lengths excluded
+    budget_seconds: float | None = None
+    budget_setting: str | None = None
+    linear_flops: float | None = None
+    attention_flops: float | None = None
+    step_seconds: float | None = None
+    load_seconds: float | None = None
+    runs: list[PlannedEntry] = []
+
+
+class SkippedLength(_Model):
+    """A long-context length the time budget left out, with what all its prompts would have taken."""
+
+    tokens: int
+    estimated_seconds: float
+    reason: str
 
 
 class ParityEntry(_Model):
@@ -164,6 +197,11 @@ class Smoke(Report):
     short: ShortEntry | None = None
     long: list[LongEntry] = []
     parity: list[ParityEntry] = []
+    dtype: str | None = None  # what the models computed in
+    dtype_reason: str | None = None
+    estimate: EstimateEntry | None = None
+    skipped: list[SkippedLength] = []
+    not_checked: list[str] = []  # what the verdict did not check, with why
 
     def failed(self) -> list[CheckEntry]:
         """The checks that failed."""
@@ -417,8 +455,8 @@ def _finite(value: Any) -> Any:
 
 
 __all__ = [
-    "EVAL_FILE", "FAMILY_FILE", "PROVENANCE_FILE", "SMOKE_FILE", "CheckEntry", "Eval", "Family", "FamilyRow", "FileRecord",
-    "GateRow", "LongEntry", "MetricScore", "ParentMeasurements", "ParentShortEntry", "ParityEntry", "Provenance", "Report",
-    "ReportError", "Retrieved", "ShortEntry", "Smoke", "SourcePin", "TaskScores", "data", "dumps", "parse", "read",
-    "read_current", "write",
+    "EVAL_FILE", "FAMILY_FILE", "PROVENANCE_FILE", "SMOKE_FILE", "CheckEntry", "EstimateEntry", "Eval", "Family", "FamilyRow",
+    "FileRecord", "GateRow", "LongEntry", "MetricScore", "ParentMeasurements", "ParentShortEntry", "ParityEntry", "PlannedEntry",
+    "Provenance", "Report", "ReportError", "Retrieved", "ShortEntry", "SkippedLength", "Smoke", "SourcePin", "TaskScores", "data",
+    "dumps", "parse", "read", "read_current", "write",
 ]

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import RegistryError, SmokeError
 from .identity import smoke_identity
-from .machine import memory_available, pick_device
+from .machine import cpu_bf16_flag, memory_available, pick_device
 from .recipe import SmokeConfig, WeightFilter, weight_for
 from .reports import Provenance, Smoke
 from .reports import read as read_report
 from .reports import write as write_report
+from .smoke_plan import SmokePlan, Throughput, choose_dtype, make_plan, model_cost
 from .sources import SHARD_INDEX, expand_local, folder_content_sha256
 
 if TYPE_CHECKING:
@@ -87,6 +88,16 @@ class LongRun:
     output: str | None = None
     estimated_memory_bytes: int | None = None
     prefill_chunk_size: int | None = None
+    estimated_seconds: float | None = None  # the plan's estimate, before it ran (or why it was left out)
+
+
+def not_checked(long: Iterable[LongRun]) -> list[str]:
+    """Each long-context length none of whose prompts ran, with why: what a verdict over `long` did not check."""
+    lengths: dict[int, list[LongRun]] = {}
+    for run in long:
+        lengths.setdefault(run.tokens, []).append(run)
+    return [f"long context at {n} tokens ({runs[0].reason})" for n, runs in lengths.items()
+            if all(r.status == "skipped" for r in runs)]
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,13 @@ class SmokeReport:
     parity: list[ParityRow]
     # Every model load tried, in order ("merged", then the parents'); not written to smoke.json.
     loaded: tuple[str, ...] = ()
+    dtype: str | None = None  # what the models computed in, and why
+    dtype_reason: str | None = None
+    plan: SmokePlan | None = None  # the estimate made before the first generation
+
+    def not_checked(self) -> list[str]:
+        """What the verdict did not check, with why (see `not_checked`)."""
+        return not_checked(self.long)
 
     def to_report(self) -> Smoke:
         """The typed smoke.json report (reports.write writes it)."""
@@ -135,7 +153,20 @@ class SmokeReport:
                                               "stopped": short.stopped},
             long=[asdict(r) for r in self.long],
             parity=[asdict(r) for r in self.parity],
+            dtype=self.dtype,
+            dtype_reason=self.dtype_reason,
+            estimate=None if self.plan is None else self.plan.to_report(),
+            skipped=self._skipped(),
+            not_checked=self.not_checked(),
         )
+
+    def _skipped(self) -> list[dict[str, Any]]:
+        """The lengths the plan left out, with their estimated seconds (all depths, the merge and its parents)."""
+        plan = self.plan
+        if plan is None:
+            return []
+        return [{"tokens": n, "estimated_seconds": round(plan.length_seconds[n], 3), "reason": reason}
+                for n, reason in sorted(plan.skipped.items())]
 
     def failed(self) -> list[CheckResult]:
         """The checks that failed."""
@@ -268,15 +299,15 @@ def _frozen_weight(weight: Any) -> float | tuple[WeightFilter, ...] | None:
 # Loading
 
 
-def load_model(path: str | Path, device: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from a folder: sdpa attention, float32 on CPU, the checkpoint's dtype on CUDA."""
+def load_model(path: str | Path, device: str, dtype: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a folder: sdpa attention, in `dtype`, else float32 on CPU and the checkpoint's dtype on CUDA."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(path)
-        dtype = torch.float32
-        if device == "cuda":
+        dtype = getattr(torch, dtype) if dtype else torch.float32
+        if device == "cuda" and dtype is torch.float32:
             stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
             stored = getattr(torch, stored) if isinstance(stored, str) else stored
             dtype = stored if stored in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
@@ -455,16 +486,31 @@ def run_short(model: Any, tokenizer: Any, config: ShortSmoke) -> ShortRun:
     )
 
 
+# Positions of full-vocabulary logits held at once by `nll` (512 x 151936 float32 logits: 311 MB).
+NLL_CHUNK = 512
+
+
 def nll(model: Any, tokenizer: Any, text: str) -> float:
-    """Mean negative log-likelihood (nats per token) of `text` under the model."""
+    """Mean negative log-likelihood (nats per token) of `text` under the model, in float32."""
     import torch
 
     ids = tokenizer(text)["input_ids"]
+    if len(ids) < 2:
+        return math.nan
     device = next(model.parameters()).device
+    tokens = torch.tensor([ids], device=device)
+    key = _cache_kwarg(model)
+    cache, total = None, 0.0
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
-        target = torch.tensor(ids[1:], device=device)
-        return float(torch.nn.functional.cross_entropy(logits, target))
+        # Every position's logits are needed, but only a chunk's at a time: the KV cache carries the rest.
+        for start in range(0, len(ids) - 1, NLL_CHUNK):
+            kwargs = {key: cache} if cache is not None else {}
+            out = model(input_ids=tokens[:, start : start + NLL_CHUNK], use_cache=True, **kwargs)
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            logits = out.logits[0, : len(ids) - 1 - start].float()
+            target = tokens[0, start + 1 : start + 1 + len(logits)]
+            total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+    return total / (len(ids) - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,7 +604,7 @@ class NeedlePromptBuilder:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory: estimate before running, measure while running
+# Memory and time: estimate before running, measure while running
 
 
 def estimate_long_memory(model_config: Any, n_tokens: int, *, dtype_bytes: int, chunk_size: int | None = None) -> int:
@@ -587,6 +633,64 @@ def estimate_long_memory(model_config: Any, n_tokens: int, *, dtype_bytes: int, 
         attention = heads * n * 4 * 2  # fused causal kernel: O(n) softmax statistics
     logits = 2 * vocab * 4
     return int((kv_cache + kv_copy + activations + attention + logits) * 1.2) + 64 * _MIB
+
+
+# Calibration sizes: a prefill long enough to keep the device's matrix units busy, and one layer's
+# causal attention long enough to be measured (the quadratic term of long prompts).
+CALIBRATION_TOKENS = {"cpu": 256, "cuda": 4096}
+CALIBRATION_ATTENTION = {"cpu": 1024, "cuda": 16384}
+CALIBRATION_STEPS = 4
+
+
+def calibrate(model: Any, device: str, *, load_seconds: float = 0.0) -> Throughput:
+    """The loaded model's speed on `device`: a short prefill, a few decoding steps, one layer's causal attention."""
+    import torch
+
+    cost = model_cost(model.config)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    vocab = text.vocab_size
+    limit = getattr(text, "max_position_embeddings", None) or 4096
+    n = min(CALIBRATION_TOKENS.get(device, 256), limit)
+    ids = [(7919 * i + 13) % vocab for i in range(n)]
+
+    def timed(call: Callable[[], Any]) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    prefill(model, ids[:16])  # the first forward pays for kernel selection and allocation
+    seconds = timed(lambda: prefill(model, ids))
+    eos: set[int] = set()
+    short = ids[:16]
+    first = timed(lambda: greedy_generate(model, short, 1, eos))
+    steps = timed(lambda: greedy_generate(model, short, 1 + CALIBRATION_STEPS, eos))
+    step = max((steps - first) / CALIBRATION_STEPS, 1e-6)
+    attention = _attention_flops(model, device, min(CALIBRATION_ATTENTION.get(device, 1024), limit), timed)
+    linear_seconds = max(seconds - cost.per_pair * n * (n + 1) / 2 / attention, seconds / 2)
+    return Throughput(linear_flops=(cost.per_token * n + cost.head) / linear_seconds, attention_flops=attention,
+                      step_seconds=step, load_seconds=load_seconds)
+
+
+def _attention_flops(model: Any, device: str, n: int, timed: Callable[[Callable[[], Any]], float]) -> float:
+    """FLOP/s of one layer's causal attention over n tokens at the model's head shapes and dtype."""
+    import torch
+
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    q = torch.randn(1, heads, n, head_dim, dtype=dtype, device=device)
+    kv = torch.randn(1, kv_heads, n, head_dim, dtype=dtype, device=device)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.inference_mode():
+        sdpa(q[:, :, :16], kv[:, :, :16], kv[:, :, :16], is_causal=True, enable_gqa=kv_heads != heads)
+        seconds = timed(lambda: sdpa(q, kv, kv, is_causal=True, enable_gqa=kv_heads != heads))
+    return 4.0 * heads * head_dim * n * (n + 1) / 2 / max(seconds, 1e-9)
 
 
 def _read_status(field_name: str) -> int | None:
@@ -645,13 +749,8 @@ def long_lengths(config: LongSmoke, model_config: Any) -> tuple[list[int], int]:
     return [*lengths, limit], limit
 
 
-def run_long_prompt(
-    model: Any, tokenizer: Any, builder: NeedlePromptBuilder, n_tokens: int, depth: float,
-    config: LongSmoke, device: str, limit: int,
-) -> LongRun:
-    """One needle-in-a-haystack generation, or a skip with its reason when it cannot (or must not) run."""
-    import torch
-
+def long_precheck(model: Any, n_tokens: int, depth: float, config: LongSmoke, device: str, limit: int) -> LongRun:
+    """A prompt not yet run: skipped with its reason when it cannot (or must not) run, else its chunk and memory estimate."""
     key = pass_key(n_tokens, depth, config.key_digits)
     skipped = LongRun(n_tokens, depth, "skipped", key=key)
     if n_tokens > limit:
@@ -671,7 +770,20 @@ def run_long_prompt(
     skipped = replace(skipped, estimated_memory_bytes=estimate)
     if estimate > budget:
         return replace(skipped, reason=f"needs about {estimate / _MIB:.0f} MiB, {budget / _MIB:.0f} MiB can be used on {device}")
-    skipped = replace(skipped, prefill_chunk_size=chunk if chunk and chunk < n_tokens else None)
+    return replace(skipped, prefill_chunk_size=chunk if chunk and chunk < n_tokens else None)
+
+
+def run_long_prompt(
+    model: Any, tokenizer: Any, builder: NeedlePromptBuilder, n_tokens: int, depth: float,
+    config: LongSmoke, device: str, limit: int,
+) -> LongRun:
+    """One needle-in-a-haystack generation, or a skip with its reason when it cannot (or must not) run."""
+    import torch
+
+    skipped = long_precheck(model, n_tokens, depth, config, device, limit)
+    if skipped.reason is not None:
+        return skipped
+    key, chunk, estimate = skipped.key or "", skipped.prefill_chunk_size, skipped.estimated_memory_bytes or 0
     prompt = builder.build(n_tokens, depth, key)
     try:
         start = time.perf_counter()
@@ -687,14 +799,26 @@ def run_long_prompt(
 
 
 def run_long(model: Any, tokenizer: Any, config: LongSmoke, device: str, cells: list[tuple[int, float]] | None = None,
-             progress: Callable[[str], None] | None = None, model_name: str = "the model") -> list[LongRun]:
-    """Every (length, depth) of the long-context check, in order (or just `cells`); `model_name` is for messages."""
+             progress: Callable[[str], None] | None = None, model_name: str = "the model",
+             plan: SmokePlan | None = None, planned_as: str = "merged") -> list[LongRun]:
+    """Every (length, depth) of the long-context check, in order (or just `cells`); `model_name` is for messages.
+
+    With a `plan`, the lengths it leaves out are skipped with its reason, and each prompt records its
+    estimated seconds (the plan's runs for `planned_as`: "merged" or a parent's name).
+    """
     builder = NeedlePromptBuilder(tokenizer, config.filler, config.needle, config.question, model=model_name)
     lengths, limit = long_lengths(config, model.config)
     todo = cells if cells is not None else [(n, d) for n in lengths for d in config.depths]
     runs = []
     for n, depth in todo:
+        estimated = plan.long_seconds(n, depth, planned_as) if plan is not None else None
+        if plan is not None and n in plan.skipped:
+            runs.append(LongRun(n, depth, "skipped", reason=plan.skipped[n], key=pass_key(n, depth, config.key_digits),
+                                estimated_seconds=None if estimated is None else round(estimated, 3)))
+            continue
         run = run_long_prompt(model, tokenizer, builder, n, depth, config, device, limit)
+        if estimated is not None and run.status != "skipped":
+            run = replace(run, estimated_seconds=round(estimated, 3))
         if progress and run.status != "skipped":
             progress(f"long {n} tokens, depth {depth}: {run.status} in {run.seconds:.2f}s")
         runs.append(run)
@@ -858,6 +982,8 @@ class SmokeSettings:
     strict: bool
     normalize: bool  # whether the merge normalized its weights
     merge_dtype: str | None  # the dtype the merge computed in, when known
+    dtype: str | None = None  # what every model is loaded in for this run (None: load_model's default)
+    dtype_reason: str = ""
 
     def parity_text(self) -> str:
         """The fixed text whose NLL is compared: the recipe's, else the haystack with a needle and its answer."""
@@ -911,6 +1037,7 @@ MEASUREMENTS: dict[str, str] = {
     "settings": "SmokeSettings: the model folder, the recipe's smoke settings, the device, strict mode",
     "sources": "tuple[SourceModel]: the merge's sources with their weights, and their folders where at hand",
     "model": "LoadedModel: the merged model and tokenizer (a check needing it is judged before the parents load)",
+    "plan": "SmokePlan: every planned run's estimated seconds and the long lengths the time budget keeps",
     "short": "ShortRun: the merged model's short generation",
     "long": "tuple[LongRun]: the merged model's needle-in-a-haystack prompts, every (length, depth)",
     "nll": "float: the merged model's NLL on the fixed text, when the parity check compares it",
@@ -925,8 +1052,9 @@ class Measurements:
     """Computes each measurement once, on demand, and judges every check over the ones it declares."""
 
     def __init__(self, settings: SmokeSettings, recipe: Recipe | None, provenance: Provenance | None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, throughput: Throughput | None = None):
         self.settings = settings
+        self.throughput = throughput  # given: the plan uses it instead of calibrating
         self.recipe = recipe
         self.provenance = provenance
         self.progress = progress
@@ -944,7 +1072,11 @@ class Measurements:
     def depends(self, name: str) -> tuple[str, ...]:
         """What a measurement is computed from (parents and parity need nothing when parity is disabled)."""
         parity = self.settings.config.parity
-        if name in ("short", "long", "nll", "logprobs"):
+        if name == "long":
+            return ("model", "plan")
+        if name == "plan":
+            return ("model", "sources")
+        if name in ("short", "nll", "logprobs"):
             return ("model",)
         if name == "weights":
             return ("sources",)
@@ -1051,7 +1183,27 @@ class Measurements:
     def _model(self) -> LoadedModel:
         self.note(f"loading the model on {self.settings.device}")
         self.loaded.append("merged")
-        return LoadedModel(*load_model(self.settings.model_dir, self.settings.device))
+        return LoadedModel(*load_model(self.settings.model_dir, self.settings.device, self.settings.dtype))
+
+    def _plan(self) -> SmokePlan:
+        s, loaded = self.settings, self.values["model"]
+        model, tokenizer, long = loaded.model, loaded.tokenizer, s.config.long
+        speed = self.throughput or calibrate(model, s.device, load_seconds=round(self.seconds.get("model", 0.0), 3))
+        lengths, limit = long_lengths(long, model.config)
+        # Lengths that cannot run (context, cpu_max_tokens, memory) cost nothing and are reported as they are.
+        runnable = [n for n in lengths if long_precheck(model, n, 0.5, long, s.device, limit).reason is None]
+        parents = tuple(src.name for src in self.values["sources"] if src.path is not None)
+        if getattr(tokenizer, "chat_template", None):
+            short_tokens = len(tokenizer.apply_chat_template([{"role": "user", "content": s.config.short.prompt}],
+                                                             add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        else:
+            short_tokens = len(tokenizer(s.config.short.prompt)["input_ids"])
+        plan = make_plan(s.config, device=s.device, dtype=s.dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
+                         dtype_reason=s.dtype_reason, cost=model_cost(model.config), speed=speed, parents=parents,
+                         short_tokens=short_tokens, nll_tokens=len(tokenizer(s.parity_text())["input_ids"]),
+                         long_lengths=runnable)
+        self.note(plan.message())
+        return plan
 
     def _short(self) -> ShortRun:
         self.note("short generation")
@@ -1061,7 +1213,7 @@ class Measurements:
     def _long(self) -> tuple[LongRun, ...]:
         loaded, s = self.values["model"], self.settings
         return tuple(run_long(loaded.model, loaded.tokenizer, s.config.long, s.device, progress=self.note,
-                              model_name=f"the model in {s.model_dir}"))
+                              model_name=f"the model in {s.model_dir}", plan=self.values["plan"]))
 
     def _nll(self) -> float:
         loaded = self.values["model"]
@@ -1088,7 +1240,7 @@ class Measurements:
                 unavailable.append(source)
                 continue
             try:
-                record = measure_parent(source, s, cells, progress=self.note, loaded=self.loaded)
+                record = measure_parent(source, s, cells, progress=self.note, loaded=self.loaded, plan=self.values.get("plan"))
             except SmokeError:
                 # The message names the folder, which must not reach smoke.json.
                 unavailable.append(replace(source, path=None, missing="its folder could not be loaded as a model"))
@@ -1141,7 +1293,7 @@ class ParentRecord:
 
 def measure_parent(source: SourceModel, settings: SmokeSettings, cells: Iterable[tuple[int, float]], *,
                    progress: Callable[[str], None] | None = None, loaded: list[str] | None = None,
-                   cache_root: Path | None = None) -> ParentRecord:
+                   cache_root: Path | None = None, plan: SmokePlan | None = None) -> ParentRecord:
     """A parent's NLL, short generation, log-probs and pass-key prompts at `cells`, loading it only for what its cache lacks.
 
     The cache (build_root()/parents/, or `cache_root`) is keyed by the parent's pin and the smoke settings
@@ -1155,7 +1307,8 @@ def measure_parent(source: SourceModel, settings: SmokeSettings, cells: Iterable
     if source.path is None:
         raise SmokeError(f"source '{source.name}' is not at hand: {source.missing}")
     pin = source_pin(source)
-    key = parent_settings_hash(settings.config, settings.parity_text(), settings.device)
+    # The precision a parent runs in shapes its measurements: it is part of the key with the device.
+    key = parent_settings_hash(settings.config, settings.parity_text(), f"{settings.device}:{settings.dtype or 'default'}")
     cached = read_cache(pin, key, cache_root) if pin else None
     measured, values = cached if cached is not None else (ParentMeasurements(pin=pin or "", settings=key), None)
     long = {(r.tokens, r.depth): LongRun(**r.model_dump()) for r in measured.long}
@@ -1165,7 +1318,7 @@ def measure_parent(source: SourceModel, settings: SmokeSettings, cells: Iterable
         note(f"evaluating parent '{source.name}'")
         if loaded is not None:
             loaded.append(source.name)
-        model, tokenizer = load_model(source.path, settings.device)
+        model, tokenizer = load_model(source.path, settings.device, settings.dtype)
         try:
             short, short_missing = run_short(model, tokenizer, settings.config.short), None
         except NoChatTemplate as exc:
@@ -1174,7 +1327,7 @@ def measure_parent(source: SourceModel, settings: SmokeSettings, cells: Iterable
         prompts = comparison_prompts(tokenizer, settings.parity_text(), settings.config.short.prompt)
         values = next_token_logprobs(model, prompts)
         runs = (run_long(model, tokenizer, settings.config.long, settings.device, todo,
-                         model_name=f"parent '{source.name}' ({source.path})") if todo else [])
+                         model_name=f"parent '{source.name}' ({source.path})", plan=plan, planned_as=source.name) if todo else [])
         del model, tokenizer
         _free()
         long.update({(r.tokens, r.depth): r for r in runs})
@@ -1294,11 +1447,13 @@ def run_smoke(
     write: bool = True,
     progress: Callable[[str], None] | None = None,
     strict: bool = False,
+    throughput: Throughput | None = None,
 ) -> SmokeReport:
     """Run `checks` (plugins.get_smoke_checks(): every registered one) on a model folder; return (and by default write) the report.
 
     `strict` (what `registry publish` passes): a source whose weights changed since the merge fails the
     weights check instead of skipping it, so a publish never passes a merge it could not verify.
+    `throughput`: figures the time estimate uses instead of measuring them (benchmarks, tests).
     """
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
@@ -1310,8 +1465,11 @@ def run_smoke(
     else:
         normalize = provenance is None or provenance.normalize is not False
         merge_dtype = provenance.dtype if provenance is not None else None
-    settings = SmokeSettings(folder, config, pick_device(device), strict, normalize, merge_dtype)
-    measured = Measurements(settings, recipe, provenance, progress)
+    device = pick_device(device)
+    stored, hidden = stored_dtype(folder)
+    dtype, why = choose_dtype(config.dtype, device, stored, cpu_bf16_flag() if device == "cpu" else None, hidden)
+    settings = SmokeSettings(folder, config, device, strict, normalize, merge_dtype, dtype, why)
+    measured = Measurements(settings, recipe, provenance, progress, throughput)
     results = measured.judge_all(checks)
     merge_id = provenance.merge_identity if provenance is not None else None
     report = SmokeReport(
@@ -1324,10 +1482,27 @@ def run_smoke(
         long=list(measured.values.get("long", ())),
         parity=list(measured.values.get("parity", ())),
         loaded=tuple(measured.loaded),
+        dtype=dtype,
+        dtype_reason=why,
+        plan=measured.values.get("plan"),
     )
     if write:
         write_report(report.to_report(), folder)
     return report
+
+
+def stored_dtype(folder: Path) -> tuple[str | None, int | None]:
+    """(the dtype its weights are stored in, its hidden size), as a checkpoint's config.json says, where it says."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(config, dict):
+        return None, None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    found = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    hidden = text.get("hidden_size")
+    return (found if isinstance(found, str) else None), (hidden if isinstance(hidden, int) else None)
 
 
 def print_report(report: SmokeReport, console: Any) -> None:
@@ -1341,14 +1516,17 @@ def print_report(report: SmokeReport, console: Any) -> None:
     for check in report.checks:
         table.add_row(esc(check.name), f"[{colour[check.status]}]{check.status}[/]", esc(check.reason))
     console.print(table)
+    if report.dtype:
+        console.print(f"computed in {esc(report.dtype)}: {esc(report.dtype_reason or '')}")
     if report.short:
         console.print(f"short: {report.short.new_tokens} tokens, stopped on {esc(report.short.stopped)}: {esc(repr(report.short.output))}")
     if report.long:
-        long = Table("tokens", "depth", "status", "seconds", "peak memory", "note", title="long context")
+        long = Table("tokens", "depth", "status", "seconds", "estimated", "peak memory", "note", title="long context")
         for run in report.long:
             peak = f"{run.peak_memory_bytes / _MIB:.0f} MiB" if run.peak_memory_bytes else ""
             seconds = f"{run.seconds:.2f}" if run.seconds is not None else ""
-            long.add_row(str(run.tokens), f"{run.depth:g}", f"[{colour[run.status]}]{run.status}[/]", seconds, peak,
+            estimated = f"{run.estimated_seconds:.2f}" if run.estimated_seconds is not None else ""
+            long.add_row(str(run.tokens), f"{run.depth:g}", f"[{colour[run.status]}]{run.status}[/]", seconds, estimated, peak,
                          esc(run.reason or ""))
         console.print(long)
     if report.parity:
@@ -1360,4 +1538,5 @@ def print_report(report: SmokeReport, console: Any) -> None:
             parity.add_row(esc(row.model), value, kl, top1, f"{row.long_retrieved}/{row.long_total}")
         console.print(parity)
     verdict = "[green]passed[/]" if report.passed else f"[red]failed[/] ({esc(', '.join(c.name for c in report.failed()))})"
-    console.print(f"smoke {verdict}")
+    missing = report.not_checked()
+    console.print(f"smoke {verdict}" + (f"; not checked: {esc('; '.join(missing))}" if missing else ""))

@@ -119,7 +119,7 @@ def short_check(settings: SmokeSettings, short: ShortRun, parents: Parents) -> C
 
 def long_check(settings: SmokeSettings, long: tuple[LongRun, ...]) -> CheckResult:
     """The needle-in-a-haystack prompts: finite logits everywhere; retrieval judged by parity (or min_retrieved)."""
-    from .smoke import CheckResult
+    from .smoke import CheckResult, not_checked
 
     cfg = settings.config.long
     ran = [r for r in long if r.status != "skipped"]
@@ -134,6 +134,8 @@ def long_check(settings: SmokeSettings, long: tuple[LongRun, ...]) -> CheckResul
     hits = sum(r.status == "retrieved" for r in ran)
     longest = max(r.tokens for r in ran)
     note = f", {skipped} skipped" if skipped else ""
+    missing = not_checked(long)
+    note += f"; not checked: {'; '.join(missing)}" if missing else ""
     summary = f"retrieved {hits} of {len(ran)} pass keys at up to {longest} tokens{note}"
     if hits / len(ran) < cfg.min_retrieved:
         return CheckResult("long", "failed", f"{summary}; min_retrieved is {cfg.min_retrieved:.0%}", details)

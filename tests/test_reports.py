@@ -77,26 +77,25 @@ def test_a_report_that_is_a_symlink_is_refused(tmp_path: Path):
 
 TOY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "examples" / "toy_cos_fmt.yaml"
 STAGE = {"provenance.json": "merge", "smoke.json": "smoke"}
-CURRENT = {"provenance.json": Provenance.FORMAT, "smoke.json": reports.Smoke.FORMAT}
-# {now}: the format this registry writes for the file, {newer}: the one after it.
+FORMATS = {"provenance.json": reports.Provenance.FORMAT, "smoke.json": reports.Smoke.FORMAT}
 BAD = {
-    "corrupt": ('{{"format": {now}, "passed": tru', "not valid JSON (Expecting value: line 1 column 25 (char 24))"),
-    "unknown format": ('{{"format": 1, "passed": true}}', "unknown {file} format 1 (this registry reads format {now})"),
-    "newer format": ('{{"format": {newer}, "passed": true}}', "unknown {file} format {newer} (this registry reads format {now})"),
-    "incomplete": ('{{"format": {now}}}', None),
+    "corrupt": ('{{"format": {current}, "passed": tru', "not valid JSON (Expecting value: line 1 column 25 (char 24))"),
+    "unknown format": ('{{"format": 1, "passed": true}}', "unknown {file} format 1 (this registry reads format {current})"),
+    "newer format": ('{{"format": {newer}, "passed": true}}', "unknown {file} format {newer} (this registry reads format {current})"),
+    "incomplete": ('{{"format": {current}}}', None),
 }
 
 
 def _bad(folder: Path, file: str, bad: str) -> str:
     """Write a bad `file` into `folder`; the message the command must print for it."""
     content, message = BAD[bad]
+    formats = {"current": FORMATS[file], "newer": FORMATS[file] + 1}
     path = folder / file
     path.unlink(missing_ok=True)  # a published file is a hard link to the build's: replace, never edit
-    path.write_text(content.format(now=CURRENT[file], newer=CURRENT[file] + 1))
+    path.write_text(content.format(**formats))
     if message is None:  # the first field a report of this kind requires
         message = {"provenance.json": "merge_identity: Field required", "smoke.json": "passed: Field required"}[file]
-    return (f"error: {path}: {message.format(file=file, now=CURRENT[file], newer=CURRENT[file] + 1)} "
-            f"(run `registry {STAGE[file]}` again to rewrite it)\n")
+    return f"error: {path}: {message.format(file=file, **formats)} (run `registry {STAGE[file]}` again to rewrite it)\n"
 
 
 def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
