@@ -9,8 +9,8 @@ run in a sandbox with StrictUndefined, and values are inserted, never evaluated.
 from __future__ import annotations
 
 import functools
-import math
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any

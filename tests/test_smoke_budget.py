@@ -7,6 +7,7 @@ the throughput the estimate uses (run_smoke(throughput=...)), or a budget of 0.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -288,7 +289,9 @@ def test_moving_from_the_merged_model_to_a_parent_needs_no_more_than_one_model(t
     def measured(hold: bool) -> dict:
         code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
                 f"from test_smoke_budget import measure_transition; measure_transition(Path({str(tmp_path)!r}), {hold})")
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        # A registry home of its own: parents cached by another run would not be loaded at all.
+        env = {**os.environ, "REGISTRY_HOME": str(tmp_path / f"home-{hold}")}
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
         assert run.returncode == 0, run.stderr[-3000:]
         return json.loads(run.stdout.strip().splitlines()[-1])
 
