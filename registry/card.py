@@ -23,7 +23,7 @@ from .identity import smoke_identity
 from .leaks import find_leaks
 from .markdown import code, codeblock, md
 from .recipe import MergeInput, Recipe, parse_ref
-from .reports import PROVENANCE_FILE, SMOKE_FILE, Provenance, Smoke
+from .reports import EVAL_FILE, PROVENANCE_FILE, SMOKE_FILE, Eval, MetricScore, Provenance, Smoke
 from .reports import read as read_report
 from .templating import template_loader
 
@@ -111,6 +111,16 @@ def human_number(value: Any, digits: int = 3) -> str:
     return f"{float(value):.{digits}f}"
 
 
+def human_score(value: Any) -> str:
+    """A benchmark score (MetricScore or its data) as value ± standard error, to three significant digits: 0.875 ± 0.125."""
+    if isinstance(value, Mapping):
+        value = MetricScore.model_validate(value)
+    if value is None or value.value is None:
+        return "n/a"
+    shown = f"{value.value:.3g}"
+    return shown + (f" ± {value.stderr:.3g}" if value.stderr is not None and math.isfinite(value.stderr) else "")
+
+
 def weight_text(weight: Any) -> str:
     """A merge weight as the recipe wrote it: 0.3, or per-tensor '0.5 for mlp; 0.7 otherwise'."""
     if weight is None:
@@ -123,7 +133,7 @@ def weight_text(weight: Any) -> str:
 # The filters that show numbers: the card's and the catalog's environments both register these.
 NUMBER_FILTERS = {
     "size": human_size, "seconds": human_seconds, "count": human_count, "percent": human_percent,
-    "number": human_number, "weight": weight_text,
+    "number": human_number, "weight": weight_text, "score": human_score,
 }
 
 
@@ -156,7 +166,22 @@ def base_models(recipe: Recipe) -> list[str]:
     return found
 
 
-def card_metadata(recipe: Recipe, provenance: Provenance | None = None, signing_key: str | None = None) -> dict[str, Any]:
+def model_index(recipe: Recipe, evaluation: Eval) -> list[dict[str, Any]] | None:
+    """The Hub's `model-index` for the merge's scores, built by huggingface_hub (EvalResult, ModelCardData); None without scores."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    results = [
+        EvalResult(task_type="text-generation", task_name="Text Generation", dataset_type=task, dataset_name=task,
+                   metric_type=metric, metric_name=metric, metric_value=score.value)
+        for task, scores in evaluation.tasks.items() for metric, score in scores.metrics.items() if score.value is not None
+    ]
+    if not results:
+        return None
+    return ModelCardData(model_name=recipe.repo_id.rpartition("/")[2], eval_results=results).to_dict()["model-index"]
+
+
+def card_metadata(recipe: Recipe, provenance: Provenance | None = None, signing_key: str | None = None,
+                  evaluation: Eval | None = None) -> dict[str, Any]:
     """The card's YAML front matter: what the Hub reads for a merge, plus the fields publishing compares."""
     meta: dict[str, Any] = {}
     parents = base_models(recipe)
@@ -172,6 +197,9 @@ def card_metadata(recipe: Recipe, provenance: Provenance | None = None, signing_
             meta["license_link"] = recipe.license_link
     tags = ["merge", "mergekit", recipe.merge.merge_method]
     meta["tags"] = tags + [t for t in dict.fromkeys(recipe.tags) if t not in tags]
+    index = model_index(recipe, evaluation) if evaluation is not None else None
+    if index is not None:
+        meta["model-index"] = index
     # The version of registry that built the weights when known, so re-rendering a card does not churn it.
     version = (provenance.versions.get("registry") if provenance is not None else None) or __version__
     registry: dict[str, Any] = {"recipe_sha256": recipe.sha256}
@@ -198,6 +226,7 @@ def card_context(
     smoke: Smoke | None = None,
     sections: Iterable[tuple[str, str]] = (),
     signing_key: str | None = None,
+    evaluation: Eval | None = None,
 ) -> dict[str, Any]:
     """Everything a card template sees, as plain data built from an allow-list of fields (never a local path)."""
     import yaml
@@ -207,7 +236,7 @@ def card_context(
 
     inputs = recipe.inputs()
     names = {item.name: item.key for item in inputs}
-    metadata = card_metadata(recipe, provenance, signing_key)
+    metadata = card_metadata(recipe, provenance, signing_key, evaluation)
     merge = recipe.merge
     return {
         "repo_id": recipe.repo_id,
@@ -229,6 +258,7 @@ def card_context(
         "sources": [_source_context(item, provenance) for item in inputs],
         "config_yaml": yaml.safe_dump(_safe_config(recipe, names), sort_keys=False, allow_unicode=True, default_flow_style=False),
         "smoke": _smoke_context(smoke, names) if smoke is not None else None,
+        "evaluation": _eval_context(evaluation, names) if evaluation is not None else None,
         "usage": {"prompt": recipe.smoke.short.prompt, "max_new_tokens": recipe.smoke.short.max_new_tokens},
         "provenance": _provenance_context(provenance) if provenance is not None else None,
         "sections": [{"title": str(title), "body": str(body).strip("\n")} for title, body in sections],
@@ -323,6 +353,28 @@ def _smoke_context(smoke: Smoke, names: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
+def _eval_context(evaluation: Eval, names: Mapping[str, str]) -> dict[str, Any]:
+    """The scores as rows (task, metric, the merge's score, each parent's), the parents in the report's order."""
+    parents = list(evaluation.parents)
+    rows = []
+    for task, scores in evaluation.tasks.items():
+        for metric, score in scores.metrics.items():
+            theirs = [evaluation.parents[p][task].metrics.get(metric) if task in evaluation.parents[p] else None for p in parents]
+            rows.append({"task": task, "metric": metric, "version": scores.version, "samples": scores.samples,
+                         "merged": score.model_dump(), "parents": [t.model_dump() if t is not None else None for t in theirs]})
+    return {
+        "evaluator": evaluation.evaluator,
+        "evaluator_version": evaluation.evaluator_version,
+        "device": evaluation.device,
+        "limit": evaluation.limit,
+        "config_sha256": evaluation.config_sha256,
+        "passed": evaluation.passed,
+        "parents": [_safe_name(p, names) for p in parents],
+        "rows": rows,
+        "gate": [g.model_dump() | {"parent": _safe_name(g.parent, names) if g.parent else None} for g in evaluation.gate],
+    }
+
+
 def _provenance_context(provenance: Provenance) -> dict[str, Any]:
     return {
         "device": provenance.device,
@@ -341,15 +393,16 @@ def render_card(
     smoke: Smoke | None = None,
     template_dirs: Sequence[Path | str] | None = None,
     signing_key: str | None = None,
+    evaluation: Eval | None = None,
 ) -> str:
     """The model card (README.md text) for `recipe`; raises CardError rather than return a card that leaks."""
-    check_reports(recipe, provenance, smoke)
+    check_reports(recipe, provenance, smoke, evaluation)
     if template_dirs is None:
         from .templating import template_dirs as default_dirs
 
         template_dirs = default_dirs()
     sections = plugin_sections(recipe, provenance, smoke)
-    context = card_context(recipe, provenance, smoke, sections, signing_key)
+    context = card_context(recipe, provenance, smoke, sections, signing_key, evaluation)
     text = _render(card_environment(template_dirs), CARD_TEMPLATE, context)
     text = text.rstrip("\n") + "\n"
     check_card(text, recipe)
@@ -363,9 +416,10 @@ def write_card(
     smoke: Smoke | None = None,
     template_dirs: Sequence[Path | str] | None = None,
     signing_key: str | None = None,
+    evaluation: Eval | None = None,
 ) -> str:
     """Render the card and write it to `path` (whole or not at all); returns the text."""
-    text = render_card(recipe, provenance, smoke, template_dirs, signing_key)
+    text = render_card(recipe, provenance, smoke, template_dirs, signing_key, evaluation)
     try:
         replace_atomically(path, text.encode("utf-8"))
     except OSError as exc:
@@ -394,12 +448,15 @@ def read_reports(model_dir: Path) -> tuple[Provenance | None, Smoke | None]:
     return read_report(Provenance, model_dir), read_report(Smoke, model_dir)
 
 
-def check_reports(recipe: Recipe, provenance: Provenance | None, smoke: Smoke | None) -> None:
+def check_reports(recipe: Recipe, provenance: Provenance | None, smoke: Smoke | None, evaluation: Eval | None = None) -> None:
     """Raise CardError when the reports were not made for this recipe's merge and smoke settings."""
     if provenance is not None:
         difference = _other_merge(recipe, provenance)
         if difference:
             raise CardError(f"{PROVENANCE_FILE} was written for another merge: {difference}", "re-run `registry merge`")
+        if evaluation is not None and evaluation.merge_identity not in (None, provenance.merge_identity):
+            raise CardError(f"{EVAL_FILE} was made for another merge (merge identity {evaluation.merge_identity[:12]}…, "
+                            f"{PROVENANCE_FILE} has {provenance.merge_identity[:12]}…)", "re-run `registry eval`")
     if smoke is None or smoke.merge_identity is None or provenance is None:
         return
     if smoke.merge_identity != provenance.merge_identity:

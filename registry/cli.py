@@ -113,15 +113,15 @@ def validate(
 
 
 def _validate(paths: list[Path] | None, format: Format) -> None:
-    from .plugins import get_targets
+    from .plugins import get_evaluators, get_targets
     from .recipe import load_recipe
 
     results = []
     files = recipe_files(paths or [Path("recipes")])
-    targets = get_targets()
+    targets, evaluators = get_targets(), get_evaluators()
     for file in files:
         try:
-            recipe = load_recipe(file, targets=targets)
+            recipe = load_recipe(file, targets=targets, evaluators=evaluators)
         except RecipeError as exc:
             results.append({"file": str(file), "valid": False, "problems": [p.to_dict() for p in exc.problems]})
         else:
@@ -306,6 +306,46 @@ def smoke(
         raise typer.Exit(1)
 
 
+@app.command("eval")
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="Folder of the merged model (config.json, weights, tokenizer).")],
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", help="Recipe with the eval: section, and the parents to compare with [default: MODEL_DIR/recipe.yaml].")
+    ] = None,
+    device: Annotated[Device, typer.Option("--device", help="auto picks cuda when a GPU is usable.")] = Device.auto,
+    format: FormatOption = Format.text,
+) -> None:
+    """Score a model and its parents on the recipe's eval: tasks; writes eval.json (reused while model and settings are unchanged)."""
+    from .evaluate import get_evaluator, print_report, run_eval
+    from .plugins import get_evaluators, get_targets
+    from .recipe import load_recipe
+    from .release import RECIPE_FILE
+
+    if recipe is None:
+        recipe = model_dir / RECIPE_FILE
+        if not recipe.is_file():
+            raise UsageError(f"{model_dir} holds no {RECIPE_FILE}; name the recipe with its eval: section: --recipe RECIPE")
+    elif not recipe.is_file():
+        raise UsageError(f"{recipe}: no such recipe file")
+    evaluators = get_evaluators()
+    loaded = load_recipe(recipe, targets=get_targets(), evaluators=evaluators)
+    if loaded.eval is None:
+        raise UsageError(f"{recipe}: the recipe has no eval: section", "add one naming the evaluator and its tasks")
+    err = _console(stderr=True)
+    progress = None if format is Format.json else (lambda message: err.print(f"[dim]{esc(message)}[/dim]"))
+    run = run_eval(model_dir, loaded, get_evaluator(loaded.eval, evaluators), device=device.value, progress=progress)
+    if format is Format.json:
+        from .reports import data
+
+        emit_json({"reused": run.reused, "evaluated": list(run.evaluated), "missing": run.missing, "report": data(run.report)})
+    else:
+        for alias, why in run.missing.items():
+            err.print(f"parent {esc(alias)} not scored: {esc(why)}")
+        print_report(run.report, _console())
+    if not run.report.passed:
+        raise typer.Exit(1)
+
+
 UpdateOption = Annotated[
     bool, typer.Option("--update", help="Accept sources that changed since the lock file pinned them; re-resolve Hub revisions.")
 ]
@@ -435,7 +475,7 @@ def publish(
     revision: Annotated[str | None, typer.Option("--revision", help="Hub branch to publish to (created when missing).")] = None,
     create_pr: Annotated[bool | None, typer.Option("--create-pr", help="Open a Hub pull request instead of committing.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Do everything but the push; show what would be sent.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Publish even though the smoke test failed.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Publish even though the smoke test or the eval gate failed.")] = False,
     device: Annotated[Device, typer.Option("--device", help="auto uses CUDA when torch sees a GPU, else the CPU.")] = Device.auto,
     update: UpdateOption = False,
     format: FormatOption = Format.text,

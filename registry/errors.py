@@ -75,6 +75,10 @@ class SmokeError(RegistryError):
     """A smoke test could not run (not: a check failed, which is a result)."""
 
 
+class EvalError(RegistryError):
+    """An evaluation could not run (not: a gate failed, which is a result)."""
+
+
 class CardError(RegistryError):
     """A model card could not be rendered, or would have leaked something."""
 

@@ -1,4 +1,4 @@
-"""Did-you-mean hints for names a user mistyped: recipe keys, dtypes, merge methods, publish targets.
+"""Did-you-mean hints for names a user mistyped: recipe keys, dtypes, merge methods, publish targets, evaluators.
 
 A leaf module (it imports nothing from registry), so the recipe schema and the plugin manager can
 both use it without importing each other.
@@ -17,6 +17,9 @@ SYNONYMS = {
 }
 # Targets provided by packages we know of, so an unknown target can say what to install.
 KNOWN_PROVIDERS = {"mlflow": "registry-mlflow"}
+# The evaluator an `eval:` section uses unless it names another, and where it comes from.
+DEFAULT_EVALUATOR = "lm-eval"
+KNOWN_EVALUATORS = {DEFAULT_EVALUATOR: ("registry-lm-eval", "./plugins/registry-lm-eval")}
 
 
 def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
@@ -35,3 +38,14 @@ def missing_target_message(name: str, available: list[str]) -> str:
     hint = suggest(name, available)
     near = f" (did you mean '{hint}'?)" if hint else ""
     return f"unknown publish target '{name}'{near}; available: {', '.join(sorted(available))}"
+
+
+def missing_evaluator_message(name: str, available: list[str]) -> str:
+    """One line saying an evaluator is unknown, which package provides it, or what exists instead."""
+    if name in KNOWN_EVALUATORS:
+        package, source = KNOWN_EVALUATORS[name]
+        return f"unknown evaluator '{name}': it is provided by the plugin package '{package}' (pip install {source})"
+    hint = suggest(name, [*available, *KNOWN_EVALUATORS])
+    near = f" (did you mean '{hint}'?)" if hint else ""
+    have = f"available: {', '.join(sorted(available))}" if available else "none is installed"
+    return f"unknown evaluator '{name}'{near}; {have}"

@@ -19,6 +19,11 @@ def register_smoke_checks(register):
 
 
 @hookspec
+def register_evaluators(register):
+    """Register evaluators: call register(EvaluatorClass) for each one (see registry.evaluate.Evaluator)."""
+
+
+@hookspec
 def register_signers(register):
     """Register ways of signing a published bundle: call register(signer) with a registry.signing.Signer instance."""
 

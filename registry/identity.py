@@ -6,6 +6,8 @@
   names (provenance is keyed by them). It keys the build folder, merge reuse and provenance. Text fields (summary, tags,
   labels, license) and templates are not part of it.
 - The smoke identity is the merge identity plus the `smoke:` settings; it keys smoke reuse.
+- The eval identity is the merge identity (or a parent's pin) plus the `eval:` settings that change a
+  score (the config hash: all but the gate) and the evaluator's name and version; it keys eval reuse.
 - The card identity is the rendered card's own hash; with the merge identity it decides whether a
   target is current.
 """
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 # Bumped when what an identity covers changes, so old builds and reports stop matching.
 _MERGE_SCHEME = "registry.merge/1"
 _SMOKE_SCHEME = "registry.smoke/1"
+_EVAL_SCHEME = "registry.eval/1"
 
 
 def _digest(*parts: Any) -> str:
@@ -46,6 +49,16 @@ def merge_identity(recipe: Recipe, plan: Plan) -> str:
 def smoke_identity(merge_id: str, recipe: Recipe) -> str:
     """Hash of the merge identity and every smoke setting (defaults included)."""
     return _digest(_SMOKE_SCHEME, merge_id, recipe.smoke.model_dump(mode="json"))
+
+
+def eval_config_sha256(settings: dict[str, Any]) -> str:
+    """Hash of the eval settings that change a score (`EvalSpec.settings()`): eval.json's `config_sha256`."""
+    return _digest(_EVAL_SCHEME, settings)
+
+
+def eval_identity(model_id: str, config_sha256: str, evaluator: str, version: str) -> str:
+    """Hash of what a score depends on: the model (a merge identity, or `kind:pin` for a parent), the settings, the evaluator."""
+    return _digest(_EVAL_SCHEME, model_id, config_sha256, evaluator, version)
 
 
 def card_identity(text: str) -> str:

@@ -1,11 +1,11 @@
-"""`registry publish`: validate → plan → merge → smoke → card → push, as one composition of the stages.
+"""`registry publish`: validate → plan → merge → smoke → eval → card → push, as one composition of the stages.
 
 The order is chosen so the cheap questions come first: once the sources are pinned (hashes and Hub
 commit shas, no torch), every target says what it holds under this merge identity, and the card is
 rendered from the reports at hand (the build folder's, else a target's). A target holding this merge
 and this card is current; when all are, nothing is merged, nothing imported beyond the Hub client,
 nothing sent. When only the card changed, the card alone is published; only what needs the weights
-(another merge, other smoke settings, a target that cannot keep files) builds the model.
+(another merge, other smoke or eval settings, a target that cannot keep files) builds the model.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from .publish import Published
     from .recipe import Recipe
-    from .reports import Provenance, Smoke
+    from .reports import Eval, Provenance, Smoke
     from .signing import SigningPlan
     from .sources import Plan
 
@@ -52,6 +52,7 @@ class PublishOutcome:
     model_dir: str | None = None
     merge: str | None = None  # "merged" | "reused" | "skipped" (card only: the targets keep their weights)
     smoke: dict[str, Any] | None = None  # {"passed": bool, "reused": bool, "failed": [...]}
+    eval: dict[str, Any] | None = None  # {"passed": bool, "reused": bool, "evaluated": [...], "failed": [...]}; None: no eval: section
     card: str | None = None
     results: list[PublishResult] = field(default_factory=list)
     plans: list[PublishPlan] = field(default_factory=list)
@@ -62,7 +63,7 @@ class PublishOutcome:
         return {
             "recipe": self.recipe, "repo_id": self.repo_id, "recipe_sha256": self.recipe_sha256,
             "targets": self.targets, "unchanged": self.unchanged, "dry_run": self.dry_run,
-            "model_dir": self.model_dir, "merge": self.merge, "smoke": self.smoke, "card": self.card,
+            "model_dir": self.model_dir, "merge": self.merge, "smoke": self.smoke, "eval": self.eval, "card": self.card,
             "results": [r.to_dict() for r in self.results], "plans": [p.to_dict() for p in self.plans],
         }
 
@@ -107,12 +108,18 @@ def publish(
     note: Callable[[str], None] = lambda message: None,
 ) -> PublishOutcome:
     """Publish a recipe to its targets; every stage's finished output is reused when it still matches."""
-    from .plugins import get_targets
+    from .plugins import get_evaluators, get_targets
     from .recipe import load_recipe
     from .sources import plan as make_plan
     from .sources import write_lock
 
-    recipe = load_recipe(recipe_path, targets=get_targets())
+    evaluators = get_evaluators()
+    recipe = load_recipe(recipe_path, targets=get_targets(), evaluators=evaluators)
+    evaluator = None
+    if recipe.eval is not None:
+        from .evaluate import get_evaluator
+
+        evaluator = get_evaluator(recipe.eval, evaluators)
     overrides = {"private": private, "revision": revision, "create_pr": create_pr}
     chosen = choose_targets(recipe, targets, overrides)
     outcome = PublishOutcome(str(recipe_path), recipe.repo_id, recipe.sha256, [c.name for c in chosen], dry_run=dry_run)
@@ -141,12 +148,17 @@ def publish(
         merge_id = merge_identity(recipe, plan)
         # Every target is asked (not just until one says no), so an unreachable one fails before the merge.
         held = [_at(c, partial(c.target.current, recipe, merge_id, c.options)) for c in chosen]
-        at_hand = _reports_at_hand(recipe, plan, out, merge_id, smoke_identity(merge_id, recipe), held)
+        eval_id = None
+        if evaluator is not None:
+            from .evaluate import eval_id_for
+
+            eval_id = eval_id_for(merge_id, recipe, evaluator)
+        at_hand = _reports_at_hand(recipe, plan, out, merge_id, smoke_identity(merge_id, recipe), eval_id, held)
         if at_hand is not None:
             from .card import render_card
 
-            provenance, smoke, folder = at_hand
-            text = render_card(recipe, provenance, smoke, signing_key=signing_key)
+            provenance, smoke, evaluation, folder = at_hand
+            text = render_card(recipe, provenance, smoke, signing_key=signing_key, evaluation=evaluation)
             # Current: this merge, and the card we would render now, byte for byte.
             stale = [(c, h) for c, h in zip(chosen, held, strict=True)
                      if h is None or h.merge_identity != merge_id or h.card_identity != card_identity(text)]
@@ -159,28 +171,34 @@ def publish(
                     c.target.card_only and h is not None and h.provenance is not None
                     and h.provenance.files == provenance.files for c, h in stale):
                 _check_smoke(smoke, force)
+                _check_eval(evaluation, force)
                 stale_names = {c.name for c, _ in stale}
                 return _publish_card(outcome, [(c, c.name in stale_names) for c in chosen], provenance, smoke, folder,
-                                     text, pins, recipe, note, plan, signer)
+                                     text, pins, recipe, note, plan, signer, evaluation)
 
     model_dir = _merged(recipe, plan, out, device, console, outcome, note)
     provenance, smoke = _smoked(recipe, model_dir, device, outcome, note, console)
     _check_smoke(smoke, force)
+    evaluation = None
+    if evaluator is not None:
+        evaluation = _evaluated(recipe, model_dir, evaluator, device, outcome, note, console)
+        _check_eval(evaluation, force)
 
     from .card import write_card
 
     card_path = model_dir / CARD_NAME
-    text = write_card(recipe, card_path, provenance, smoke, signing_key=signing_key)
+    text = write_card(recipe, card_path, provenance, smoke, signing_key=signing_key, evaluation=evaluation)
     outcome.card = str(card_path)
     _release(model_dir, recipe, plan, signer, note)
     bundle = Bundle(
         repo_id=recipe.repo_id,
         recipe_sha256=recipe.sha256,
         pins=pins,
-        files=bundle_files(model_dir, known=provenance.files),
+        files=_without_stale_eval(bundle_files(model_dir, known=provenance.files), evaluation),
         provenance=provenance,
         smoke=smoke,
         card=text,
+        evaluation=evaluation,
     )
     for c in chosen:
         if dry_run:
@@ -190,29 +208,56 @@ def publish(
     return outcome
 
 
-def _reports_at_hand(recipe, plan, out: Path, merge_id: str, smoke_id: str, held: list[Published | None]):
-    """(provenance, smoke, build folder or None) for this merge and these smoke settings, without merging.
+def _reports_at_hand(recipe, plan, out: Path, merge_id: str, smoke_id: str, eval_id: str | None, held: list[Published | None]):
+    """(provenance, smoke, eval or None, build folder or None) for this merge and these smoke and eval settings, without merging.
 
-    The build folder first; else the reports a target holds. None when neither has both.
+    The build folder first; else the reports a target holds. None when neither has them all (eval.json
+    only when the recipe has an eval: section, `eval_id`); a reused eval report has its gate judged again.
     """
     from .merge import matches
-    from .reports import Provenance, Smoke, read_current
+    from .reports import Eval, Provenance, Smoke, read_current
+
+    def judged(evaluation: Eval | None) -> Eval | None:
+        from .evaluate import rejudge
+
+        return rejudge(evaluation, recipe.eval.gate) if evaluation is not None and recipe.eval is not None else None
 
     provenance = read_current(Provenance, out)
     if matches(provenance, recipe, plan, out):
-        smoke = read_current(Smoke, out)
-        if _smoke_fits(smoke, smoke_id):
-            return provenance, smoke, out
+        smoke, evaluation = read_current(Smoke, out), read_current(Eval, out) if eval_id is not None else None
+        if _smoke_fits(smoke, smoke_id) and _eval_fits(evaluation, eval_id):
+            return provenance, smoke, judged(evaluation), out
     for h in held:
         if h is not None and h.provenance is not None and h.provenance.merge_identity == merge_id \
-                and _smoke_fits(h.smoke, smoke_id):
-            return h.provenance, h.smoke, None
+                and _smoke_fits(h.smoke, smoke_id) and _eval_fits(h.evaluation, eval_id):
+            return h.provenance, h.smoke, judged(h.evaluation if eval_id is not None else None), None
     return None
+
+
+def _eval_fits(evaluation: Eval | None, eval_id: str | None) -> bool:
+    """True when no eval is wanted, or the eval report was made with this eval identity (this merge, these settings, this evaluator)."""
+    return eval_id is None or (evaluation is not None and evaluation.eval_identity == eval_id)
+
+
+def _without_stale_eval(files: dict, evaluation: Eval | None) -> dict:
+    """The bundle's files without an eval.json the recipe no longer asks for (one left in the build folder by an earlier run)."""
+    from .reports import EVAL_FILE
+
+    return files if evaluation is not None else {rel: f for rel, f in files.items() if rel != EVAL_FILE}
 
 
 def _smoke_fits(smoke: Smoke | None, smoke_id: str) -> bool:
     """True when a smoke report was made with this smoke identity (this merge, these smoke settings): it is reused."""
     return smoke is not None and smoke.smoke_identity == smoke_id
+
+
+def _check_eval(evaluation: Eval | None, force: bool) -> None:
+    if evaluation is not None and not evaluation.passed and not force:
+        failed = "; ".join(f"{g.task} {g.metric}: {g.reason}" for g in evaluation.failed())
+        raise PublishError(
+            f"eval gate failed ({failed}); nothing was published",
+            "fix the recipe, or publish anyway with --force",
+        )
 
 
 def _check_smoke(smoke: Smoke, force: bool) -> None:
@@ -240,7 +285,7 @@ def _release(folder: Path, recipe: Recipe, plan: Plan, signer: SigningPlan | Non
 
 
 def _publish_card(outcome, targets: list[tuple[Chosen, bool]], provenance: Provenance, smoke: Smoke, folder: Path | None, text: str,
-                  pins, recipe: Recipe, note, plan: Plan, signer: SigningPlan | None) -> PublishOutcome:
+                  pins, recipe: Recipe, note, plan: Plan, signer: SigningPlan | None, evaluation: Eval | None = None) -> PublishOutcome:
     """Publish a re-rendered card beside the weights the targets already hold: no merge, no smoke, no weight sent."""
     import tempfile
 
@@ -249,6 +294,8 @@ def _publish_card(outcome, targets: list[tuple[Chosen, bool]], provenance: Prove
 
     outcome.merge = "skipped"
     outcome.smoke = {"passed": smoke.passed, "reused": True, "failed": [c.name for c in smoke.failed()]}
+    if evaluation is not None:
+        outcome.eval = _eval_outcome(evaluation, True, [])
     outcome.model_dir = str(folder) if folder is not None else None
     note("card only: the merge and its smoke report are unchanged" + ("" if folder is not None else "; reports read from the target"))
     with tempfile.TemporaryDirectory(prefix="registry-card-") as scratch:
@@ -257,12 +304,16 @@ def _publish_card(outcome, targets: list[tuple[Chosen, bool]], provenance: Prove
         if folder is None:
             write_report(provenance, where)
             write_report(smoke, where)
+        if evaluation is not None:
+            # Written again where it lies: a gate edited since keeps the scores and changes the verdict.
+            write_report(evaluation, where)
         replace_atomically(where / CARD_NAME, text.encode("utf-8"))
         outcome.card = str(where / CARD_NAME) if folder is not None else None
         _release(where, recipe, plan, signer, note)
+        files = card_only_files(provenance, where)
         bundle = Bundle(
             repo_id=recipe.repo_id, recipe_sha256=recipe.sha256, pins=pins,
-            files=card_only_files(provenance, where), provenance=provenance, smoke=smoke, card=text,
+            files=_without_stale_eval(files, evaluation), provenance=provenance, smoke=smoke, card=text, evaluation=evaluation,
         )
         for c, stale in targets:
             if stale:
@@ -328,6 +379,25 @@ def _smoked(recipe, model_dir: Path, device, outcome, note, console) -> tuple[Pr
     outcome.smoke = {"passed": smoke.passed, "reused": reused, "failed": [c.name for c in smoke.failed()]}
     note(f"smoke test {'passed' if smoke.passed else 'FAILED'}{' (reused)' if reused else ''}")
     return provenance, smoke
+
+
+def _evaluated(recipe, model_dir: Path, evaluator, device, outcome, note, console) -> Eval:
+    """The merge's eval report (the merge and its parents scored with the recipe's eval: settings); reused while they match."""
+    from .evaluate import print_report, run_eval
+
+    run = run_eval(model_dir, recipe, evaluator, device=device, progress=note, strict=True)
+    for alias, why in run.missing.items():
+        note(f"parent {alias} not scored: {why}")
+    if console is not None and not run.reused:
+        print_report(run.report, console)
+    outcome.eval = _eval_outcome(run.report, run.reused, list(run.evaluated))
+    note(f"eval {'passed' if run.report.passed else 'gate FAILED'}{' (reused)' if run.reused else ''}")
+    return run.report
+
+
+def _eval_outcome(evaluation: Eval, reused: bool, evaluated: list[str]) -> dict[str, Any]:
+    return {"passed": evaluation.passed, "reused": reused, "evaluated": evaluated,
+            "failed": [f"{g.task}:{g.metric}" for g in evaluation.failed()]}
 
 
 def _partial(done: list[PublishResult], failed: str, message: str) -> str:

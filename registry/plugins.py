@@ -67,6 +67,11 @@ def get_smoke_checks() -> list[Any]:
     return sorted(checks.values(), key=lambda c: getattr(c, "order", 100))
 
 
+def get_evaluators() -> dict[str, Any]:
+    """Evaluators (classes following registry.evaluate.Evaluator) by name, from every plugin; a name registered twice is an error."""
+    return collect("register_evaluators", "evaluator")
+
+
 def get_signers() -> dict[str, Any]:
     """Bundle signers by name (`key`, `sigstore`, plugins'); a name registered twice is an error."""
     return collect("register_signers", "signer")

@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from .errors import Problem, RecipeError
-from .hints import missing_target_message, suggest
+from .hints import DEFAULT_EVALUATOR, missing_evaluator_message, missing_target_message, suggest
 from .hub_rules import LICENSES, repo_id_problem
 from .yamldoc import Document, Loc, load_document, parse_document
 
@@ -235,6 +235,62 @@ class SmokeConfig(Strict):
     weights: WeightsSmoke = Field(default_factory=WeightsSmoke)
 
 
+class GateRule(Strict):
+    """Refuse a merge whose `metric` on `task` is below the better parent's by more than `max_drop`."""
+
+    task: str
+    metric: str
+    max_drop: float = Field(ge=0.0)
+    # A metric where lower is better (a perplexity, a word error rate): below becomes above.
+    lower_is_better: bool = False
+
+
+class EvalSpec(Strict):
+    """`eval:`: benchmark settings for `registry eval`; `options` are checked by the evaluator's own model."""
+
+    evaluator: str = DEFAULT_EVALUATOR
+    tasks: list[str] = Field(min_length=1)
+    limit: int | None = Field(default=None, ge=1)  # samples per task; every sample when absent
+    # Passed to the evaluator as they are: temperature, top_p, do_sample, max_gen_toks, seed, ...
+    generation: dict[str, bool | int | float | str] = {}
+    batch_size: int | str = 1
+    options: dict[str, Any] = {}
+    parents: bool = True  # score the parents with the same settings, for comparison and the gate
+    gate: list[GateRule] = []
+
+    _options: BaseModel | None = PrivateAttr(default=None)
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name.strip():
+                raise ValueError("a task name must not be empty")
+        duplicated = sorted({name for name in value if value.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"task {duplicated[0]!r} is listed twice")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"batch_size must be at least 1, got {value}")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("batch_size must be a number or the evaluator's word for one (such as 'auto')")
+        return value
+
+    @property
+    def validated_options(self) -> BaseModel:
+        """The options, validated by the evaluator's own pydantic model."""
+        assert self._options is not None, "options are validated when the recipe is loaded with evaluators="
+        return self._options
+
+    def settings(self) -> dict[str, Any]:
+        """What changes a score (everything but the gate, which is judged from the scores), as plain data."""
+        return self.model_dump(mode="json", exclude={"gate", "parents"})
+
+
 class SignSpec(Strict):
     """How a publish is signed (`registry.signing`): publish settings, not part of what was built."""
 
@@ -372,6 +428,7 @@ class Recipe(Strict):
     publish: list[PublishSpec] = []
     sign: SignSpec | None = None
     sweep: Sweep | None = None
+    eval: EvalSpec | None = None
 
     _document: Document | None = PrivateAttr(default=None)
     _path: Path | None = PrivateAttr(default=None)
@@ -528,18 +585,20 @@ def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 # Loading
 
 
-def load_recipe(path: str | Path, *, targets: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(path: str | Path, *, targets: dict[str, Any] | None = None, evaluators: dict[str, Any] | None = None) -> Recipe:
     """Read, validate and return the recipe at `path`; raises RecipeError listing every problem."""
-    # `targets` (plugins.get_targets()) checks each publish: entry's options; without it they are left unchecked.
+    # `targets` (plugins.get_targets()) checks each publish: entry's options, `evaluators`
+    # (plugins.get_evaluators()) the eval: section's; without them those are left unchecked.
     doc = load_document(path)
-    recipe = recipe_from_document(doc, targets=targets)
+    recipe = recipe_from_document(doc, targets=targets, evaluators=evaluators)
     recipe._path = Path(path)
     return recipe
 
 
-def parse_recipe(text: str, name: str = "<recipe>", *, targets: dict[str, Any] | None = None) -> Recipe:
+def parse_recipe(text: str, name: str = "<recipe>", *, targets: dict[str, Any] | None = None,
+                 evaluators: dict[str, Any] | None = None) -> Recipe:
     """Validate recipe YAML given as text (see load_recipe)."""
-    return recipe_from_document(parse_document(text, name), targets=targets)
+    return recipe_from_document(parse_document(text, name), targets=targets, evaluators=evaluators)
 
 
 def is_mergekit_config(data: dict[str, Any]) -> bool:
@@ -547,7 +606,7 @@ def is_mergekit_config(data: dict[str, Any]) -> bool:
     return "merge" not in data and ("merge_method" in data or "slices" in data)
 
 
-def recipe_from_document(doc: Document, *, targets: dict[str, Any] | None = None) -> Recipe:
+def recipe_from_document(doc: Document, *, targets: dict[str, Any] | None = None, evaluators: dict[str, Any] | None = None) -> Recipe:
     """Validate a parsed Document into a Recipe, collecting every problem with its position."""
     data = doc.data
     if is_mergekit_config(data):
@@ -561,7 +620,7 @@ def recipe_from_document(doc: Document, *, targets: dict[str, Any] | None = None
     except ValidationError as exc:
         raise RecipeError(_problems_from_validation(exc, doc)) from None
     recipe._document = doc
-    problems = list(_semantic_problems(recipe, doc, targets))
+    problems = list(_semantic_problems(recipe, doc, targets, evaluators))
     if problems:
         raise RecipeError(problems)
     return recipe
@@ -680,13 +739,14 @@ def _drop_missing_explained_by_typos(problems: list[Problem]) -> list[Problem]:
 # Checks beyond types
 
 
-def _semantic_problems(recipe: Recipe, doc: Document, targets: dict[str, Any] | None):
+def _semantic_problems(recipe: Recipe, doc: Document, targets: dict[str, Any] | None, evaluators: dict[str, Any] | None = None):
     yield from _check_metadata(recipe, doc)
     resolved = yield from _check_sources(recipe, doc)
     yield from _check_merge(recipe, doc, resolved)
     if recipe.sweep is not None:
         yield from _check_sweep(recipe, recipe.sweep, doc)
     yield from _check_publish(recipe, doc, targets)
+    yield from _check_eval(recipe, doc, evaluators)
 
 
 def _check_metadata(recipe: Recipe, doc: Document):
@@ -1100,6 +1160,27 @@ def _check_publish(recipe: Recipe, doc: Document, targets: dict[str, Any] | None
             spec._options = target.Options.model_validate(spec.model_extra or {})
         except ValidationError as exc:
             yield from _problems_from_validation(exc, doc, target.Options, ("publish", i))
+
+
+def _check_eval(recipe: Recipe, doc: Document, evaluators: dict[str, Any] | None):
+    spec = recipe.eval
+    if spec is None:
+        return
+    for i, rule in enumerate(spec.gate):
+        if rule.task not in spec.tasks:
+            yield doc.problem(("eval", "gate", i, "task"),
+                              f"gate task '{rule.task}'{_did_you_mean(rule.task, spec.tasks)} is not one of eval.tasks: {', '.join(spec.tasks)}")
+    # Without evaluators (the caller passes plugins.get_evaluators()), the options are left unchecked.
+    if evaluators is None:
+        return
+    evaluator = evaluators.get(spec.evaluator)
+    if evaluator is None:
+        yield doc.problem(("eval", "evaluator"), missing_evaluator_message(spec.evaluator, list(evaluators)))
+        return
+    try:
+        spec._options = evaluator.Options.model_validate(spec.options)
+    except ValidationError as exc:
+        yield from _problems_from_validation(exc, doc, evaluator.Options, ("eval", "options"))
 
 
 def json_schema(targets: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The files stages leave for each other: one pydantic model each, read and written only here.
 
-`provenance.json` (merge), `smoke.json` (smoke) each carry a `format` version. A reader gets a typed
+`provenance.json` (merge), `smoke.json` (smoke), `eval.json` (eval) each carry a `format` version. A reader gets a typed
 report or a one-line `ReportError` naming the file; nobody else opens these files or digs into
 their JSON. Writes go to a new file renamed over the old one, so a published copy hard-linked to
 the old one keeps its content.
@@ -19,6 +19,7 @@ from .errors import OlderReportError, ReportError
 
 PROVENANCE_FILE = "provenance.json"
 SMOKE_FILE = "smoke.json"
+EVAL_FILE = "eval.json"
 # Reports are small; anything past this is not one of ours.
 MAX_REPORT_BYTES = 64 * 1024 * 1024
 
@@ -167,6 +168,66 @@ class Smoke(Report):
 
 
 # ---------------------------------------------------------------------------------------------
+# eval.json
+
+
+class MetricScore(_Model):
+    """One metric of one task: its value and standard error (None where the evaluator gives none, or not finite)."""
+
+    value: float | None
+    stderr: float | None = None
+
+
+class TaskScores(_Model):
+    """One task's scores: the task's version, how many samples were scored, each metric by name."""
+
+    version: str | None
+    samples: int
+    metrics: dict[str, MetricScore]
+
+
+class GateRow(_Model):
+    """One gate rule judged: the merge's value against the better parent's, allowed to drop by `max_drop`."""
+
+    task: str
+    metric: str
+    max_drop: float
+    value: float | None
+    parent: str | None  # alias of the better parent (None: no parent had the metric)
+    parent_value: float | None
+    passed: bool
+    reason: str
+
+
+class Eval(Report):
+    """Benchmark scores of a merge and of its parents under the same settings; the eval identity keys it.
+
+    `tasks` maps task → metric → value/stderr; `parents` maps each parent's alias to the same shape.
+    """
+
+    FILE: ClassVar[str] = EVAL_FILE
+    FORMAT: ClassVar[int] = 1
+    STAGE: ClassVar[str] = "eval"
+
+    format: Literal[1] = 1
+    eval_identity: str | None = None  # None: run on a folder without a recipe
+    merge_identity: str | None = None
+    evaluator: str
+    evaluator_version: str
+    config_sha256: str  # hash of the eval settings (tasks, limit, generation, batch size, options)
+    device: str
+    limit: int | None = None
+    tasks: dict[str, TaskScores]
+    parents: dict[str, dict[str, TaskScores]] = {}
+    gate: list[GateRow] = []
+    passed: bool
+
+    def failed(self) -> list[GateRow]:
+        """The gate rows that failed."""
+        return [g for g in self.gate if not g.passed]
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading and writing
 
 R = TypeVar("R", bound=Report)
@@ -247,6 +308,7 @@ def _finite(value: Any) -> Any:
 
 
 __all__ = [
-    "PROVENANCE_FILE", "SMOKE_FILE", "CheckEntry", "FileRecord", "LongEntry", "ParityEntry", "Provenance", "Report",
-    "ReportError", "ShortEntry", "Smoke", "SourcePin", "data", "dumps", "parse", "read", "read_current", "write",
+    "EVAL_FILE", "PROVENANCE_FILE", "SMOKE_FILE", "CheckEntry", "Eval", "FileRecord", "GateRow", "LongEntry", "MetricScore",
+    "ParityEntry", "Provenance", "Report", "ReportError", "ShortEntry", "Smoke", "SourcePin", "TaskScores", "data", "dumps",
+    "parse", "read", "read_current", "write",
 ]

@@ -14,7 +14,7 @@ from ..files import sha256_file
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
-    from ..reports import FileRecord, Provenance, Smoke
+    from ..reports import Eval, FileRecord, Provenance, Smoke
 
 CARD_NAME = "README.md"
 # What every publish writes beside the merge's own files (the signature only when signed): an earlier
@@ -22,10 +22,10 @@ CARD_NAME = "README.md"
 def release_files() -> tuple[str, ...]:
     """The files every publish writes beside the merge's outputs: card, reports, recipe, lock, signature."""
     from ..release import LOCK_FILE, RECIPE_FILE
-    from ..reports import PROVENANCE_FILE, SMOKE_FILE
+    from ..reports import EVAL_FILE, PROVENANCE_FILE, SMOKE_FILE
     from ..signing import SIGNATURE_FILE
 
-    return (CARD_NAME, PROVENANCE_FILE, SMOKE_FILE, RECIPE_FILE, LOCK_FILE, SIGNATURE_FILE)
+    return (CARD_NAME, PROVENANCE_FILE, SMOKE_FILE, EVAL_FILE, RECIPE_FILE, LOCK_FILE, SIGNATURE_FILE)
 
 
 class TargetOptions(BaseModel):
@@ -62,6 +62,7 @@ class Published:
     card_identity: str
     provenance: Provenance | None = None
     smoke: Smoke | None = None
+    evaluation: Eval | None = None
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Bundle:
     provenance: Provenance
     smoke: Smoke | None
     card: str  # README.md as rendered
+    evaluation: Eval | None = None  # eval.json, when the recipe has an eval: section
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -169,11 +171,12 @@ class Target:
         raise NotImplementedError
 
 
-def published(merge_id: str, card: str, provenance: Provenance | None = None, smoke: Smoke | None = None) -> Published:
+def published(merge_id: str, card: str, provenance: Provenance | None = None, smoke: Smoke | None = None,
+              evaluation: Eval | None = None) -> Published:
     """A `Published` for a version whose card text the target read back."""
     from ..identity import card_identity
 
-    return Published(merge_id, card_identity(card), provenance, smoke)
+    return Published(merge_id, card_identity(card), provenance, smoke, evaluation)
 
 
 def bundle_files(
@@ -200,12 +203,13 @@ def bundle_files(
 def card_only_files(provenance: Provenance, folder: Path, environ: Mapping[str, str] | None = None) -> dict[str, FileEntry]:
     """A card-only bundle's files: the merge's outputs kept from the published version (no local path), and
     the card and reports from `folder`. Raises PublishError when those hold a secret."""
+    from ..reports import EVAL_FILE
     from ..signing import SIGNATURE_FILE
 
     files = {rel: FileEntry(None, f.sha256, f.size) for rel, f in provenance.files.items()}
     for rel in release_files():
         path = folder / rel
-        if rel == SIGNATURE_FILE and not path.is_file():
+        if rel in (SIGNATURE_FILE, EVAL_FILE) and not path.is_file():
             continue
         files[rel] = FileEntry(path, sha256_file(path), path.stat().st_size)
     check_no_secrets(files, environ)

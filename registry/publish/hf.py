@@ -88,7 +88,7 @@ class HfTarget(Target):
         # The card names its merge: another one means no download at all.
         if info is None or _card_registry(info).get("merge_identity") != merge_id:
             return None
-        from ..reports import Provenance, Smoke
+        from ..reports import Eval, Provenance, Smoke
 
         provenance = self._remote_report(Provenance, recipe.repo_id, info.sha)
         # The card and the weights beside it must describe the same merge.
@@ -102,7 +102,8 @@ class HfTarget(Target):
         card = self._remote_text(recipe.repo_id, CARD_NAME, info.sha)
         if card is None:
             return None
-        return published(merge_id, card, provenance, self._remote_report(Smoke, recipe.repo_id, info.sha))
+        evaluation = self._remote_report(Eval, recipe.repo_id, info.sha) if recipe.eval is not None else None
+        return published(merge_id, card, provenance, self._remote_report(Smoke, recipe.repo_id, info.sha), evaluation)
 
     def plan(self, bundle: Bundle, options) -> PublishPlan:
         info = self._remote_info(bundle.repo_id, options)

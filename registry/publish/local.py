@@ -65,7 +65,7 @@ class LocalTarget(Target):
 
     def current(self, recipe, merge_id, options) -> Published | None:
         """The latest version's card and reports when it is an intact build with this merge identity."""
-        from ..reports import Provenance, Smoke, read_current
+        from ..reports import Eval, Provenance, Smoke, read_current
 
         latest = latest_version(self.home, recipe.repo_id)
         if not latest or latest.get("merge_identity") != merge_id or not _intact(self.home, latest):
@@ -78,7 +78,7 @@ class LocalTarget(Target):
             card = (folder / CARD_NAME).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             return None
-        return published(merge_id, card, provenance, read_current(Smoke, folder))
+        return published(merge_id, card, provenance, read_current(Smoke, folder), read_current(Eval, folder))
 
     def plan(self, bundle: Bundle, options) -> PublishPlan:
         latest = latest_version(self.home, bundle.repo_id)
