@@ -1,6 +1,6 @@
 """The files stages leave for each other: one pydantic model each, read and written only here.
 
-`provenance.json` (merge), `smoke.json` (smoke), `eval.json` (eval) each carry a `format` version. A reader gets a typed
+`provenance.json` (merge), `smoke.json` (smoke), `eval.json` (eval), `family.json` (sweep) each carry a `format` version. A reader gets a typed
 report or a one-line `ReportError` naming the file; nobody else opens these files or digs into
 their JSON. Writes go to a new file renamed over the old one, so a published copy hard-linked to
 the old one keeps its content.
@@ -20,6 +20,7 @@ from .errors import OlderReportError, ReportError
 PROVENANCE_FILE = "provenance.json"
 SMOKE_FILE = "smoke.json"
 EVAL_FILE = "eval.json"
+FAMILY_FILE = "family.json"
 # Reports are small; anything past this is not one of ours.
 MAX_REPORT_BYTES = 64 * 1024 * 1024
 
@@ -228,6 +229,73 @@ class Eval(Report):
 
 
 # ---------------------------------------------------------------------------------------------
+# family.json
+
+
+class Retrieved(_Model):
+    """Pass keys retrieved out of the prompts run."""
+
+    retrieved: int
+    total: int
+
+
+class FamilyRow(_Model):
+    """One member of a family (a point) or one of its endpoints (a parent), with what was measured on it.
+
+    `kl` and `top1` map each parent's alias to the KL divergence (nats per token) and top-1 agreement
+    against it; `scores` maps `TASK/METRIC` to an evaluation score. None: not measured.
+    """
+
+    kind: Literal["point", "parent"]
+    label: str  # `cos=0.3 fmt=0.7` for a point, the alias for a parent
+    weights: dict[str, float]  # the swept aliases' weights (a parent: itself 1, the others 0)
+    repo_id: str | None = None  # a parent's only when it is a Hub source
+    merge_identity: str | None = None
+    state: str  # planned, merged, tested, published (a point); parent
+    smoke_passed: bool | None = None
+    nll: float | None = None
+    retrieved: Retrieved | None = None  # over every length
+    retrieval: dict[int, Retrieved] = {}  # context tokens → retrieved
+    kl: dict[str, float | None] = {}
+    top1: dict[str, float | None] = {}
+    scores: dict[str, MetricScore] = {}
+    selected: bool = False
+    published: list[str] = []  # where it went: `hf:ORG/NAME`, `local:PATH`
+
+    @property
+    def nearest_parent(self) -> str | None:
+        """The parent this row is closest to by KL (None when no KL was measured)."""
+        known = [(v, alias) for alias, v in self.kl.items() if v is not None]
+        return min(known)[1] if known else None
+
+
+class Family(Report):
+    """A sweep's points and its parents side by side: the family report, keyed by the sweep recipe's hash."""
+
+    FILE: ClassVar[str] = FAMILY_FILE
+    FORMAT: ClassVar[int] = 1
+    STAGE: ClassVar[str] = "sweep"
+
+    format: Literal[1] = 1
+    family: str
+    recipe_sha256: str
+    aliases: list[str]  # the swept aliases, in the recipe's order
+    axes: list[str] = []  # those that vary independently; the first is the chart's x axis
+    selection: str  # `passed`, `best:METRIC` or `best:METRIC:N`
+    rows: list[FamilyRow]
+
+    @property
+    def points(self) -> list[FamilyRow]:
+        """The point rows, in the sweep's order."""
+        return [r for r in self.rows if r.kind == "point"]
+
+    @property
+    def parents(self) -> list[FamilyRow]:
+        """The parent rows (the family's endpoints)."""
+        return [r for r in self.rows if r.kind == "parent"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading and writing
 
 R = TypeVar("R", bound=Report)
@@ -308,7 +376,7 @@ def _finite(value: Any) -> Any:
 
 
 __all__ = [
-    "EVAL_FILE", "PROVENANCE_FILE", "SMOKE_FILE", "CheckEntry", "Eval", "FileRecord", "GateRow", "LongEntry", "MetricScore",
-    "ParityEntry", "Provenance", "Report", "ReportError", "ShortEntry", "Smoke", "SourcePin", "TaskScores", "data", "dumps",
-    "parse", "read", "read_current", "write",
+    "EVAL_FILE", "FAMILY_FILE", "PROVENANCE_FILE", "SMOKE_FILE", "CheckEntry", "Eval", "Family", "FamilyRow", "FileRecord",
+    "GateRow", "LongEntry", "MetricScore", "ParityEntry", "Provenance", "Report", "ReportError", "Retrieved", "ShortEntry",
+    "Smoke", "SourcePin", "TaskScores", "data", "dumps", "parse", "read", "read_current", "write",
 ]

@@ -1,0 +1,283 @@
+"""The family report: a sweep's points and its parents side by side, as a table, Markdown and a chart.
+
+`build_family` gathers each point's reports (provenance, smoke, eval) into one typed `family.json`
+(reports.Family); `select` picks the points to publish; `print_table`, `markdown_table` and
+`draw_chart` show it. The chart needs matplotlib (the `chart` extra): without it `draw_chart`
+returns None and the caller prints CHART_HINT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .markdown import cell
+from .output import esc
+from .recipe import Point, Recipe, Selection, format_weight, parse_ref, parse_selection
+from .reports import Family, FamilyRow, MetricScore, Provenance, Retrieved, Smoke, TaskScores, dumps
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# The chart's files, beside family.json in each point's repo; the card refers to the SVG by this relative path.
+CHART_SVG = "family.svg"
+CHART_PNG = "family.png"
+# What the terminal shows instead of the chart when matplotlib is missing.
+CHART_HINT = "The chart needs matplotlib: pip install 'registry[chart]'"
+
+
+@dataclass(frozen=True)
+class PointReports:
+    """One point of a family with the reports its stages left (None: that stage has not run)."""
+
+    point: Point
+    provenance: Provenance | None
+    smoke: Smoke | None
+    eval: Any | None = None  # reports.Eval
+    published: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and selecting
+
+
+def build_family(recipe: Recipe, points: Sequence[PointReports], selection: str | None = None) -> Family:
+    """The family report of `recipe` (a sweep, or a plain recipe as a family of one) from its points' reports."""
+    aliases = list(points[0].point.weights) if points else []
+    parents = [item.name for item in recipe.inputs()]
+    rows = [_point_row(p) for p in points] + [_parent_row(recipe, alias, aliases, points) for alias in parents]
+    text = selection or (recipe.sweep.select if recipe.sweep else "passed")
+    family = Family(
+        family=recipe.family or recipe.repo_id.rpartition("/")[2],
+        recipe_sha256=recipe.sha256,
+        aliases=aliases,
+        axes=_axes(aliases, [p.point.weights for p in points]),
+        selection=text,
+        rows=rows,
+    )
+    chosen = {id(r) for r in select(family, parse_selection(text))}
+    return family.model_copy(update={"rows": [r.model_copy(update={"selected": id(r) in chosen}) for r in family.rows]})
+
+
+def _point_row(item: PointReports) -> FamilyRow:
+    smoke = item.smoke
+    merged = next((r for r in smoke.parity if r.model == "merged"), None) if smoke else None
+    retrieval: dict[int, Retrieved] = {}
+    for entry in smoke.long if smoke else []:
+        if entry.status == "skipped":
+            continue
+        seen = retrieval.get(entry.tokens, Retrieved(retrieved=0, total=0))
+        retrieval[entry.tokens] = Retrieved(retrieved=seen.retrieved + (entry.status == "retrieved"), total=seen.total + 1)
+    if merged is not None and merged.long_total:
+        # The cells every parent ran too: the same prompts the parents' rows count.
+        retrieved = Retrieved(retrieved=merged.long_retrieved, total=merged.long_total)
+    elif retrieval:
+        retrieved = Retrieved(retrieved=sum(r.retrieved for r in retrieval.values()), total=sum(r.total for r in retrieval.values()))
+    else:
+        retrieved = None
+    if item.published:
+        state = "published"
+    elif smoke is not None:
+        state = "tested"
+    elif item.provenance is not None:
+        state = "merged"
+    else:
+        state = "planned"
+    return FamilyRow(
+        kind="point",
+        label=item.point.label or item.point.recipe.repo_id,
+        weights=dict(item.point.weights),
+        repo_id=item.point.recipe.repo_id,
+        merge_identity=item.provenance.merge_identity if item.provenance else None,
+        state=state,
+        smoke_passed=smoke.passed if smoke else None,
+        nll=merged.nll if merged else None,
+        retrieved=retrieved,
+        retrieval=dict(sorted(retrieval.items())),
+        kl=_against_parents(merged, "kl"),
+        top1=_against_parents(merged, "top1"),
+        scores=_scores(item.eval.tasks) if item.eval is not None else {},
+        published=list(item.published),
+    )
+
+
+def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence[PointReports]) -> FamilyRow:
+    source = recipe.sources.get(alias)
+    ref = parse_ref(source.model if source else alias)
+    # Every point runs its parents on the same text and prompts: the first report that has the parent speaks for all.
+    parity = next((r for p in points if p.smoke for r in p.smoke.parity if r.model == alias), None)
+    scores = next((p.eval.parents[alias] for p in points if p.eval is not None and alias in p.eval.parents), None)
+    return FamilyRow(
+        kind="parent",
+        label=alias,
+        weights={a: 1.0 if a == alias else 0.0 for a in aliases},
+        repo_id=ref.value if ref.kind == "hub" else None,
+        state="parent",
+        nll=parity.nll if parity else None,
+        retrieved=Retrieved(retrieved=parity.long_retrieved, total=parity.long_total) if parity and parity.long_total else None,
+        kl=_against_parents(parity, "kl"),
+        top1=_against_parents(parity, "top1"),
+        scores=_scores(scores) if scores else {},
+    )
+
+
+def _against_parents(row: Any, field: str) -> dict[str, float | None]:
+    # KL and top-1 agreement against each parent: on the smoke report's parity rows once it measures them.
+    value = getattr(row, field, None) if row is not None else None
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _scores(tasks: dict[str, TaskScores]) -> dict[str, MetricScore]:
+    return {f"{task}/{metric}": score for task, t in sorted(tasks.items()) for metric, score in sorted(t.metrics.items())}
+
+
+def _axes(aliases: list[str], weights: list[dict[str, float]]) -> list[str]:
+    # The first alias is the x axis; another is an axis of its own when it varies at a fixed x (a grid
+    # of both), not when it follows from x (`fmt: 1 - cos`).
+    if not aliases:
+        return []
+    axes = aliases[:1]
+    for alias in aliases[1:]:
+        seen: dict[float, float] = {}
+        if any(seen.setdefault(w[aliases[0]], w[alias]) != w[alias] for w in weights):
+            axes.append(alias)
+    return axes
+
+
+def metric_value(row: FamilyRow, metric: str) -> float | None:
+    """The value `select` ranks `row` by (KL and top-1: against the nearest parent); None when not measured."""
+    if metric == "nll":
+        value = row.nll
+    elif metric == "retrieved":
+        value = row.retrieved.retrieved / row.retrieved.total if row.retrieved and row.retrieved.total else None
+    elif metric == "kl":
+        value = min((v for v in row.kl.values() if v is not None), default=None)
+    elif metric == "top1":
+        nearest = row.nearest_parent
+        value = row.top1.get(nearest) if nearest else max((v for v in row.top1.values() if v is not None), default=None)
+    elif metric.startswith("score:"):
+        score = row.scores.get(metric.removeprefix("score:"))
+        value = score.value if score else None
+    else:
+        raise ValueError(f"unknown metric {metric!r}")
+    return value if value is not None and math.isfinite(value) else None
+
+
+def select(family: Family, selection: Selection) -> list[FamilyRow]:
+    """The points to publish: every merged point whose smoke test did not fail, or the `top` best of them by the metric.
+
+    A point without a smoke report (smoke disabled) counts as not failed; a point without the metric is not ranked.
+    Ties keep the sweep's order.
+    """
+    eligible = [r for r in family.points if r.state != "planned" and r.smoke_passed is not False]
+    if selection.metric is None:
+        return eligible
+    sign = -1.0 if selection.higher_is_better else 1.0
+    ranked = [(sign * v, i, r) for i, r in enumerate(eligible) if (v := metric_value(r, selection.metric)) is not None]
+    return [r for _, _, r in sorted(ranked, key=lambda t: (t[0], t[1]))[: selection.top]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Table and Markdown
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _columns(family: Family) -> list[tuple[str, Any]]:
+    """(header, row → text) for each column the family has data for."""
+    parents = [r.label for r in family.parents]
+    rows = family.rows
+    columns: list[tuple[str, Any]] = [("model", lambda r: r.label if r.kind == "point" else f"parent {r.label}")]
+    columns += [(a, lambda r, a=a: format_weight(r.weights[a]) if a in r.weights else "") for a in family.aliases]
+    columns += [
+        ("state", lambda r: r.state),
+        ("smoke", lambda r: "" if r.kind == "parent" else {True: "passed", False: "failed", None: "n/a"}[r.smoke_passed]),
+        ("NLL", lambda r: _number(r.nll)),
+        ("retrieved", lambda r: f"{r.retrieved.retrieved}/{r.retrieved.total}" if r.retrieved else "n/a"),
+    ]
+    if any(r.kl for r in rows):
+        columns += [(f"KL {p}", lambda r, p=p: _number(r.kl.get(p), 4)) for p in parents]
+    if any(r.top1 for r in rows):
+        columns += [(f"top-1 {p}", lambda r, p=p: _number(r.top1.get(p))) for p in parents]
+    names = sorted({name for r in rows for name in r.scores})
+    columns += [(name, lambda r, n=name: _number(r.scores[n].value) if n in r.scores else "n/a") for name in names]
+    columns += [("selected", lambda r: "" if r.kind == "parent" else "yes" if r.selected else "no")]
+    return columns
+
+
+def table_rows(family: Family) -> tuple[list[str], list[list[str]]]:
+    """The table's headers and its rows as plain text (points, then the parents), shared by every form."""
+    columns = _columns(family)
+    return [h for h, _ in columns], [[str(f(r)) for _, f in columns] for r in family.points + family.parents]
+
+
+def print_table(family: Family, console: Console) -> None:
+    """Show the family as a rich table (user text escaped: recipe text is data)."""
+    from rich.table import Table
+
+    headers, rows = table_rows(family)
+    table = Table(*[esc(h) for h in headers], title=f"family {esc(family.family)} (select: {esc(family.selection)})")
+    points = len(family.points)
+    for i, row in enumerate(rows):
+        if i == points and i:
+            table.add_section()
+        table.add_row(*[esc(c) for c in row])
+    console.print(table)
+
+
+def markdown_table(family: Family) -> str:
+    """The family as a Markdown table (points, then the parents), every cell escaped."""
+    headers, rows = table_rows(family)
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The chart
+
+
+def chart_available() -> bool:
+    """Whether matplotlib can be imported (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def chart_bytes(family: Family) -> dict[str, bytes] | None:
+    """The chart as {CHART_SVG: bytes, CHART_PNG: bytes}; None without matplotlib."""
+    raise NotImplementedError
+
+
+def draw_chart(family: Family, folder: str | Path) -> list[Path] | None:
+    """Write the chart into `folder` as family.svg and family.png; None (nothing written) without matplotlib."""
+    from .files import replace_atomically
+
+    files = chart_bytes(family)
+    if files is None:
+        return None
+    paths = []
+    for name, blob in files.items():
+        path = Path(folder) / name
+        replace_atomically(path, blob)
+        paths.append(path)
+    return paths
+
+
+def family_files(family: Family) -> dict[str, bytes]:
+    """The files each point's bundle carries for its family: family.json, and the chart when matplotlib is at hand."""
+    return {family.FILE: dumps(family).encode("utf-8"), **(chart_bytes(family) or {})}
+
+
+__all__ = [
+    "CHART_HINT", "CHART_PNG", "CHART_SVG", "PointReports", "build_family", "chart_available", "chart_bytes",
+    "draw_chart", "family_files", "markdown_table", "metric_value", "print_table", "select", "table_rows",
+]
