@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from .reports import Eval, Provenance, Smoke
     from .signing import SigningPlan
     from .sources import Plan
-    from .sweep import FamilyOutcome
 
 
 @dataclass
@@ -150,23 +149,23 @@ def publish(
     update: bool = False,
     console: Console | None = None,
     note: Callable[[str], None] = lambda message: None,
-    select: str | None = None,
-) -> PublishOutcome | FamilyOutcome:
-    """Publish a recipe to its targets (a sweep: each point, as a family); every stage's finished output is reused when it still matches."""
+) -> PublishOutcome:
+    """Publish a recipe to its targets; every stage's finished output is reused when it still matches."""
     from .plugins import get_evaluators, get_targets
     from .recipe import load_recipe
 
     recipe = load_recipe(recipe_path, targets=get_targets(), evaluators=get_evaluators())
-    options = {"targets": targets, "private": private, "revision": revision, "create_pr": create_pr, "dry_run": dry_run,
-               "force": force, "device": device, "console": console, "note": note}
-    if recipe.sweep is not None:
-        from .sweep import publish_family
+    return publish_recipe(recipe, targets=targets, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run,
+                          force=force, device=device, update=update, console=console, note=note)
 
-        return publish_family(recipe, update=update, select=select, **options)
-    if select is not None:
-        raise UsageError(f"--select chooses points of a family; {recipe_path} has no sweep: section")
+
+def publish_recipe(recipe: Recipe, *, update: bool = False, **options: Any) -> PublishOutcome:
+    """Publish a loaded plain recipe (`publish`'s options); a sweep is published by `sweep.publish_family`."""
+    if recipe.sweep is not None:
+        raise UsageError(f"{recipe.path} is a sweep (family {recipe.sweep.family}): publish it with `registry publish`, "
+                         "which runs every point")
     job = start(recipe, [recipe], **options)
-    return finish(job, prepare(job, recipe, make_plan_for(recipe, update, device, dry_run, note)))
+    return finish(job, prepare(job, recipe, make_plan_for(recipe, update, job.device, job.dry_run, job.note)))
 
 
 def start(recipe: Recipe, recipes: list[Recipe], *, targets: list[str] | None, private: bool | None, revision: str | None,
