@@ -23,7 +23,7 @@ from .identity import smoke_identity
 from .leaks import find_leaks
 from .markdown import code, codeblock, md
 from .recipe import MergeInput, Recipe, parse_ref
-from .reports import EVAL_FILE, PROVENANCE_FILE, SMOKE_FILE, Eval, MetricScore, Provenance, Smoke
+from .reports import EVAL_FILE, PROVENANCE_FILE, SMOKE_FILE, Eval, Family, MetricScore, Provenance, Smoke
 from .reports import read as read_report
 from .templating import template_loader
 
@@ -227,6 +227,7 @@ def card_context(
     sections: Iterable[tuple[str, str]] = (),
     signing_key: str | None = None,
     evaluation: Eval | None = None,
+    family: Family | None = None,
 ) -> dict[str, Any]:
     """Everything a card template sees, as plain data built from an allow-list of fields (never a local path)."""
     import yaml
@@ -263,6 +264,39 @@ def card_context(
         "provenance": _provenance_context(provenance) if provenance is not None else None,
         "sections": [{"title": str(title), "body": str(body).strip("\n")} for title, body in sections],
         "release": {"recipe": RECIPE_FILE, "lock": LOCK_FILE, "signature": SIGNATURE_FILE, "signing_key": signing_key},
+        "family": _family_context(family, recipe) if family is not None else None,
+    }
+
+
+def _family_context(family: Family, recipe: Recipe) -> dict[str, Any]:
+    """The card's family section: every point and parent with its weights and key metrics, this point marked."""
+    from .family import CHART_SVG, chart_available, metric_value
+    from .recipe import format_weight
+
+    scores = sorted({name for row in family.rows for name in row.scores})
+    rows = [{
+        "this": row.kind == "point" and row.repo_id == recipe.repo_id,
+        "kind": row.kind,
+        "label": row.label,
+        "repo_id": row.repo_id,
+        "weights": [format_weight(row.weights[a]) if a in row.weights else "" for a in family.aliases],
+        "nll": row.nll,
+        "retrieved": f"{row.retrieved.retrieved} of {row.retrieved.total}" if row.retrieved else None,
+        "kl": metric_value(row, "kl"),
+        "kl_parent": row.nearest_parent,
+        "scores": [metric_value(row, f"score:{name}") for name in scores],
+        "smoke_passed": row.smoke_passed,
+    } for row in family.points + family.parents]
+    return {
+        "name": family.family,
+        "aliases": family.aliases,
+        "x": family.axes[0] if family.axes else None,
+        "points": len(family.points),
+        "rows": rows,
+        "scores": scores,
+        "has_kl": any(r["kl"] is not None for r in rows),
+        # The chart lies beside the card in the repo (family_files): referred to relatively, never by a local path.
+        "chart": CHART_SVG if chart_available() else None,
     }
 
 
@@ -394,15 +428,16 @@ def render_card(
     template_dirs: Sequence[Path | str] | None = None,
     signing_key: str | None = None,
     evaluation: Eval | None = None,
+    family: Family | None = None,
 ) -> str:
-    """The model card (README.md text) for `recipe`; raises CardError rather than return a card that leaks."""
+    """The model card (README.md text) for `recipe` (a point of `family`, when given); raises CardError rather than return a card that leaks."""
     check_reports(recipe, provenance, smoke, evaluation)
     if template_dirs is None:
         from .templating import template_dirs as default_dirs
 
         template_dirs = default_dirs()
     sections = plugin_sections(recipe, provenance, smoke)
-    context = card_context(recipe, provenance, smoke, sections, signing_key, evaluation)
+    context = card_context(recipe, provenance, smoke, sections, signing_key, evaluation, family)
     text = _render(card_environment(template_dirs), CARD_TEMPLATE, context)
     text = text.rstrip("\n") + "\n"
     check_card(text, recipe)
@@ -417,9 +452,10 @@ def write_card(
     template_dirs: Sequence[Path | str] | None = None,
     signing_key: str | None = None,
     evaluation: Eval | None = None,
+    family: Family | None = None,
 ) -> str:
     """Render the card and write it to `path` (whole or not at all); returns the text."""
-    text = render_card(recipe, provenance, smoke, template_dirs, signing_key, evaluation)
+    text = render_card(recipe, provenance, smoke, template_dirs, signing_key, evaluation, family)
     try:
         replace_atomically(path, text.encode("utf-8"))
     except OSError as exc:

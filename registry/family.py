@@ -252,9 +252,93 @@ def chart_available() -> bool:
         return False
 
 
+def chart_panels(family: Family) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """The chart's panels with data: (title, [(series name, row → value or None)])."""
+    parents = [r.label for r in family.parents]
+    panels: list[tuple[str, list[tuple[str, Any]]]] = [
+        ("NLL on the fixed text (nats per token, lower is better)", [("NLL", lambda r: metric_value(r, "nll"))]),
+        ("Pass keys retrieved (share)", [("retrieved", lambda r: metric_value(r, "retrieved"))]),
+        ("KL divergence to each parent (nats per token)", [(f"to {p}", lambda r, p=p: r.kl.get(p)) for p in parents]),
+        ("Top-1 agreement with each parent", [(f"with {p}", lambda r, p=p: r.top1.get(p)) for p in parents]),
+    ]
+    names = sorted({name for r in family.rows for name in r.scores})
+    panels += [(f"Score {name}", [(name, lambda r, n=name: metric_value(r, f"score:{n}"))]) for name in names]
+    return [(title, series) for title, series in panels if any(_finite(f(r)) for _, f in series for r in family.rows)]
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def chart_lines(family: Family) -> list[tuple[str, list[FamilyRow]]]:
+    """The chart's lines: one per combination of the other independent aliases' weights, its points in x order."""
+    x_alias, others = (family.axes[0], family.axes[1:]) if family.axes else (None, [])
+    groups: dict[tuple[float, ...], list[FamilyRow]] = {}
+    for row in family.points:
+        groups.setdefault(tuple(row.weights.get(a, 0.0) for a in others), []).append(row)
+    return [
+        (" ".join(f"{a}={format_weight(w)}" for a, w in zip(others, key, strict=True)),
+         sorted(rows, key=lambda r: r.weights.get(x_alias, 0.0) if x_alias else 0.0))
+        for key, rows in sorted(groups.items())
+    ]
+
+
+def _plain(text: str) -> str:
+    # A '$' pair would start matplotlib's math text: user text is shown as written.
+    return text.replace("$", r"\$")
+
+
 def chart_bytes(family: Family) -> dict[str, bytes] | None:
-    """The chart as {CHART_SVG: bytes, CHART_PNG: bytes}; None without matplotlib."""
-    raise NotImplementedError
+    """The chart as {CHART_SVG: bytes, CHART_PNG: bytes}, the same bytes for the same family; None without matplotlib."""
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import io
+
+    panels, lines = chart_panels(family), chart_lines(family)
+    x_alias = family.axes[0] if family.axes else None
+
+    def x_of(row: FamilyRow) -> float:
+        return row.weights.get(x_alias, 0.0) if x_alias else 0.0
+
+    files: dict[str, bytes] = {}
+    # Fixed ids and no date: the same family gives the same bytes. The figure is drawn without pyplot
+    # (its own Agg canvas), so no global backend or state is touched.
+    with matplotlib.rc_context({"svg.hashsalt": "registry-family", "svg.fonttype": "path", "font.family": "DejaVu Sans"}):
+        columns = 2 if len(panels) > 1 else 1
+        rows = max(1, math.ceil(len(panels) / columns))
+        fig = Figure(figsize=(5.5 * columns, 3.4 * rows), layout="constrained")
+        fig.suptitle(_plain(f"Family {family.family}: each metric against the weight of {x_alias or 'the point'}"))
+        for n, (title, series) in enumerate(panels):
+            ax = fig.add_subplot(rows, columns, n + 1)
+            ax.set_title(_plain(title), fontsize=10)
+            ax.set_xlabel(_plain(f"weight of {x_alias}" if x_alias else "point"))
+            ax.grid(True, alpha=0.3)
+            for s, (name, value) in enumerate(series):
+                color = f"C{s}"
+                for g, (group, members) in enumerate(lines):
+                    xs = [x_of(r) for r in members]
+                    ys = [v if _finite(v := value(r)) else float("nan") for r in members]
+                    label = " ".join(t for t in (name if len(series) > 1 else "", group) if t) or name
+                    (line,) = ax.plot(xs, ys, marker="o", color=color, linestyle=("-", "--", ":", "-.")[g % 4], label=_plain(label))
+                    line.set_gid(f"family-line-{n}-{s}-{g}")
+                for p, parent in enumerate(family.parents):
+                    v = value(parent)
+                    if not _finite(v):
+                        continue
+                    (mark,) = ax.plot([x_of(parent)], [v], marker="*", markersize=13, color=color, linestyle="none",
+                                      markeredgecolor="black", markeredgewidth=0.6)
+                    mark.set_gid(f"family-parent-{n}-{s}-{p}")
+                    ax.annotate(_plain(parent.label), (x_of(parent), v), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            if len(series) > 1 or len(lines) > 1:
+                ax.legend(fontsize=7)
+        for fmt, name, metadata in (("svg", CHART_SVG, {"Date": None}), ("png", CHART_PNG, {"Software": None})):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, metadata=metadata, dpi=100)
+            files[name] = buffer.getvalue()
+    return files
 
 
 def draw_chart(family: Family, folder: str | Path) -> list[Path] | None:
@@ -279,5 +363,5 @@ def family_files(family: Family) -> dict[str, bytes]:
 
 __all__ = [
     "CHART_HINT", "CHART_PNG", "CHART_SVG", "PointReports", "build_family", "chart_available", "chart_bytes",
-    "draw_chart", "family_files", "markdown_table", "metric_value", "print_table", "select", "table_rows",
+    "chart_lines", "chart_panels", "draw_chart", "family_files", "markdown_table", "metric_value", "print_table", "select", "table_rows",
 ]

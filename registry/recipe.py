@@ -217,6 +217,13 @@ class ParitySmoke(Strict):
     # Fewer pass keys than this share of the better parent's, where the better parent retrieves every
     # key or every parent retrieves some: good toy merges keep 6 of 6, the untrained merge keeps 0-2.
     best_retrieval_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    # "Far from both parents", the sign of a broken merge that still writes fluent text: KL(parent || merge)
+    # to the nearest parent over this many nats per position, or top-token agreement with the closest
+    # parent under this share, over the comparison prompts. Good toy merges are within 0.21 nats and agree
+    # on 88% or more; the 1/-1, NaN and shuffled-embedding merges are 5.4 nats or more (or NaN) away and
+    # agree on 2% at most (docs/architecture.md, "Smoke verdicts").
+    max_kl: float = Field(default=1.0, ge=0.0)
+    min_top1_agreement: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
 class WeightsSmoke(Strict):

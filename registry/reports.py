@@ -133,22 +133,29 @@ class LongEntry(_Model):
 
 
 class ParityEntry(_Model):
-    """One model's NLL on the fixed text and its retrieval over the prompts the merge also ran."""
+    """One model's NLL on the fixed text and its retrieval over the prompts the merge also ran.
+
+    A parent's row also holds KL(parent || merge), the mean per-token KL divergence in nats over the
+    comparison prompts' next-token distributions, and the share of those positions where both pick the
+    same top token (None: not compared, or the merged row itself).
+    """
 
     model: str
     nll: float | None
     long_retrieved: int
     long_total: int
+    kl: float | None = None
+    top1_agreement: float | None = None
 
 
 class Smoke(Report):
     """What the smoke test found; the smoke identity (merge identity + smoke settings) keys it."""
 
     FILE: ClassVar[str] = SMOKE_FILE
-    FORMAT: ClassVar[int] = 2
+    FORMAT: ClassVar[int] = 3
     STAGE: ClassVar[str] = "smoke"
 
-    format: Literal[2] = 2
+    format: Literal[3] = 3
     smoke_identity: str | None = None  # None: run on a folder without a recipe
     merge_identity: str | None = None
     passed: bool
@@ -166,6 +173,40 @@ class Smoke(Report):
     def longest_retrieved(self) -> int | None:
         """The longest prompt whose pass key was retrieved."""
         return max((r.tokens for r in self.long if r.status == "retrieved"), default=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# A parent's cached measurements (build_root()/parents/<pin12>-<settings12>/parent.safetensors)
+
+
+class ParentShortEntry(ShortEntry):
+    """A parent's short generation with the measures the short check compares against."""
+
+    finite: bool
+    logit_std: float | None  # None: not finite
+    repeated_ngrams: float
+    longest_run: int
+
+
+class ParentMeasurements(Report):
+    """What a parent did under one set of smoke settings, cached by its pin so a family runs each parent once.
+
+    The file is a safetensors file: this JSON is its metadata entry `registry`, beside the tensor
+    `logprobs` (next-token log-probs at every position of the comparison prompts, float32).
+    """
+
+    FILE: ClassVar[str] = "parent.safetensors"
+    FORMAT: ClassVar[int] = 1
+    STAGE: ClassVar[str] = "smoke"
+
+    format: Literal[1] = 1
+    pin: str
+    settings: str  # the hash of the smoke settings that shape these measurements
+    nll: float | None = None
+    short: ParentShortEntry | None = None
+    short_missing: str | None = None  # why there is no short generation (no chat template)
+    long: list[LongEntry] = []  # the prompts run so far, one per (tokens, depth), none skipped
+    prompts: list[list[int]] | None = None  # the comparison prompts' token ids, when log-probs are held
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +418,7 @@ def _finite(value: Any) -> Any:
 
 __all__ = [
     "EVAL_FILE", "FAMILY_FILE", "PROVENANCE_FILE", "SMOKE_FILE", "CheckEntry", "Eval", "Family", "FamilyRow", "FileRecord",
-    "GateRow", "LongEntry", "MetricScore", "ParityEntry", "Provenance", "Report", "ReportError", "Retrieved", "ShortEntry",
-    "Smoke", "SourcePin", "TaskScores", "data", "dumps", "parse", "read", "read_current", "write",
+    "GateRow", "LongEntry", "MetricScore", "ParentMeasurements", "ParentShortEntry", "ParityEntry", "Provenance", "Report",
+    "ReportError", "Retrieved", "ShortEntry", "Smoke", "SourcePin", "TaskScores", "data", "dumps", "parse", "read",
+    "read_current", "write",
 ]

@@ -91,12 +91,19 @@ class LongRun:
 
 @dataclass(frozen=True)
 class ParityRow:
-    """One model's NLL on the fixed text and retrieval over the long prompts both it and the merge ran."""
+    """One model's NLL on the fixed text and retrieval over the long prompts both it and the merge ran.
+
+    A parent's row also holds KL(parent || merge) in nats per position and the share of positions whose
+    top token agrees, over the comparison prompts (registry/comparison.py); None on the merged row, or
+    where the two could not be compared.
+    """
 
     model: str
     nll: float | None
     long_retrieved: int
     long_total: int
+    kl: float | None = None
+    top1_agreement: float | None = None
 
 
 @dataclass
@@ -178,6 +185,8 @@ class SourceModel:
     missing: str | None = None
     # Its folder is at hand but holds other weights than the merge read (a content sha256 mismatch).
     changed: bool = False
+    # What keys its cached measurements: the content sha256 (local) or commit (Hub), when known without hashing.
+    pin: str | None = None
 
 
 CHANGED_SINCE_MERGE = "its weights changed since the merge (their sha256 is not the one in provenance.json)"
@@ -218,11 +227,13 @@ def merge_sources(recipe: Recipe | None, provenance: Provenance | None) -> list[
                 changed = path is not None and bool(merged_from) and folder_content_sha256(path) != merged_from
                 if changed:
                     path, missing = None, CHANGED_SINCE_MERGE
+                content = merged_from if path is not None else None
             else:
                 revision = (pin.revision if (pin := pinned.get(inp.name)) else None) or inp.ref.revision
                 path, missing = _hub_cached(inp.ref.value, revision)
                 changed = False
-            out.append(SourceModel(inp.name, inp.ref.kind, _frozen_weight(inp.weight), path, missing, changed))
+                content = _snapshot_commit(path)
+            out.append(SourceModel(inp.name, inp.ref.kind, _frozen_weight(inp.weight), path, missing, changed, content))
         return out
     for name, info in pinned.items():
         weight: Any = info.weight
@@ -232,8 +243,20 @@ def merge_sources(recipe: Recipe | None, provenance: Provenance | None) -> list[
             path, missing = _hub_cached(info.repo_id, info.revision)
         else:
             path, missing = None, "it is a local folder: pass --recipe to locate it"
-        out.append(SourceModel(name, info.kind, weight, path, missing))
+        out.append(SourceModel(name, info.kind, weight, path, missing, pin=(info.pin or None) if path else None))
     return out
+
+
+def _snapshot_commit(path: Path | None) -> str | None:
+    """The commit of a Hub cache snapshot folder (its name), or None."""
+    return path.name if path is not None and re.fullmatch(r"[0-9a-f]{40}", path.name) else None
+
+
+def source_pin(source: SourceModel) -> str | None:
+    """A source's pin: from provenance or its Hub snapshot, else the content sha256 of its folder (hashed here)."""
+    if source.pin or source.path is None:
+        return source.pin
+    return folder_content_sha256(source.path) if source.kind == "local" else None
 
 
 def _frozen_weight(weight: Any) -> float | tuple[WeightFilter, ...] | None:
@@ -854,13 +877,24 @@ class LoadedModel:
 
 
 @dataclass(frozen=True)
+class Logprobs:
+    """Next-token log-probs at every position of the comparison prompts (float32, CPU): what KL compares."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    values: Any  # torch.Tensor [positions, vocab]
+
+
+@dataclass(frozen=True)
 class ParentEval:
-    """What a parent did on the same prompts as the merge."""
+    """What a parent did on the same prompts as the merge, and how close the merge's next-token distributions are to its."""
 
     name: str
     short: ShortRun | None
     nll: float | None
     long: tuple[LongRun, ...]
+    kl: float | None = None  # KL(parent || merge), nats per position
+    top1_agreement: float | None = None
+    not_compared: str | None = None  # why kl is None
 
 
 @dataclass(frozen=True)
@@ -880,6 +914,7 @@ MEASUREMENTS: dict[str, str] = {
     "short": "ShortRun: the merged model's short generation",
     "long": "tuple[LongRun]: the merged model's needle-in-a-haystack prompts, every (length, depth)",
     "nll": "float: the merged model's NLL on the fixed text, when the parity check compares it",
+    "logprobs": "Logprobs: the merged model's next-token log-probs over the comparison prompts (float32, CPU)",
     "parents": "Parents: each parent at hand run on the merged model's prompts (none when parity is disabled)",
     "weights": "WeightComparison | None: every tensor against the weighted sum of the sources (None: not run)",
     "parity": "tuple[ParityRow]: the merge and each parent side by side (empty without parents)",
@@ -909,7 +944,7 @@ class Measurements:
     def depends(self, name: str) -> tuple[str, ...]:
         """What a measurement is computed from (parents and parity need nothing when parity is disabled)."""
         parity = self.settings.config.parity
-        if name in ("short", "long", "nll"):
+        if name in ("short", "long", "nll", "logprobs"):
             return ("model",)
         if name == "weights":
             return ("sources",)
@@ -917,7 +952,7 @@ class Measurements:
             if not parity.enabled:
                 return ()
             # Parents run only the prompts the merge ran: parity compares where both did.
-            return ("sources", "long") if parity.retrieval else ("sources",)
+            return ("sources", "logprobs", "long") if parity.retrieval else ("sources", "logprobs")
         if name == "parity":
             return ("nll", "long", "parents") if parity.enabled else ()
         return ()
@@ -1032,34 +1067,37 @@ class Measurements:
         loaded = self.values["model"]
         return nll(loaded.model, loaded.tokenizer, self.settings.parity_text())
 
+    def _logprobs(self) -> Logprobs:
+        from .comparison import comparison_prompts, next_token_logprobs
+
+        loaded, s = self.values["model"], self.settings
+        prompts = comparison_prompts(loaded.tokenizer, s.parity_text(), s.config.short.prompt)
+        return Logprobs(tuple(tuple(p) for p in prompts), next_token_logprobs(loaded.model, prompts))
+
     def _parents(self) -> Parents:
+        from .comparison import compare_logprobs
+
         s = self.settings
         if not s.config.parity.enabled:
             return Parents((), ())
         evaluated, unavailable = [], []
         cells = [(r.tokens, r.depth) for r in self.values.get("long", ()) if r.status != "skipped"]
+        merged = self.values.get("logprobs")
         for source in self.values["sources"]:
             if source.path is None:
                 unavailable.append(source)
                 continue
-            self.note(f"evaluating parent '{source.name}'")
-            self.loaded.append(source.name)
             try:
-                model, tokenizer = load_model(source.path, s.device)
+                record = measure_parent(source, s, cells, progress=self.note, loaded=self.loaded)
             except SmokeError:
                 # The message names the folder, which must not reach smoke.json.
                 unavailable.append(replace(source, path=None, missing="its folder could not be loaded as a model"))
                 continue
-            try:
-                short = run_short(model, tokenizer, s.config.short)
-            except NoChatTemplate:
-                short = None
-            value = nll(model, tokenizer, s.parity_text())
-            long = (run_long(model, tokenizer, s.config.long, s.device, cells,
-                             model_name=f"parent '{source.name}' ({source.path})") if s.config.parity.retrieval else [])
-            evaluated.append(ParentEval(source.name, short, value, tuple(long)))
-            del model, tokenizer
-            _free()
+            agreement = compare_logprobs(record.logprobs.values, merged.values, record.logprobs.prompts, merged.prompts)
+            long = tuple(record.long[c] for c in cells if c in record.long)
+            evaluated.append(ParentEval(source.name, record.short, record.nll, long, agreement.kl, agreement.top1,
+                                        agreement.reason))
+            del record
         return Parents(tuple(evaluated), tuple(unavailable))
 
     def _weights(self) -> WeightComparison | None:
@@ -1080,8 +1118,167 @@ class Measurements:
         cells = ([c for c in merged_runs if all(c in runs for runs in ran.values())]
                  if self.settings.config.parity.retrieval else [])
         rows = [ParityRow("merged", self.values["nll"], sum(merged_runs[c].status == "retrieved" for c in cells), len(cells))]
-        rows += [ParityRow(p.name, p.nll, sum(ran[p.name][c].status == "retrieved" for c in cells), len(cells)) for p in parents]
+        rows += [ParityRow(p.name, p.nll, sum(ran[p.name][c].status == "retrieved" for c in cells), len(cells), p.kl,
+                           p.top1_agreement) for p in parents]
         return tuple(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# A parent's measurements, cached by its pin (registry/comparison.py), and the parents as a family's end points
+
+
+@dataclass(frozen=True)
+class ParentRecord:
+    """A parent's measurements under the run's smoke settings: from the cache, completed by running it where needed."""
+
+    name: str
+    pin: str | None
+    short: ShortRun | None
+    nll: float | None
+    long: Mapping[tuple[int, float], LongRun]  # (tokens, depth) -> run, for the cells asked for
+    logprobs: Logprobs
+
+
+def measure_parent(source: SourceModel, settings: SmokeSettings, cells: Iterable[tuple[int, float]], *,
+                   progress: Callable[[str], None] | None = None, loaded: list[str] | None = None,
+                   cache_root: Path | None = None) -> ParentRecord:
+    """A parent's NLL, short generation, log-probs and pass-key prompts at `cells`, loading it only for what its cache lacks.
+
+    The cache (build_root()/parents/, or `cache_root`) is keyed by the parent's pin and the smoke settings
+    that shape the measurements; a source without a pin is measured every time. Each load appends the
+    source's name to `loaded`. Raises SmokeError when the folder cannot be loaded.
+    """
+    from .comparison import comparison_prompts, next_token_logprobs, parent_settings_hash, read_cache, write_cache
+    from .reports import LongEntry, ParentMeasurements, ParentShortEntry
+
+    note = progress or (lambda message: None)
+    if source.path is None:
+        raise SmokeError(f"source '{source.name}' is not at hand: {source.missing}")
+    pin = source_pin(source)
+    key = parent_settings_hash(settings.config, settings.parity_text(), settings.device)
+    cached = read_cache(pin, key, cache_root) if pin else None
+    measured, values = cached if cached is not None else (ParentMeasurements(pin=pin or "", settings=key), None)
+    long = {(r.tokens, r.depth): LongRun(**r.model_dump()) for r in measured.long}
+    todo = [c for c in dict.fromkeys(cells) if c not in long]
+    has_short = measured.short is not None or measured.short_missing is not None
+    if cached is None or values is None or not has_short or todo:
+        note(f"evaluating parent '{source.name}'")
+        if loaded is not None:
+            loaded.append(source.name)
+        model, tokenizer = load_model(source.path, settings.device)
+        try:
+            short, short_missing = run_short(model, tokenizer, settings.config.short), None
+        except NoChatTemplate as exc:
+            short, short_missing = None, exc.message
+        value = nll(model, tokenizer, settings.parity_text())
+        prompts = comparison_prompts(tokenizer, settings.parity_text(), settings.config.short.prompt)
+        values = next_token_logprobs(model, prompts)
+        runs = (run_long(model, tokenizer, settings.config.long, settings.device, todo,
+                         model_name=f"parent '{source.name}' ({source.path})") if todo else [])
+        del model, tokenizer
+        _free()
+        long.update({(r.tokens, r.depth): r for r in runs})
+        measured = ParentMeasurements(
+            pin=measured.pin, settings=key, nll=value if math.isfinite(value) else None, short_missing=short_missing,
+            short=None if short is None else ParentShortEntry(
+                prompt=short.prompt, output=short.output, new_tokens=short.new_tokens, stopped=short.stopped,
+                finite=short.finite, logit_std=short.logit_std if math.isfinite(short.logit_std) else None,
+                repeated_ngrams=short.repeated_ngrams, longest_run=short.longest_run),
+            # A prompt skipped for lack of memory may run another time: only what ran is kept.
+            long=[LongEntry(**asdict(r)) for r in sorted(long.values(), key=lambda r: (r.tokens, r.depth))
+                  if r.status != "skipped"],
+            prompts=prompts,
+        )
+        if pin:
+            write_cache(measured, values, cache_root)
+    else:
+        note(f"parent '{source.name}': measurements from the cache")
+    short_entry = measured.short
+    short_run = None if short_entry is None else ShortRun(
+        prompt=short_entry.prompt, output=short_entry.output, new_tokens=short_entry.new_tokens, stopped=short_entry.stopped,
+        finite=short_entry.finite, logit_std=short_entry.logit_std if short_entry.logit_std is not None else math.nan,
+        repeated_ngrams=short_entry.repeated_ngrams, longest_run=short_entry.longest_run)
+    wanted = set(cells)
+    return ParentRecord(
+        name=source.name, pin=pin, short=short_run, nll=measured.nll if measured.nll is not None else math.nan,
+        long=MappingProxyType({c: r for c, r in long.items() if c in wanted}),
+        logprobs=Logprobs(tuple(tuple(p) for p in measured.prompts or ()), values),
+    )
+
+
+@dataclass(frozen=True)
+class ParentEndpoint:
+    """A parent as an end point of its merge family: the figures a merge's row has, measured on the parent itself.
+
+    `kl[other]` is KL(other || this parent) in nats per position and `top1_agreement[other]` the share of
+    positions whose top token agrees, the same direction as a merge's KL against `other` (against itself:
+    exactly 0.0 and 1.0). `retrieval` maps a prompt length to (pass keys retrieved, prompts run).
+    A parent not at hand has `missing` set and no figures.
+    """
+
+    name: str
+    pin: str | None
+    nll: float | None
+    retrieval: Mapping[int, tuple[int, int]]
+    kl: Mapping[str, float | None]
+    top1_agreement: Mapping[str, float | None]
+    missing: str | None = None
+
+
+def parent_endpoints(recipe: Recipe, *, device: str = "auto", provenance: Provenance | None = None,
+                     progress: Callable[[str], None] | None = None, cache_root: Path | None = None,
+                     loaded: list[str] | None = None) -> list[ParentEndpoint]:
+    """Each of the recipe's sources as an end point of its family: NLL, retrieval per length, KL and top-1 agreement against every parent.
+
+    Figures come from the parents' cache (what a smoke run of any merge of them left), and what is
+    missing is measured and cached; one parent is in memory at a time.
+    """
+    from transformers import AutoConfig
+
+    from .comparison import compare_logprobs
+
+    config = recipe.smoke
+    settings = SmokeSettings(Path("."), config, pick_device(device), False, recipe.merge.parameters.normalize,
+                             recipe.merge.dtype)
+    records: dict[str, ParentRecord] = {}
+    missing: dict[str, SourceModel] = {}
+    sources = merge_sources(recipe, provenance)
+    for source in sources:
+        if source.path is None:
+            missing[source.name] = source
+            continue
+        cells: list[tuple[int, float]] = []
+        if config.parity.retrieval:
+            lengths, limit = long_lengths(config.long, AutoConfig.from_pretrained(source.path))
+            # Prompts that are always skipped (over the context, or over cpu_max_tokens on CPU) are not asked for.
+            cells = [(n, d) for n in lengths for d in config.long.depths
+                     if n <= limit and not (settings.device == "cpu" and n > config.long.cpu_max_tokens)]
+        try:
+            records[source.name] = measure_parent(source, settings, cells, progress=progress, loaded=loaded,
+                                                  cache_root=cache_root)
+        except SmokeError:
+            missing[source.name] = replace(source, path=None, missing="its folder could not be loaded as a model")
+    out = []
+    for name in (s.name for s in sources):
+        if name in missing:
+            out.append(ParentEndpoint(name, None, None, MappingProxyType({}), MappingProxyType({}), MappingProxyType({}),
+                                      missing[name].missing))
+            continue
+        this = records[name]
+        kl: dict[str, float | None] = {}
+        top1: dict[str, float | None] = {}
+        for other, record in records.items():
+            agreement = compare_logprobs(record.logprobs.values, this.logprobs.values, record.logprobs.prompts,
+                                         this.logprobs.prompts)
+            kl[other], top1[other] = agreement.kl, agreement.top1
+        retrieval: dict[int, tuple[int, int]] = {}
+        for (tokens, _depth), run in sorted(this.long.items()):
+            if run.status != "skipped":
+                got, ran = retrieval.get(tokens, (0, 0))
+                retrieval[tokens] = (got + (run.status == "retrieved"), ran + 1)
+        out.append(ParentEndpoint(name, this.pin, this.nll if math.isfinite(this.nll) else None,
+                                  MappingProxyType(retrieval), MappingProxyType(kl), MappingProxyType(top1)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1155,10 +1352,12 @@ def print_report(report: SmokeReport, console: Any) -> None:
                          esc(run.reason or ""))
         console.print(long)
     if report.parity:
-        parity = Table("model", "nll", "retrieved", title="parity")
+        parity = Table("model", "nll", "kl", "top-1", "retrieved", title="parity (kl: KL(parent || merge), nats/token)")
         for row in report.parity:
             value = f"{row.nll:.3f}" if row.nll is not None and math.isfinite(row.nll) else "nan"
-            parity.add_row(esc(row.model), value, f"{row.long_retrieved}/{row.long_total}")
+            kl = "" if row.kl is None else f"{row.kl:.4f}" if math.isfinite(row.kl) else "nan"
+            top1 = "" if row.top1_agreement is None else f"{row.top1_agreement:.1%}"
+            parity.add_row(esc(row.model), value, kl, top1, f"{row.long_retrieved}/{row.long_total}")
         console.print(parity)
     verdict = "[green]passed[/]" if report.passed else f"[red]failed[/] ({esc(', '.join(c.name for c in report.failed()))})"
     console.print(f"smoke {verdict}")

@@ -157,6 +157,8 @@ def parity_check(
     merged_nll, merged_hits, cells = merged.nll, merged.long_retrieved, merged.long_total
     details = {"nll_margin": cfg.nll_margin, "retrieval_margin": cfg.retrieval_margin,
                "best_nll_margin": cfg.best_nll_margin, "best_retrieval_share": cfg.best_retrieval_share,
+               "max_kl": cfg.max_kl, "min_top1_agreement": cfg.min_top1_agreement,
+               "kl": {r.model: r.kl for r in rows}, "top1_agreement": {r.model: r.top1_agreement for r in rows},
                "missing": [s.name for s in parents.unavailable]}
     both = "both parents" if len(rows) == 2 else ("every parent" if len(rows) > 2 else f"parent '{rows[0].model}'")
     parent_nlls = ", ".join(f"{r.model} {_num(r.nll)}" for r in rows)
@@ -176,6 +178,29 @@ def parity_check(
             f"over the better parent '{best.model}' ({parent_nlls})",
             details,
         )
+    compared = [r for r in rows if r.kl is not None]
+    distance = ""
+    if compared:
+        parent_kls = ", ".join(f"{r.model} {_num(r.kl)}" for r in compared)
+        distance = f"; KL {parent_kls}, top-1 agreement " + ", ".join(f"{r.model} {_share(r.top1_agreement)}" for r in compared)
+        nearest = min(compared, key=lambda r: r.kl if math.isfinite(r.kl) else math.inf)
+        if not math.isfinite(nearest.kl) or nearest.kl > cfg.max_kl:
+            return CheckResult(
+                "parity", "failed",
+                f"far from {both}: KL to the nearest parent '{nearest.model}' is {_num(nearest.kl)} nats/token "
+                f"({parent_kls}), over max_kl {cfg.max_kl}",
+                details,
+            )
+        closest = max(compared, key=lambda r: r.top1_agreement if r.top1_agreement is not None else -1.0)
+        if closest.top1_agreement is None or closest.top1_agreement < cfg.min_top1_agreement:
+            agreements = ", ".join(f"{r.model} {_share(r.top1_agreement)}" for r in compared)
+            return CheckResult(
+                "parity", "failed",
+                f"far from {both}: the top token agrees with the closest parent '{closest.model}' at "
+                f"{_share(closest.top1_agreement)} of positions ({agreements}), under min_top1_agreement "
+                f"{cfg.min_top1_agreement:.0%}",
+                details,
+            )
     retrieval = ""
     if cells:
         worst_frac = min(r.long_retrieved for r in rows) / cells
@@ -199,7 +224,7 @@ def parity_check(
                 details,
             )
     missing = f"; {_not_at_hand(parents.unavailable)}" if parents.unavailable else ""
-    return CheckResult("parity", "passed", f"NLL {_num(merged_nll)} ({parent_nlls}){retrieval}{missing}", details)
+    return CheckResult("parity", "passed", f"NLL {_num(merged_nll)} ({parent_nlls}){distance}{retrieval}{missing}", details)
 
 
 def _not_at_hand(sources: tuple[SourceModel, ...] | list[SourceModel]) -> str:
@@ -208,6 +233,10 @@ def _not_at_hand(sources: tuple[SourceModel, ...] | list[SourceModel]) -> str:
 
 def _num(value: float | None) -> str:
     return f"{value:.3f}" if value is not None and math.isfinite(value) else "nan"
+
+
+def _share(value: float | None) -> str:
+    return f"{value:.1%}" if value is not None and math.isfinite(value) else "nan"
 
 
 def builtin_checks() -> tuple[SmokeCheck, ...]:

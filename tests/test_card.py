@@ -448,7 +448,7 @@ def test_a_card_shows_measured_floats_rounded():
             {"tokens": 131072, "depth": 0.9, "status": "retrieved", "seconds": 77.73219, "peak_memory_bytes": 9512345678},
         ],
         parity=[{"model": "merged", "nll": 0.30213456789, "long_retrieved": 3, "long_total": 3},
-                {"model": "cos", "nll": 1.9999999, "long_retrieved": 2, "long_total": 3}],
+                {"model": "cos", "nll": 1.9999999, "long_retrieved": 2, "long_total": 3, "kl": 0.12345678, "top1_agreement": 11 / 12}],
     )
     recipe = recipe_text().replace("weight: 0.3}", "weight: 0.30000000000000004}")
     card = render(recipe, smoke=smoke)
@@ -460,7 +460,7 @@ def test_a_card_shows_measured_floats_rounded():
         "| 32,768 | 50% | retrieved | 12 s | 118 MiB |\n"
         "| 131,072 | 90% | retrieved | 1.3 min | 8.86 GiB |\n"
     ) in body
-    assert "| **merged** | 0.302 | 3 of 3 |\n| `cos` | 2.000 | 2 of 3 |" in body
+    assert "| **merged** | 0.302 |  |  | 3 of 3 |\n| `cos` | 2.000 | 0.123 | 91.7% | 2 of 3 |" in body
     assert "| `cos` | GRPO, cosine reward | 0.3 |\n| `fmt` | GRPO, format reward | 0.7 |" in section(card, "Merge details")
     # Nothing shown with more decimals than a reader needs (the recipe's own YAML block aside, which is verbatim data).
     shown = card.replace(section(card, "Configuration"), "")
@@ -495,7 +495,7 @@ def test_failed_smoke_is_shown_as_failed(tmp_path):
         "| 512 | 50% | missed (non-finite logits) | 0.10 s | 1.91 MiB |\n"
         "| 131,072 | 50% | skipped: longer than cpu\\_max\\_tokens 8192 | n/a | n/a |\n"
     ) in body
-    assert "| **merged** | 5.500 | 1 of 2 |\n| `cos` | n/a | n/a |" in body
+    assert "| **merged** | 5.500 |  |  | 1 of 2 |\n| `cos` | n/a | n/a | n/a | n/a |" in body
     assert "- It failed its smoke tests (see above).\n- Long-context retrieval was checked up to 256 tokens.\n" in card
 
 
@@ -526,7 +526,7 @@ def test_reference_models_leaked_paths_stay_out(tmp_path):
     assert "| `model_1` | none | local checkpoint, not on the Hub | weights sha256 `" + "a" * 64 + "` |" in card
     assert "| `model_2` | none | local checkpoint, not on the Hub | weights sha256 `" + "b" * 64 + "` |" in card
     assert "- **Configuration and tokenizer from:** `model_1`\n" in card
-    assert "| **merged** | 2.000 | n/a |\n| `model_1` | 2.100 | n/a |\n| `(unknown model)` | 2.200 | n/a |\n" in card
+    assert "| **merged** | 2.000 |  |  | n/a |\n| `model_1` | 2.100 | n/a | n/a | n/a |\n| `(unknown model)` | 2.200 | n/a | n/a | n/a |\n" in card
 
     recipe = load_recipe(COS_FMT).model_copy(deep=True)
     recipe.sources["cos"].model, recipe.sources["fmt"].model = LEAKED_PATHS

@@ -77,11 +77,13 @@ def test_a_report_that_is_a_symlink_is_refused(tmp_path: Path):
 
 TOY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "examples" / "toy_cos_fmt.yaml"
 STAGE = {"provenance.json": "merge", "smoke.json": "smoke"}
+CURRENT = {"provenance.json": Provenance.FORMAT, "smoke.json": reports.Smoke.FORMAT}
+# {now}: the format this registry writes for the file, {newer}: the one after it.
 BAD = {
-    "corrupt": ('{"format": 2, "passed": tru', "not valid JSON (Expecting value: line 1 column 25 (char 24))"),
-    "unknown format": ('{"format": 1, "passed": true}', "unknown {file} format 1 (this registry reads format 2)"),
-    "newer format": ('{"format": 3, "passed": true}', "unknown {file} format 3 (this registry reads format 2)"),
-    "incomplete": ('{"format": 2}', None),
+    "corrupt": ('{{"format": {now}, "passed": tru', "not valid JSON (Expecting value: line 1 column 25 (char 24))"),
+    "unknown format": ('{{"format": 1, "passed": true}}', "unknown {file} format 1 (this registry reads format {now})"),
+    "newer format": ('{{"format": {newer}, "passed": true}}', "unknown {file} format {newer} (this registry reads format {now})"),
+    "incomplete": ('{{"format": {now}}}', None),
 }
 
 
@@ -90,10 +92,11 @@ def _bad(folder: Path, file: str, bad: str) -> str:
     content, message = BAD[bad]
     path = folder / file
     path.unlink(missing_ok=True)  # a published file is a hard link to the build's: replace, never edit
-    path.write_text(content)
+    path.write_text(content.format(now=CURRENT[file], newer=CURRENT[file] + 1))
     if message is None:  # the first field a report of this kind requires
         message = {"provenance.json": "merge_identity: Field required", "smoke.json": "passed: Field required"}[file]
-    return f"error: {path}: {message.format(file=file)} (run `registry {STAGE[file]}` again to rewrite it)\n"
+    return (f"error: {path}: {message.format(file=file, now=CURRENT[file], newer=CURRENT[file] + 1)} "
+            f"(run `registry {STAGE[file]}` again to rewrite it)\n")
 
 
 def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:

@@ -37,6 +37,15 @@ from registry.smoke import (
 from registry.smoke_checks import builtin_checks
 
 TOY = Path(__file__).parent / "fixtures" / "toy"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registry_home(tmp_path_factory):
+    """The parents' measurement cache (under the build root) is this module's own, empty at its start."""
+    home = tmp_path_factory.mktemp("registry-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REGISTRY_HOME", str(home))
+        yield home
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
@@ -448,7 +457,7 @@ def test_a_check_needing_what_is_not_a_measurement_is_an_error(tiny):
         _run(tiny, SmokeConfig(), checks=[check])
     assert str(err.value) == (
         "smoke check 'vocab' needs 'vocabulary', which is not a measurement; "
-        "it can need settings, sources, model, short, long, nll, parents, weights, parity"
+        "it can need settings, sources, model, short, long, nll, logprobs, parents, weights, parity"
     )
     # A check written against the old shared context (run(ctx)) says how to register it now.
     old_style = type("OldStyle", (), {"name": "vocab", "run": lambda self, ctx: None})()
@@ -466,7 +475,7 @@ def test_smoke_json_format(tiny):
     data = json.loads(text)
     assert set(data) == {"format", "smoke_identity", "merge_identity", "passed", "device", "checks", "short", "long", "parity"}
     # A folder without provenance.json: no merge identity to key the report by.
-    assert data["format"] == 2 and data["device"] == "cpu" and data["smoke_identity"] is data["merge_identity"] is None
+    assert data["format"] == 3 and data["device"] == "cpu" and data["smoke_identity"] is data["merge_identity"] is None
     assert [c["name"] for c in data["checks"]] == ["weights", "short", "long", "parity"]
     assert {c["name"]: c["status"] for c in data["checks"]}["weights"] == "skipped"
     assert data["checks"][0]["reason"] == (
@@ -713,8 +722,10 @@ def test_shuffled_embedding_rows_are_worse_than_both_parents(toy_merges):
     assert report.checks[0].status == "failed" and "first: model.embed_tokens.weight" in report.checks[0].reason
 
 
-def test_the_merged_model_is_freed_before_a_parent_loads_and_disabled_parity_loads_no_parent(toy_merges):
+def test_the_merged_model_is_freed_before_a_parent_loads_and_disabled_parity_loads_no_parent(toy_merges, tmp_path, monkeypatch):
     import weakref
+
+    monkeypatch.setenv("REGISTRY_HOME", str(tmp_path))  # no parent measured yet: each one is loaded
 
     folder, recipe_file = toy_merges["good"]
     recipe = load_recipe(recipe_file)
