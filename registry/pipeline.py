@@ -269,7 +269,8 @@ def finish(job: Job, prep: Prepared, *, family: Any = None, assets: dict[str, Pa
                  if h is None or h.merge_identity != prep.merge_id or h.card_identity != card_identity(text)]
         if not stale:
             outcome.unchanged = True
-            outcome.results = [PublishResult(c.name, "", None, changed=False, detail="already published") for c in job.chosen]
+            outcome.results = [PublishResult(c.name, "", None, changed=False, detail="already published", repo_id=recipe.repo_id)
+                               for c in job.chosen]
             return outcome
         # A signature covers the weights' bytes: signing a card-only publish needs the build folder.
         if (job.signer is None or r.folder is not None) and all(
@@ -435,16 +436,20 @@ def _publish_card(outcome, targets: list[tuple[Chosen, bool]], provenance: Prove
             if stale:
                 _publish_to(c, bundle, outcome, note)
             else:
-                outcome.results.append(PublishResult(c.name, "", None, changed=False, detail="already published"))
+                outcome.results.append(PublishResult(c.name, "", None, changed=False, detail="already published",
+                                                     repo_id=recipe.repo_id))
     return outcome
 
 
 def _publish_to(c: Chosen, bundle: Bundle, outcome: PublishOutcome, note) -> None:
     note(f"publishing to {c.name}")
     try:
-        outcome.results.append(c.target.publish(bundle, c.options))
+        result = c.target.publish(bundle, c.options)
     except RegistryError as exc:
         raise PublishError(_partial(outcome.results, c.name, exc.message), exc.hint) from None
+    # A plugin's target may not say which model its result is about; the family hook needs it.
+    result.repo_id = result.repo_id or bundle.repo_id
+    outcome.results.append(result)
     for message in outcome.results[-1].notes:
         note(f"{c.name}: {message}")
 

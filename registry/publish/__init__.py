@@ -14,7 +14,7 @@ from ..files import sha256_file
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
-    from ..reports import Eval, FileRecord, Provenance, Smoke
+    from ..reports import Eval, Family, FileRecord, Provenance, Smoke
 
 CARD_NAME = "README.md"
 # What every publish writes beside the merge's own files (the signature only when signed): an earlier
@@ -109,6 +109,8 @@ class PublishResult:
     detail: str = ""
     kept: list[str] = field(default_factory=list)  # files there that no publish of ours put there, left alone
     notes: list[str] = field(default_factory=list)  # what the target tidied up on the way, for the user
+    # The model this result is about (a family's hook matches results to its points by it); None for a family's own result.
+    repo_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -169,6 +171,16 @@ class Target:
     def publish(self, bundle: Bundle, options: BaseModel) -> PublishResult:
         """Publish the bundle; atomic: on failure the target is left as it was."""
         raise NotImplementedError
+
+    def publish_family(self, family: Family, results: list[PublishResult], options: BaseModel) -> PublishResult | None:
+        """Record a family (weight sweep) once its points are published here; None when there is nothing to record.
+
+        Called once per target after every point of a sweep, with this target's result for each point it
+        published or found already published (matched to `family.points` by `PublishResult.repo_id`); a
+        point that failed or was not selected has no result. Must be idempotent: a second call with the
+        same family changes nothing. The default records nothing, so a target without families needs nothing.
+        """
+        return None
 
 
 def published(merge_id: str, card: str, provenance: Provenance | None = None, smoke: Smoke | None = None,

@@ -8,6 +8,10 @@ back what the repo holds under this merge identity (the card's `registry.merge_i
 `provenance.json` checked against the remote file hashes, `smoke.json` and `README.md`), from which
 the pipeline decides whether anything is to be sent. A commit deletes only the files
 an earlier publish recorded in the remote `provenance.json`; anyone else's files are kept.
+
+A family (weight sweep) is also a Collection in its points' namespace, titled with the family name:
+found by title, created when missing, each published point a model item whose note gives its weights
+(and NLL). Publishing it again adds nothing and only rewrites a note that changed.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ..hookspecs import hookimpl
 from . import CARD_NAME, Bundle, Published, PublishPlan, PublishResult, Target, TargetOptions, published, release_files
 
 if TYPE_CHECKING:
-    from ..reports import Report
+    from ..reports import Family, FamilyRow, Report
 
     R = TypeVar("R", bound=Report)
 
@@ -35,6 +39,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 MAX_ATTEMPTS = 5
 MAX_DELAY_S = 60.0
+# The Hub's limits on a collection item's note and a collection's description (huggingface_hub documents them).
+NOTE_MAX = 500
+DESCRIPTION_MAX = 150
 
 
 class HfOptions(TargetOptions):
@@ -147,14 +154,72 @@ class HfTarget(Target):
             raise PublishError(f"{repo_id}@{revision} cannot be read back after creating it")
         plan = self.plan(bundle, options)
         if plan.up_to_date and _card_recipe_sha(info) == bundle.recipe_sha256:
-            return PublishResult(self.name, plan.location, info.sha, changed=False, detail="already published", kept=plan.kept)
+            return PublishResult(self.name, plan.location, info.sha, changed=False, detail="already published", kept=plan.kept,
+                                 repo_id=repo_id)
         commit = self._commit(bundle, options, parent=info.sha, plan=plan)
         if options.create_pr:
             return PublishResult(self.name, commit.pr_url or plan.location, commit.pr_revision, changed=True,
-                                 detail="pull request opened", kept=plan.kept)
+                                 detail="pull request opened", kept=plan.kept, repo_id=repo_id)
         tag = f"recipe-{bundle.short_sha}"
         self._retry(lambda: api.create_tag(repo_id, tag=tag, revision=commit.oid, exist_ok=True), f"tag {tag}", repo_id)
-        return PublishResult(self.name, plan.location, commit.oid, changed=True, detail=f"tagged {tag}", kept=plan.kept)
+        return PublishResult(self.name, plan.location, commit.oid, changed=True, detail=f"tagged {tag}", kept=plan.kept,
+                             repo_id=repo_id)
+
+    # -- families -------------------------------------------------------------------------------
+
+    def publish_family(self, family: Family, results: list[PublishResult], options) -> PublishResult | None:
+        """The family as a Collection in its points' namespace: created if missing, one item per published point."""
+        published = {r.repo_id for r in results if r.repo_id}
+        rows = [row for row in family.points if row.repo_id in published]
+        if not rows:
+            return None
+        by_namespace: dict[str, list[FamilyRow]] = {}
+        for row in rows:
+            by_namespace.setdefault(str(row.repo_id).split("/")[0], []).append(row)
+        done = [self._collect(family, namespace, found, options) for namespace, found in by_namespace.items()]
+        changed = [d for d in done if d[2]]
+        detail = "; ".join(d[2] for d in changed) if changed else "collection up to date"
+        first = done[0]
+        return PublishResult(self.name, first[0], first[1], changed=bool(changed), detail=detail,
+                             notes=[f"also collection {d[1]}" for d in done[1:]])
+
+    def _collect(self, family: Family, namespace: str, rows: list[FamilyRow], options) -> tuple[str, str, str]:
+        """Make the collection of `family` in `namespace` hold `rows` with their notes: (url, slug, what changed or "")."""
+        api = self._client()
+        where = f"the collection {family.family} of {namespace}"
+        collection = self._find_collection(family.family, namespace, where)
+        created = collection is None
+        if collection is None:
+            description = f"Merge family: weights of {', '.join(family.aliases)} swept; one model per point"
+            collection = self._retry(
+                lambda: api.create_collection(family.family, namespace=namespace, description=description[:DESCRIPTION_MAX],
+                                              private=options.private, exists_ok=True),
+                "create the collection", where)
+        slug = collection.slug
+        items = {i.item_id: i for i in collection.items if i.item_type == "model"}
+        added = updated = 0
+        for row in rows:
+            note, have = family_note(row), items.get(str(row.repo_id))
+            if have is None:
+                self._retry(lambda row=row, note=note: api.add_collection_item(slug, row.repo_id, "model", note=note, exists_ok=True),
+                            f"add {row.repo_id} to the collection", where)
+                added += 1
+            elif have.note != note:
+                self._retry(lambda have=have, note=note: api.update_collection_item(slug, have.item_object_id, note=note),
+                            f"update the note of {row.repo_id} in the collection", where)
+                updated += 1
+        parts = (["created"] if created else []) + ([f"{added} added"] if added else []) + ([f"{updated} notes updated"] if updated else [])
+        return collection.url, slug, f"collection {', '.join(parts)}" if parts else ""
+
+    def _find_collection(self, title: str, namespace: str, where: str):
+        """The namespace's collection titled `title`, with all its items; None when it has none."""
+        api = self._client()
+        listed = self._retry(lambda: [c for c in api.list_collections(owner=namespace) if c.title == title],
+                             "list the collections", where)
+        if not listed:
+            return None
+        # A listing shows a few items of each collection; the collection itself shows all.
+        return self._retry(lambda: api.get_collection(listed[0].slug), "read the collection", where)
 
     def _commit(self, bundle: Bundle, options, *, parent: str, plan: PublishPlan):
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -313,6 +378,14 @@ class HfTarget(Target):
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
+
+
+def family_note(row: FamilyRow) -> str:
+    """A point's note in its family's collection: its weights, and its NLL when measured (`cos=0.3 fmt=0.7 · NLL 0.302`)."""
+    from ..card import human_number
+
+    note = row.label + (f" · NLL {human_number(row.nll)}" if row.nll is not None else "")
+    return note if len(note) <= NOTE_MAX else note[:NOTE_MAX - 1] + "…"
 
 
 WRITE_ROLES = ("write", "admin", "contributor")  # org roles that may create repos (a contributor: and write its own)

@@ -3,8 +3,9 @@
 It speaks the requests the client makes with xet disabled: repo creation and deletion, README metadata
 validation, preupload (regular vs LFS, remote oids so unchanged files are skipped), the git-LFS batch API
 with upload and verify, ndjson commits (pull requests, ``parentCommit`` checks), branches and tags, repo
-info, trees, model listing, ``whoami`` and file downloads (``/resolve``). Every commit keeps a full
-snapshot, so any revision can be read back. Private repos are invisible without the owner's token.
+info, trees, model listing, ``whoami``, file downloads (``/resolve``) and collections (create, list, get,
+update, delete; add, update and delete items). Every commit keeps a full snapshot, so any revision can be
+read back. Private repos and collections are invisible without a token of their namespace.
 
 Tokens carry a role (`Token`: "read", "write" or "fineGrained" with scoped permissions such as
 ``repo.write`` on a user, org or repo) and org members a role ("read", "contributor", "write",
@@ -68,6 +69,12 @@ _KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
 _BASE_MODEL_RELATIONS = {"adapter", "merge", "quantized", "finetune"}
+# The Hub's limits on collections (huggingface_hub documents the description's and the note's).
+COLLECTION_TITLE_MAX = 60
+COLLECTION_DESCRIPTION_MAX = 150
+COLLECTION_NOTE_MAX = 500
+COLLECTION_LIST_ITEMS = 4  # a listing shows this many items of each collection; get_collection shows all
+_COLLECTION_ITEM_TYPES = {"model", "dataset", "space", "paper", "collection"}
 
 # What the Hub commits as `.gitattributes` when it creates a repo: these names always go to LFS.
 _INITIAL_GITATTRIBUTES = "".join(
@@ -178,6 +185,37 @@ class Repo:
     def head(self, branch: str = "main") -> Commit:
         """The commit a branch points to."""
         return self.commits[self.refs[f"refs/heads/{branch}"]]
+
+
+@dataclass
+class CollectionItem:
+    """One item of a collection: what it points to (`item_id` of `item_type`) and its note."""
+
+    object_id: str  # the item's own id in the collection (`_id`), not the repo's
+    item_id: str
+    item_type: str
+    note: str | None = None
+
+
+@dataclass
+class Collection:
+    """A collection: a titled, ordered list of items owned by a user or an organisation."""
+
+    namespace: str
+    title: str
+    object_id: str
+    private: bool
+    description: str | None = None
+    theme: str = "orange"
+    position: int = 0
+    items: list[CollectionItem] = field(default_factory=list)
+    updated: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def slug(self) -> str:
+        """`namespace/title-words-<id>`, the Hub's shape: the id part stays when the title changes."""
+        words = re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-")
+        return f"{self.namespace}/{words + '-' if words else ''}{self.object_id}"
 
 
 @dataclass(frozen=True)
@@ -324,6 +362,13 @@ def _entity_id(name: str) -> str:
     return hashlib.sha1(name.encode()).hexdigest()[:24]
 
 
+def _html_text(text: str) -> str:
+    """A note as the Hub renders it to HTML: escaped text, line breaks kept."""
+    import html
+
+    return html.escape(text).replace("\n", "<br>")
+
+
 def _lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
@@ -402,7 +447,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         self.server.hub._dispatch(self)
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the server keeps its own structured log in `HubServer.requests`
@@ -431,6 +476,7 @@ class HubServer:
         }
         self._lock = threading.RLock()
         self._repos: dict[tuple[str, str], Repo] = {}
+        self._collections: dict[str, Collection] = {}  # by object id
         self._tickets: dict[str, tuple[str, int]] = {}
         self._faults: list[_Fault] = []
         self._log: list[LoggedRequest] = []
@@ -442,6 +488,7 @@ class HubServer:
 
         api = r"/api/(?P<kind>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)"
         git = r"/(?:(?P<prefix>datasets|spaces)/)?(?P<repo>[^/]+/[^/]+)"
+        coll = r"/api/collections/(?P<slug>[^/]+/[^/]+)"
         # (method, path regex, handler, whether it runs under the state lock)
         routes: list[tuple[str, str, Callable[..., _Response], bool]] = [
             ("POST", r"/api/repos/create", self._create_repo, True),
@@ -468,6 +515,14 @@ class HubServer:
             # Uploads stream a large body: they must not hold the lock while reading it.
             ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})/(?P<ticket>[\w-]+)", self._lfs_put, False),
             ("GET", git + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)", self._resolve_file, True),
+            ("GET", r"/api/collections", self._list_collections, True),
+            ("POST", r"/api/collections", self._create_collection, True),
+            ("GET", coll, self._get_collection, True),
+            ("PATCH", coll, self._update_collection, True),
+            ("DELETE", coll, self._delete_collection, True),
+            ("POST", coll + r"/items", self._add_collection_item, True),
+            ("PATCH", coll + r"/items/(?P<item>[0-9a-f]{24})", self._update_collection_item, True),
+            ("DELETE", coll + r"/items/(?P<item>[0-9a-f]{24})", self._delete_collection_item, True),
         ]
         self._routes = [(method, re.compile(path), handler, locked) for method, path, handler, locked in routes]
 
@@ -1226,3 +1281,195 @@ class HubServer:
         if target.refs.pop(f"refs/tags/{name}", None) is None:
             raise HubError(404, f"Invalid rev id: {name}", "RevisionNotFound")
         return _json({})
+
+    # -- endpoints: collections ------------------------------------------------------------------
+    # As the Hub answers huggingface_hub's collection calls: a slug `namespace/title-words-<24 hex>`
+    # (only the id part is looked up, so a renamed collection keeps answering to its old slug), 409 with
+    # the existing slug for a title already used in the namespace or an item already listed, 404 for a
+    # missing (or hidden private) collection, item or item target, 403 unless the token may write to the
+    # namespace (a fine-grained token needs `collection.write` there).
+
+    def collections(self) -> list[Collection]:
+        """Every collection, in creation order (for tests to look at directly)."""
+        with self._lock:
+            return list(self._collections.values())
+
+    def _can_write_collection(self, namespace: str, token: Token | None) -> bool:
+        if token is None:
+            return False
+        role = self._role(namespace, token.user)
+        return role in ("write", "admin") and token.grants("collection.write", namespace)
+
+    def _can_read_collection(self, collection: Collection, token: Token | None) -> bool:
+        if not collection.private:
+            return True
+        return (token is not None and self._role(collection.namespace, token.user) is not None
+                and token.grants("collection.read", collection.namespace))
+
+    def _collection(self, req: _Request, slug: str, write: bool = False) -> Collection:
+        namespace, _, name = slug.partition("/")
+        found = self._collections.get(name.rpartition("-")[2])
+        if found is None or found.namespace != namespace or not self._can_read_collection(found, req.token):
+            raise HubError(404, "Collection not found")
+        if write:
+            if req.token is None:
+                raise HubError(401, "You must be authenticated to do this")
+            if not self._can_write_collection(found.namespace, req.token):
+                raise HubError(403, f"You don't have the rights to edit collections of {found.namespace}")
+        return found
+
+    def _collection_json(self, collection: Collection, *, listed: bool = False) -> dict[str, Any]:
+        namespace = collection.namespace
+        items = collection.items[:COLLECTION_LIST_ITEMS] if listed else collection.items
+        data: dict[str, Any] = {
+            "slug": collection.slug,
+            "title": collection.title,
+            "description": collection.description,
+            "gating": False,
+            "lastUpdated": _iso(collection.updated),
+            "owner": {"_id": _entity_id(namespace), "name": namespace, "fullname": namespace,
+                      "type": "org" if namespace in self._orgs else "user", "isPro": False, "isHf": False,
+                      "avatarUrl": f"{self.endpoint}/avatars/{namespace}.svg"},
+            "items": [self._collection_item_json(item, i) for i, item in enumerate(items)],
+            "private": collection.private,
+            "theme": collection.theme,
+            "upvotes": 0,
+            "isUpvotedByUser": False,
+            "shareUrl": f"{self.endpoint}/collections/{collection.slug}",
+        }
+        if not listed:
+            # The client adds a listing's position itself, and refuses a second one.
+            data["position"] = collection.position
+        return data
+
+    def _collection_item_json(self, item: CollectionItem, position: int) -> dict[str, Any]:
+        data: dict[str, Any] = {"_id": item.object_id, "id": item.item_id, "type": item.item_type, "position": position}
+        if item.item_type in ("model", "dataset", "space"):
+            data["repoType"] = item.item_type
+            repo = self._repos.get((item.item_type, item.item_id))
+            if repo is not None:
+                data.update(author=repo.namespace, private=repo.private, gated=repo.gated, downloads=0, likes=0,
+                            lastModified=_iso(repo.head().date))
+        if item.note is not None:
+            data["note"] = {"html": _html_text(item.note), "text": item.note}
+        return data
+
+    def _list_collections(self, req: _Request) -> _Response:
+        owners = req.query.get("owner") or []
+        wanted_items = req.query.get("item") or []
+        limit = int(req.param("limit") or 0) or None
+        found = []
+        for collection in self._collections.values():
+            if not self._can_read_collection(collection, req.token):
+                continue
+            if owners and collection.namespace not in owners:
+                continue
+            keys = {f"{i.item_type}s/{i.item_id}" for i in collection.items} | {i.item_id for i in collection.items}
+            if wanted_items and not any(w in keys for w in wanted_items):
+                continue
+            found.append(collection)
+        if req.param("sort") in (None, "lastModified"):
+            found.sort(key=lambda c: c.updated, reverse=True)
+        return _json([self._collection_json(c, listed=True) for c in found[:limit]])
+
+    def _create_collection(self, req: _Request) -> _Response:
+        user = self._require_user(req)
+        payload = req.json()
+        title, namespace = payload.get("title"), payload.get("namespace") or user
+        description = payload.get("description")
+        if not isinstance(title, str) or not title.strip():
+            raise HubError(400, "A collection needs a title")
+        if len(title) > COLLECTION_TITLE_MAX:
+            raise HubError(400, f"The title is longer than {COLLECTION_TITLE_MAX} characters")
+        if description is not None and (not isinstance(description, str) or len(description) > COLLECTION_DESCRIPTION_MAX):
+            raise HubError(400, f"The description must be a string of at most {COLLECTION_DESCRIPTION_MAX} characters")
+        if not self._can_write_collection(namespace, req.token):
+            raise HubError(403, f"You don't have the rights to create a collection under the namespace \"{namespace}\"")
+        for existing in self._collections.values():
+            if existing.namespace == namespace and existing.title == title:
+                raise HubError(409, "Collection already exists", extra={"slug": existing.slug})
+        object_id = secrets.token_hex(12)
+        position = sum(1 for c in self._collections.values() if c.namespace == namespace)
+        collection = Collection(namespace, title, object_id, payload.get("private") is True, description, position=position)
+        self._collections[object_id] = collection
+        return _json(self._collection_json(collection))
+
+    def _get_collection(self, req: _Request, slug: str) -> _Response:
+        return _json(self._collection_json(self._collection(req, slug)))
+
+    def _update_collection(self, req: _Request, slug: str) -> _Response:
+        collection = self._collection(req, slug, write=True)
+        payload = req.json()
+        if "title" in payload:
+            title = payload["title"]
+            if not isinstance(title, str) or not title.strip() or len(title) > COLLECTION_TITLE_MAX:
+                raise HubError(400, f"The title must be 1 to {COLLECTION_TITLE_MAX} characters")
+            collection.title = title
+        if "description" in payload:
+            description = payload["description"]
+            if not isinstance(description, str) or len(description) > COLLECTION_DESCRIPTION_MAX:
+                raise HubError(400, f"The description must be a string of at most {COLLECTION_DESCRIPTION_MAX} characters")
+            collection.description = description
+        for key in ("private", "theme", "position"):
+            if key in payload:
+                setattr(collection, key, payload[key])
+        collection.updated = datetime.now(UTC)
+        return _json({"success": True, "data": self._collection_json(collection)})
+
+    def _delete_collection(self, req: _Request, slug: str) -> _Response:
+        collection = self._collection(req, slug, write=True)
+        del self._collections[collection.object_id]
+        return _json({})
+
+    def _add_collection_item(self, req: _Request, slug: str) -> _Response:
+        collection = self._collection(req, slug, write=True)
+        payload = req.json()
+        item = payload.get("item")
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str) or item.get("type") not in _COLLECTION_ITEM_TYPES:
+            raise HubError(400, f"An item needs an id and a type among {sorted(_COLLECTION_ITEM_TYPES)}")
+        item_id, item_type = item["id"], item["type"]
+        note = self._note(payload)
+        if item_type in ("model", "dataset", "space"):
+            repo = self._repos.get((item_type, item_id))
+            if repo is None or not self._can_read(repo, req.token):
+                raise HubError(404, f"{item_type} {item_id} not found")
+        if any(i.item_type == item_type and i.item_id == item_id for i in collection.items):
+            raise HubError(409, f"{item_id} is already in the collection")
+        collection.items.append(CollectionItem(secrets.token_hex(12), item_id, item_type, note))
+        collection.updated = datetime.now(UTC)
+        return _json(self._collection_json(collection))
+
+    def _update_collection_item(self, req: _Request, slug: str, item: str) -> _Response:
+        collection = self._collection(req, slug, write=True)
+        found = next((i for i in collection.items if i.object_id == item), None)
+        if found is None:
+            raise HubError(404, "Item not found in the collection")
+        payload = req.json()
+        if "note" in payload:
+            found.note = self._note(payload)
+        if "position" in payload:
+            position = payload["position"]
+            if not isinstance(position, int) or position < 0:
+                raise HubError(400, "position must be a non-negative integer")
+            collection.items.remove(found)
+            collection.items.insert(min(position, len(collection.items)), found)
+        collection.updated = datetime.now(UTC)
+        return _json({"success": True})
+
+    def _delete_collection_item(self, req: _Request, slug: str, item: str) -> _Response:
+        collection = self._collection(req, slug, write=True)
+        found = next((i for i in collection.items if i.object_id == item), None)
+        if found is None:
+            raise HubError(404, "Item not found in the collection")
+        collection.items.remove(found)
+        collection.updated = datetime.now(UTC)
+        return _json({})
+
+    @staticmethod
+    def _note(payload: Mapping[str, Any]) -> str | None:
+        note = payload.get("note")
+        if note is None:
+            return None
+        if not isinstance(note, str) or len(note) > COLLECTION_NOTE_MAX:
+            raise HubError(400, f"A note must be a string of at most {COLLECTION_NOTE_MAX} characters")
+        return note
