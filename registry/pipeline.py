@@ -250,7 +250,7 @@ def build(job: Job, prep: Prepared, *, strict: bool = True, stage: Callable[[str
     return prep.reports
 
 
-def finish(job: Job, prep: Prepared, *, family: Any = None, assets: dict[str, Path] | None = None) -> PublishOutcome:
+def finish(job: Job, prep: Prepared, *, family: Any = None, assets: dict[str, bytes] | None = None) -> PublishOutcome:
     """Render the card and publish: nothing when every target is current, the card alone when only it changed, else the build.
 
     `family` (a family's report) gives the card its family section; `assets` (name in the repo: file) go beside the card.
@@ -314,13 +314,13 @@ def finish(job: Job, prep: Prepared, *, family: Any = None, assets: dict[str, Pa
     return outcome
 
 
-def _place(assets: dict[str, Path], folder: Path) -> None:
-    """Copy each asset (a family's chart) to its name in `folder`, beside the card that refers to it."""
+def _place(assets: dict[str, bytes], folder: Path) -> None:
+    """Write each asset (a family's report and chart) to its name in `folder`, beside the card that refers to it."""
     from .files import replace_atomically
 
-    for rel, path in assets.items():
+    for rel, blob in assets.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        replace_atomically(folder / rel, path.read_bytes())
+        replace_atomically(folder / rel, blob)
 
 
 def _reports_at_hand(recipe, plan, out: Path, merge_id: str, smoke_id: str, eval_id: str | None, held: list[Published | None]):
@@ -401,7 +401,7 @@ def _release(folder: Path, recipe: Recipe, plan: Plan, signer: SigningPlan | Non
 
 def _publish_card(outcome, targets: list[tuple[Chosen, bool]], provenance: Provenance, smoke: Smoke, folder: Path | None, text: str,
                   pins, recipe: Recipe, note, plan: Plan, signer: SigningPlan | None, evaluation: Eval | None = None,
-                  assets: dict[str, Path] | None = None) -> PublishOutcome:
+                  assets: dict[str, bytes] | None = None) -> PublishOutcome:
     """Publish a re-rendered card beside the weights the targets already hold: no merge, no smoke, no weight sent."""
     import tempfile
 

@@ -300,7 +300,9 @@ def publish_family(
                 hook = getattr(c.target, "publish_family", None)
                 if hook is not None:
                     results = [r for p in outcome.published for r in p.outcome.results if r.target == c.name]
-                    outcome.collections.append(hook(final, results, c.options))
+                    recorded = hook(final, results, c.options)
+                    if recorded is not None:
+                        outcome.collections.append(recorded)
     if not any(p.selected for p in outcome.points):
         note(f"no point of family {family.family} was selected ({selection}): nothing was published")
     return outcome
