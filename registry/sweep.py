@@ -124,8 +124,8 @@ def plain(recipe: Recipe, command: str, point: int | None = None) -> Recipe:
         count = len(recipe.points())
         raise UsageError(
             f"{recipe.path} is a sweep (family {recipe.sweep.family}, {count} points): `registry {command}` works on one merge",
-            f"use `registry sweep build {recipe.path}` for every point, or `registry {command} --point K` for one "
-            "(`registry sweep show` lists them)",
+            f"use `registry sweep build {recipe.path}` for every point, or `registry {command} --point K` for one; "
+            "`registry sweep show` lists them",
         )
     return pick(recipe, [point])[0].recipe
 
@@ -287,7 +287,8 @@ def publish_family(
         entry.model_dir = done.model_dir or entry.model_dir
         if not dry_run:
             entry.state = "published"
-            published[point.recipe.repo_id] = tuple(f"{r.target}:{r.location}" for r in done.results if r.location)
+            # Where it went (a target that found it current names no new location: the repo id stands for it).
+            published[point.recipe.repo_id] = tuple(f"{r.target}:{r.location or point.recipe.repo_id}" for r in done.results)
 
     # The family as it stands now, published points included, stays in the build root.
     if not dry_run:
