@@ -287,8 +287,8 @@ def publish_family(
         entry.model_dir = done.model_dir or entry.model_dir
         if not dry_run:
             entry.state = "published"
-            # Where it went (a target that found it current names no new location: the repo id stands for it).
-            published[point.recipe.repo_id] = tuple(f"{r.target}:{r.location or point.recipe.repo_id}" for r in done.results)
+            # Where it went, as `target:repo id` (a target that found it current names no new location).
+            published[point.recipe.repo_id] = tuple(f"{r.target}:{point.recipe.repo_id}" for r in done.results)
 
     # The family as it stands now, published points included, stays in the build root.
     if not dry_run:
