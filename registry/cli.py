@@ -325,6 +325,7 @@ def evaluate(
         Path | None, typer.Option("--recipe", help="Recipe with the eval: section, and the parents to compare with [default: MODEL_DIR/recipe.yaml].")
     ] = None,
     device: Annotated[Device, typer.Option("--device", help="auto picks cuda when a GPU is usable.")] = Device.auto,
+    point: PointOption = None,
     format: FormatOption = Format.text,
 ) -> None:
     """Score a model and its parents on the recipe's eval: tasks; writes eval.json (reused while model and settings are unchanged)."""
@@ -340,7 +341,9 @@ def evaluate(
     elif not recipe.is_file():
         raise UsageError(f"{recipe}: no such recipe file")
     evaluators = get_evaluators()
-    loaded = load_recipe(recipe, targets=get_targets(), evaluators=evaluators)
+    from .sweep import plain
+
+    loaded = plain(load_recipe(recipe, targets=get_targets(), evaluators=evaluators), "eval", point)
     if loaded.eval is None:
         raise UsageError(f"{recipe}: the recipe has no eval: section", "add one naming the evaluator and its tasks")
     err = _console(stderr=True)

@@ -29,9 +29,16 @@ def sweep_text(family: str = "toy-cos-fmt", repo: str = "toy") -> str:
     return text
 
 
-def registry(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "registry", *args], cwd=home.parent, capture_output=True, text=True,
+def registry(home: Path, *args: str, importtime: bool = False) -> subprocess.CompletedProcess:
+    python = [sys.executable, "-X", "importtime"] if importtime else [sys.executable]
+    return subprocess.run([*python, "-m", "registry", *args], cwd=home.parent, capture_output=True, text=True,
                           timeout=900, env={**os.environ, "REGISTRY_HOME": str(home), "COLUMNS": "200"})
+
+
+def heavy_imports(run: subprocess.CompletedProcess) -> set[str]:
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "registry.cli" in imported  # the import log is complete, so the check on it means something
+    return imported & {"torch", "transformers", "mergekit"}
 
 
 def as_json(run: subprocess.CompletedProcess) -> dict:
@@ -54,9 +61,10 @@ def family_run(tmp_path_factory):
     runs["build_0"] = registry(home, "sweep", "build", str(recipe), "--point", "0", "--device", "cpu", "--format", "json")
     runs["show_built"] = registry(home, "sweep", "show", str(recipe), "--format", "json")
     runs["publish"] = registry(home, "publish", str(recipe), "--device", "cpu", "--format", "json")
-    runs["again"] = registry(home, "publish", str(recipe), "--device", "cpu")
-    runs["show_after"] = registry(home, "sweep", "show", str(recipe), "--format", "json")
-    runs["report"] = registry(home, "sweep", "report", str(recipe), "--format", "json")
+    runs["again"] = registry(home, "publish", str(recipe), "--device", "cpu", importtime=True)
+    runs["show_after"] = registry(home, "sweep", "show", str(recipe), "--format", "json", importtime=True)
+    runs["report"] = registry(home, "sweep", "report", str(recipe), "--format", "json", importtime=True)
+    runs["markdown"] = registry(home, "sweep", "report", str(recipe), "--format", "markdown")
     return root, home, recipe, runs
 
 
@@ -67,6 +75,8 @@ def test_sweep_show_lists_every_point_with_its_repo_and_state_as_it_goes(family_
     assert states(runs["show_before"]) == expect("not built", "not built", "not built")
     assert states(runs["show_built"]) == expect("smoke passed", "not built", "not built")
     assert states(runs["show_after"]) == expect("published", "published", "published")
+    # Listing reads reports; it never loads a model.
+    assert heavy_imports(runs["show_after"]) == set() and heavy_imports(runs["report"]) == set()
 
 
 def test_an_interrupted_sweep_resumes_where_it_stopped(family_run):
@@ -91,6 +101,7 @@ def test_a_second_publish_merges_nothing_pins_once_and_sends_nothing(family_run)
     # One plan for the family: the sources are pinned (and hashed) once, not once per point.
     assert len(re.findall(r"^pinned 2 sources: cos [0-9a-f]{12}, fmt [0-9a-f]{12}$", again.stderr, re.M)) == 1
     assert "merged into" not in again.stderr and "loading the model" not in again.stderr
+    assert heavy_imports(again) == set()
     for k, label in enumerate(["cos=0 fmt=1", "cos=0.5 fmt=0.5", "cos=1 fmt=0"], start=1):
         assert re.search(rf"^point {k}/3 {re.escape(label)}: planning \(elapsed \d+:\d\d(, about \d+:\d\d left)?\)$", again.stderr, re.M)
         assert f"point {k}/3: reused the merge and its reports in" in again.stderr
@@ -120,6 +131,15 @@ def test_every_published_point_carries_the_family_report_and_its_card_refers_to_
     # The endpoints measure as their parents do.
     parents = {r.label: r for r in family.parents}
     assert family.points[0].nll == parents["fmt"].nll and family.points[2].nll == parents["cos"].nll
+    table = runs["markdown"].stdout.splitlines()
+    assert table[0].startswith("| model | cos | fmt | state | smoke | NLL | retrieved |")
+    assert [row.split(" | ")[:7] for row in table[2:]] == [
+        ["| cos=0 fmt=1", "0", "1", "published", "passed", "0.324", "6/6"],
+        ["| cos=0.5 fmt=0.5", "0.5", "0.5", "published", "passed", "0.312", "6/6"],
+        ["| cos=1 fmt=0", "1", "0", "published", "passed", "0.296", "6/6"],
+        ["| parent cos", "1", "0", "parent", "", "0.296", "6/6"],
+        ["| parent fmt", "0", "1", "parent", "", "0.324", "6/6"],
+    ]
     local = reports.read(reports.Family, home / "build" / "families" / "toy-cos-fmt")
     assert [r.published for r in local.points] == [[f"local:{repo}"] for repo in REPOS]
     for repo in REPOS:
@@ -130,6 +150,9 @@ def test_every_published_point_carries_the_family_report_and_its_card_refers_to_
         assert "\n## Family\n" in card and "**this model**" in card
         if (version / "family.svg").is_file():
             assert "](family.svg)" in card
+    # The family's files are the bundle's own: a published point verifies.
+    verified = registry(home, "verify", REPOS[1])
+    assert verified.returncode == 0 and verified.stdout.rstrip().endswith(": verified"), verified.stdout
 
 
 def test_select_best_nll_publishes_the_point_with_the_lowest_nll(family_run):
