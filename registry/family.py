@@ -22,6 +22,8 @@ from .reports import Family, FamilyRow, MetricScore, Provenance, Retrieved, Smok
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from .smoke import ParentEndpoint
+
 # The chart's files, beside family.json in each point's repo; the card refers to the SVG by this relative path.
 CHART_SVG = "family.svg"
 CHART_PNG = "family.png"
@@ -44,11 +46,22 @@ class PointReports:
 # Building and selecting
 
 
-def build_family(recipe: Recipe, points: Sequence[PointReports], selection: str | None = None) -> Family:
-    """The family report of `recipe` (a sweep, or a plain recipe as a family of one) from its points' reports."""
+def build_family(
+    recipe: Recipe,
+    points: Sequence[PointReports],
+    selection: str | None = None,
+    endpoints: Sequence[ParentEndpoint] | None = None,
+) -> Family:
+    """The family report of `recipe` (a sweep, or a plain recipe as a family of one) from its points' reports.
+
+    `selection` overrides the recipe's `select:`; `endpoints` (measure_parents) give the parents' own
+    rows their retrieval per length and KL against each other, else the points' smoke reports speak for them.
+    """
     aliases = list(points[0].point.weights) if points else []
     parents = [item.name for item in recipe.inputs()]
-    rows = [_point_row(p) for p in points] + [_parent_row(recipe, alias, aliases, points) for alias in parents]
+    measured = {e.name: e for e in endpoints or ()}
+    rows = [_point_row(p) for p in points]
+    rows += [_parent_row(recipe, alias, aliases, points, measured.get(alias)) for alias in parents]
     text = selection or (recipe.sweep.select if recipe.sweep else "passed")
     family = Family(
         family=recipe.family or recipe.repo_id.rpartition("/")[2],
@@ -71,13 +84,7 @@ def _point_row(item: PointReports) -> FamilyRow:
             continue
         seen = retrieval.get(entry.tokens, Retrieved(retrieved=0, total=0))
         retrieval[entry.tokens] = Retrieved(retrieved=seen.retrieved + (entry.status == "retrieved"), total=seen.total + 1)
-    if merged is not None and merged.long_total:
-        # The cells every parent ran too: the same prompts the parents' rows count.
-        retrieved = Retrieved(retrieved=merged.long_retrieved, total=merged.long_total)
-    elif retrieval:
-        retrieved = Retrieved(retrieved=sum(r.retrieved for r in retrieval.values()), total=sum(r.total for r in retrieval.values()))
-    else:
-        retrieved = None
+    parents = [r for r in smoke.parity if r.model != "merged"] if smoke else []
     if item.published:
         state = "published"
     elif smoke is not None:
@@ -95,39 +102,57 @@ def _point_row(item: PointReports) -> FamilyRow:
         state=state,
         smoke_passed=smoke.passed if smoke else None,
         nll=merged.nll if merged else None,
-        retrieved=retrieved,
+        retrieved=_total(retrieval),
         retrieval=dict(sorted(retrieval.items())),
-        kl=_against_parents(merged, "kl"),
-        top1=_against_parents(merged, "top1"),
+        kl={r.model: r.kl for r in parents},
+        top1={r.model: r.top1_agreement for r in parents},
         scores=_scores(item.eval.tasks) if item.eval is not None else {},
         published=list(item.published),
     )
 
 
-def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence[PointReports]) -> FamilyRow:
+def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence[PointReports], endpoint: ParentEndpoint | None) -> FamilyRow:
     source = recipe.sources.get(alias)
     ref = parse_ref(source.model if source else alias)
-    # Every point runs its parents on the same text and prompts: the first report that has the parent speaks for all.
-    parity = next((r for p in points if p.smoke for r in p.smoke.parity if r.model == alias), None)
     scores = next((p.eval.parents[alias] for p in points if p.eval is not None and alias in p.eval.parents), None)
-    return FamilyRow(
+    row = FamilyRow(
         kind="parent",
         label=alias,
         weights={a: 1.0 if a == alias else 0.0 for a in aliases},
         repo_id=ref.value if ref.kind == "hub" else None,
         state="parent",
-        nll=parity.nll if parity else None,
-        retrieved=Retrieved(retrieved=parity.long_retrieved, total=parity.long_total) if parity and parity.long_total else None,
-        kl=_against_parents(parity, "kl"),
-        top1=_against_parents(parity, "top1"),
         scores=_scores(scores) if scores else {},
     )
+    if endpoint is not None and endpoint.missing is None:
+        retrieval = {tokens: Retrieved(retrieved=got, total=ran) for tokens, (got, ran) in sorted(endpoint.retrieval.items())}
+        return row.model_copy(update={
+            "nll": endpoint.nll, "retrieval": retrieval, "retrieved": _total(retrieval),
+            "kl": dict(endpoint.kl), "top1": dict(endpoint.top1_agreement),
+        })
+    # Every point runs its parents on the same text and prompts: the first report that has the parent speaks for all.
+    parity = next((r for p in points if p.smoke for r in p.smoke.parity if r.model == alias), None)
+    if parity is None:
+        return row
+    return row.model_copy(update={
+        "nll": parity.nll,
+        "retrieved": Retrieved(retrieved=parity.long_retrieved, total=parity.long_total) if parity.long_total else None,
+        # Against itself a parent is exact by definition; against the others only measure_parents knows.
+        "kl": {alias: 0.0}, "top1": {alias: 1.0},
+    })
 
 
-def _against_parents(row: Any, field: str) -> dict[str, float | None]:
-    # KL and top-1 agreement against each parent: on the smoke report's parity rows once it measures them.
-    value = getattr(row, field, None) if row is not None else None
-    return dict(value) if isinstance(value, dict) else {}
+def _total(retrieval: dict[int, Retrieved]) -> Retrieved | None:
+    if not retrieval:
+        return None
+    return Retrieved(retrieved=sum(r.retrieved for r in retrieval.values()), total=sum(r.total for r in retrieval.values()))
+
+
+def measure_parents(recipe: Recipe, points: Sequence[PointReports], device: str = "auto") -> list[ParentEndpoint]:
+    """The parents as the family's endpoints (smoke.parent_endpoints): mostly read from the parents' cache the points' smoke runs left."""
+    from .smoke import parent_endpoints
+
+    first = points[0] if points else None
+    return parent_endpoints(first.point.recipe if first else recipe, device=device, provenance=first.provenance if first else None)
 
 
 def _scores(tasks: dict[str, TaskScores]) -> dict[str, MetricScore]:
@@ -188,40 +213,50 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _columns(family: Family) -> list[tuple[str, Any]]:
-    """(header, row → text) for each column the family has data for."""
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    text: Any  # row → the cell's text
+    number: bool = True  # right-aligned
+
+
+def _columns(family: Family) -> list[_Column]:
+    """The columns the family has data for."""
     parents = [r.label for r in family.parents]
     rows = family.rows
-    columns: list[tuple[str, Any]] = [("model", lambda r: r.label if r.kind == "point" else f"parent {r.label}")]
-    columns += [(a, lambda r, a=a: format_weight(r.weights[a]) if a in r.weights else "") for a in family.aliases]
+    columns = [_Column("model", lambda r: r.label if r.kind == "point" else f"parent {r.label}", number=False)]
+    columns += [_Column(a, lambda r, a=a: format_weight(r.weights[a]) if a in r.weights else "") for a in family.aliases]
     columns += [
-        ("state", lambda r: r.state),
-        ("smoke", lambda r: "" if r.kind == "parent" else {True: "passed", False: "failed", None: "n/a"}[r.smoke_passed]),
-        ("NLL", lambda r: _number(r.nll)),
-        ("retrieved", lambda r: f"{r.retrieved.retrieved}/{r.retrieved.total}" if r.retrieved else "n/a"),
+        _Column("state", lambda r: r.state, number=False),
+        _Column("smoke", lambda r: "" if r.kind == "parent" else {True: "passed", False: "failed", None: "n/a"}[r.smoke_passed],
+                number=False),
+        _Column("NLL", lambda r: _number(r.nll)),
+        _Column("retrieved", lambda r: f"{r.retrieved.retrieved}/{r.retrieved.total}" if r.retrieved else "n/a"),
     ]
     if any(r.kl for r in rows):
-        columns += [(f"KL {p}", lambda r, p=p: _number(r.kl.get(p), 4)) for p in parents]
+        columns += [_Column(f"KL {p}", lambda r, p=p: _number(r.kl.get(p), 4)) for p in parents]
     if any(r.top1 for r in rows):
-        columns += [(f"top-1 {p}", lambda r, p=p: _number(r.top1.get(p))) for p in parents]
+        columns += [_Column(f"top-1 {p}", lambda r, p=p: _number(r.top1.get(p))) for p in parents]
     names = sorted({name for r in rows for name in r.scores})
-    columns += [(name, lambda r, n=name: _number(r.scores[n].value) if n in r.scores else "n/a") for name in names]
-    columns += [("selected", lambda r: "" if r.kind == "parent" else "yes" if r.selected else "no")]
+    columns += [_Column(name, lambda r, n=name: _number(r.scores[n].value) if n in r.scores else "n/a") for name in names]
+    columns += [_Column("selected", lambda r: "" if r.kind == "parent" else "yes" if r.selected else "no", number=False)]
     return columns
 
 
 def table_rows(family: Family) -> tuple[list[str], list[list[str]]]:
     """The table's headers and its rows as plain text (points, then the parents), shared by every form."""
     columns = _columns(family)
-    return [h for h, _ in columns], [[str(f(r)) for _, f in columns] for r in family.points + family.parents]
+    return [c.header for c in columns], [[str(c.text(r)) for c in columns] for r in family.points + family.parents]
 
 
 def print_table(family: Family, console: Console) -> None:
     """Show the family as a rich table (user text escaped: recipe text is data)."""
     from rich.table import Table
 
-    headers, rows = table_rows(family)
-    table = Table(*[esc(h) for h in headers], title=f"family {esc(family.family)} (select: {esc(family.selection)})")
+    _, rows = table_rows(family)
+    table = Table(title=f"family {esc(family.family)} (select: {esc(family.selection)})")
+    for column in _columns(family):
+        table.add_column(esc(column.header), justify="right" if column.number else "left")
     points = len(family.points)
     for i, row in enumerate(rows):
         if i == points and i:
@@ -233,7 +268,8 @@ def print_table(family: Family, console: Console) -> None:
 def markdown_table(family: Family) -> str:
     """The family as a Markdown table (points, then the parents), every cell escaped."""
     headers, rows = table_rows(family)
-    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    rule = "|".join("---:" if c.number else "---" for c in _columns(family))
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", f"|{rule}|"]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -332,6 +368,8 @@ def chart_bytes(family: Family) -> dict[str, bytes] | None:
                                       markeredgecolor="black", markeredgewidth=0.6)
                     mark.set_gid(f"family-parent-{n}-{s}-{p}")
                     ax.annotate(_plain(parent.label), (x_of(parent), v), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            if title.startswith(("Pass keys", "Top-1")):
+                ax.set_ylim(-0.05, 1.05)
             if len(series) > 1 or len(lines) > 1:
                 ax.legend(fontsize=7)
         for fmt, name, metadata in (("svg", CHART_SVG, {"Date": None}), ("png", CHART_PNG, {"Software": None})):
@@ -356,12 +394,26 @@ def draw_chart(family: Family, folder: str | Path) -> list[Path] | None:
     return paths
 
 
+def show_family(family: Family, console: Console, folder: str | Path | None = None) -> list[Path] | None:
+    """Print the family's table, then draw its chart into `folder` and name the files, or say how to get the chart."""
+    print_table(family, console)
+    if folder is None:
+        return None
+    paths = draw_chart(family, folder)
+    if paths is None:
+        console.print(CHART_HINT, markup=False)
+    else:
+        console.print("chart: " + ", ".join(esc(p) for p in paths))
+    return paths
+
+
 def family_files(family: Family) -> dict[str, bytes]:
     """The files each point's bundle carries for its family: family.json, and the chart when matplotlib is at hand."""
     return {family.FILE: dumps(family).encode("utf-8"), **(chart_bytes(family) or {})}
 
 
 __all__ = [
-    "CHART_HINT", "CHART_PNG", "CHART_SVG", "PointReports", "build_family", "chart_available", "chart_bytes",
-    "chart_lines", "chart_panels", "draw_chart", "family_files", "markdown_table", "metric_value", "print_table", "select", "table_rows",
+    "CHART_HINT", "CHART_PNG", "CHART_SVG", "PointReports", "build_family", "chart_available", "chart_bytes", "chart_lines",
+    "chart_panels", "draw_chart", "family_files", "markdown_table", "measure_parents", "metric_value", "print_table", "select",
+    "show_family", "table_rows",
 ]
