@@ -1,9 +1,10 @@
 """The catalog: a static HTML site of every published model, with search, filters and lineage.
 
 Models are read from the local registry (`registry.publish.local`) or from a Hub owner's models tagged
-`merge`; each becomes a `CatalogModel` (the card text and the JSON reports, as published). `build_site`
-renders them with jinja2 templates (`templates/catalog/`, autoescaped) into an index and one page per
-model. Everything shown comes from published files written by other people, so it is data: card
+`merge`; each becomes a `CatalogModel` (the card text and the JSON reports, as published). Families
+(weight sweeps) are read from the local registry as `CatalogFamily` (family.json and its chart).
+`build_site` renders them with jinja2 templates (`templates/catalog/`, autoescaped) into an index, one
+page per model and one per family. Everything shown comes from published files written by other people, so it is data: card
 Markdown is rendered with raw HTML off and is the only markup marked safe; every other value is escaped,
 and the pages forbid inline script through their Content-Security-Policy as a second line of defence.
 """
@@ -25,7 +26,7 @@ from .card import NUMBER_FILTERS, weight_text
 from .errors import CatalogError, OlderReportError, UsageError
 from .hub_rules import repo_id_problem
 from .release import RECIPE_FILE
-from .reports import Provenance, Report, Smoke, parse
+from .reports import Family, Provenance, Report, Smoke, parse
 from .reports import read as read_report
 from .templating import default_template_dir, template_dirs, template_loader
 
@@ -56,6 +57,21 @@ class CatalogModel:
     # version was also published to a Hub, so a local model gets no link rather than a guessed one.
     url: str | None = None
     older_reports: list[str] = field(default_factory=list)  # reports an older registry wrote, shown as a note
+    family: dict[str, Any] | None = None  # {name, label, weights}: the family this version is a point of
+
+
+@dataclass
+class CatalogFamily:
+    """One family as the catalog reads it: its family.json and the chart files drawn from it (name -> bytes)."""
+
+    report: Family
+    version: str | None = None
+    charts: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The family's name, as its sweep gives it."""
+        return self.report.family
 
 
 @dataclass
@@ -66,6 +82,7 @@ class BuildResult:
     models: int
     pages: list[str]
     seconds: float
+    families: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -125,8 +142,63 @@ def read_local(home: Path | None = None) -> list[CatalogModel]:
             published_at=entry.get("published_at"),
             smoke_passed=entry.get("smoke_passed"),
             older_reports=older,
+            family=_family_mark(entry.get("family")),
         ))
     return models
+
+
+def _family_mark(mark: Any) -> dict[str, Any] | None:
+    """An index entry's `family` ({name, label, weights}) when it is well formed; anything else is ignored."""
+    from .recipe import family_name_problem
+
+    if not isinstance(mark, dict) or not isinstance(mark.get("name"), str) or family_name_problem(mark["name"]):
+        return None
+    weights = mark.get("weights") if isinstance(mark.get("weights"), dict) else {}
+    return {"name": mark["name"], "label": str(mark.get("label") or ""), "weights": weights}
+
+
+def read_families(source: str = "local", home: Path | None = None) -> list[CatalogFamily]:
+    """The families named by a `--from` value: the newest version of each in the local registry.
+
+    A Hub owner's families are not read (its collections list the points but not the family report).
+    """
+    kind, _ = parse_source(source)
+    return read_local_families(home) if kind == "local" else []
+
+
+def read_local_families(home: Path | None = None) -> list[CatalogFamily]:
+    """The newest version of every family in the local registry, with its chart files when they were drawn."""
+    from . import registry_home
+    from .family import CHART_PNG, CHART_SVG
+    from .publish.local import list_families, version_folder
+    from .recipe import family_name_problem
+
+    home = home or registry_home()
+    families = []
+    for entry in list_families(home):
+        name = str(entry.get("family"))
+        problem = family_name_problem(name)
+        if problem:
+            raise CatalogError(f"{home}/index.json: {problem}", "remove that entry or fix it")
+        folder = version_folder(home, entry)
+        if folder is None:
+            continue  # a path leading out of the registry is not followed
+        report = read_report(Family, folder)
+        if report is None:
+            continue
+        if report.family != name:
+            raise CatalogError(f"{folder}/{Family.FILE}: names family {report.family!r}, but the index lists it as {name!r}",
+                               "remove that entry of the index or publish the family again")
+        charts = {n: data for n in (CHART_SVG, CHART_PNG) if (data := _read_bytes(folder / n)) is not None}
+        families.append(CatalogFamily(report, entry.get("version"), charts))
+    return families
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes() if path.is_file() and not path.is_symlink() else None
+    except OSError:
+        return None
 
 
 def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel]:
@@ -412,8 +484,13 @@ def model_page(repo_id: str) -> str:
     return f"models/{repo_id}.html"
 
 
-def catalog_context(models: Sequence[CatalogModel]) -> dict[str, Any]:
-    """Everything the index and model templates see, as plain data (strings are escaped by the templates)."""
+def family_page(name: str) -> str:
+    """Where a family's page lies in the site, relative to its root (its chart files in `families/<name>/`)."""
+    return f"families/{name}.html"
+
+
+def catalog_context(models: Sequence[CatalogModel], families: Sequence[CatalogFamily] = ()) -> dict[str, Any]:
+    """Everything the index, model and family templates see, as plain data (strings are escaped by the templates)."""
     ordered = sorted(models, key=lambda m: m.repo_id.lower())
     bodies = render_card_bodies([card_body(m.card) for m in ordered])
     entries = [_entry(m, html, summary) for m, (html, summary) in zip(ordered, bodies, strict=True)]
@@ -433,15 +510,73 @@ def catalog_context(models: Sequence[CatalogModel]) -> dict[str, Any]:
         counts = Counter(v for e in entries for v in (e[key] if isinstance(e[key], list) else [e[key]]))
         return [{"value": v, "count": n} for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0].lower()))]
 
+    family_entries = [_family_entry(f, by_id) for f in sorted(families, key=lambda f: f.name.lower())]
+    known = {f["name"] for f in family_entries}
+    for entry in entries:
+        mark = entry["family"]
+        if mark is not None:
+            mark["page"] = family_page(mark["name"]) if mark["name"] in known else None
     return {
         "models": entries,
+        "families": family_entries,
         "filters": {
             "tag": options("tags"),
             "method": options("method"),
             "parent": options("parent_ids"),
             "license": options("license_id"),
             "smoke": [o for s in SMOKE_STATES for o in options("smoke") if o["value"] == s],
+            "family": options("family_name"),
         },
+    }
+
+
+def _sort_value(text: str) -> float | None:
+    """A table cell's number for sorting: `0.302` -> 0.302, `5/6` -> 0.833; None for text (`n/a`, `passed`)."""
+    import re
+
+    if re.fullmatch(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", text):
+        return float(text)
+    fraction = re.fullmatch(r"(\d+)/(\d+)", text)
+    if fraction and int(fraction[2]):
+        return int(fraction[1]) / int(fraction[2])
+    return None
+
+
+def _family_entry(family: CatalogFamily, by_id: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """A family's page: the table the terminal and the card show (family.table_rows), each cell with a sort value."""
+    from .family import CHART_PNG, CHART_SVG, table_rows
+    from .recipe import family_name_problem
+
+    report = family.report
+    # The name becomes a page's path: only a valid family name may.
+    problem = family_name_problem(family.name)
+    if problem:
+        raise CatalogError(problem, "fix the family's name in its sweep and publish it again")
+    headers, texts = table_rows(report)
+    rows = []
+    for row, cells in zip(report.points + report.parents, texts, strict=True):
+        found = by_id.get(row.repo_id.lower()) if row.repo_id else None
+        rows.append({
+            "kind": row.kind,
+            "label": row.label,
+            "repo_id": row.repo_id,
+            "page": found["page"] if found is not None else None,
+            "url": f"{HUB_URL}/{row.repo_id}" if row.kind == "parent" and row.repo_id else None,
+            "cells": [{"text": text, "value": _sort_value(text)} for text in cells],
+        })
+    folder = f"families/{family.name}/"
+    return {
+        "name": family.name,
+        "page": family_page(family.name),
+        "version": family.version,
+        "selection": report.selection,
+        "aliases": report.aliases,
+        "headers": headers,
+        "points": [r for r in rows if r["kind"] == "point"],
+        "parents": [r for r in rows if r["kind"] == "parent"],
+        "chart": {"svg": folder + CHART_SVG if CHART_SVG in family.charts else None,
+                  "png": folder + CHART_PNG if CHART_PNG in family.charts else None} if family.charts else None,
+        "charts": family.charts,
     }
 
 
@@ -455,7 +590,9 @@ def _entry(model: CatalogModel, html: Any, summary: str) -> dict[str, Any]:
     parents = list(dict.fromkeys(_strings(meta.get("base_model"))))
     method = merge_method(model)
     smoke = smoke_status(model)
-    search = " ".join([model.repo_id, summary, method, license_id, license_name or "", smoke, *labels, *tags, *parents])
+    family = dict(model.family) if model.family else None
+    search = " ".join([model.repo_id, summary, method, license_id, license_name or "", smoke, *labels, *tags, *parents,
+                       *([family["name"], family["label"]] if family else [])])
     return {
         "repo_id": model.repo_id,
         "name": model.repo_id.rpartition("/")[2],
@@ -473,6 +610,8 @@ def _entry(model: CatalogModel, html: Any, summary: str) -> dict[str, Any]:
         "children": [],
         "labels": labels,
         "smoke": smoke,
+        "family": family,
+        "family_name": family["name"] if family else [],
         "version": model.version,
         "published_at": model.published_at,
         "card_html": html,
@@ -561,8 +700,9 @@ def html_environment(dirs: Sequence[Path | str] = ()):
     return env
 
 
-def build_site(models: Sequence[CatalogModel], output: Path, dirs: Sequence[Path | str] | None = None) -> BuildResult:
-    """Render the index and one page per model into `output`, replacing a previous catalog there whole."""
+def build_site(models: Sequence[CatalogModel], output: Path, dirs: Sequence[Path | str] | None = None,
+               families: Sequence[CatalogFamily] = ()) -> BuildResult:
+    """Render the index, one page per model and one per family into `output`, replacing a previous catalog there whole."""
     from jinja2 import TemplateError
 
     start = time.perf_counter()
@@ -570,7 +710,7 @@ def build_site(models: Sequence[CatalogModel], output: Path, dirs: Sequence[Path
         dirs = template_dirs(holding=TEMPLATE_FOLDER)
     _check_output(output)
     env = html_environment(dirs)
-    context = catalog_context(models)
+    context = catalog_context(models, families)
     staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     pages = ["index.html"]
@@ -585,6 +725,15 @@ def build_site(models: Sequence[CatalogModel], output: Path, dirs: Sequence[Path
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(model.render(root="../../", model=entry, **context), encoding="utf-8")
             pages.append(entry["page"])
+        if context["families"]:
+            page = env.get_template(f"{TEMPLATE_FOLDER}/family.html.j2")
+            for entry in context["families"]:
+                charts = staging / "families" / entry["name"]
+                charts.mkdir(parents=True)
+                for name, data in entry["charts"].items():
+                    (charts / name).write_bytes(data)
+                (staging / entry["page"]).write_text(page.render(root="../", family=entry, **context), encoding="utf-8")
+                pages.append(entry["page"])
         (staging / MARKER).write_text("built by `registry catalog build`; rebuilt whole each time\n")
         if output.exists():
             shutil.rmtree(output)
@@ -596,7 +745,7 @@ def build_site(models: Sequence[CatalogModel], output: Path, dirs: Sequence[Path
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise CatalogError(f"cannot write the catalog to {output}: {exc.strerror or exc}", "check free space and permissions") from None
-    return BuildResult(output, len(context["models"]), pages, time.perf_counter() - start)
+    return BuildResult(output, len(context["models"]), pages, time.perf_counter() - start, len(context["families"]))
 
 
 def _check_output(output: Path) -> None:

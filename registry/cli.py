@@ -241,11 +241,11 @@ def catalog_build(
     format: FormatOption = Format.text,
 ) -> None:
     """Build a static site: an index with search and filters, and one page per model with card, recipe, smoke results and lineage."""
-    from .catalog import TEMPLATE_FOLDER, build_site, read_models
+    from .catalog import TEMPLATE_FOLDER, build_site, read_families, read_models
     from .templating import template_dirs
 
     dirs = template_dirs(templates, holding=TEMPLATE_FOLDER)
-    result = build_site(read_models(source), output, dirs)
+    result = build_site(read_models(source), output, dirs, read_families(source))
     if format is Format.json:
         emit_json({"source": source, **result.to_dict()})
     else:
@@ -254,7 +254,9 @@ def catalog_build(
             from . import registry_home
 
             source = f"the local registry {registry_home()}"
-        _console().print(f"wrote {esc(output / 'index.html')} and {result.models} model page{plural} from {esc(source)} in {result.seconds:.2f} s")
+        families = f", {result.families} family page{'' if result.families == 1 else 's'}" if result.families else ""
+        _console().print(f"wrote {esc(output / 'index.html')} and {result.models} model page{plural}{families} "
+                         f"from {esc(source)} in {result.seconds:.2f} s")
 
 
 @catalog_app.command("serve")
@@ -604,10 +606,12 @@ def list_models(format: FormatOption = Format.text) -> None:
         return
     from rich.table import Table
 
-    table = Table("repo id", "version", "smoke", "path")
+    table = Table("repo id", "version", "smoke", "family", "path")
     for entry, folder in zip(found, folders, strict=True):
         smoke = {True: "passed", False: "failed", None: "-"}[entry.get("smoke_passed")]
-        table.add_row(esc(entry["repo_id"]), esc(entry["version"]), smoke, esc(folder))
+        family = entry.get("family") if isinstance(entry.get("family"), dict) else {}
+        member = f"{family.get('name')} ({family.get('label')})" if family else "-"
+        table.add_row(esc(entry["repo_id"]), esc(entry["version"]), smoke, esc(member), esc(folder))
     _console().print(table)
 
 

@@ -951,10 +951,18 @@ def _swept(sweep: Sweep | None) -> set[str]:
     return set(sweep.grid or {})
 
 
+def family_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a family's name (it names a Hub collection and a folder); None when it can."""
+    if _FAMILY.fullmatch(name):
+        return None
+    return f"family {_show(name)} must be a name of letters, digits, '-', '_' and '.' (at most 96)"
+
+
 def _check_sweep(recipe: Recipe, sweep: Sweep, doc: Document):
     """The sweep's shape, each point's weights, the repo id template and the selection."""
-    if not _FAMILY.fullmatch(sweep.family):
-        yield doc.problem(("sweep", "family"), f"family {_show(sweep.family)} must be a name of letters, digits, '-', '_' and '.' (at most 96)")
+    problem = family_name_problem(sweep.family)
+    if problem:
+        yield doc.problem(("sweep", "family"), problem)
     try:
         parse_selection(sweep.select)
     except ValueError as exc:

@@ -490,7 +490,7 @@ def hub_card(repo_id: str, parents: list[str], tags: list[str], summary: str) ->
 def test_build_from_a_hub_org_lists_its_merges_with_cards_and_smoke(hub_server: Any, hub_api: Any, tmp_path: Path):
     parent, child = f"{HUB_ORG}/merged-parent", f"{HUB_ORG}/merged-child"
     upload_model(hub_api, parent, hub_card(parent, ["up/a", "up/b"], ["merge", "linear"], "The parent merge"),
-                 smoke={"format": 2, "passed": True, "device": "cpu", "checks": []})
+                 smoke={"format": 3, "passed": True, "device": "cpu", "checks": []})
     upload_model(hub_api, child, hub_card(child, [parent, "up/c"], ["merge", "linear", "code"], "The child merge"))
     upload_model(hub_api, f"{HUB_ORG}/not-a-merge", hub_card(f"{HUB_ORG}/not-a-merge", ["up/a"], ["finetune"], "no"))
     upload_model(hub_api, f"{HUB_USER}/elsewhere", hub_card(f"{HUB_USER}/elsewhere", ["up/a", "up/b"], ["merge"], "other owner"))
@@ -726,7 +726,7 @@ def test_a_hub_model_with_a_report_of_an_older_format_is_shown_with_a_note(hub_s
     old, new = f"{HUB_ORG}/old-format", f"{HUB_ORG}/current"
     upload_model(hub_api, old, hub_card(old, ["up/a", "up/b"], ["merge"], "an older registry wrote it"), smoke=OLD_SMOKE)
     upload_model(hub_api, new, hub_card(new, ["up/a", "up/b"], ["merge"], "current"),
-                 smoke={"format": 2, "passed": True, "device": "cpu", "checks": []})
+                 smoke={"format": 3, "passed": True, "device": "cpu", "checks": []})
     run = subprocess.run(
         [sys.executable, "-m", "registry", "catalog", "build", "--from", f"hf:{HUB_ORG}", "-o", "site", "--format", "json"],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **hub_server.client_env(HUB_TOKEN)}, timeout=120,
@@ -742,12 +742,12 @@ def test_a_hub_model_with_a_report_of_an_older_format_is_shown_with_a_note(hub_s
 
 
 @pytest.mark.parametrize("text, problem", [
-    ('{"format": 2, "passed": tru', "not valid JSON (Expecting value: line 1 column 25 (char 24))"),
+    ('{"format": 3, "passed": tru', "not valid JSON (Expecting value: line 1 column 25 (char 24))"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"format": 2, "passed": true, "device": "cpu", "checks": "none"}', "checks: Input should be a valid list"),
-    ('{"format": 3, "passed": true}', "unknown smoke.json format 3 (this registry reads format 2)"),
-    ('{"format": "1", "passed": true}', 'unknown smoke.json format "1" (this registry reads format 2)'),
-    ('{"passed": true}', "unknown smoke.json format null (this registry reads format 2)"),
+    ('{"format": 3, "passed": true, "device": "cpu", "checks": "none"}', "checks: Input should be a valid list"),
+    ('{"format": 4, "passed": true}', "unknown smoke.json format 4 (this registry reads format 3)"),
+    ('{"format": "1", "passed": true}', 'unknown smoke.json format "1" (this registry reads format 3)'),
+    ('{"passed": true}', "unknown smoke.json format null (this registry reads format 3)"),
 ])
 def test_a_corrupt_report_on_the_hub_is_one_clear_error(hub_server: Any, hub_api: Any, text: str, problem: str):
     repo = f"{HUB_ORG}/corrupt"
@@ -769,3 +769,157 @@ def test_a_corrupt_local_report_fails_the_build_in_one_line(tmp_path: Path):
         "(run `registry merge` again to rewrite it)\n",
     )
     assert not (tmp_path / "site").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Families: a page per family with its chart and a sortable table, the index grouped by family
+
+FAMILY_SWEEP = """\
+repo_id: fam-team/toy-a{a}-b{b}
+sources:
+  a: {model: up/a}
+  b: {model: up/b}
+merge:
+  merge_method: linear
+  models:
+    - model: a
+    - model: b
+  parameters: {normalize: true}
+sweep:
+  family: toy-a-b
+  grid:
+    a: [0, 0.25, 0.5, 0.75, 1]
+    b: 1 - a
+"""
+# NLL by point, chosen so that sorting by NLL is another order than the sweep's.
+FAMILY_NLL = [0.324, 0.298, 0.305, 0.301, 0.296]
+FAMILY_POINTS = ["fam-team/toy-a0-b1", "fam-team/toy-a0.25-b0.75", "fam-team/toy-a0.5-b0.5", "fam-team/toy-a0.75-b0.25",
+                 "fam-team/toy-a1-b0"]
+
+
+@pytest.fixture(scope="module")
+def family_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry holding a family of five points (published through LocalTarget and its family hook) and one other model."""
+    from registry.family import PointReports, build_family
+    from registry.publish import PublishResult
+    from registry.recipe import parse_recipe
+
+    root = tmp_path_factory.mktemp("families")
+    home, work = root / "registry", root / "build"
+    recipe = parse_recipe(FAMILY_SWEEP)
+    reports, results = [], []
+    for point, nll in zip(recipe.points(), FAMILY_NLL, strict=True):
+        repo_id = point.recipe.repo_id
+        publish(home, work, repo_id, summary=f"Point {point.label} of the toy sweep", parents=["up/a", "up/b"], tags=["sweep"])
+        smoke = Smoke.model_validate({"passed": True, "device": "cpu", "checks": [], "parity": [
+            {"model": "merged", "nll": nll, "long_retrieved": 6, "long_total": 6},
+            {"model": "a", "nll": 0.296, "long_retrieved": 6, "long_total": 6},
+            {"model": "b", "nll": 0.324, "long_retrieved": 6, "long_total": 6}]})
+        reports.append(PointReports(point, None, smoke, published=(f"local:{repo_id}",)))
+        results.append(PublishResult("local", "", None, changed=False, repo_id=repo_id))
+    publish(home, work, f"{ORG}/lone-merge", summary="Not part of any family", parents=["up/a", "up/b"], tags=["solo"])
+    LocalTarget(home).publish_family(build_family(recipe, reports), results, LocalOptions())
+    return home
+
+
+@pytest.fixture(scope="module")
+def family_url(family_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from registry.catalog import read_families
+
+    out = tmp_path_factory.mktemp("family-site") / "site"
+    result = build_site(read_local(family_home), out, [], read_families("local", family_home))
+    assert (result.models, result.families) == (6, 1)
+    assert result.pages[-1] == "families/toy-a-b.html"
+    server = make_server(out, 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def point_rows(page: Any) -> list[str]:
+    return page.eval_on_selector_all("#family-table tbody.points tr", "rows => rows.map(r => r.dataset.repo)")
+
+
+def test_a_family_page_sorts_its_points_by_any_metric_column(page: Watched, family_url: str):
+    p = page.page
+    p.goto(family_url + "families/toy-a-b.html")
+    assert p.inner_text("h1") == "Family toy-a-b"
+    headers = p.eval_on_selector_all("#family-table thead th", "ths => ths.map(t => t.textContent.trim())")
+    assert headers[:7] == ["model", "a", "b", "state", "smoke", "NLL", "retrieved"]
+    assert point_rows(p) == FAMILY_POINTS  # the sweep's order
+    assert p.eval_on_selector_all("#family-table tbody.parents tr td:first-child", "c => c.map(x => x.textContent)") == [
+        "parent a", "parent b"]
+
+    p.click("#family-table thead button:text-is('NLL')")
+    by_nll = [FAMILY_POINTS[i] for i in (4, 1, 3, 2, 0)]  # 0.296, 0.298, 0.301, 0.305, 0.324
+    assert point_rows(p) == by_nll
+    assert p.get_attribute("#family-table thead th:nth-child(6)", "aria-sort") == "ascending"
+    p.click("#family-table thead button:text-is('NLL')")
+    assert point_rows(p) == by_nll[::-1]
+    assert p.get_attribute("#family-table thead th:nth-child(6)", "aria-sort") == "descending"
+    nll_cells = p.eval_on_selector_all("#family-table tbody.points td:nth-child(6)", "c => c.map(x => x.textContent)")
+    assert nll_cells == ["0.324", "0.305", "0.301", "0.298", "0.296"]
+
+    # Another column starts ascending again; the parents never move.
+    p.click("#family-table thead button:text-is('a')")
+    assert point_rows(p) == FAMILY_POINTS
+    assert p.get_attribute("#family-table thead th:nth-child(6)", "aria-sort") is None
+    p.click("#family-table thead button:text-is('a')")
+    assert point_rows(p) == FAMILY_POINTS[::-1]
+    assert p.eval_on_selector_all("#family-table tbody.parents tr td:first-child", "c => c.map(x => x.textContent)") == [
+        "parent a", "parent b"]
+
+    # Every point links to its model page, and the chart is there and loads.
+    links = p.eval_on_selector_all("#family-table tbody.points td:first-child a", "a => a.map(x => x.getAttribute('href'))")
+    assert sorted(links) == sorted(f"../models/{r}.html" for r in FAMILY_POINTS)
+    assert p.get_attribute(".chart img", "src") == "../families/toy-a-b/family.svg"
+    assert p.eval_on_selector(".chart img", "img => img.complete && img.naturalWidth > 0")
+    p.click(f"#family-table a[href='../models/{FAMILY_POINTS[2]}.html']")
+    assert p.inner_text("h1.repo") == FAMILY_POINTS[2]
+    assert p.inner_text("a.family") == "toy-a-b"
+    p.click("a.family")
+    assert p.url == family_url + "families/toy-a-b.html"
+    page.quiet()
+
+
+def test_the_index_groups_the_points_under_their_family(page: Watched, family_url: str):
+    p = page.page
+    p.goto(family_url + "index.html")
+    assert p.eval_on_selector_all("#families li.family", "f => f.map(x => x.dataset.family)") == ["toy-a-b"]
+    group = p.locator('#families li.family[data-family="toy-a-b"]')
+    assert group.locator("h3 a").get_attribute("href") == "families/toy-a-b.html"
+    assert group.locator("ol.points > li").evaluate_all("l => l.map(x => x.dataset.repo)") == FAMILY_POINTS
+    assert group.locator("ol.points > li").evaluate_all("l => l.map(x => x.textContent.trim())") == [
+        f"{r} {w}" for r, w in zip(FAMILY_POINTS, ["a=0 b=1", "a=0.25 b=0.75", "a=0.5 b=0.5", "a=0.75 b=0.25", "a=1 b=0"],
+                                   strict=True)]
+    assert group.locator("ol.points a").evaluate_all("a => a.map(x => x.getAttribute('href'))") == [
+        f"models/{r}.html" for r in FAMILY_POINTS]
+    assert p.inner_text(f'li.model[data-repo="{FAMILY_POINTS[1]}"] dd.family') == "toy-a-b (a=0.25 b=0.75)"
+
+    # The family filter lists exactly its points; the lone model is left out.
+    assert len(visible_rows(p)) == 6
+    p.select_option("select[name=family]", "toy-a-b")
+    assert visible_rows(p) == sorted(FAMILY_POINTS, key=str.lower)
+    assert p.inner_text("#count") == "5 of 6 models"
+    page.quiet()
+
+
+def test_an_index_without_families_has_no_family_section_or_filter(page: Watched, base_url: str):
+    page.page.goto(base_url + "index.html")
+    assert page.page.locator("#families").count() == 0
+    assert page.page.locator("select[name=family]").count() == 0
+    page.quiet()
+
+
+def test_a_family_whose_name_is_not_a_name_is_refused_in_one_line(tmp_path: Path):
+    from registry.catalog import CatalogFamily
+    from registry.reports import Family
+
+    report = Family(family="../../escape", recipe_sha256="a" * 64, aliases=["a"], selection="passed", rows=[])
+    with pytest.raises(CatalogError) as refused:
+        build_site([], tmp_path / "site", [], [CatalogFamily(report)])
+    assert str(refused.value) == ("family '../../escape' must be a name of letters, digits, '-', '_' and '.' (at most 96) "
+                                  "(fix the family's name in its sweep and publish it again)")
+    assert not (tmp_path / "site").exists() and not (tmp_path / "escape.html").exists()

@@ -382,9 +382,8 @@ class HfTarget(Target):
 
 def family_note(row: FamilyRow) -> str:
     """A point's note in its family's collection: its weights, and its NLL when measured (`cos=0.3 fmt=0.7 · NLL 0.302`)."""
-    from ..card import human_number
-
-    note = row.label + (f" · NLL {human_number(row.nll)}" if row.nll is not None else "")
+    # Three decimals, as the family table and the card show an NLL.
+    note = row.label + (f" · NLL {row.nll:.3f}" if row.nll is not None else "")
     return note if len(note) <= NOTE_MAX else note[:NOTE_MAX - 1] + "…"
 
 

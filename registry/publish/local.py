@@ -3,12 +3,16 @@
 Layout under the registry home (`$REGISTRY_HOME`, else `.registry/` in the current directory):
 
     models/<owner>/<name>/<UTC date>-<recipe sha12>/   the same files as the Hub repo
-    index.json                                        every published version; the catalog reads it
+    families/<family>/<UTC date>-<family.json sha12>/ a family's family.json and its chart, when drawn
+    index.json                                        every published version (with its family, if
+                                                      any) and every family version; the catalog reads it
 
 A version folder is staged beside its final name and renamed into place, under the index lock, when
 complete; the index is replaced atomically under that lock, so readers never see half a model or half an
 index. A killed publish can leave a marked staging folder (see registry/staging.py) or a complete
-version folder that the index does not list yet: `reconcile` removes the one and adopts the other.
+version folder that the index does not list yet: `reconcile` removes the one and adopts the other
+(a family's folder too). A family is written the same way: staged, renamed into place and indexed,
+with its points' version entries, under one hold of the index lock.
 An index entry's `path` is only data: it is followed only while it stays inside the registry home.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -44,6 +49,7 @@ from . import (
 )
 
 INDEX = "index.json"
+FAMILIES = "families"
 _STAGING = ".staging-"
 _INDEX_STAGING = f".{INDEX}.staging-"
 _VERSION = re.compile(r"(\d{8}T\d{6}Z)-([0-9a-f]{12})(?:-\d+)?")
@@ -95,7 +101,7 @@ class LocalTarget(Target):
         latest = latest_version(self.home, bundle.repo_id)
         if latest and _same_content(latest, bundle) and _intact(self.home, latest):
             return PublishResult(self.name, str(version_folder(self.home, latest)), latest["version"], changed=False,
-                                 detail="already published", notes=notes)
+                                 detail="already published", notes=notes, repo_id=bundle.repo_id)
         now = dt.datetime.now(dt.UTC)
         parent = self.home / "models" / bundle.repo_id
         version = f"{now:%Y%m%dT%H%M%SZ}-{bundle.short_sha}"
@@ -126,7 +132,57 @@ class LocalTarget(Target):
             staging.remove()
             raise PublishError(f"cannot write {final}: {exc.strerror or exc}", "check free space and permissions") from None
         staging.close()
-        return PublishResult(self.name, str(final), version, changed=True, notes=notes)
+        return PublishResult(self.name, str(final), version, changed=True, notes=notes, repo_id=bundle.repo_id)
+
+    def publish_family(self, family, results, options) -> PublishResult | None:
+        """Keep the family's family.json (and chart) under families/ and mark each published point's version with it."""
+        from ..family import family_files
+
+        published = {r.repo_id: r.revision for r in results if r.repo_id}
+        rows = [row for row in family.points if row.repo_id in published]
+        if not rows:
+            return None
+        notes = reconcile(self.home)
+        files = family_files(family)
+        recorded = {name: {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)} for name, blob in sorted(files.items())}
+        index = read_index(self.home)
+        points = _family_points(index, rows, published)
+        latest = latest_family(self.home, family.family, index)
+        if (latest is not None and latest.get("files") == recorded and latest.get("points") == points
+                and _intact(self.home, latest) and _marked(index, family.family, points)):
+            return PublishResult(self.name, str(version_folder(self.home, latest)), latest["version"], changed=False,
+                                 detail="family already recorded", notes=notes)
+        now = dt.datetime.now(dt.UTC)
+        parent = self.home / FAMILIES / family.family
+        sha12 = recorded[family.FILE]["sha256"][:12]
+        version = f"{now:%Y%m%dT%H%M%SZ}-{sha12}"
+        for n in range(2, 100):
+            if not (parent / version).exists():
+                break
+            version = f"{now:%Y%m%dT%H%M%SZ}-{sha12}-{n}"
+        final = parent / version
+        entry = {"family": family.family, "version": version, "recipe_sha256": family.recipe_sha256,
+                 "published_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+                 "path": final.relative_to(self.home).as_posix(), "points": points, "files": recorded}
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = staging_dirs.create(parent / f"{_STAGING}{version}-{os.getpid()}")
+        except OSError as exc:
+            raise PublishError(f"cannot write {final}: {exc.strerror or exc}", "check free space and permissions") from None
+        try:
+            for name, blob in files.items():
+                (staging.path / name).write_bytes(blob)
+            _fsync_tree(staging.path)
+            with _locked_index(self.home) as index:
+                staging.install(final)
+                index.setdefault("families", []).append(entry)
+                _mark_points(index, family.family, points)
+        except OSError as exc:
+            staging.remove()
+            raise PublishError(f"cannot write {final}: {exc.strerror or exc}", "check free space and permissions") from None
+        staging.close()
+        return PublishResult(self.name, str(final), version, changed=True,
+                             detail=f"family {family.family}: {len(points)} points", notes=notes)
 
 
 def _entry(repo_id: str, version: str, when: dt.datetime, recipe_sha256: str, merge_id: str, path: str,
@@ -145,6 +201,52 @@ def _entry(repo_id: str, version: str, when: dt.datetime, recipe_sha256: str, me
         "files": {rel: {"sha256": sha, "size": size} for rel, (sha, size) in sorted(files.items())},
         "metadata": metadata,
     }
+
+
+def _family_points(index: dict[str, Any], rows: list[Any], published: dict[str, str | None]) -> list[dict[str, Any]]:
+    """Each published point as the family's index entry lists it: repo id, the version it marks, label, weights."""
+    points = []
+    for row in rows:
+        found = [m for m in index["models"] if m.get("repo_id") == row.repo_id]
+        # The version this publish made or found current; a result without one (nothing sent) means the latest.
+        chosen = next((m for m in found if m.get("version") == published.get(row.repo_id)), found[-1] if found else None)
+        if chosen is None:
+            continue  # published elsewhere only: nothing here to mark
+        points.append({"repo_id": row.repo_id, "version": chosen["version"], "label": row.label, "weights": dict(row.weights)})
+    return points
+
+
+def _marked(index: dict[str, Any], name: str, points: list[dict[str, Any]]) -> bool:
+    """Whether every point's version entry already names this family with these weights."""
+    wanted = {(p["repo_id"], p["version"]): _family_mark(name, p) for p in points}
+    found = {(m.get("repo_id"), m.get("version")): m.get("family") for m in index["models"]}
+    return all(found.get(key) == mark for key, mark in wanted.items())
+
+
+def _mark_points(index: dict[str, Any], name: str, points: list[dict[str, Any]]) -> None:
+    wanted = {(p["repo_id"], p["version"]): _family_mark(name, p) for p in points}
+    for entry in index["models"]:
+        mark = wanted.get((entry.get("repo_id"), entry.get("version")))
+        if mark is not None:
+            entry["family"] = mark
+
+
+def _family_mark(name: str, point: dict[str, Any]) -> dict[str, Any]:
+    """What a point's version entry records of its family: its name, the point's label and weights."""
+    return {"name": name, "label": point["label"], "weights": point["weights"]}
+
+
+def list_families(home: Path | None = None, index: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The newest version of every family in the registry, by name."""
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in (index if index is not None else read_index(home)).get("families", []):
+        latest[str(entry.get("family"))] = entry
+    return [latest[k] for k in sorted(latest)]
+
+
+def latest_family(home: Path | None, name: str, index: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The newest recorded version of family `name`, or None."""
+    return next((f for f in list_families(home, index) if f.get("family") == name), None)
 
 
 def version_folder(home: Path, entry: dict[str, Any]) -> Path | None:
@@ -197,9 +299,58 @@ def reconcile(home: Path | None = None) -> list[str]:
             if adopted:
                 # Oldest first, as publishing appends them (a stable sort keeps the order of equal times).
                 index["models"] = sorted([*index["models"], *adopted], key=lambda m: str(m.get("published_at", "")))
+            notes += _reconcile_families(home, index)
     except OSError:
         return notes  # a registry this user cannot write is only read
     return notes
+
+
+def _reconcile_families(home: Path, index: dict[str, Any]) -> list[str]:
+    """Under the index lock: remove families' staging leftovers, adopt a family folder a killed publish installed but did not index."""
+    notes: list[str] = []
+    root = home / FAMILIES
+    if not root.is_dir():
+        return notes
+    indexed = {f.get("path") for f in index.get("families", [])}
+    for parent in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+        for gone in staging_dirs.remove_leftovers(parent, _STAGING):
+            notes.append(f"removed {gone.relative_to(home)}: left by an interrupted publish of family {parent.name}")
+        for folder in sorted(parent.iterdir()):
+            rel = folder.relative_to(home).as_posix()
+            if folder.name.startswith(".") or rel in indexed or folder.is_symlink() or not folder.is_dir():
+                continue
+            entry = _adoptable_family(index, parent.name, folder, rel)
+            if entry is not None:
+                index.setdefault("families", []).append(entry)
+                index["families"].sort(key=lambda f: str(f.get("published_at", "")))
+                _mark_points(index, parent.name, entry["points"])
+                notes.append(f"adopted family {parent.name} {folder.name} into the index: a publish was interrupted after writing it")
+    return notes
+
+
+def _adoptable_family(index: dict[str, Any], name: str, folder: Path, rel: str) -> dict[str, Any] | None:
+    """The index entry for a family folder a killed publish wrote completely (its family.json names it), or None."""
+    from ..errors import RegistryError
+    from ..reports import Family
+    from ..reports import read as read_report
+
+    match = _VERSION.fullmatch(folder.name)
+    try:
+        family = read_report(Family, folder) if match else None
+        if family is None or family.family != name:
+            return None
+        files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(folder.iterdir()) if p.is_file()}
+    except (OSError, RegistryError):
+        return None
+    assert match is not None
+    if not files[family.FILE]["sha256"].startswith(match[2]):
+        return None
+    published = {row.repo_id: None for row in family.points if row.state == "published"}
+    points = _family_points(index, [row for row in family.points if row.repo_id in published], published)
+    when = dt.datetime.strptime(match[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+    return {"family": name, "version": folder.name, "recipe_sha256": family.recipe_sha256,
+            "published_at": when.isoformat(timespec="seconds").replace("+00:00", "Z"), "path": rel,
+            "points": points, "files": files}
 
 
 def _repo_folders(home: Path) -> list[Path]:

@@ -70,7 +70,6 @@ _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
 _BASE_MODEL_RELATIONS = {"adapter", "merge", "quantized", "finetune"}
 # The Hub's limits on collections (huggingface_hub documents the description's and the note's).
-COLLECTION_TITLE_MAX = 60
 COLLECTION_DESCRIPTION_MAX = 150
 COLLECTION_NOTE_MAX = 500
 COLLECTION_LIST_ITEMS = 4  # a listing shows this many items of each collection; get_collection shows all
@@ -1379,8 +1378,6 @@ class HubServer:
         description = payload.get("description")
         if not isinstance(title, str) or not title.strip():
             raise HubError(400, "A collection needs a title")
-        if len(title) > COLLECTION_TITLE_MAX:
-            raise HubError(400, f"The title is longer than {COLLECTION_TITLE_MAX} characters")
         if description is not None and (not isinstance(description, str) or len(description) > COLLECTION_DESCRIPTION_MAX):
             raise HubError(400, f"The description must be a string of at most {COLLECTION_DESCRIPTION_MAX} characters")
         if not self._can_write_collection(namespace, req.token):
@@ -1402,8 +1399,8 @@ class HubServer:
         payload = req.json()
         if "title" in payload:
             title = payload["title"]
-            if not isinstance(title, str) or not title.strip() or len(title) > COLLECTION_TITLE_MAX:
-                raise HubError(400, f"The title must be 1 to {COLLECTION_TITLE_MAX} characters")
+            if not isinstance(title, str) or not title.strip():
+                raise HubError(400, "A collection needs a title")
             collection.title = title
         if "description" in payload:
             description = payload["description"]

@@ -10,19 +10,19 @@
   var rows = Array.prototype.map.call(list.children, function (li) {
     var d = li.dataset;
     return { el: li, text: d.search, tags: JSON.parse(d.tags), parents: JSON.parse(d.parents),
-             method: d.method, license: d.license, smoke: d.smoke };
+             method: d.method, license: d.license, smoke: d.smoke, family: d.family };
   });
   var f = form.elements;
 
   function apply() {
     var words = f.q.value.toLowerCase().split(/\s+/).filter(Boolean);
     var tag = f.tag.value, method = f.method.value, parent = f.parent.value,
-        license = f.license.value, smoke = f.smoke.value, shown = 0;
+        license = f.license.value, smoke = f.smoke.value, family = f.family ? f.family.value : "", shown = 0;
     for (var i = 0; i < rows.length; i++) {
       var r = rows[i];
       var ok = (!tag || r.tags.indexOf(tag) >= 0) && (!parent || r.parents.indexOf(parent) >= 0) &&
                (!method || r.method === method) && (!license || r.license === license) &&
-               (!smoke || r.smoke === smoke) &&
+               (!smoke || r.smoke === smoke) && (!family || r.family === family) &&
                words.every(function (w) { return r.text.indexOf(w) >= 0; });
       // A class, not display:none: see .model.out in catalog.css for why.
       r.el.classList.toggle("out", !ok);
@@ -35,8 +35,8 @@
 
   // A link such as index.html?tag=toy (from a model page) opens the index filtered.
   var params = new URLSearchParams(location.search);
-  ["q", "tag", "method", "parent", "license", "smoke"].forEach(function (name) {
-    if (params.has(name)) f[name].value = params.get(name);
+  ["q", "tag", "method", "parent", "license", "smoke", "family"].forEach(function (name) {
+    if (params.has(name) && f[name]) f[name].value = params.get(name);
   });
   form.addEventListener("input", apply);
   form.addEventListener("change", apply);
