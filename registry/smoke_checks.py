@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    from .recipe import ParitySmoke
     from .smoke import CheckResult, LongRun, Parents, ParityRow, ShortRun, SmokeCheck, SmokeSettings, SourceModel, WeightComparison
 
 # registry.smoke is imported by each check when it runs, never when the plugin is registered: every
@@ -181,26 +182,11 @@ def parity_check(
     compared = [r for r in rows if r.kl is not None]
     distance = ""
     if compared:
-        parent_kls = ", ".join(f"{r.model} {_num(r.kl)}" for r in compared)
-        distance = f"; KL {parent_kls}, top-1 agreement " + ", ".join(f"{r.model} {_share(r.top1_agreement)}" for r in compared)
-        nearest = min(compared, key=lambda r: r.kl if math.isfinite(r.kl) else math.inf)
-        if not math.isfinite(nearest.kl) or nearest.kl > cfg.max_kl:
-            return CheckResult(
-                "parity", "failed",
-                f"far from {both}: KL to the nearest parent '{nearest.model}' is {_num(nearest.kl)} nats/token "
-                f"({parent_kls}), over max_kl {cfg.max_kl}",
-                details,
-            )
-        closest = max(compared, key=lambda r: r.top1_agreement if r.top1_agreement is not None else -1.0)
-        if closest.top1_agreement is None or closest.top1_agreement < cfg.min_top1_agreement:
-            agreements = ", ".join(f"{r.model} {_share(r.top1_agreement)}" for r in compared)
-            return CheckResult(
-                "parity", "failed",
-                f"far from {both}: the top token agrees with the closest parent '{closest.model}' at "
-                f"{_share(closest.top1_agreement)} of positions ({agreements}), under min_top1_agreement "
-                f"{cfg.min_top1_agreement:.0%}",
-                details,
-            )
+        distance = (f"; KL {', '.join(f'{r.model} {_num(r.kl)}' for r in compared)}, top-1 agreement "
+                    + ", ".join(f"{r.model} {_share(r.top1_agreement)}" for r in compared))
+        far = far_from_parents(cfg, rows)
+        if far:
+            return CheckResult("parity", "failed", far, details)
     retrieval = ""
     if cells:
         worst_frac = min(r.long_retrieved for r in rows) / cells
@@ -225,6 +211,26 @@ def parity_check(
             )
     missing = f"; {_not_at_hand(parents.unavailable)}" if parents.unavailable else ""
     return CheckResult("parity", "passed", f"NLL {_num(merged_nll)} ({parent_nlls}){distance}{retrieval}{missing}", details)
+
+
+def far_from_parents(cfg: ParitySmoke, rows: tuple[ParityRow, ...]) -> str | None:
+    """Why the merge is far from every parent it was compared with (KL over max_kl, top-1 agreement under min_top1_agreement), or None."""
+    compared = [r for r in rows if r.kl is not None]
+    if not compared:
+        return None
+    both = "both parents" if len(rows) == 2 else ("every parent" if len(rows) > 2 else f"parent '{rows[0].model}'")
+    nearest = min(compared, key=lambda r: r.kl if math.isfinite(r.kl) else math.inf)
+    if not math.isfinite(nearest.kl) or nearest.kl > cfg.max_kl:
+        kls = ", ".join(f"{r.model} {_num(r.kl)}" for r in compared)
+        return (f"far from {both}: KL to the nearest parent '{nearest.model}' is {_num(nearest.kl)} nats/token "
+                f"({kls}), over max_kl {cfg.max_kl}")
+    closest = max(compared, key=lambda r: r.top1_agreement if r.top1_agreement is not None else -1.0)
+    if closest.top1_agreement is None or closest.top1_agreement < cfg.min_top1_agreement:
+        agreements = ", ".join(f"{r.model} {_share(r.top1_agreement)}" for r in compared)
+        return (f"far from {both}: the top token agrees with the closest parent '{closest.model}' at "
+                f"{_share(closest.top1_agreement)} of positions ({agreements}), under min_top1_agreement "
+                f"{cfg.min_top1_agreement:.0%}")
+    return None
 
 
 def _not_at_hand(sources: tuple[SourceModel, ...] | list[SourceModel]) -> str:

@@ -398,7 +398,7 @@ def test_summary_shows_validation_weight_diffs_dry_runs_and_card_previews(pr: Pa
     reports.mkdir(parents=True)
     # The workflow's artifact for recipes/examples/toy.yaml: the folder's name says which recipe it belongs to.
     (reports / "smoke.json").write_text(json.dumps({
-        "format": 2, "passed": False, "device": "cpu",
+        "format": 3, "passed": False, "device": "cpu",
         "checks": [
             {"name": "short", "status": "passed", "reason": "coherent", "details": {}},
             {"name": "long", "status": "failed", "reason": "0 of 6 needles retrieved", "details": {}},

@@ -7,6 +7,7 @@ merged here with mergekit's run_merge, and broken merges are derived from that m
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -959,3 +960,163 @@ def test_good_merges_at_other_weights_pass_against_the_better_parent(tmp_path, w
     assert [(r.model, r.long_retrieved) for r in report.parity] == [("merged", 3), ("cos", 3), ("fmt", 3)]
     # Far inside the bar (best_nll_margin 0.5): measured 0.004-0.023 nats over the better parent.
     assert merged.nll - min(cos.nll, fmt.nll) < 0.1
+    # Far inside the KL gate too (max_kl 1.0, min_top1_agreement 50%): measured 0.004-0.21 nats, 88-100%.
+    assert min(cos.kl, fmt.kl) < 0.25 and max(cos.top1_agreement, fmt.top1_agreement) > 0.85
+
+
+# ---------------------------------------------------------------------------------------------
+# Distance to the parents: KL(parent || merge) and top-1 agreement over the comparison prompts
+
+
+def test_the_parity_rows_hold_kl_to_each_parent_and_top1_agreement(toy_merges, good_report):
+    from rich.console import Console
+
+    from registry.smoke import print_report
+
+    merged, cos, fmt = good_report.parity
+    assert (merged.kl, merged.top1_agreement) == (None, None)
+    # 113 positions: the parity text's 90 and the short prompt's 23 through the chat template.
+    # Merged 0.3/0.7, the merge is nearer fmt (benchmarks/kl_calibration.py measures the same figures).
+    assert cos.kl == pytest.approx(0.4031, abs=5e-4) and fmt.kl == pytest.approx(0.1039, abs=5e-4)
+    assert (cos.top1_agreement, fmt.top1_agreement) == (95 / 113, 105 / 113)
+    parity = good_report.checks[3]
+    assert parity.status == "passed"
+    assert parity.reason == (f"NLL {merged.nll:.3f} (cos {cos.nll:.3f}, fmt {fmt.nll:.3f}); KL cos {cos.kl:.3f}, fmt {fmt.kl:.3f}, "
+                             "top-1 agreement cos 84.1%, fmt 92.9%; retrieved 3 of 3 pass keys (cos 3, fmt 3)")
+    assert (parity.details["max_kl"], parity.details["min_top1_agreement"]) == (1.0, 0.5)
+    saved = json.loads((toy_merges["good"][0] / "smoke.json").read_text())
+    assert saved["format"] == 3
+    assert [(r["model"], r["kl"], r["top1_agreement"]) for r in saved["parity"]] == [
+        ("merged", None, None), ("cos", cos.kl, 95 / 113), ("fmt", fmt.kl, 105 / 113)]
+    console = Console(width=120, record=True, file=open("/dev/null", "w"))  # noqa: SIM115 - closed with the console
+    print_report(good_report, console)
+    text = console.export_text()
+    assert "parity (kl: KL(parent || merge), nats/token)" in text
+    assert re.search(rf"│ merged │ {merged.nll:.3f} │\s+│\s+│ 3/3 ", text)
+    assert re.search(rf"│ cos\s+│ {cos.nll:.3f} │ {cos.kl:.4f} │ 84\.1% │ 3/3 ", text)
+    assert re.search(rf"│ fmt\s+│ {fmt.nll:.3f} │ {fmt.kl:.4f} │ 92\.9% │ 3/3 ", text)
+
+
+@pytest.mark.parametrize(("name", "far"), [
+    # 1/-1 without normalize: fluent-looking logits, far from both parents.
+    ("plus_minus", r"far from both parents: KL to the nearest parent 'fmt' is 5\.\d{3} nats/token \(cos 5\.\d{3}, fmt 5\.\d{3}\), "
+                   r"over max_kl 1\.0"),
+    ("nan", r"far from both parents: KL to the nearest parent 'cos' is nan nats/token \(cos nan, fmt nan\), over max_kl 1\.0"),
+    ("shuffled_embeddings", r"far from both parents: KL to the nearest parent 'fmt' is 7\.\d{3} nats/token "
+                            r"\(cos 7\.\d{3}, fmt 7\.\d{3}\), over max_kl 1\.0"),
+])
+def test_every_broken_merge_the_smoke_tests_build_is_far_from_both_parents(toy_merges, name, far):
+    from registry.smoke_checks import far_from_parents
+
+    folder, recipe_file = toy_merges[name]
+    recipe = load_recipe(recipe_file)
+    recipe.smoke.parity.enabled = True  # the 1/-1 recipe turns parity off for the short check's own test
+    report = run_smoke(folder, recipe, device="cpu", write=False, checks=[c for c in builtin_checks() if c.name == "parity"])
+    assert report.checks[0].status == "failed"
+    parents = report.parity[1:]
+    assert re.fullmatch(far, far_from_parents(recipe.smoke.parity, parents))
+    # The top-1 rule alone catches each of them too: the top token agrees at 2% of positions at most.
+    assert max(r.top1_agreement for r in parents) <= 2 / 113
+    lenient = recipe.smoke.parity.model_copy(update={"max_kl": math.inf})
+    # A KL that is not a number fails whatever the bar.
+    expected = "far from both parents: " + ("KL to the nearest parent 'cos' is nan" if name == "nan" else
+                                            "the top token agrees with the closest parent")
+    assert far_from_parents(lenient, parents).startswith(expected)
+
+
+def _endpoint_recipe(folder: Path, weights: tuple[float, float]) -> Path:
+    folder.mkdir()
+    return _toy_recipe(folder, weights, normalize=True)
+
+
+@pytest.mark.parametrize(("weights", "same", "other"), [((0.0, 1.0), "fmt", "cos"), ((1.0, 0.0), "cos", "fmt")])
+def test_an_endpoint_of_the_family_reproduces_its_parent_exactly(tmp_path, weights, same, other):
+    import torch
+    from safetensors.torch import load_file
+
+    from registry.smoke import parent_endpoints
+
+    recipe_file = _endpoint_recipe(tmp_path / "recipe", weights)
+    folder = _mergekit(recipe_file, tmp_path / "merged")
+    parent = TOY / f"ft_{same}"
+    merged_tensors, parent_tensors = load_file(str(folder / "model.safetensors")), load_file(str(parent / "model.safetensors"))
+    assert merged_tensors.keys() == parent_tensors.keys()
+    # Bit-identical: the same dtype, shape and bytes.
+    for name, tensor in parent_tensors.items():
+        assert merged_tensors[name].dtype == tensor.dtype == torch.bfloat16
+        assert torch.equal(merged_tensors[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    recipe = load_recipe(recipe_file)
+    report = run_smoke(folder, recipe, device="cpu", write=False, checks=builtin_checks())
+    assert _statuses(report) == {"weights": "passed", "short": "passed", "long": "passed", "parity": "passed"}
+    assert report.checks[0].details["mismatched"] == [] and report.checks[0].details["non_finite"] == []
+    rows = {r.model: r for r in report.parity}
+    merged = rows["merged"]
+    # Against the parent it reproduces: KL exactly 0, agreement exactly 1, the same NLL and retrieval to the bit.
+    assert (rows[same].kl, rows[same].top1_agreement) == (0.0, 1.0)
+    assert rows[same].nll == merged.nll
+    assert (rows[same].long_retrieved, rows[same].long_total) == (merged.long_retrieved, merged.long_total) == (3, 3)
+    assert rows[other].kl > 0.7 and rows[other].top1_agreement == 93 / 113
+
+    # The parents as the family's end points come from the cache this run left: no model is loaded.
+    loaded: list[str] = []
+    endpoints = {e.name: e for e in parent_endpoints(recipe, device="cpu", loaded=loaded)}
+    assert loaded == [] and list(endpoints) == ["cos", "fmt"]
+    end = endpoints[same]
+    assert end.nll == merged.nll and end.missing is None
+    assert dict(end.retrieval) == {512: (3, 3)}
+    assert (end.kl[same], end.top1_agreement[same]) == (0.0, 1.0)
+    # KL(other || this parent): exactly what the merge that reproduces it measured against `other`.
+    assert (end.kl[other], end.top1_agreement[other]) == (rows[other].kl, rows[other].top1_agreement)
+    assert endpoints[other].kl[other] == 0.0 and endpoints[other].top1_agreement[other] == 1.0
+
+
+
+def test_a_second_merge_of_the_same_parents_loads_no_parent(toy_merges, tmp_path, monkeypatch):
+    from registry.comparison import parent_settings_hash, read_cache
+    from registry.reports import ParentMeasurements
+    from registry.smoke import SmokeSettings
+
+    monkeypatch.setenv("REGISTRY_HOME", str(tmp_path / "home"))
+    good, recipe_file = toy_merges["good"]
+    recipe = load_recipe(recipe_file)
+    first = run_smoke(good, recipe, device="cpu", write=False, checks=builtin_checks())
+    assert first.loaded == ("merged", "cos", "fmt")
+    # Keyed by each parent's pin (the content sha256 `plan` pins) and the settings that shape its measurements.
+    lock = json.loads((Path(__file__).parents[1] / "recipes" / "examples" / "toy_cos_fmt.lock.json").read_text())
+    pins = {name: lock["sources"][name]["content_sha256"] for name in ("cos", "fmt")}
+    key = parent_settings_hash(recipe.smoke, SmokeSettings(good, recipe.smoke, "cpu", False, True, "bfloat16").parity_text(), "cpu")
+    cache = tmp_path / "home" / "build" / "parents"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{pin[:12]}-{key[:12]}" for pin in pins.values())
+    assert [p.name for p in (cache / f"{pins['cos'][:12]}-{key[:12]}").iterdir()] == ["parent.safetensors"]
+
+    # Another merge of the same parents (the same recipe's merge with a tensor the prompts never use shuffled).
+    other, _ = toy_merges["shuffled_unused"]
+    notes: list[str] = []
+    second = run_smoke(other, recipe, device="cpu", write=False, checks=builtin_checks(), progress=notes.append)
+    assert second.loaded == ("merged",)
+    assert [n for n in notes if "parent" in n] == [
+        "parent 'cos': measurements from the cache", "parent 'fmt': measurements from the cache"]
+    assert second.parity[1:] == first.parity[1:]  # every figure of the parents, KL included, to the bit
+    assert _statuses(second) == {"weights": "failed", "short": "passed", "long": "passed", "parity": "passed"}
+
+    # A bar that judges changes no measurement; a setting that shapes one measures the parents again.
+    recipe.smoke.parity.max_kl, recipe.smoke.parity.nll_margin = 0.9, 0.3
+    assert run_smoke(good, recipe, device="cpu", write=False, checks=builtin_checks()).loaded == ("merged",)
+    recipe.smoke.short.max_new_tokens = 16
+    assert run_smoke(good, recipe, device="cpu", write=False, checks=builtin_checks()).loaded == ("merged", "cos", "fmt")
+    assert len(list(cache.iterdir())) == 4
+    recipe.smoke.short.max_new_tokens = 32
+
+    # A damaged entry is measured again and rewritten, never trusted.
+    entry = cache / f"{pins['cos'][:12]}-{key[:12]}" / ParentMeasurements.FILE
+    fmt_entry = cache / f"{pins['fmt'][:12]}-{key[:12]}" / ParentMeasurements.FILE
+    intact = entry.read_bytes()
+    for damage in (b"not safetensors", intact[: len(intact) // 2], fmt_entry.read_bytes(),  # another parent's entry
+                   intact.replace(b'\\"format\\": 1', b'\\"format\\": 9')):  # the report is a JSON string in the header
+        assert damage != intact
+        entry.write_bytes(damage)
+        assert read_cache(pins["cos"], key) is None
+        again = run_smoke(good, recipe, device="cpu", write=False, checks=builtin_checks())
+        assert again.loaded == ("merged", "cos")
+        assert again.parity == first.parity
+        assert read_cache(pins["cos"], key) is not None
