@@ -187,14 +187,17 @@ def _run_points(job: Job, recipe: Recipe, points: list[Point], plan: Plan) -> li
         progress.stage("planning")
         prep = prepare(mine, point.recipe, plan.for_recipe(point.recipe), source=str(recipe.path))
         worked = False
-        if prep.reports is None or prep.reports.folder is None:
+        if prep.reports is None:
             build(mine, prep, strict=False, stage=progress.stage)
             worked = prep.outcome.merge == "merged" or not (prep.outcome.smoke or {}).get("reused", False)
         else:
+            # Reports at hand: the build folder's, or a target's (nothing built here; `finish` builds only if a target needs the weights).
             r = prep.reports
-            prep.outcome.merge, prep.outcome.model_dir = "reused", str(r.folder)
+            prep.outcome.merge = "reused" if r.folder is not None else "skipped"
+            prep.outcome.model_dir = str(r.folder) if r.folder is not None else None
             prep.outcome.smoke = {"passed": r.smoke.passed, "reused": True, "failed": [c.name for c in r.smoke.failed()]}
-            progress.inner(f"reused the merge and its reports in {r.folder}")
+            progress.inner(f"reused the merge and its reports in {r.folder}" if r.folder is not None
+                           else "reports read from a target; not merged here")
         progress.end(worked)
         prepared.append(prep)
     return prepared

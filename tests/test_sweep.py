@@ -212,6 +212,9 @@ def test_a_point_that_fails_its_smoke_test_is_reported_and_not_published(family_
         ("cos=0.5 fmt=0.5", True, True, ["local:registry-examples/toy-b-cos0.5-fmt0.5"]), ("cos=1 fmt=-1", False, False, [])]
     listed = {e["repo_id"] for e in as_json(registry(home, "list", "--format", "json"))}
     assert "registry-examples/toy-b-cos0.5-fmt0.5" in listed and "registry-examples/toy-b-cos1-fmt-1" not in listed
+    assert states(registry(home, "sweep", "show", str(recipe), "--format", "json")) == [
+        (0, "cos=0.5 fmt=0.5", "registry-examples/toy-b-cos0.5-fmt0.5", "published"),
+        (1, "cos=1 fmt=-1", "registry-examples/toy-b-cos1-fmt-1", "smoke failed")]
 
     # A family none of whose points passed publishes nothing and exits 1 (the broken merge is reused, not redone).
     only = root / "only_broken.yaml"
@@ -239,6 +242,10 @@ def test_single_merge_commands_refuse_a_sweep_in_one_line_and_take_a_point(tmp_p
     plan = as_json(registry(home, "plan", str(recipe), "--point", "1", "--format", "json"))
     assert plan["repo_id"] == "registry-examples/toy-cos0.5-fmt0.5"
     assert {name: s["weight"] for name, s in plan["sources"].items()} == {"cos": 0.5, "fmt": 0.5}
+    merged = as_json(registry(home, "merge", str(recipe), "--point", "1", "--device", "cpu", "--format", "json"))
+    assert [p["state"] for p in as_json(registry(home, "sweep", "show", str(recipe), "--format", "json"))["points"]] == \
+        ["not built", "merged", "not built"]
+    assert Path(merged["out"]).parent == home / "build"
     card = registry(home, "card", str(recipe), "--point", "2")
     assert card.returncode == 0 and "registry-examples/toy-cos1-fmt0" in card.stdout
     bad = registry(home, "plan", str(recipe), "--point", "3")
