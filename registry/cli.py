@@ -34,6 +34,9 @@ class Format(str, enum.Enum):
 
 
 FormatOption = Annotated[Format, typer.Option("--format", help="text for people, json for machines and CI.")]
+PointOption = Annotated[
+    int | None, typer.Option("--point", help="For a sweep recipe: the point to work on (0-based; `registry sweep show` lists them).")
+]
 
 
 def _version(value: bool) -> None:
@@ -186,15 +189,17 @@ def card(
     templates: Annotated[
         Path | None, typer.Option("--templates", help="Folder of the team's card templates [default: ./templates].")
     ] = None,
+    point: PointOption = None,
     format: FormatOption = Format.text,
 ) -> None:
     """Render the model card (README.md): Hub metadata, merge, sources, smoke results, provenance."""
     from .card import front_matter, read_reports, render_card, write_card
     from .plugins import get_targets
     from .recipe import load_recipe
+    from .sweep import plain
     from .templating import template_dirs
 
-    loaded = load_recipe(recipe, targets=get_targets())
+    loaded = plain(load_recipe(recipe, targets=get_targets()), "card", point)
     provenance, smoke = read_reports(model_dir) if model_dir is not None else (None, None)
     evaluation = None
     if model_dir is not None and loaded.eval is not None:
@@ -294,6 +299,7 @@ def smoke(
         Path | None, typer.Option("--recipe", help="Recipe the model was merged from: smoke settings, and the parents to compare with.")
     ] = None,
     device: Annotated[Device, typer.Option("--device", help="auto picks cuda when a GPU is usable.")] = Device.auto,
+    point: PointOption = None,
     format: FormatOption = Format.text,
 ) -> None:
     """Smoke-test a model: short and long-context generation, parity with parents, exact weights; writes smoke.json."""
@@ -304,6 +310,12 @@ def smoke(
     if recipe is not None and not recipe.is_file():
         raise UsageError(f"{recipe}: no such recipe file")
     loaded = load_recipe(recipe, targets=get_targets()) if recipe is not None else None
+    if loaded is not None:
+        from .sweep import plain
+
+        loaded = plain(loaded, "smoke", point)
+    elif point is not None:
+        raise UsageError("--point picks a point of the sweep recipe given with --recipe")
     err = _console(stderr=True)
     progress = None if format is Format.json else (lambda message: err.print(f"[dim]{esc(message)}[/dim]"))
     report = run_smoke(model_dir, loaded, device=device.value, checks=get_smoke_checks(), progress=progress)
@@ -324,6 +336,7 @@ def evaluate(
         Path | None, typer.Option("--recipe", help="Recipe with the eval: section, and the parents to compare with [default: MODEL_DIR/recipe.yaml].")
     ] = None,
     device: Annotated[Device, typer.Option("--device", help="auto picks cuda when a GPU is usable.")] = Device.auto,
+    point: PointOption = None,
     format: FormatOption = Format.text,
 ) -> None:
     """Score a model and its parents on the recipe's eval: tasks; writes eval.json (reused while model and settings are unchanged)."""
@@ -339,7 +352,9 @@ def evaluate(
     elif not recipe.is_file():
         raise UsageError(f"{recipe}: no such recipe file")
     evaluators = get_evaluators()
-    loaded = load_recipe(recipe, targets=get_targets(), evaluators=evaluators)
+    from .sweep import plain
+
+    loaded = plain(load_recipe(recipe, targets=get_targets(), evaluators=evaluators), "eval", point)
     if loaded.eval is None:
         raise UsageError(f"{recipe}: the recipe has no eval: section", "add one naming the evaluator and its tasks")
     err = _console(stderr=True)
@@ -370,6 +385,7 @@ def plan(
     recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
     output: OutputDirOption = None,
     update: UpdateOption = False,
+    point: PointOption = None,
     format: FormatOption = Format.text,
 ) -> None:
     """Pin every source (Hub commit, local content hash), check they can be merged, write the lock file."""
@@ -377,8 +393,9 @@ def plan(
     from .recipe import load_recipe
     from .sources import plan as make_plan
     from .sources import write_lock
+    from .sweep import plain
 
-    loaded = load_recipe(recipe, targets=get_targets())
+    loaded = plain(load_recipe(recipe, targets=get_targets()), "plan", point)
     with _HashBar(format is Format.text) as bar:
         result = make_plan(loaded, update=update, out=output, on_hash=bar.update)
     wrote = write_lock(result)
@@ -441,6 +458,7 @@ def merge(
     output: OutputDirOption = None,
     device: Annotated[Device, typer.Option("--device", help="auto uses CUDA when torch sees a GPU, else the CPU.")] = Device.auto,
     update: UpdateOption = False,
+    point: PointOption = None,
     format: FormatOption = Format.text,
 ) -> None:
     """Merge the recipe's pinned sources with mergekit into a complete, reproducible output folder."""
@@ -451,8 +469,9 @@ def merge(
     from .recipe import load_recipe
     from .sources import plan as make_plan
     from .sources import write_lock
+    from .sweep import plain
 
-    loaded = load_recipe(recipe, targets=get_targets())
+    loaded = plain(load_recipe(recipe, targets=get_targets()), "merge", point)
     if output is not None:
         check_output(output.absolute())  # before sources are hashed or the lock file written
     text = format is Format.text
@@ -489,21 +508,45 @@ def publish(
     force: Annotated[bool, typer.Option("--force", help="Publish even though the smoke test or the eval gate failed.")] = False,
     device: Annotated[Device, typer.Option("--device", help="auto uses CUDA when torch sees a GPU, else the CPU.")] = Device.auto,
     update: UpdateOption = False,
+    select: Annotated[
+        str | None,
+        typer.Option("--select", help="A sweep's points to publish: passed, best:METRIC or best:METRIC:N [default: the recipe's select:]."),
+    ] = None,
     format: FormatOption = Format.text,
 ) -> None:
-    """Validate, plan, merge, smoke-test, render the card and publish: the whole pipeline."""
-    from .pipeline import publish as run
+    """Validate, plan, merge, smoke-test, render the card and publish: the whole pipeline (every point of a sweep)."""
+    from .pipeline import publish_recipe
+    from .plugins import get_evaluators, get_targets
+    from .recipe import load_recipe
 
     text = format is Format.text
     err = _console(stderr=True)
     note = (lambda message: err.print(f"[dim]{esc(message)}[/dim]")) if text else (lambda message: None)
-    outcome = run(
-        recipe, targets=target, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run,
-        force=force, device=device.value, update=update, console=err if text else None, note=note,
-    )
+    loaded = load_recipe(recipe, targets=get_targets(), evaluators=get_evaluators())
+    options = {"targets": target, "private": private, "revision": revision, "create_pr": create_pr, "dry_run": dry_run,
+               "force": force, "device": device.value, "update": update, "console": err if text else None, "note": note}
+    if loaded.sweep is not None:
+        from .sweep import publish_family
+
+        family = publish_family(loaded, select=select, **options)
+        if not text:
+            emit_json(family.to_dict())
+        else:
+            _print_family_outcome(family)
+        if family.exit_code:
+            raise typer.Exit(family.exit_code)
+        return
+    if select is not None:
+        raise UsageError(f"--select chooses points of a family; {recipe} has no sweep: section")
+    outcome = publish_recipe(loaded, **options)
     if not text:
         emit_json(outcome.to_dict())
         return
+    _print_outcome(outcome)
+
+
+def _print_outcome(outcome: Any) -> None:
+    """What publishing one model did, for people."""
     out = _console()
     if outcome.unchanged:
         out.print(f"{esc(outcome.repo_id)} is already published from recipe {outcome.recipe_sha256[:12]} "
@@ -528,6 +571,30 @@ def publish(
     for done in [*outcome.plans, *outcome.results]:
         if done.kept:
             out.print(f"{esc(done.target)}: kept {len(done.kept)} files that registry did not publish: {esc(', '.join(done.kept))}")
+
+
+def _print_family_outcome(family: Any) -> None:
+    """What publishing (or building) a family did: each point, then the family table and where its report is."""
+    from .family import CHART_HINT, print_table
+    from .reports import Family, read
+
+    out = _console()
+    for p in family.points:
+        where = f" ({esc(p.model_dir)})" if p.model_dir else ""
+        out.print(f"point {p.index + 1}/{len(family.points)} {esc(p.label)}  {esc(p.repo_id)}: {esc(p.state)}{where}")
+        if p.selected and p.outcome is not None and not family.built_only:
+            _print_outcome(p.outcome)
+    if family.report:
+        report = read(Family, Path(family.report).parent)
+        if report is not None:
+            print_table(report, out)
+        out.print(f"family report: {esc(family.report)}")
+        if family.chart:
+            out.print(f"chart: {esc(', '.join(family.chart))}")
+        else:
+            out.print(esc(CHART_HINT))
+    if not family.built_only and not any(p.selected for p in family.points):
+        out.print(f"[red]no point of family {esc(family.family)} was selected ({esc(family.selection)}): nothing was published[/red]")
 
 
 @app.command("list")
@@ -636,6 +703,98 @@ def verify(
         out.print(f"{esc(result.target)}{esc(where)}: {result.verdict}")
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+sweep_app = typer.Typer(
+    help="Families: a sweep recipe's points, built, listed and compared (`registry publish SWEEP.yaml` publishes them).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(sweep_app, name="sweep")
+
+
+class ReportFormat(str, enum.Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+def _load_sweep(recipe: Path) -> Any:
+    from .plugins import get_evaluators, get_targets
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, targets=get_targets(), evaluators=get_evaluators())
+    if loaded.sweep is None:
+        raise UsageError(f"{recipe} has no sweep: section; `registry publish {recipe}` publishes its one merge")
+    return loaded
+
+
+@sweep_app.command("show")
+def sweep_show(
+    recipe: Annotated[Path, typer.Argument(help="Sweep recipe file.")],
+    format: FormatOption = Format.text,
+) -> None:
+    """List the points: index, weights, repo id and state (not built, merged, smoke passed/failed, published); runs nothing."""
+    from .sweep import survey
+
+    loaded = _load_sweep(recipe)
+    found = survey(loaded)
+    rows = [{"index": f.point.index, "label": f.point.label, "weights": f.point.weights, "repo_id": f.point.recipe.repo_id,
+             "state": f.state, "model_dir": str(f.model_dir) if f.state != "not built" else None} for f in found]
+    if format is Format.json:
+        emit_json({"recipe": str(recipe), "family": loaded.family, "points": rows})
+        return
+    from rich.table import Table
+
+    table = Table("point", "weights", "repo id", "state", title=f"family {esc(loaded.family)}")
+    for row in rows:
+        table.add_row(str(row["index"]), esc(row["label"]), esc(row["repo_id"]), esc(row["state"]))
+    _console().print(table)
+
+
+@sweep_app.command("build")
+def sweep_build(
+    recipe: Annotated[Path, typer.Argument(help="Sweep recipe file.")],
+    point: Annotated[list[int] | None, typer.Option("--point", help="Build only this point (repeatable; 0-based) [default: all].")] = None,
+    device: Annotated[Device, typer.Option("--device", help="auto uses CUDA when torch sees a GPU, else the CPU.")] = Device.auto,
+    update: UpdateOption = False,
+    format: FormatOption = Format.text,
+) -> None:
+    """Merge, smoke-test (and evaluate) points without publishing; a later `registry publish` reuses their build folders."""
+    from .sweep import build_points
+
+    loaded = _load_sweep(recipe)
+    text = format is Format.text
+    err = _console(stderr=True)
+    note = (lambda message: err.print(f"[dim]{esc(message)}[/dim]")) if text else (lambda message: None)
+    outcome = build_points(loaded, point, update=update, device=device.value, console=err if text else None, note=note)
+    if text:
+        _print_family_outcome(outcome)
+    else:
+        emit_json(outcome.to_dict())
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
+
+
+@sweep_app.command("report")
+def sweep_report(
+    recipe: Annotated[Path, typer.Argument(help="Sweep recipe file.")],
+    format: Annotated[ReportFormat, typer.Option("--format", help="text (a table), json (family.json) or markdown.")] = ReportFormat.text,
+) -> None:
+    """The family table from the reports at hand (build folders, local registry); runs nothing."""
+    from .family import build_family, markdown_table, print_table
+    from .sweep import survey
+
+    loaded = _load_sweep(recipe)
+    family = build_family(loaded, [f.reports for f in survey(loaded)])
+    if format is ReportFormat.json:
+        from .reports import data
+
+        emit_json(data(family))
+    elif format is ReportFormat.markdown:
+        write(markdown_table(family))
+    else:
+        print_table(family, _console())
 
 
 ci_app = typer.Typer(

@@ -93,6 +93,49 @@ def choose_targets(recipe: Recipe, names: list[str] | None, overrides: dict[str,
     return chosen
 
 
+@dataclass
+class Job:
+    """What one `registry publish` applies to every model it publishes (each point of a family alike)."""
+
+    chosen: list[Chosen]
+    signer: SigningPlan | None = None
+    evaluator: Any = None
+    dry_run: bool = False
+    force: bool = False
+    device: str = "auto"
+    console: Console | None = None
+    note: Callable[[str], None] = lambda message: None
+
+    @property
+    def signing_key(self) -> str | None:
+        """The signing key's fingerprint, which the card records."""
+        return self.signer.fingerprint if self.signer is not None else None
+
+
+@dataclass
+class Reports:
+    """A merge's reports, and the build folder holding them (None: read back from a target)."""
+
+    provenance: Provenance
+    smoke: Smoke
+    evaluation: Eval | None
+    folder: Path | None
+
+
+@dataclass
+class Prepared:
+    """One model on its way to the targets: its plan and identity, what the targets hold, its reports so far."""
+
+    recipe: Recipe
+    plan: Plan
+    out: Path
+    outcome: PublishOutcome
+    merge_id: str | None = None
+    held: list[Published | None] = field(default_factory=list)
+    reports: Reports | None = None
+    built: bool = False  # merged, smoke-tested and evaluated here in this run (reports.folder is the build)
+
+
 def publish(
     recipe_path: Path,
     *,
@@ -110,103 +153,174 @@ def publish(
     """Publish a recipe to its targets; every stage's finished output is reused when it still matches."""
     from .plugins import get_evaluators, get_targets
     from .recipe import load_recipe
-    from .sources import plan as make_plan
-    from .sources import write_lock
 
-    evaluators = get_evaluators()
-    recipe = load_recipe(recipe_path, targets=get_targets(), evaluators=evaluators)
+    recipe = load_recipe(recipe_path, targets=get_targets(), evaluators=get_evaluators())
+    return publish_recipe(recipe, targets=targets, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run,
+                          force=force, device=device, update=update, console=console, note=note)
+
+
+def publish_recipe(recipe: Recipe, *, update: bool = False, **options: Any) -> PublishOutcome:
+    """Publish a loaded plain recipe (`publish`'s options); a sweep is published by `sweep.publish_family`."""
+    if recipe.sweep is not None:
+        raise UsageError(f"{recipe.path} is a sweep (family {recipe.sweep.family}): publish it with `registry publish`, "
+                         "which runs every point")
+    job = start(recipe, [recipe], **options)
+    return finish(job, prepare(job, recipe, make_plan_for(recipe, update, job.device, job.dry_run, job.note)))
+
+
+def start(recipe: Recipe, recipes: list[Recipe], *, targets: list[str] | None, private: bool | None, revision: str | None,
+          create_pr: bool | None, dry_run: bool, force: bool, device: str, console: Console | None,
+          note: Callable[[str], None]) -> Job:
+    """The targets, evaluator and signer for `recipes` (one, or a family's points), after every target has said it will accept them."""
+    from .plugins import get_evaluators, get_signers
+    from .signing import signing_plan
+
     evaluator = None
     if recipe.eval is not None:
         from .evaluate import get_evaluator
 
-        evaluator = get_evaluator(recipe.eval, evaluators)
+        evaluator = get_evaluator(recipe.eval, get_evaluators())
     overrides = {"private": private, "revision": revision, "create_pr": create_pr}
     chosen = choose_targets(recipe, targets, overrides)
-    outcome = PublishOutcome(str(recipe_path), recipe.repo_id, recipe.sha256, [c.name for c in chosen], dry_run=dry_run)
     # A target that will refuse (a token without write access) says so before sources are hashed or merged;
     # so does a publish that must be signed without a key.
-    for c in chosen:
-        _at(c, partial(c.target.check_access, recipe, c.options))
-    from .plugins import get_signers
-    from .signing import signing_plan
-
+    for one in recipes:
+        for c in chosen:
+            _at(c, partial(c.target.check_access, one, c.options))
     signer = signing_plan(recipe, [c.options for c in chosen], get_signers())
-    signing_key = signer.fingerprint if signer is not None else None
+    return Job(chosen, signer, evaluator, dry_run, force, device, console, note)
 
+
+def make_plan_for(recipe: Recipe, update: bool, device: str, dry_run: bool, note: Callable[[str], None]) -> Plan:
+    """The recipe's sources pinned (hashing, no torch), the lock written unless a dry run."""
     from . import build_root
-    from .identity import card_identity, merge_identity, smoke_identity
-    from .merge import default_output
+    from .sources import plan as make_plan
+    from .sources import write_lock
 
     plan = make_plan(recipe, update=update, out=build_root(), device=device)
-    out = default_output(recipe, plan)
     if not dry_run:
         write_lock(plan)
-    pins = pins_of(plan)
     note(f"pinned {len(plan.sources)} sources: " + ", ".join(f"{s.name} {s.pin[:12]}" for s in plan.sources))
+    return plan
 
-    if not dry_run:
-        merge_id = merge_identity(recipe, plan)
-        # Every target is asked (not just until one says no), so an unreachable one fails before the merge.
-        held = [_at(c, partial(c.target.current, recipe, merge_id, c.options)) for c in chosen]
-        eval_id = None
-        if evaluator is not None:
-            from .evaluate import eval_id_for
 
-            eval_id = eval_id_for(merge_id, recipe, evaluator)
-        at_hand = _reports_at_hand(recipe, plan, out, merge_id, smoke_identity(merge_id, recipe), eval_id, held)
-        if at_hand is not None:
-            from .card import render_card
+def prepare(job: Job, recipe: Recipe, plan: Plan, source: str | None = None) -> Prepared:
+    """Ask the targets what they hold under this merge identity, and find its reports without merging (build folder, else a target)."""
+    from .identity import merge_identity, smoke_identity
+    from .merge import default_output
 
-            provenance, smoke, evaluation, folder = at_hand
-            text = render_card(recipe, provenance, smoke, signing_key=signing_key, evaluation=evaluation)
-            # Current: this merge, and the card we would render now, byte for byte.
-            stale = [(c, h) for c, h in zip(chosen, held, strict=True)
-                     if h is None or h.merge_identity != merge_id or h.card_identity != card_identity(text)]
-            if not stale:
-                outcome.unchanged = True
-                outcome.results = [PublishResult(c.name, "", None, changed=False, detail="already published", repo_id=recipe.repo_id)
-                                   for c in chosen]
-                return outcome
-            # A signature covers the weights' bytes: signing a card-only publish needs the build folder.
-            if (signer is None or folder is not None) and all(
-                    c.target.card_only and h is not None and h.provenance is not None
-                    and h.provenance.files == provenance.files for c, h in stale):
-                _check_smoke(smoke, force)
-                _check_eval(evaluation, force)
-                stale_names = {c.name for c, _ in stale}
-                return _publish_card(outcome, [(c, c.name in stale_names) for c in chosen], provenance, smoke, folder,
-                                     text, pins, recipe, note, plan, signer, evaluation)
+    outcome = PublishOutcome(source or str(recipe.path), recipe.repo_id, recipe.sha256, [c.name for c in job.chosen],
+                             dry_run=job.dry_run)
+    prep = Prepared(recipe, plan, default_output(recipe, plan), outcome)
+    if job.dry_run:
+        return prep
+    prep.merge_id = merge_identity(recipe, plan)
+    # Every target is asked (not just until one says no), so an unreachable one fails before the merge.
+    prep.held = [_at(c, partial(c.target.current, recipe, prep.merge_id, c.options)) for c in job.chosen]
+    eval_id = None
+    if job.evaluator is not None:
+        from .evaluate import eval_id_for
 
-    model_dir = _merged(recipe, plan, out, device, console, outcome, note)
-    provenance, smoke = _smoked(recipe, model_dir, device, outcome, note, console)
-    _check_smoke(smoke, force)
+        eval_id = eval_id_for(prep.merge_id, recipe, job.evaluator)
+    at_hand = _reports_at_hand(recipe, plan, prep.out, prep.merge_id, smoke_identity(prep.merge_id, recipe), eval_id, prep.held)
+    if at_hand is not None:
+        prep.reports = Reports(*at_hand)
+    return prep
+
+
+def build(job: Job, prep: Prepared, *, strict: bool = True, stage: Callable[[str], None] = lambda name: None) -> Reports:
+    """Merge, smoke-test and evaluate (each reused when its report still matches); `strict`: a failed smoke test or gate raises.
+
+    Not strict (a family's point), a failed smoke test is recorded in the outcome and the point is not evaluated.
+    """
+    stage("merging")
+    model_dir = _merged(prep.recipe, prep.plan, prep.out, job.device, job.console, prep.outcome, job.note)
+    stage("smoke-testing")
+    provenance, smoke = _smoked(prep.recipe, model_dir, job.device, prep.outcome, job.note, job.console)
+    if strict:
+        _check_smoke(smoke, job.force)
     evaluation = None
-    if evaluator is not None:
-        evaluation = _evaluated(recipe, model_dir, evaluator, device, outcome, note, console)
-        _check_eval(evaluation, force)
+    if job.evaluator is not None and (smoke.passed or job.force):
+        stage("evaluating")
+        evaluation = _evaluated(prep.recipe, model_dir, job.evaluator, job.device, prep.outcome, job.note, job.console)
+        if strict:
+            _check_eval(evaluation, job.force)
+    prep.reports = Reports(provenance, smoke, evaluation, model_dir)
+    prep.built = True
+    return prep.reports
+
+
+def finish(job: Job, prep: Prepared, *, family: Any = None, assets: dict[str, bytes] | None = None) -> PublishOutcome:
+    """Render the card and publish: nothing when every target is current, the card alone when only it changed, else the build.
+
+    `family` (a family's report) gives the card its family section; `assets` (name in the repo: file) go beside the card.
+    """
+    from .identity import card_identity
+
+    recipe, outcome, assets = prep.recipe, prep.outcome, assets or {}
+    extra = {"family": family} if family is not None else {}
+    if not job.dry_run and prep.reports is not None and not prep.built:
+        from .card import render_card
+
+        r = prep.reports
+        text = render_card(recipe, r.provenance, r.smoke, signing_key=job.signing_key, evaluation=r.evaluation, **extra)
+        # Current: this merge, and the card we would render now, byte for byte.
+        stale = [(c, h) for c, h in zip(job.chosen, prep.held, strict=True)
+                 if h is None or h.merge_identity != prep.merge_id or h.card_identity != card_identity(text)]
+        if not stale:
+            outcome.unchanged = True
+            outcome.results = [PublishResult(c.name, "", None, changed=False, detail="already published", repo_id=recipe.repo_id)
+                               for c in job.chosen]
+            return outcome
+        # A signature covers the weights' bytes: signing a card-only publish needs the build folder.
+        if (job.signer is None or r.folder is not None) and all(
+                c.target.card_only and h is not None and h.provenance is not None
+                and h.provenance.files == r.provenance.files for c, h in stale):
+            _check_smoke(r.smoke, job.force)
+            _check_eval(r.evaluation, job.force)
+            stale_names = {c.name for c, _ in stale}
+            return _publish_card(outcome, [(c, c.name in stale_names) for c in job.chosen], r.provenance, r.smoke, r.folder,
+                                 text, pins_of(prep.plan), recipe, job.note, prep.plan, job.signer, r.evaluation, assets)
+
+    reports = prep.reports if prep.built else build(job, prep)
+    _check_smoke(reports.smoke, job.force)
+    _check_eval(reports.evaluation, job.force)
+    model_dir = reports.folder
+    assert model_dir is not None
 
     from .card import write_card
 
+    _place(assets, model_dir)
     card_path = model_dir / CARD_NAME
-    text = write_card(recipe, card_path, provenance, smoke, signing_key=signing_key, evaluation=evaluation)
+    text = write_card(recipe, card_path, reports.provenance, reports.smoke, signing_key=job.signing_key,
+                      evaluation=reports.evaluation, **extra)
     outcome.card = str(card_path)
-    _release(model_dir, recipe, plan, signer, note)
+    _release(model_dir, recipe, prep.plan, job.signer, job.note)
     bundle = Bundle(
         repo_id=recipe.repo_id,
         recipe_sha256=recipe.sha256,
-        pins=pins,
-        files=_without_stale_eval(bundle_files(model_dir, known=provenance.files), evaluation),
-        provenance=provenance,
-        smoke=smoke,
+        pins=pins_of(prep.plan),
+        files=_without_stale_eval(bundle_files(model_dir, known=reports.provenance.files), reports.evaluation),
+        provenance=reports.provenance,
+        smoke=reports.smoke,
         card=text,
-        evaluation=evaluation,
+        evaluation=reports.evaluation,
     )
-    for c in chosen:
-        if dry_run:
+    for c in job.chosen:
+        if job.dry_run:
             outcome.plans.append(_at(c, partial(c.target.plan, bundle, c.options)))
             continue
-        _publish_to(c, bundle, outcome, note)
+        _publish_to(c, bundle, outcome, job.note)
     return outcome
+
+
+def _place(assets: dict[str, bytes], folder: Path) -> None:
+    """Write each asset (a family's report and chart) to its name in `folder`, beside the card that refers to it."""
+    from .files import replace_atomically
+
+    for rel, blob in assets.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(folder / rel, blob)
 
 
 def _reports_at_hand(recipe, plan, out: Path, merge_id: str, smoke_id: str, eval_id: str | None, held: list[Published | None]):
@@ -286,7 +400,8 @@ def _release(folder: Path, recipe: Recipe, plan: Plan, signer: SigningPlan | Non
 
 
 def _publish_card(outcome, targets: list[tuple[Chosen, bool]], provenance: Provenance, smoke: Smoke, folder: Path | None, text: str,
-                  pins, recipe: Recipe, note, plan: Plan, signer: SigningPlan | None, evaluation: Eval | None = None) -> PublishOutcome:
+                  pins, recipe: Recipe, note, plan: Plan, signer: SigningPlan | None, evaluation: Eval | None = None,
+                  assets: dict[str, bytes] | None = None) -> PublishOutcome:
     """Publish a re-rendered card beside the weights the targets already hold: no merge, no smoke, no weight sent."""
     import tempfile
 
@@ -308,10 +423,11 @@ def _publish_card(outcome, targets: list[tuple[Chosen, bool]], provenance: Prove
         if evaluation is not None:
             # Written again where it lies: a gate edited since keeps the scores and changes the verdict.
             write_report(evaluation, where)
+        _place(assets or {}, where)
         replace_atomically(where / CARD_NAME, text.encode("utf-8"))
         outcome.card = str(where / CARD_NAME) if folder is not None else None
         _release(where, recipe, plan, signer, note)
-        files = card_only_files(provenance, where)
+        files = card_only_files(provenance, where, extra=list(assets or {}))
         bundle = Bundle(
             repo_id=recipe.repo_id, recipe_sha256=recipe.sha256, pins=pins,
             files=_without_stale_eval(files, evaluation), provenance=provenance, smoke=smoke, card=text, evaluation=evaluation,

@@ -17,7 +17,7 @@ import stat
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,6 +180,16 @@ class Plan:
             if src.name == name:
                 return src
         raise KeyError(name)
+
+    def for_recipe(self, recipe: Recipe) -> Plan:
+        """This plan for another point of the same family: the same pins, checks and estimate, that recipe's weights.
+
+        A family's points differ only in their merge weights, which pinning, the compatibility checks and
+        the resource estimate do not read; so a sweep pins and hashes its sources once.
+        """
+        weights = {item.key: item.weight for item in recipe.inputs()}
+        sources = [replace(src, weight=weights[src.name]) if src.name in weights else src for src in self.sources]
+        return replace(self, recipe_sha256=recipe.sha256, repo_id=recipe.repo_id, sources=sources)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready data (for `registry plan --format json`)."""

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import RegistryError, ReportError, UsageError, VerifyError
+from .family import CHART_PNG, CHART_SVG
 from .files import sha256_file
 from .release import LOCK_FILE, RECIPE_FILE
-from .reports import EVAL_FILE, PROVENANCE_FILE, SMOKE_FILE, Eval, Provenance, Smoke, read
+from .reports import EVAL_FILE, FAMILY_FILE, PROVENANCE_FILE, SMOKE_FILE, Eval, Provenance, Smoke, read
 from .signing import SIGNATURE_FILE, public_key_fingerprint
 
 if TYPE_CHECKING:
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 
 CARD_FILE = "README.md"
 # Files a publish adds beside the merged ones; the merged ones are listed in provenance.json.
-BUNDLE_FILES = (CARD_FILE, PROVENANCE_FILE, SMOKE_FILE, RECIPE_FILE, LOCK_FILE, EVAL_FILE, SIGNATURE_FILE)
+BUNDLE_FILES = (CARD_FILE, PROVENANCE_FILE, SMOKE_FILE, RECIPE_FILE, LOCK_FILE, EVAL_FILE, SIGNATURE_FILE,
+                FAMILY_FILE, CHART_SVG, CHART_PNG)  # the last three: a family's point
 # The Hub adds this to every repo; nothing reads it.
 IGNORED_FILES = (".gitattributes",)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -212,14 +212,16 @@ def bundle_files(
     return files
 
 
-def card_only_files(provenance: Provenance, folder: Path, environ: Mapping[str, str] | None = None) -> dict[str, FileEntry]:
+def card_only_files(
+    provenance: Provenance, folder: Path, environ: Mapping[str, str] | None = None, extra: Sequence[str] = ()
+) -> dict[str, FileEntry]:
     """A card-only bundle's files: the merge's outputs kept from the published version (no local path), and
-    the card and reports from `folder`. Raises PublishError when those hold a secret."""
+    the card, reports and `extra` files (a family's chart) from `folder`. Raises PublishError when those hold a secret."""
     from ..reports import EVAL_FILE
     from ..signing import SIGNATURE_FILE
 
     files = {rel: FileEntry(None, f.sha256, f.size) for rel, f in provenance.files.items()}
-    for rel in release_files():
+    for rel in [*release_files(), *extra]:
         path = folder / rel
         if rel in (SIGNATURE_FILE, EVAL_FILE) and not path.is_file():
             continue
