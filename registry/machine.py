@@ -98,6 +98,26 @@ def pick_device(device: str) -> str:
     return "cpu"
 
 
+# CPU flags (/proc/cpuinfo) of instructions that multiply bfloat16 natively: x86's AVX512-BF16 and
+# AMX, ARM's BF16 extension. Without them torch converts bfloat16 to float32 and back around each
+# product, and bfloat16 is slower than float32 (benchmarks/smoke_precision.py).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_bf16_flag(root: Path = Path("/")) -> str | None:
+    """The CPU flag that says this CPU multiplies bfloat16 natively (e.g. avx512_bf16), or None."""
+    try:
+        text = (root / "proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            found = set(value.split())
+            return next((flag for flag in BF16_CPU_FLAGS if flag in found), None)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # What a merge needs
 

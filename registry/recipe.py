@@ -172,6 +172,11 @@ class LongSmoke(Strict):
     # Off by default: an absolute bar misjudges models whose parents do not retrieve at length either.
     min_retrieved: float = Field(default=0.0, ge=0.0, le=1.0)
     memory_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
+    # Seconds the long prompts may take, the merge's and every parent's together, as estimated before
+    # they run; the longest lengths that fit are kept. `time_budget` applies on any device (null: no
+    # limit); `cpu_time_budget` on CPU only, where a 1.5B model's 4096-token prompts would take an hour.
+    time_budget: float | None = Field(default=None, ge=0.0)
+    cpu_time_budget: float | None = Field(default=480.0, ge=0.0)
 
     @field_validator("filler", "question")
     @classmethod
@@ -230,6 +235,9 @@ class SmokeConfig(Strict):
     long: LongSmoke = Field(default_factory=LongSmoke)
     parity: ParitySmoke = Field(default_factory=ParitySmoke)
     weights: WeightsSmoke = Field(default_factory=WeightsSmoke)
+    # What the models compute in: `auto` is the checkpoint's dtype on CUDA, and on CPU bfloat16 for a
+    # bfloat16 checkpoint when the CPU multiplies bfloat16 natively, else float32 (smoke_plan.choose_dtype).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class SignSpec(Strict):

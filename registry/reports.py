@@ -128,6 +128,39 @@ class LongEntry(_Model):
     output: str | None = None
     estimated_memory_bytes: int | None = None
     prefill_chunk_size: int | None = None
+    estimated_seconds: float | None = None
+
+
+class PlannedEntry(_Model):
+    """One run the smoke plan estimated before the first generation."""
+
+    model: str  # "merged" or a parent's name
+    what: Literal["load", "short", "nll", "long"]
+    seconds: float
+    tokens: int | None = None
+    depth: float | None = None
+    status: Literal["planned", "skipped"] = "planned"
+
+
+class EstimateEntry(_Model):
+    """The time estimate: measured throughput, the budget, every planned run (smoke_plan.py)."""
+
+    total_seconds: float  # of the runs planned, skipped lengths excluded
+    budget_seconds: float | None = None
+    budget_setting: str | None = None
+    linear_flops: float | None = None
+    attention_flops: float | None = None
+    step_seconds: float | None = None
+    load_seconds: float | None = None
+    runs: list[PlannedEntry] = []
+
+
+class SkippedLength(_Model):
+    """A long-context length the time budget left out, with what all its prompts would have taken."""
+
+    tokens: int
+    estimated_seconds: float
+    reason: str
 
 
 class ParityEntry(_Model):
@@ -143,10 +176,10 @@ class Smoke(Report):
     """What the smoke test found; the smoke identity (merge identity + smoke settings) keys it."""
 
     FILE: ClassVar[str] = SMOKE_FILE
-    FORMAT: ClassVar[int] = 2
+    FORMAT: ClassVar[int] = 3
     STAGE: ClassVar[str] = "smoke"
 
-    format: Literal[2] = 2
+    format: Literal[3] = 3
     smoke_identity: str | None = None  # None: run on a folder without a recipe
     merge_identity: str | None = None
     passed: bool
@@ -155,6 +188,11 @@ class Smoke(Report):
     short: ShortEntry | None = None
     long: list[LongEntry] = []
     parity: list[ParityEntry] = []
+    dtype: str | None = None  # what the models computed in
+    dtype_reason: str | None = None
+    estimate: EstimateEntry | None = None
+    skipped: list[SkippedLength] = []
+    not_checked: list[str] = []  # what the verdict did not check, with why
 
     def failed(self) -> list[CheckEntry]:
         """The checks that failed."""
@@ -247,6 +285,6 @@ def _finite(value: Any) -> Any:
 
 
 __all__ = [
-    "PROVENANCE_FILE", "SMOKE_FILE", "CheckEntry", "FileRecord", "LongEntry", "ParityEntry", "Provenance", "Report",
-    "ReportError", "ShortEntry", "Smoke", "SourcePin", "data", "dumps", "parse", "read", "read_current", "write",
+    "PROVENANCE_FILE", "SMOKE_FILE", "CheckEntry", "EstimateEntry", "FileRecord", "LongEntry", "ParityEntry", "PlannedEntry", "Provenance", "Report",
+    "ReportError", "ShortEntry", "SkippedLength", "Smoke", "SourcePin", "data", "dumps", "parse", "read", "read_current", "write",
 ]

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import RegistryError, SmokeError
 from .identity import smoke_identity
-from .machine import memory_available, pick_device
+from .machine import cpu_bf16_flag, memory_available, pick_device
 from .recipe import SmokeConfig, WeightFilter, weight_for
 from .reports import Provenance, Smoke
 from .reports import read as read_report
 from .reports import write as write_report
+from .smoke_plan import SmokePlan, Throughput, choose_dtype, make_plan, model_cost
 from .sources import SHARD_INDEX, expand_local, folder_content_sha256
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class LongRun:
     output: str | None = None
     estimated_memory_bytes: int | None = None
     prefill_chunk_size: int | None = None
+    estimated_seconds: float | None = None  # the plan's estimate, before it ran (or why it was left out)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,17 @@ class SmokeReport:
     parity: list[ParityRow]
     # Every model load tried, in order ("merged", then the parents'); not written to smoke.json.
     loaded: tuple[str, ...] = ()
+    dtype: str | None = None  # what the models computed in, and why
+    dtype_reason: str | None = None
+    plan: SmokePlan | None = None  # the estimate made before the first generation
+
+    def not_checked(self) -> list[str]:
+        """What the verdict did not check: each long-context length none of whose prompts ran, with why."""
+        lengths: dict[int, list[LongRun]] = {}
+        for run in self.long:
+            lengths.setdefault(run.tokens, []).append(run)
+        return [f"long context at {n} tokens ({runs[0].reason})" for n, runs in lengths.items()
+                if all(r.status == "skipped" for r in runs)]
 
     def to_report(self) -> Smoke:
         """The typed smoke.json report (reports.write writes it)."""
@@ -128,7 +141,20 @@ class SmokeReport:
                                               "stopped": short.stopped},
             long=[asdict(r) for r in self.long],
             parity=[asdict(r) for r in self.parity],
+            dtype=self.dtype,
+            dtype_reason=self.dtype_reason,
+            estimate=None if self.plan is None else self.plan.to_report(),
+            skipped=self._skipped(),
+            not_checked=self.not_checked(),
         )
+
+    def _skipped(self) -> list[dict[str, Any]]:
+        """The lengths the plan left out, with their estimated seconds (all depths, the merge and its parents)."""
+        plan = self.plan
+        if plan is None:
+            return []
+        return [{"tokens": n, "estimated_seconds": round(plan.length_seconds[n], 3), "reason": reason}
+                for n, reason in sorted(plan.skipped.items())]
 
     def failed(self) -> list[CheckResult]:
         """The checks that failed."""
@@ -245,15 +271,15 @@ def _frozen_weight(weight: Any) -> float | tuple[WeightFilter, ...] | None:
 # Loading
 
 
-def load_model(path: str | Path, device: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from a folder: sdpa attention, float32 on CPU, the checkpoint's dtype on CUDA."""
+def load_model(path: str | Path, device: str, dtype: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a folder: sdpa attention, in `dtype`, else float32 on CPU and the checkpoint's dtype on CUDA."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(path)
-        dtype = torch.float32
-        if device == "cuda":
+        dtype = getattr(torch, dtype) if dtype else torch.float32
+        if device == "cuda" and dtype is torch.float32:
             stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
             stored = getattr(torch, stored) if isinstance(stored, str) else stored
             dtype = stored if stored in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
@@ -432,16 +458,31 @@ def run_short(model: Any, tokenizer: Any, config: ShortSmoke) -> ShortRun:
     )
 
 
+# Positions of full-vocabulary logits held at once by `nll` (512 x 151936 float32 logits: 311 MB).
+NLL_CHUNK = 512
+
+
 def nll(model: Any, tokenizer: Any, text: str) -> float:
-    """Mean negative log-likelihood (nats per token) of `text` under the model."""
+    """Mean negative log-likelihood (nats per token) of `text` under the model, in float32."""
     import torch
 
     ids = tokenizer(text)["input_ids"]
+    if len(ids) < 2:
+        return math.nan
     device = next(model.parameters()).device
+    tokens = torch.tensor([ids], device=device)
+    key = _cache_kwarg(model)
+    cache, total = None, 0.0
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
-        target = torch.tensor(ids[1:], device=device)
-        return float(torch.nn.functional.cross_entropy(logits, target))
+        # Every position's logits are needed, but only a chunk's at a time: the KV cache carries the rest.
+        for start in range(0, len(ids) - 1, NLL_CHUNK):
+            kwargs = {key: cache} if cache is not None else {}
+            out = model(input_ids=tokens[:, start : start + NLL_CHUNK], use_cache=True, **kwargs)
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            logits = out.logits[0, : len(ids) - 1 - start].float()
+            target = tokens[0, start + 1 : start + 1 + len(logits)]
+            total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+    return total / (len(ids) - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +576,7 @@ class NeedlePromptBuilder:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory: estimate before running, measure while running
+# Memory and time: estimate before running, measure while running
 
 
 def estimate_long_memory(model_config: Any, n_tokens: int, *, dtype_bytes: int, chunk_size: int | None = None) -> int:
@@ -564,6 +605,64 @@ def estimate_long_memory(model_config: Any, n_tokens: int, *, dtype_bytes: int, 
         attention = heads * n * 4 * 2  # fused causal kernel: O(n) softmax statistics
     logits = 2 * vocab * 4
     return int((kv_cache + kv_copy + activations + attention + logits) * 1.2) + 64 * _MIB
+
+
+# Calibration sizes: a prefill long enough to keep the device's matrix units busy, and one layer's
+# causal attention long enough to be measured (the quadratic term of long prompts).
+CALIBRATION_TOKENS = {"cpu": 256, "cuda": 4096}
+CALIBRATION_ATTENTION = {"cpu": 1024, "cuda": 16384}
+CALIBRATION_STEPS = 4
+
+
+def calibrate(model: Any, device: str, *, load_seconds: float = 0.0) -> Throughput:
+    """The loaded model's speed on `device`: a short prefill, a few decoding steps, one layer's causal attention."""
+    import torch
+
+    cost = model_cost(model.config)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    vocab = text.vocab_size
+    limit = getattr(text, "max_position_embeddings", None) or 4096
+    n = min(CALIBRATION_TOKENS.get(device, 256), limit)
+    ids = [(7919 * i + 13) % vocab for i in range(n)]
+
+    def timed(call: Callable[[], Any]) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    prefill(model, ids[:16])  # the first forward pays for kernel selection and allocation
+    seconds = timed(lambda: prefill(model, ids))
+    eos: set[int] = set()
+    short = ids[:16]
+    first = timed(lambda: greedy_generate(model, short, 1, eos))
+    steps = timed(lambda: greedy_generate(model, short, 1 + CALIBRATION_STEPS, eos))
+    step = max((steps - first) / CALIBRATION_STEPS, 1e-6)
+    attention = _attention_flops(model, device, min(CALIBRATION_ATTENTION.get(device, 1024), limit), timed)
+    linear_seconds = max(seconds - cost.per_pair * n * (n + 1) / 2 / attention, seconds / 2)
+    return Throughput(linear_flops=(cost.per_token * n + cost.head) / linear_seconds, attention_flops=attention,
+                      step_seconds=step, load_seconds=load_seconds)
+
+
+def _attention_flops(model: Any, device: str, n: int, timed: Callable[[Callable[[], Any]], float]) -> float:
+    """FLOP/s of one layer's causal attention over n tokens at the model's head shapes and dtype."""
+    import torch
+
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    q = torch.randn(1, heads, n, head_dim, dtype=dtype, device=device)
+    kv = torch.randn(1, kv_heads, n, head_dim, dtype=dtype, device=device)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.inference_mode():
+        sdpa(q[:, :, :16], kv[:, :, :16], kv[:, :, :16], is_causal=True, enable_gqa=kv_heads != heads)
+        seconds = timed(lambda: sdpa(q, kv, kv, is_causal=True, enable_gqa=kv_heads != heads))
+    return 4.0 * heads * head_dim * n * (n + 1) / 2 / max(seconds, 1e-9)
 
 
 def _read_status(field_name: str) -> int | None:
@@ -622,13 +721,8 @@ def long_lengths(config: LongSmoke, model_config: Any) -> tuple[list[int], int]:
     return [*lengths, limit], limit
 
 
-def run_long_prompt(
-    model: Any, tokenizer: Any, builder: NeedlePromptBuilder, n_tokens: int, depth: float,
-    config: LongSmoke, device: str, limit: int,
-) -> LongRun:
-    """One needle-in-a-haystack generation, or a skip with its reason when it cannot (or must not) run."""
-    import torch
-
+def long_precheck(model: Any, n_tokens: int, depth: float, config: LongSmoke, device: str, limit: int) -> LongRun:
+    """A prompt not yet run: skipped with its reason when it cannot (or must not) run, else its chunk and memory estimate."""
     key = pass_key(n_tokens, depth, config.key_digits)
     skipped = LongRun(n_tokens, depth, "skipped", key=key)
     if n_tokens > limit:
@@ -648,7 +742,20 @@ def run_long_prompt(
     skipped = replace(skipped, estimated_memory_bytes=estimate)
     if estimate > budget:
         return replace(skipped, reason=f"needs about {estimate / _MIB:.0f} MiB, {budget / _MIB:.0f} MiB can be used on {device}")
-    skipped = replace(skipped, prefill_chunk_size=chunk if chunk and chunk < n_tokens else None)
+    return replace(skipped, prefill_chunk_size=chunk if chunk and chunk < n_tokens else None)
+
+
+def run_long_prompt(
+    model: Any, tokenizer: Any, builder: NeedlePromptBuilder, n_tokens: int, depth: float,
+    config: LongSmoke, device: str, limit: int,
+) -> LongRun:
+    """One needle-in-a-haystack generation, or a skip with its reason when it cannot (or must not) run."""
+    import torch
+
+    skipped = long_precheck(model, n_tokens, depth, config, device, limit)
+    if skipped.reason is not None:
+        return skipped
+    key, chunk, estimate = skipped.key or "", skipped.prefill_chunk_size, skipped.estimated_memory_bytes or 0
     prompt = builder.build(n_tokens, depth, key)
     try:
         start = time.perf_counter()
@@ -664,14 +771,26 @@ def run_long_prompt(
 
 
 def run_long(model: Any, tokenizer: Any, config: LongSmoke, device: str, cells: list[tuple[int, float]] | None = None,
-             progress: Callable[[str], None] | None = None, model_name: str = "the model") -> list[LongRun]:
-    """Every (length, depth) of the long-context check, in order (or just `cells`); `model_name` is for messages."""
+             progress: Callable[[str], None] | None = None, model_name: str = "the model",
+             plan: SmokePlan | None = None, planned_as: str = "merged") -> list[LongRun]:
+    """Every (length, depth) of the long-context check, in order (or just `cells`); `model_name` is for messages.
+
+    With a `plan`, the lengths it leaves out are skipped with its reason, and each prompt records its
+    estimated seconds (the plan's runs for `planned_as`: "merged" or a parent's name).
+    """
     builder = NeedlePromptBuilder(tokenizer, config.filler, config.needle, config.question, model=model_name)
     lengths, limit = long_lengths(config, model.config)
     todo = cells if cells is not None else [(n, d) for n in lengths for d in config.depths]
     runs = []
     for n, depth in todo:
+        estimated = plan.long_seconds(n, depth, planned_as) if plan is not None else None
+        if plan is not None and n in plan.skipped:
+            runs.append(LongRun(n, depth, "skipped", reason=plan.skipped[n], key=pass_key(n, depth, config.key_digits),
+                                estimated_seconds=None if estimated is None else round(estimated, 3)))
+            continue
         run = run_long_prompt(model, tokenizer, builder, n, depth, config, device, limit)
+        if estimated is not None and run.status != "skipped":
+            run = replace(run, estimated_seconds=round(estimated, 3))
         if progress and run.status != "skipped":
             progress(f"long {n} tokens, depth {depth}: {run.status} in {run.seconds:.2f}s")
         runs.append(run)
@@ -835,6 +954,8 @@ class SmokeSettings:
     strict: bool
     normalize: bool  # whether the merge normalized its weights
     merge_dtype: str | None  # the dtype the merge computed in, when known
+    dtype: str | None = None  # what every model is loaded in for this run (None: load_model's default)
+    dtype_reason: str = ""
 
     def parity_text(self) -> str:
         """The fixed text whose NLL is compared: the recipe's, else the haystack with a needle and its answer."""
@@ -877,6 +998,7 @@ MEASUREMENTS: dict[str, str] = {
     "settings": "SmokeSettings: the model folder, the recipe's smoke settings, the device, strict mode",
     "sources": "tuple[SourceModel]: the merge's sources with their weights, and their folders where at hand",
     "model": "LoadedModel: the merged model and tokenizer (a check needing it is judged before the parents load)",
+    "plan": "SmokePlan: every planned run's estimated seconds and the long lengths the time budget keeps",
     "short": "ShortRun: the merged model's short generation",
     "long": "tuple[LongRun]: the merged model's needle-in-a-haystack prompts, every (length, depth)",
     "nll": "float: the merged model's NLL on the fixed text, when the parity check compares it",
@@ -890,8 +1012,9 @@ class Measurements:
     """Computes each measurement once, on demand, and judges every check over the ones it declares."""
 
     def __init__(self, settings: SmokeSettings, recipe: Recipe | None, provenance: Provenance | None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, throughput: Throughput | None = None):
         self.settings = settings
+        self.throughput = throughput  # given: the plan uses it instead of calibrating
         self.recipe = recipe
         self.provenance = provenance
         self.progress = progress
@@ -909,7 +1032,11 @@ class Measurements:
     def depends(self, name: str) -> tuple[str, ...]:
         """What a measurement is computed from (parents and parity need nothing when parity is disabled)."""
         parity = self.settings.config.parity
-        if name in ("short", "long", "nll"):
+        if name == "long":
+            return ("model", "plan")
+        if name == "plan":
+            return ("model", "sources")
+        if name in ("short", "nll"):
             return ("model",)
         if name == "weights":
             return ("sources",)
@@ -1016,7 +1143,27 @@ class Measurements:
     def _model(self) -> LoadedModel:
         self.note(f"loading the model on {self.settings.device}")
         self.loaded.append("merged")
-        return LoadedModel(*load_model(self.settings.model_dir, self.settings.device))
+        return LoadedModel(*load_model(self.settings.model_dir, self.settings.device, self.settings.dtype))
+
+    def _plan(self) -> SmokePlan:
+        s, loaded = self.settings, self.values["model"]
+        model, tokenizer, long = loaded.model, loaded.tokenizer, s.config.long
+        speed = self.throughput or calibrate(model, s.device, load_seconds=round(self.seconds.get("model", 0.0), 3))
+        lengths, limit = long_lengths(long, model.config)
+        # Lengths that cannot run (context, cpu_max_tokens, memory) cost nothing and are reported as they are.
+        runnable = [n for n in lengths if long_precheck(model, n, 0.5, long, s.device, limit).reason is None]
+        parents = tuple(src.name for src in self.values["sources"] if src.path is not None)
+        if getattr(tokenizer, "chat_template", None):
+            short_tokens = len(tokenizer.apply_chat_template([{"role": "user", "content": s.config.short.prompt}],
+                                                             add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        else:
+            short_tokens = len(tokenizer(s.config.short.prompt)["input_ids"])
+        plan = make_plan(s.config, device=s.device, dtype=s.dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
+                         dtype_reason=s.dtype_reason, cost=model_cost(model.config), speed=speed, parents=parents,
+                         short_tokens=short_tokens, nll_tokens=len(tokenizer(s.parity_text())["input_ids"]),
+                         long_lengths=runnable)
+        self.note(plan.message())
+        return plan
 
     def _short(self) -> ShortRun:
         self.note("short generation")
@@ -1026,7 +1173,7 @@ class Measurements:
     def _long(self) -> tuple[LongRun, ...]:
         loaded, s = self.values["model"], self.settings
         return tuple(run_long(loaded.model, loaded.tokenizer, s.config.long, s.device, progress=self.note,
-                              model_name=f"the model in {s.model_dir}"))
+                              model_name=f"the model in {s.model_dir}", plan=self.values["plan"]))
 
     def _nll(self) -> float:
         loaded = self.values["model"]
@@ -1045,7 +1192,7 @@ class Measurements:
             self.note(f"evaluating parent '{source.name}'")
             self.loaded.append(source.name)
             try:
-                model, tokenizer = load_model(source.path, s.device)
+                model, tokenizer = load_model(source.path, s.device, s.dtype)
             except SmokeError:
                 # The message names the folder, which must not reach smoke.json.
                 unavailable.append(replace(source, path=None, missing="its folder could not be loaded as a model"))
@@ -1055,8 +1202,8 @@ class Measurements:
             except NoChatTemplate:
                 short = None
             value = nll(model, tokenizer, s.parity_text())
-            long = (run_long(model, tokenizer, s.config.long, s.device, cells,
-                             model_name=f"parent '{source.name}' ({source.path})") if s.config.parity.retrieval else [])
+            long = (run_long(model, tokenizer, s.config.long, s.device, cells, model_name=f"parent '{source.name}' ({source.path})",
+                             plan=self.values.get("plan"), planned_as=source.name) if s.config.parity.retrieval else [])
             evaluated.append(ParentEval(source.name, short, value, tuple(long)))
             del model, tokenizer
             _free()
@@ -1097,11 +1244,13 @@ def run_smoke(
     write: bool = True,
     progress: Callable[[str], None] | None = None,
     strict: bool = False,
+    throughput: Throughput | None = None,
 ) -> SmokeReport:
     """Run `checks` (plugins.get_smoke_checks(): every registered one) on a model folder; return (and by default write) the report.
 
     `strict` (what `registry publish` passes): a source whose weights changed since the merge fails the
     weights check instead of skipping it, so a publish never passes a merge it could not verify.
+    `throughput`: figures the time estimate uses instead of measuring them (benchmarks, tests).
     """
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
@@ -1113,8 +1262,10 @@ def run_smoke(
     else:
         normalize = provenance is None or provenance.normalize is not False
         merge_dtype = provenance.dtype if provenance is not None else None
-    settings = SmokeSettings(folder, config, pick_device(device), strict, normalize, merge_dtype)
-    measured = Measurements(settings, recipe, provenance, progress)
+    device = pick_device(device)
+    dtype, why = choose_dtype(config.dtype, device, stored_dtype(folder), cpu_bf16_flag() if device == "cpu" else None)
+    settings = SmokeSettings(folder, config, device, strict, normalize, merge_dtype, dtype, why)
+    measured = Measurements(settings, recipe, provenance, progress, throughput)
     results = measured.judge_all(checks)
     merge_id = provenance.merge_identity if provenance is not None else None
     report = SmokeReport(
@@ -1127,10 +1278,23 @@ def run_smoke(
         long=list(measured.values.get("long", ())),
         parity=list(measured.values.get("parity", ())),
         loaded=tuple(measured.loaded),
+        dtype=dtype,
+        dtype_reason=why,
+        plan=measured.values.get("plan"),
     )
     if write:
         write_report(report.to_report(), folder)
     return report
+
+
+def stored_dtype(folder: Path) -> str | None:
+    """The dtype a checkpoint's config.json says its weights are stored in, if it says."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    found = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def print_report(report: SmokeReport, console: Any) -> None:
@@ -1161,4 +1325,5 @@ def print_report(report: SmokeReport, console: Any) -> None:
             parity.add_row(esc(row.model), value, f"{row.long_retrieved}/{row.long_total}")
         console.print(parity)
     verdict = "[green]passed[/]" if report.passed else f"[red]failed[/] ({esc(', '.join(c.name for c in report.failed()))})"
-    console.print(f"smoke {verdict}")
+    missing = report.not_checked()
+    console.print(f"smoke {verdict}" + (f"; not checked: {esc('; '.join(missing))}" if missing else ""))

@@ -448,7 +448,7 @@ def test_a_check_needing_what_is_not_a_measurement_is_an_error(tiny):
         _run(tiny, SmokeConfig(), checks=[check])
     assert str(err.value) == (
         "smoke check 'vocab' needs 'vocabulary', which is not a measurement; "
-        "it can need settings, sources, model, short, long, nll, parents, weights, parity"
+        "it can need settings, sources, model, plan, short, long, nll, parents, weights, parity"
     )
     # A check written against the old shared context (run(ctx)) says how to register it now.
     old_style = type("OldStyle", (), {"name": "vocab", "run": lambda self, ctx: None})()
@@ -464,9 +464,10 @@ def test_smoke_json_format(tiny):
     _run(tiny, config)
     text = (tiny / "smoke.json").read_text()
     data = json.loads(text)
-    assert set(data) == {"format", "smoke_identity", "merge_identity", "passed", "device", "checks", "short", "long", "parity"}
+    assert set(data) == {"format", "smoke_identity", "merge_identity", "passed", "device", "checks", "short", "long", "parity",
+                         "dtype", "dtype_reason", "estimate", "skipped", "not_checked"}
     # A folder without provenance.json: no merge identity to key the report by.
-    assert data["format"] == 2 and data["device"] == "cpu" and data["smoke_identity"] is data["merge_identity"] is None
+    assert data["format"] == 3 and data["device"] == "cpu" and data["smoke_identity"] is data["merge_identity"] is None
     assert [c["name"] for c in data["checks"]] == ["weights", "short", "long", "parity"]
     assert {c["name"]: c["status"] for c in data["checks"]}["weights"] == "skipped"
     assert data["checks"][0]["reason"] == (
