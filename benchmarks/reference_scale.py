@@ -72,14 +72,14 @@ STAGE_ENDS = [
 # Where a part of the smoke starts (registry/smoke.py notes); lines that match none stay in the current part.
 SMOKE_PARTS = [
     (re.compile(r"^smoke: about "), "estimate"),
-    (re.compile(r"^loading the model on "), "load merged"),
+    (re.compile(r"^loading the model on "), "load merged, calibrate"),
     (re.compile(r"^short generation"), "merged: short, long, NLL"),
     (re.compile(r"^freeing the merged model"), "free merged"),
     (re.compile(r"^evaluating parent '(?P<name>[^']+)'"), "parent {name}: load, short, NLL, long"),
     (re.compile(r"^comparing every tensor"), "weights check"),
     (re.compile(r"^smoke \((cpu|cuda)\)"), "report"),
 ]
-ESTIMATE = re.compile(r"^smoke: about (?P<value>[\d.]+) ?(?P<unit>s|sec|min|h)\b")
+ESTIMATE = re.compile(r"^smoke: about ")
 
 
 def write_tokenizer(folder: Path, vocab_size: int = CONFIG_1_5B["vocab_size"]) -> None:
@@ -260,9 +260,8 @@ def stages(pub: dict) -> tuple[list[dict], list[dict], dict | None]:
     for t, text in pub["lines"]:
         if not smoke_start <= t <= smoke_end:
             continue
-        if (m := ESTIMATE.search(text)) and estimate is None:
-            seconds = float(m["value"]) * {"s": 1, "sec": 1, "min": 60, "h": 3600}[m["unit"]]
-            estimate = {"line": text, "seconds": seconds}
+        if ESTIMATE.search(text) and estimate is None:
+            estimate = {"line": text, "printed_after_s": round(t - smoke_start, 2)}
         for pattern, label in SMOKE_PARTS:
             if m := pattern.search(text):
                 parts.append({"part": label.format(**m.groupdict()), "start": t})
@@ -281,9 +280,10 @@ def smoke_findings(smoke: dict) -> dict:
     for r in smoke.get("long", []):
         if r["status"] == "skipped":
             reason = r.get("reason") or ""
-            if r.get("estimated_seconds") is not None:  # a field a time-budgeted smoke report may carry
-                reason += f" (estimated {r['estimated_seconds']:.0f} s)"
+            if r.get("estimated_seconds") is not None:
+                reason += f" (estimated {r['estimated_seconds']:.0f} s for this prompt)"
             skipped.setdefault((r["tokens"], reason), []).append(r["depth"])
+    estimate = smoke.get("estimate") or {}
     ran = [r for r in smoke.get("long", []) if r["status"] != "skipped"]
     return {
         "passed": smoke["passed"],
@@ -291,7 +291,11 @@ def smoke_findings(smoke: dict) -> dict:
         "ran": [{"tokens": r["tokens"], "depth": r["depth"], "status": r["status"], "seconds": r.get("seconds")} for r in ran],
         "skipped": [{"tokens": n, "depths": d, "reason": reason} for (n, reason), d in sorted(skipped.items())],
         "retrieval": {p["model"]: f"{p['long_retrieved']}/{p['long_total']}" for p in smoke.get("parity", [])},
-        "extra": {k: v for k, v in smoke.items() if k not in ("checks", "long", "parity", "short", "passed")},
+        "budget_skipped": smoke.get("skipped", []),
+        "not_checked": smoke.get("not_checked", []),
+        "dtype": smoke.get("dtype"), "dtype_reason": smoke.get("dtype_reason"),
+        "estimate": {k: v for k, v in estimate.items() if k != "runs"} or None,
+        "estimated_runs": estimate.get("runs", []),
     }
 
 
@@ -377,7 +381,7 @@ def main() -> None:
         "smoke_override": override,
         "publish": {"command": " ".join(pub["cmd"][1:]), "wall_s": round(total, 2), "cpu_s": round(pub["cpu_s"], 1),
                     "peak_rss_bytes": pub["ru_maxrss"], "stages": rows, "smoke_parts": parts, "written": written_dirs},
-        "smoke_estimate": {**estimate, "actual_s": smoke_s, "error": estimate["seconds"] / smoke_s - 1} if estimate else None,
+        "smoke_estimate": _estimate(estimate, smoke, parts, smoke_s),
         "smoke": smoke,
         "merge": merge,
         "targets": TARGETS,
@@ -392,6 +396,18 @@ def main() -> None:
     args.json.write_text(json.dumps(figures, indent=2))
     _print(figures)
     print(f"\nfigures written to {args.json}")
+
+
+def _estimate(printed: dict | None, smoke: dict, parts: list[dict], smoke_s: float) -> dict | None:
+    """The printed estimate against the smoke's actual time: all of it, and what the estimate covers."""
+    if smoke["estimate"] is None:
+        return None
+    seconds = smoke["estimate"]["total_seconds"]
+    # The estimate covers the models' loads, generations and NLL; not the calibration before it is
+    # printed, nor the weights check.
+    covered = sum(p["wall_s"] for p in parts if p["part"] not in ("set-up", "weights check", "report"))
+    return {**(printed or {"line": None}), "seconds": seconds, "actual_s": smoke_s, "error": seconds / smoke_s - 1,
+            "actual_covered_s": round(covered, 2), "error_covered": seconds / covered - 1 if covered else None}
 
 
 def _parameters(layers: int) -> int:
@@ -434,8 +450,16 @@ def _print(f: dict) -> None:
     print(f"smoke estimate: {e['seconds']:.0f} s printed, {e['actual_s']:.0f} s actual ({e['error']:+.0%})" if e
           else "smoke estimate: none printed (this registry prints no smoke time estimate)")
     s = f["smoke"]
+    if e:
+        print(f"  printed: {e['line']}")
+        print(f"  against the loads, generations and NLL it covers: {e['actual_covered_s']:.0f} s ({e['error_covered']:+.0%})")
+    print(f"smoke dtype: {s['dtype']} ({s['dtype_reason']})")
     for row in s["skipped"]:
         print(f"skipped {row['tokens']} tokens (depths {row['depths']}): {row['reason']}")
+    for row in s["budget_skipped"]:
+        print(f"left out {row['tokens']} tokens: {row['reason']} (estimated {row['estimated_seconds']:.0f} s, all models)")
+    for line in s["not_checked"]:
+        print(f"not checked: {line}")
     print(f"retrieved: {', '.join(f'{k} {v}' for k, v in s['retrieval'].items())} (random weights: the parents retrieve "
           f"{'none' if all(v.startswith('0/') for k, v in s['retrieval'].items() if k != 'merged') else 'some'} too)")
     print("smoke verdicts: " + "; ".join(f"{k} {v['status']}" for k, v in s["checks"].items()))
