@@ -73,7 +73,7 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 0
 fi
 MISSING=$(cd "$REPO" && PYTHONPATH="$REPO" "$PY" -c '
-import importlib
+import importlib.util
 missing = [m for m in ("transformers", "safetensors", "mergekit", "pydantic", "typer", "rich", "yaml", "huggingface_hub", "jinja2") if importlib.util.find_spec(m) is None]
 if not missing:
     try:
@@ -88,16 +88,7 @@ if [ -n "$MISSING" ]; then
     exit 0
 fi
 
-# merge_gpu.py runs `registry` and `mergekit-yaml` from the directory of the Python that runs it: a
-# venv sharing the found Python's packages, with a `registry` that runs this checkout, provides them.
-BIN_DIR=$(dirname "$PY")
-if [ ! -x "$BIN_DIR/registry" ]; then
-    "$PY" -m venv --system-site-packages --without-pip "$WORK/venv" || { echo "not measured: could not make a venv" > "$WORK/suite.status"; finish; exit 0; }
-    # shellcheck disable=SC2016  # $PYTHONPATH and $@ are for the shim to expand when it runs
-    printf '#!/bin/sh\nPYTHONPATH="%s${PYTHONPATH:+:$PYTHONPATH}" exec "%s" -m registry "$@"\n' "$REPO" "$WORK/venv/bin/python" > "$WORK/venv/bin/registry"
-    chmod +x "$WORK/venv/bin/registry"
-    PY="$WORK/venv/bin/python"
-fi
+# registry runs from this checkout: installed or not, `python -m registry` finds it here.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export REGISTRY_LOAD_PLUGINS=""
 

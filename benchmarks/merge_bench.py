@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# The registry CLI beside this Python, else run as a module (a checkout on PYTHONPATH, as gpu_suite.sh does).
+REGISTRY = [str(BIN / "registry")] if (BIN / "registry").exists() else [sys.executable, "-m", "registry"]
 CONFIG = {
     "vocab_size": 151936,
     "hidden_size": 1024,
@@ -171,7 +173,7 @@ def main() -> None:
     env.pop("REGISTRY_MERGE_ENGINE", None)  # the default engine is what is measured
 
     contenders = {
-        "registry": lambda out: [str(BIN / "registry"), "merge", str(work / "recipe.yaml"), "-o", str(out), "--device", "cpu", "--format", "json"],
+        "registry": lambda out: [*REGISTRY, "merge", str(work / "recipe.yaml"), "-o", str(out), "--device", "cpu", "--format", "json"],
         "mergekit": lambda out: [str(BIN / "mergekit-yaml"), str(work / "mergekit.yml"), str(out)],
         "mergekit+opts": lambda out: [str(BIN / "mergekit-yaml"), str(work / "mergekit-opts.yml"), str(out), "--async-write",
                                       "--write-threads", str(WRITE_THREADS), "--out-shard-size", str(shard_size(out_bytes)), "--no-write-model-card"],

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import BIN, FLOOR, build_pair, run
+from merge_bench import FLOOR, REGISTRY, build_pair, run
 
 CONFIG_1_5B = {
     "vocab_size": 151936,
@@ -65,7 +65,7 @@ def main() -> None:
     env.pop("REGISTRY_MERGE_ENGINE", None)  # the default engine is what is measured
 
     def registry(out: Path, device: str = "cuda") -> list[str]:
-        return [str(BIN / "registry"), "merge", str(work / "recipe.yaml"), "-o", str(out), "--device", device, "--format", "json"]
+        return [*REGISTRY, "merge", str(work / "recipe.yaml"), "-o", str(out), "--device", device, "--format", "json"]
 
     contenders = {
         "registry": registry,

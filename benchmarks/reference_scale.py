@@ -53,7 +53,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from merge_bench import BIN, LAUNCH, _same_tensors, build_pair, run  # noqa: E402
+from merge_bench import BIN, LAUNCH, REGISTRY, _same_tensors, build_pair, run  # noqa: E402
 from merge_gpu import CONFIG_1_5B  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cos_fmt.yaml"
@@ -209,7 +209,7 @@ def _io(pid: int) -> int | None:
 
 def run_publish(recipe: Path, env: dict[str, str], cwd: Path) -> dict:
     """One whole `registry publish` process: its stderr lines timestamped, its tree sampled, its ru_maxrss."""
-    cmd = [str(BIN / "registry"), "publish", str(recipe), "--target", "local", "--device", "cpu"]
+    cmd = [*REGISTRY, "publish", str(recipe), "--target", "local", "--device", "cpu"]
     read_end, write_end = os.pipe()
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCH, str(write_end), *cmd], env=env, cwd=cwd, pass_fds=(write_end,),
@@ -305,7 +305,8 @@ def merge_baseline(a: Path, b: Path, work: Path, env: dict[str, str], runs: int)
                    "models": [{"model": str(a), "parameters": {"weight": 0.3}}, {"model": str(b), "parameters": {"weight": 0.7}}]}
     (work / "mergekit.yml").write_text(json.dumps(merge_block))
     contenders = {
-        "registry merge": lambda out: [str(BIN / "registry"), "merge", str(work / RECIPE.name), "-o", str(out), "--device", "cpu", "--format", "json"],
+        "registry merge": lambda out: [*REGISTRY, "merge", str(work / RECIPE.name), "-o", str(out), "--device", "cpu",
+                                       "--format", "json"],
         "mergekit-yaml": lambda out: [str(BIN / "mergekit-yaml"), str(work / "mergekit.yml"), str(out)],
     }
     results: dict[str, list[tuple[float, int, float]]] = {n: [] for n in contenders}
