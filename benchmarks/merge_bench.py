@@ -46,6 +46,17 @@ CONFIG = {
     "max_position_embeddings": 32768,
     "tie_word_embeddings": False,
 }
+# The reference merge's real configuration (DeepSeek-R1-Distill-Qwen-1.5B): 1.78B parameters with the untied head.
+CONFIG_1_5B = {
+    "vocab_size": 151936,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+}
 FLOOR = r"""
 import os, sys
 inputs, out, size = sys.argv[1:3], sys.argv[3], int(sys.argv[4])

@@ -53,8 +53,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from merge_bench import BIN, LAUNCH, REGISTRY, _same_tensors, build_pair, run  # noqa: E402
-from merge_gpu import CONFIG_1_5B  # noqa: E402
+from merge_bench import BIN, CONFIG_1_5B, LAUNCH, REGISTRY, _same_tensors, build_pair, run  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cos_fmt.yaml"
 TOY = ROOT / "tests" / "fixtures" / "toy" / "base"
@@ -105,10 +104,10 @@ def write_tokenizer(folder: Path, vocab_size: int = CONFIG_1_5B["vocab_size"]) -
         shutil.copy(TOY / name, folder / name)
 
 
-def build_reference(cache: Path, layers: int) -> tuple[Path, Path, dict]:
-    """The reference pair (built once) and its config."""
+def build_reference(cache: Path, layers: int = CONFIG_1_5B["num_hidden_layers"], device: str = "cpu") -> tuple[Path, Path, dict]:
+    """The reference pair (built once, its random numbers drawn on `device`) and its config."""
     config = {**CONFIG_1_5B, "num_hidden_layers": layers, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}
-    a, b = build_pair(cache / f"qwen2-1.5b-reference-{layers}l", config, noise=NOISE, tokenizer=write_tokenizer)
+    a, b = build_pair(cache / f"qwen2-1.5b-reference-{layers}l", config, device, noise=NOISE, tokenizer=write_tokenizer)
     return a, b, config
 
 
