@@ -152,6 +152,7 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.every = root, every
         self.samples: list[tuple[float, int, int]] = []  # (perf_counter, RSS bytes, bytes written)
+        self.loads: list[float] = []  # the machine's 1-minute load average, once a second
         self.stopped = threading.Event()
         self._written: dict[int, int] = {}  # last write_bytes seen per pid: a pid that exits keeps its last figure
 
@@ -164,6 +165,8 @@ class TreeSampler(threading.Thread):
                 if w is not None:
                     self._written[pid] = w
             self.samples.append((time.perf_counter(), rss, sum(self._written.values())))
+            if len(self.samples) % round(1 / self.every) == 1:
+                self.loads.append(os.getloadavg()[0])
             self.stopped.wait(self.every)
 
     def _tree(self) -> list[int]:
@@ -220,11 +223,9 @@ def run_publish(recipe: Path, env: dict[str, str], cwd: Path) -> dict:
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
     reader.start()
-    loads = []
     for line in proc.stderr:
         lines.append((time.perf_counter(), line.rstrip("\n")))
         print(f"  [{time.perf_counter() - started:7.1f} s] {line.rstrip()}", file=sys.stderr, flush=True)
-        loads.append(os.getloadavg()[0])
     proc.wait()
     reader.join()
     ended = time.perf_counter()
@@ -236,7 +237,7 @@ def run_publish(recipe: Path, env: dict[str, str], cwd: Path) -> dict:
         tail = "\n".join(text for _, text in lines[-30:])
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
     return {"cmd": cmd, "started": started, "ended": ended, "lines": lines, "stdout": "".join(out), "sampler": sampler,
-            "ru_maxrss": int(measured[0]) * 1024, "cpu_s": float(measured[1]), "load_1min_during": loads}
+            "ru_maxrss": int(measured[0]) * 1024, "cpu_s": float(measured[1]), "load_1min_during": sampler.loads}
 
 
 def stages(pub: dict) -> tuple[list[dict], list[dict], dict | None]:
@@ -375,6 +376,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg(),
                     "load_1min_during_median": statistics.median(pub["load_1min_during"]) if pub["load_1min_during"] else None,
+                    "load_1min_during_max": max(pub["load_1min_during"], default=None),
                     "memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
         "model": {"layers": args.layers, "parameters": _parameters(args.layers), "checkpoint_bytes": per_checkpoint,
                   "noise": NOISE, "config": config, "pair_built_s": round(build_s, 1) if not built else None},
@@ -458,10 +460,13 @@ def _print(f: dict) -> None:
         print(f"skipped {row['tokens']} tokens (depths {row['depths']}): {row['reason']}")
     for row in s["budget_skipped"]:
         print(f"left out {row['tokens']} tokens: {row['reason']} (estimated {row['estimated_seconds']:.0f} s, all models)")
-    for line in s["not_checked"]:
-        print(f"not checked: {line}")
-    print(f"retrieved: {', '.join(f'{k} {v}' for k, v in s['retrieval'].items())} (random weights: the parents retrieve "
-          f"{'none' if all(v.startswith('0/') for k, v in s['retrieval'].items() if k != 'merged') else 'some'} too)")
+    ran = int(s["retrieval"].get("merged", "0/0").split("/")[1])
+    if not ran:
+        print("retrieved: no long prompt ran (every length was left out, above), so retrieval was not compared")
+    else:
+        parents = [v for k, v in s["retrieval"].items() if k != "merged"]
+        print(f"retrieved: {', '.join(f'{k} {v}' for k, v in s['retrieval'].items())}"
+              + (f" (random weights: the parents retrieve {parents[0]} too)" if all(v.startswith("0/") for v in parents) else ""))
     print("smoke verdicts: " + "; ".join(f"{k} {v['status']}" for k, v in s["checks"].items()))
     print("targets: " + "; ".join(f"{k}: {'met' if v else ('MISSED' if v is False else 'n/a')}" for k, v in f["verdicts"].items()))
 
