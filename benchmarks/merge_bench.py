@@ -30,9 +30,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# The registry CLI beside this Python, else run as a module (a checkout on PYTHONPATH, as gpu_suite.sh does).
+REGISTRY = [str(BIN / "registry")] if (BIN / "registry").exists() else [sys.executable, "-m", "registry"]
 CONFIG = {
     "vocab_size": 151936,
     "hidden_size": 1024,
@@ -41,6 +44,17 @@ CONFIG = {
     "num_attention_heads": 16,
     "num_key_value_heads": 2,
     "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+}
+# The reference merge's real configuration (DeepSeek-R1-Distill-Qwen-1.5B): 1.78B parameters with the untied head.
+CONFIG_1_5B = {
+    "vocab_size": 151936,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 131072,
     "tie_word_embeddings": False,
 }
 FLOOR = r"""
@@ -60,8 +74,14 @@ with open(out, "wb", buffering=0) as f:
 """
 
 
-def build_pair(root: Path, config: dict = CONFIG, device: str = "cpu") -> tuple[Path, Path]:
-    """Two random bf16 Qwen2 checkpoints with `config` (built once; a marker says complete)."""
+def build_pair(root: Path, config: dict = CONFIG, device: str = "cpu", *, noise: float | None = None,
+               tokenizer: Callable[[Path], None] | None = None) -> tuple[Path, Path]:
+    """Two random bf16 Qwen2 checkpoints with `config` (built once; a marker says complete).
+
+    Independently initialised by default; with `noise`, one shared random base (initialised as
+    transformers does: N(0, 0.02) matrices, unit norms) plus N(0, noise) per checkpoint, as two fine-tunes
+    of one model are. `tokenizer(folder)` writes the tokenizer files (default: a tiny trained BPE).
+    """
     a, b = root / "a", root / "b"
     if (root / "complete").exists():
         return a, b
@@ -89,9 +109,19 @@ def build_pair(root: Path, config: dict = CONFIG, device: str = "cpu") -> tuple[
     for seed, folder in ((1, a), (2, b)):
         folder.mkdir(parents=True)
         cfg.save_pretrained(folder)
-        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>").save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer(folder)
+        else:
+            PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>").save_pretrained(folder)
         gen = torch.Generator(device).manual_seed(seed)
-        state = {k: (torch.randn(s, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu() for k, s in sorted(shapes.items())}
+        if noise is None:
+            state = {k: (torch.randn(s, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu() for k, s in sorted(shapes.items())}
+        else:
+            # The base is drawn again, identically, for each checkpoint: one state dict in memory at a time.
+            base = torch.Generator(device).manual_seed(0)
+            state = {k: ((torch.ones(s, device=device) if k.endswith("norm.weight") else torch.randn(s, generator=base, device=device) * 0.02)
+                         + torch.randn(s, generator=gen, device=device) * noise).to(torch.bfloat16).cpu()
+                     for k, s in sorted(shapes.items())}
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
         del state
     (root / "complete").write_text("")
@@ -154,7 +184,7 @@ def main() -> None:
     env.pop("REGISTRY_MERGE_ENGINE", None)  # the default engine is what is measured
 
     contenders = {
-        "registry": lambda out: [str(BIN / "registry"), "merge", str(work / "recipe.yaml"), "-o", str(out), "--device", "cpu", "--format", "json"],
+        "registry": lambda out: [*REGISTRY, "merge", str(work / "recipe.yaml"), "-o", str(out), "--device", "cpu", "--format", "json"],
         "mergekit": lambda out: [str(BIN / "mergekit-yaml"), str(work / "mergekit.yml"), str(out)],
         "mergekit+opts": lambda out: [str(BIN / "mergekit-yaml"), str(work / "mergekit-opts.yml"), str(out), "--async-write",
                                       "--write-threads", str(WRITE_THREADS), "--out-shard-size", str(shard_size(out_bytes)), "--no-write-model-card"],

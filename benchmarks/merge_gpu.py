@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Whole-process timing of `registry merge --device cuda` against the I/O floor, on a CUDA machine.
 
-Builds once (cached in ~/.cache/registry-bench) a synthetic pair with the real 1.5B configuration of the
-reference merge (hidden 1536, 28 layers, 12 heads, 2 KV heads, intermediate 8960, vocab 151936, untied,
-bfloat16: 1.78B parameters, 3.55 GB a checkpoint), then times, interleaved, --runs times each:
+Builds once (cached in ~/.cache/registry-bench) the reference pair of benchmarks/reference_scale.py:
+the real 1.5B configuration of the reference merge (hidden 1536, 28 layers, 12 heads, 2 KV heads,
+intermediate 8960, vocab 151936, untied, bfloat16: 1.78B parameters, 3.55 GB a checkpoint), one random
+base plus per-checkpoint noise, then times, interleaved, --runs times each:
 
   registry   registry merge RECIPE -o OUT --device cuda
   io-floor   read both inputs and write (and fsync) an output of the same size
@@ -26,18 +27,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import BIN, FLOOR, build_pair, run
-
-CONFIG_1_5B = {
-    "vocab_size": 151936,
-    "hidden_size": 1536,
-    "intermediate_size": 8960,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": False,
-}
+from merge_bench import FLOOR, REGISTRY, run
+from reference_scale import build_reference
 
 
 def main() -> None:
@@ -52,20 +43,19 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("merge_gpu.py needs a CUDA GPU and torch sees none: the GPU figures were not measured")
-    a, b = build_pair(args.cache / "qwen2-1.5b", CONFIG_1_5B, device="cuda")
+    a, b, _ = build_reference(args.cache, device="cuda")
     work = args.cache / "work-gpu"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     merge_block = {"merge_method": "linear", "parameters": {"normalize": True}, "dtype": "bfloat16",
                    "models": [{"model": str(a), "parameters": {"weight": 0.3}}, {"model": str(b), "parameters": {"weight": 0.7}}]}
-    # Two independently initialised checkpoints: what is timed is the merge, not their ancestry.
-    (work / "recipe.yaml").write_text(json.dumps({"repo_id": "bench/qwen2-1.5b-merge", "allow_unrelated": True, "merge": merge_block}))
+    (work / "recipe.yaml").write_text(json.dumps({"repo_id": "bench/qwen2-1.5b-merge", "merge": merge_block}))
     out_bytes = (a / "model.safetensors").stat().st_size
     env = {**os.environ, "REGISTRY_HOME": str(work / "home")}
     env.pop("REGISTRY_MERGE_ENGINE", None)  # the default engine is what is measured
 
     def registry(out: Path, device: str = "cuda") -> list[str]:
-        return [str(BIN / "registry"), "merge", str(work / "recipe.yaml"), "-o", str(out), "--device", device, "--format", "json"]
+        return [*REGISTRY, "merge", str(work / "recipe.yaml"), "-o", str(out), "--device", device, "--format", "json"]
 
     contenders = {
         "registry": registry,
