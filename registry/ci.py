@@ -487,7 +487,8 @@ def changes_markdown(changes: Changes) -> str:
         lines += ["| Recipe | Why | Plan | Dry run | Notes |", "|---|---|---|---|---|"]
         for r in changes.recipes:
             why = reasons_markdown(r.reasons, table=True)
-            lines.append(f"| {code(r.recipe, table=True)}{_family_note(r)} | {why} | {_yes(r.plan)} | {_yes(r.dry_run)} | {cell('; '.join(r.notes))} |")
+            recipe = code(r.recipe, table=True) + _family_note(r)
+            lines.append(f"| {recipe} | {why} | {_yes(r.plan)} | {_yes(r.dry_run)} | {cell('; '.join(r.notes))} |")
     else:
         lines.append("No recipe is touched.")
     if changes.deleted:
@@ -851,8 +852,9 @@ def _summarize_family(item: RecipeSummary, recipe: Recipe, root: Path, entry: Ch
     elif entry is not None or tested or unreadable:
         parts = [f"{tested} of {len(points)} points merged and smoke-tested on the CPU, {passed} passed"]
         if missing:
-            parts.append(f"no report for point{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
-                         "the dry run failed or did not finish; see the point's job log")
+            several = len(missing) > 1
+            parts.append(f"no report for point{'s' if several else ''} {', '.join(missing)}: the dry run failed or did not "
+                         f"finish; see {'their job logs' if several else 'its job log'}")
         item.dry_run = "; ".join(parts + unreadable)
     item.family_table = markdown_table(build_family(recipe, gathered))
     first = gathered[0]
