@@ -5,6 +5,8 @@ from the file system, so it sees renames and deletions and reads every file name
 changes their cards) and a change to `x.lock.json` touches `x.yaml`. `summary` validates each touched
 recipe, renders its card, compares its merge settings with the base version (`git show <base>:<path>`)
 and shows the dry run's smoke report when one was downloaded, all within GitHub's comment limit.
+A sweep recipe is one matrix entry per point (`point`, `label`, `family`, `repo_id`, a slug of its
+own), and its summary groups the points under one heading with the family table.
 """
 
 from __future__ import annotations
