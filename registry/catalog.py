@@ -58,6 +58,9 @@ class CatalogModel:
     url: str | None = None
     older_reports: list[str] = field(default_factory=list)  # reports an older registry wrote, shown as a note
     family: dict[str, Any] | None = None  # {name, label, weights}: the family this version is a point of
+    # Read from a Hub repo: the family.json published beside the point, and which chart files lie there.
+    family_report: Family | None = None
+    charts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -157,13 +160,43 @@ def _family_mark(mark: Any) -> dict[str, Any] | None:
     return {"name": mark["name"], "label": str(mark.get("label") or ""), "weights": weights}
 
 
-def read_families(source: str = "local", home: Path | None = None) -> list[CatalogFamily]:
-    """The families named by a `--from` value: the newest version of each in the local registry.
-
-    A Hub owner's families are not read (its collections list the points but not the family report).
-    """
+def read_families(source: str = "local", home: Path | None = None, models: Sequence[CatalogModel] = (),
+                  api: Any = None) -> list[CatalogFamily]:
+    """The families named by a `--from` value: the newest version of each in the local registry, or, for a Hub
+    owner, the family.json its points (`models`, as `read_hub` read them) carry, with the chart from one of them."""
     kind, _ = parse_source(source)
-    return read_local_families(home) if kind == "local" else []
+    return read_local_families(home) if kind == "local" else hub_families(models, api)
+
+
+def hub_families(models: Sequence[CatalogModel], api: Any = None) -> list[CatalogFamily]:
+    """Each family the Hub models belong to, from the point published last (its family.json is the newest)."""
+    from huggingface_hub import HfApi
+
+    from .hub_errors import describe
+
+    newest: dict[str, CatalogModel] = {}
+    for model in models:
+        if model.family_report is not None:
+            name = model.family_report.family
+            if name not in newest or (model.published_at or "") > (newest[name].published_at or ""):
+                newest[name] = model
+    api = api or HfApi()
+    families = []
+    for name in sorted(newest):
+        model = newest[name]
+        charts = {}
+        for chart in model.charts:
+            try:
+                charts[chart] = Path(api.hf_hub_download(model.repo_id, chart, revision=model.version)).read_bytes()
+            except Exception as exc:
+                found = describe(exc, model.repo_id, model.version, str(api.endpoint))
+                if found is None:
+                    raise
+                raise CatalogError(f"cannot download {chart} of {model.repo_id} from {api.endpoint}: {found.message}",
+                                   "check your token and the network") from None
+        assert model.family_report is not None
+        families.append(CatalogFamily(model.family_report, model.version, charts))
+    return families
 
 
 def read_local_families(home: Path | None = None) -> list[CatalogFamily]:
@@ -248,6 +281,10 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
             return _current(older, parse, kind, found, f"{endpoint}/{info.id}/{kind.FILE}")
 
         modified = getattr(info, "last_modified", None)
+        from .family import CHART_PNG, CHART_SVG
+
+        family = report(Family)
+        row = next((r for r in family.points if r.repo_id == info.id), None) if family is not None else None
         return CatalogModel(
             repo_id=info.id,
             card=card,
@@ -259,6 +296,9 @@ def read_hub(owner: str, api: Any = None, workers: int = 8) -> list[CatalogModel
             published_at=modified.isoformat(timespec="seconds").replace("+00:00", "Z") if modified else None,
             url=f"{endpoint}/{info.id}",
             older_reports=older,
+            family=_family_mark({"name": family.family, "label": row.label, "weights": row.weights}) if family and row else None,
+            family_report=family if row is not None else None,
+            charts=tuple(n for n in (CHART_SVG, CHART_PNG) if n in files) if row is not None else (),
         )
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -564,6 +604,10 @@ def _family_entry(family: CatalogFamily, by_id: Mapping[str, dict[str, Any]]) ->
             "url": f"{HUB_URL}/{row.repo_id}" if row.kind == "parent" and row.repo_id else None,
             "cells": [{"text": text, "value": _sort_value(text)} for text in cells],
         })
+        # The point column (its weights, `a=0.25 b=0.75`) sorts by the chart's x axis, the first swept alias.
+        axis = report.axes[0] if report.axes else None
+        if axis is not None and axis in row.weights:
+            rows[-1]["cells"][0]["value"] = row.weights[axis]
     folder = f"families/{family.name}/"
     return {
         "name": family.name,

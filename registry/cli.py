@@ -245,7 +245,8 @@ def catalog_build(
     from .templating import template_dirs
 
     dirs = template_dirs(templates, holding=TEMPLATE_FOLDER)
-    result = build_site(read_models(source), output, dirs, read_families(source))
+    models = read_models(source)
+    result = build_site(models, output, dirs, read_families(source, models=models))
     if format is Format.json:
         emit_json({"source": source, **result.to_dict()})
     else:

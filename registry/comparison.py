@@ -32,10 +32,16 @@ LOGPROBS = "logprobs"
 _METADATA_KEY = "registry"
 # Bumped when what a cached measurement means changes, so older entries are measured again.
 _CACHE_SCHEME = "registry-parent-measurements-1"
+# Positions kept per prompt: the log-probs held are positions x vocabulary float32 (152k tokens: 0.6 MB a position),
+# and a few hundred positions are enough to tell a broken merge from a good one.
+MAX_PROMPT_TOKENS = 512
 
 
 def comparison_prompts(tokenizer: Any, parity_text: str, short_prompt: str) -> list[list[int]]:
-    """The prompts KL and top-1 agreement are computed over: the parity text, then the short prompt as the chat template gives it."""
+    """The prompts KL and top-1 agreement are computed over: the parity text, then the short prompt as the chat template gives it.
+
+    Each is cut to its first MAX_PROMPT_TOKENS tokens.
+    """
     prompts = [list(tokenizer(parity_text)["input_ids"])]
     if getattr(tokenizer, "chat_template", None):
         encoded = tokenizer.apply_chat_template(
@@ -43,7 +49,7 @@ def comparison_prompts(tokenizer: Any, parity_text: str, short_prompt: str) -> l
         prompts.append(list(encoded["input_ids"]))
     else:
         prompts.append(list(tokenizer(short_prompt)["input_ids"]))
-    return [p for p in prompts if p]
+    return [p[:MAX_PROMPT_TOKENS] for p in prompts if p]
 
 
 def next_token_logprobs(model: Any, prompts: list[list[int]]) -> Any:

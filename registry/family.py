@@ -1,9 +1,10 @@
 """The family report: a sweep's points and its parents side by side, as a table, Markdown and a chart.
 
 `build_family` gathers each point's reports (provenance, smoke, eval) into one typed `family.json`
-(reports.Family); `select` picks the points to publish; `print_table`, `markdown_table` and
-`draw_chart` show it. The chart needs matplotlib (the `chart` extra): without it `draw_chart`
-returns None and the caller prints CHART_HINT.
+(reports.Family), with the parents' own rows from `measure_parents`; `select` picks the points to
+publish; `print_table`, `markdown_table` and `draw_chart` show it (`show_family` does all three), and
+`family_files` is what each point's repo carries. The chart needs matplotlib (the `chart` extra):
+without it `draw_chart` returns None and the caller prints CHART_HINT.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .markdown import cell
 from .output import esc
 from .recipe import Point, Recipe, Selection, format_weight, parse_ref, parse_selection
-from .reports import Family, FamilyRow, MetricScore, Provenance, Retrieved, Smoke, TaskScores, dumps
+from .reports import Eval, Family, FamilyRow, MetricScore, Provenance, Retrieved, Smoke, TaskScores, dumps
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -38,7 +39,7 @@ class PointReports:
     point: Point
     provenance: Provenance | None
     smoke: Smoke | None
-    eval: Any | None = None  # reports.Eval
+    eval: Eval | None = None
     published: tuple[str, ...] = ()
 
 
@@ -58,10 +59,10 @@ def build_family(
     rows their retrieval per length and KL against each other, else the points' smoke reports speak for them.
     """
     aliases = list(points[0].point.weights) if points else []
-    parents = [item.name for item in recipe.inputs()]
+    keys = _keys(recipe)
     measured = {e.name: e for e in endpoints or ()}
-    rows = [_point_row(p) for p in points]
-    rows += [_parent_row(recipe, alias, aliases, points, measured.get(alias)) for alias in parents]
+    rows = [_point_row(p, keys) for p in points]
+    rows += [_parent_row(recipe, name, aliases, points, measured.get(name), keys) for name in keys]
     text = selection or (recipe.sweep.select if recipe.sweep else "passed")
     family = Family(
         family=recipe.family or recipe.repo_id.rpartition("/")[2],
@@ -75,7 +76,12 @@ def build_family(
     return family.model_copy(update={"rows": [r.model_copy(update={"selected": id(r) in chosen}) for r in family.rows]})
 
 
-def _point_row(item: PointReports) -> FamilyRow:
+def _keys(recipe: Recipe) -> dict[str, str]:
+    # Reports name a parent by its alias; one written as a path in the merge block is shown by its key (model_N), never the path.
+    return {item.name: item.key for item in recipe.inputs()}
+
+
+def _point_row(item: PointReports, keys: dict[str, str]) -> FamilyRow:
     smoke = item.smoke
     merged = next((r for r in smoke.parity if r.model == "merged"), None) if smoke else None
     retrieval: dict[int, Retrieved] = {}
@@ -104,20 +110,22 @@ def _point_row(item: PointReports) -> FamilyRow:
         nll=merged.nll if merged else None,
         retrieved=_total(retrieval),
         retrieval=dict(sorted(retrieval.items())),
-        kl={r.model: r.kl for r in parents},
-        top1={r.model: r.top1_agreement for r in parents},
+        kl={keys.get(r.model, r.model): r.kl for r in parents},
+        top1={keys.get(r.model, r.model): r.top1_agreement for r in parents},
         scores=_scores(item.eval.tasks) if item.eval is not None else {},
         published=list(item.published),
     )
 
 
-def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence[PointReports], endpoint: ParentEndpoint | None) -> FamilyRow:
+def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence[PointReports], endpoint: ParentEndpoint | None,
+                keys: dict[str, str]) -> FamilyRow:
     source = recipe.sources.get(alias)
     ref = parse_ref(source.model if source else alias)
-    scores = next((p.eval.parents[alias] for p in points if p.eval is not None and alias in p.eval.parents), None)
+    key = keys[alias]
+    scores = next((p.eval.parents[n] for p in points if p.eval is not None for n in (key, alias) if n in p.eval.parents), None)
     row = FamilyRow(
         kind="parent",
-        label=alias,
+        label=key,
         weights={a: 1.0 if a == alias else 0.0 for a in aliases},
         repo_id=ref.value if ref.kind == "hub" else None,
         state="parent",
@@ -127,7 +135,8 @@ def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence
         retrieval = {tokens: Retrieved(retrieved=got, total=ran) for tokens, (got, ran) in sorted(endpoint.retrieval.items())}
         return row.model_copy(update={
             "nll": endpoint.nll, "retrieval": retrieval, "retrieved": _total(retrieval),
-            "kl": dict(endpoint.kl), "top1": dict(endpoint.top1_agreement),
+            "kl": {keys.get(n, n): v for n, v in endpoint.kl.items()},
+            "top1": {keys.get(n, n): v for n, v in endpoint.top1_agreement.items()},
         })
     # Every point runs its parents on the same text and prompts: the first report that has the parent speaks for all.
     parity = next((r for p in points if p.smoke for r in p.smoke.parity if r.model == alias), None)
@@ -137,7 +146,7 @@ def _parent_row(recipe: Recipe, alias: str, aliases: list[str], points: Sequence
         "nll": parity.nll,
         "retrieved": Retrieved(retrieved=parity.long_retrieved, total=parity.long_total) if parity.long_total else None,
         # Against itself a parent is exact by definition; against the others only measure_parents knows.
-        "kl": {alias: 0.0}, "top1": {alias: 1.0},
+        "kl": {key: 0.0}, "top1": {key: 1.0},
     })
 
 
@@ -179,10 +188,10 @@ def metric_value(row: FamilyRow, metric: str) -> float | None:
     elif metric == "retrieved":
         value = row.retrieved.retrieved / row.retrieved.total if row.retrieved and row.retrieved.total else None
     elif metric == "kl":
-        value = min((v for v in row.kl.values() if v is not None), default=None)
+        value = min((v for v in row.kl.values() if v is not None and math.isfinite(v)), default=None)
     elif metric == "top1":
         nearest = row.nearest_parent
-        value = row.top1.get(nearest) if nearest else max((v for v in row.top1.values() if v is not None), default=None)
+        value = row.top1.get(nearest) if nearest else max((v for v in row.top1.values() if v is not None and math.isfinite(v)), default=None)
     elif metric.startswith("score:"):
         score = row.scores.get(metric.removeprefix("score:"))
         value = score.value if score else None
@@ -224,23 +233,29 @@ def _columns(family: Family) -> list[_Column]:
     """The columns the family has data for."""
     parents = [r.label for r in family.parents]
     rows = family.rows
-    columns = [_Column("model", lambda r: r.label if r.kind == "point" else f"parent {r.label}", number=False)]
-    columns += [_Column(a, lambda r, a=a: format_weight(r.weights[a]) if a in r.weights else "") for a in family.aliases]
-    columns += [
-        _Column("state", lambda r: r.state, number=False),
-        _Column("smoke", lambda r: "" if r.kind == "parent" else {True: "passed", False: "failed", None: "n/a"}[r.smoke_passed],
-                number=False),
+    # The label carries the weights (`cos=0.3 fmt=0.7`); a tested point's state is its smoke verdict.
+    columns = [
+        _Column("point", lambda r: r.label if r.kind == "point" else f"parent {r.label}", number=False),
+        _Column("state", _state_text, number=False),
         _Column("NLL", lambda r: _number(r.nll)),
         _Column("retrieved", lambda r: f"{r.retrieved.retrieved}/{r.retrieved.total}" if r.retrieved else "n/a"),
     ]
     if any(r.kl for r in rows):
         columns += [_Column(f"KL {p}", lambda r, p=p: _number(r.kl.get(p), 4)) for p in parents]
     if any(r.top1 for r in rows):
-        columns += [_Column(f"top-1 {p}", lambda r, p=p: _number(r.top1.get(p))) for p in parents]
+        columns += [_Column(f"top1 {p}", lambda r, p=p: _number(r.top1.get(p))) for p in parents]
     names = sorted({name for r in rows for name in r.scores})
     columns += [_Column(name, lambda r, n=name: _number(r.scores[n].value) if n in r.scores else "n/a") for name in names]
     columns += [_Column("selected", lambda r: "" if r.kind == "parent" else "yes" if r.selected else "no", number=False)]
     return columns
+
+
+def _state_text(row: FamilyRow) -> str:
+    if row.state == "tested":
+        return {True: "passed", False: "failed", None: "tested"}[row.smoke_passed]
+    if row.state == "published" and row.smoke_passed is False:
+        return "published, failed"
+    return row.state
 
 
 def table_rows(family: Family) -> tuple[list[str], list[list[str]]]:
@@ -251,18 +266,22 @@ def table_rows(family: Family) -> tuple[list[str], list[list[str]]]:
 
 def print_table(family: Family, console: Console) -> None:
     """Show the family as a rich table (user text escaped: recipe text is data)."""
+    from rich.measure import Measurement
+    from rich.segment import Segments
     from rich.table import Table
 
     _, rows = table_rows(family)
     table = Table(title=f"family {esc(family.family)} (select: {esc(family.selection)})")
     for column in _columns(family):
-        table.add_column(esc(column.header), justify="right" if column.number else "left")
+        table.add_column(esc(column.header), justify="right" if column.number else "left", no_wrap=True)
     points = len(family.points)
     for i, row in enumerate(rows):
         if i == points and i:
             table.add_section()
         table.add_row(*[esc(c) for c in row])
-    console.print(table)
+    # At its natural width: a narrow terminal (a CI log is 80 columns) wraps the lines rather than rich cutting numbers short.
+    width = max(console.width, Measurement.get(console, console.options.update_width(10_000), table).maximum)
+    console.print(Segments(console.render(table, console.options.update_width(width))), soft_wrap=True)
 
 
 def markdown_table(family: Family) -> str:

@@ -306,7 +306,7 @@ class FamilyRow(_Model):
     @property
     def nearest_parent(self) -> str | None:
         """The parent this row is closest to by KL (None when no KL was measured)."""
-        known = [(v, alias) for alias, v in self.kl.items() if v is not None]
+        known = [(v, alias) for alias, v in self.kl.items() if v is not None and math.isfinite(v)]
         return min(known)[1] if known else None
 
 

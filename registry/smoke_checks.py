@@ -160,6 +160,7 @@ def parity_check(
                "best_nll_margin": cfg.best_nll_margin, "best_retrieval_share": cfg.best_retrieval_share,
                "max_kl": cfg.max_kl, "min_top1_agreement": cfg.min_top1_agreement,
                "kl": {r.model: r.kl for r in rows}, "top1_agreement": {r.model: r.top1_agreement for r in rows},
+               "not_compared": {p.name: p.not_compared for p in parents.evaluated if p.not_compared},
                "missing": [s.name for s in parents.unavailable]}
     both = "both parents" if len(rows) == 2 else ("every parent" if len(rows) > 2 else f"parent '{rows[0].model}'")
     parent_nlls = ", ".join(f"{r.model} {_num(r.nll)}" for r in rows)

@@ -281,8 +281,8 @@ def publish_family(
         outcome.points.append(entry)
         if not selected:
             why = "its smoke test failed" if entry.state == "smoke failed" else "eval gate failed" if gate_failed else "not selected"
-            note(f"point {point.index + 1}/{len(points)} {point.label}: not published ({why}); "
-                 f"its reports stay in {prep.outcome.model_dir}")
+            kept = f"; its reports stay in {prep.outcome.model_dir}" if prep.outcome.model_dir else ""
+            note(f"point {point.index + 1}/{len(points)} {point.label}: not published ({why}){kept}")
             continue
         note(f"point {point.index + 1}/{len(points)} {point.label}: publishing {point.recipe.repo_id}")
         done = finish(replace(job, note=lambda m, i=point.index: note(f"point {i + 1}/{len(points)}: {m}")),

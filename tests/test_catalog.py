@@ -847,26 +847,29 @@ def test_a_family_page_sorts_its_points_by_any_metric_column(page: Watched, fami
     p.goto(family_url + "families/toy-a-b.html")
     assert p.inner_text("h1") == "Family toy-a-b"
     headers = p.eval_on_selector_all("#family-table thead th", "ths => ths.map(t => t.textContent.trim())")
-    assert headers[:7] == ["model", "a", "b", "state", "smoke", "NLL", "retrieved"]
+    assert headers[:4] == ["point", "state", "NLL", "retrieved"]
     assert point_rows(p) == FAMILY_POINTS  # the sweep's order
+    # What each row sorts by: a number where the cell is one (the point column: the weight of `a`).
+    assert p.eval_on_selector_all("#family-table tbody.points tr", "rows => rows.map(r => [r.cells[0].dataset.value, r.cells[2].dataset.value])") == [
+        ["0.0", "0.324"], ["0.25", "0.298"], ["0.5", "0.305"], ["0.75", "0.301"], ["1.0", "0.296"]]
     assert p.eval_on_selector_all("#family-table tbody.parents tr td:first-child", "c => c.map(x => x.textContent)") == [
         "parent a", "parent b"]
 
     p.click("#family-table thead button:text-is('NLL')")
     by_nll = [FAMILY_POINTS[i] for i in (4, 1, 3, 2, 0)]  # 0.296, 0.298, 0.301, 0.305, 0.324
     assert point_rows(p) == by_nll
-    assert p.get_attribute("#family-table thead th:nth-child(6)", "aria-sort") == "ascending"
+    assert p.get_attribute("#family-table thead th:nth-child(3)", "aria-sort") == "ascending"
     p.click("#family-table thead button:text-is('NLL')")
     assert point_rows(p) == by_nll[::-1]
-    assert p.get_attribute("#family-table thead th:nth-child(6)", "aria-sort") == "descending"
-    nll_cells = p.eval_on_selector_all("#family-table tbody.points td:nth-child(6)", "c => c.map(x => x.textContent)")
+    assert p.get_attribute("#family-table thead th:nth-child(3)", "aria-sort") == "descending"
+    nll_cells = p.eval_on_selector_all("#family-table tbody.points td:nth-child(3)", "c => c.map(x => x.textContent)")
     assert nll_cells == ["0.324", "0.305", "0.301", "0.298", "0.296"]
 
-    # Another column starts ascending again; the parents never move.
-    p.click("#family-table thead button:text-is('a')")
+    # Another column starts ascending again (the point column by the weight of `a`); the parents never move.
+    p.click("#family-table thead button:text-is('point')")
     assert point_rows(p) == FAMILY_POINTS
-    assert p.get_attribute("#family-table thead th:nth-child(6)", "aria-sort") is None
-    p.click("#family-table thead button:text-is('a')")
+    assert p.get_attribute("#family-table thead th:nth-child(3)", "aria-sort") is None
+    p.click("#family-table thead button:text-is('point')")
     assert point_rows(p) == FAMILY_POINTS[::-1]
     assert p.eval_on_selector_all("#family-table tbody.parents tr td:first-child", "c => c.map(x => x.textContent)") == [
         "parent a", "parent b"]
@@ -923,3 +926,38 @@ def test_a_family_whose_name_is_not_a_name_is_refused_in_one_line(tmp_path: Path
     assert str(refused.value) == ("family '../../escape' must be a name of letters, digits, '-', '_' and '.' (at most 96) "
                                   "(fix the family's name in its sweep and publish it again)")
     assert not (tmp_path / "site").exists() and not (tmp_path / "escape.html").exists()
+
+
+def test_families_are_read_from_the_family_report_each_point_carries_on_the_hub(hub_server: Any, hub_api: Any, tmp_path: Path):
+    from huggingface_hub import CommitOperationAdd
+
+    from registry.catalog import read_families
+    from registry.family import PointReports, build_family
+    from registry.recipe import parse_recipe
+    from registry.reports import dumps
+
+    recipe = parse_recipe(FAMILY_SWEEP.replace("fam-team/", f"{HUB_ORG}/"))
+    points = recipe.points()
+    family = build_family(recipe, [PointReports(p, None, None) for p in points])
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
+    for point in points[:2]:
+        repo_id = point.recipe.repo_id
+        upload_model(hub_api, repo_id, hub_card(repo_id, ["up/a", "up/b"], ["merge"], f"point {point.label}"))
+        hub_api.create_commit(repo_id, [CommitOperationAdd("family.json", dumps(family).encode()),
+                                        CommitOperationAdd("family.svg", svg)], commit_message="family")
+
+    models = read_models(f"hf:{HUB_ORG}", api=hub_api)
+    assert [(m.repo_id, m.family) for m in models] == [
+        (points[0].recipe.repo_id, {"name": "toy-a-b", "label": "a=0 b=1", "weights": {"a": 0.0, "b": 1.0}}),
+        (points[1].recipe.repo_id, {"name": "toy-a-b", "label": "a=0.25 b=0.75", "weights": {"a": 0.25, "b": 0.75}}),
+    ]
+    families = read_families(f"hf:{HUB_ORG}", models=models, api=hub_api)
+    assert [(f.name, f.report, f.charts) for f in families] == [("toy-a-b", family, {"family.svg": svg})]
+    result = build_site(models, tmp_path / "site", [], families)
+    assert result.families == 1
+    assert (tmp_path / "site" / "families" / "toy-a-b" / "family.svg").read_bytes() == svg
+    page = (tmp_path / "site" / "families" / "toy-a-b.html").read_text()
+    assert f'<a href="../models/{points[0].recipe.repo_id}.html">a=0 b=1</a>' in page
+    assert f'<tr data-repo="{points[4].recipe.repo_id}" data-order="4">' in page
+    # Every point is listed; only the two in this catalog link to a page.
+    assert page.count('<a href="../models/') == 2

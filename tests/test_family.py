@@ -31,7 +31,7 @@ from registry.family import (
     show_family,
 )
 from registry.leaks import find_leaks
-from registry.recipe import load_recipe, parse_selection
+from registry.recipe import load_recipe, parse_recipe, parse_selection
 from registry.reports import Eval, Family, FamilyRow, MetricScore, Retrieved, TaskScores
 
 ROOT = Path(__file__).parent.parent
@@ -88,27 +88,27 @@ def family(toy_family) -> Family:
 
 
 TABLE = """\
-                                           family toy-cos-fmt (select: passed)
-┏━━━━━━━━━━━━━━━━━┳━━━━━┳━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━┓
-┃ model           ┃ cos ┃ fmt ┃ state  ┃ smoke  ┃   NLL ┃ retrieved ┃ KL cos ┃ KL fmt ┃ top-1 cos ┃ top-1 fmt ┃ selected ┃
-┡━━━━━━━━━━━━━━━━━╇━━━━━╇━━━━━╇━━━━━━━━╇━━━━━━━━╇━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━╇━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━┩
-│ cos=0 fmt=1     │   0 │   1 │ tested │ passed │ 0.324 │       2/2 │ 0.7099 │ 0.0000 │     0.823 │     1.000 │ yes      │
-│ cos=0.5 fmt=0.5 │ 0.5 │ 0.5 │ tested │ passed │ 0.312 │       2/2 │ 0.2072 │ 0.2892 │     0.885 │     0.858 │ yes      │
-│ cos=1 fmt=0     │   1 │   0 │ tested │ passed │ 0.296 │       2/2 │ 0.0000 │ 1.0470 │     1.000 │     0.823 │ yes      │
-├─────────────────┼─────┼─────┼────────┼────────┼───────┼───────────┼────────┼────────┼───────────┼───────────┼──────────┤
-│ parent cos      │   1 │   0 │ parent │        │ 0.296 │       2/2 │ 0.0000 │ 1.0470 │     1.000 │     0.823 │          │
-│ parent fmt      │   0 │   1 │ parent │        │ 0.324 │       2/2 │ 0.7099 │ 0.0000 │     0.823 │     1.000 │          │
-└─────────────────┴─────┴─────┴────────┴────────┴───────┴───────────┴────────┴────────┴───────────┴───────────┴──────────┘
+                                family toy-cos-fmt (select: passed)
+┏━━━━━━━━━━━━━━━━━┳━━━━━━━━┳━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━━┓
+┃ point           ┃ state  ┃   NLL ┃ retrieved ┃ KL cos ┃ KL fmt ┃ top1 cos ┃ top1 fmt ┃ selected ┃
+┡━━━━━━━━━━━━━━━━━╇━━━━━━━━╇━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━╇━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━┩
+│ cos=0 fmt=1     │ passed │ 0.324 │       2/2 │ 0.7099 │ 0.0000 │    0.823 │    1.000 │ yes      │
+│ cos=0.5 fmt=0.5 │ passed │ 0.312 │       2/2 │ 0.2072 │ 0.2892 │    0.885 │    0.858 │ yes      │
+│ cos=1 fmt=0     │ passed │ 0.296 │       2/2 │ 0.0000 │ 1.0470 │    1.000 │    0.823 │ yes      │
+├─────────────────┼────────┼───────┼───────────┼────────┼────────┼──────────┼──────────┼──────────┤
+│ parent cos      │ parent │ 0.296 │       2/2 │ 0.0000 │ 1.0470 │    1.000 │    0.823 │          │
+│ parent fmt      │ parent │ 0.324 │       2/2 │ 0.7099 │ 0.0000 │    0.823 │    1.000 │          │
+└─────────────────┴────────┴───────┴───────────┴────────┴────────┴──────────┴──────────┴──────────┘
 """
 
 MARKDOWN = """\
-| model | cos | fmt | state | smoke | NLL | retrieved | KL cos | KL fmt | top-1 cos | top-1 fmt | selected |
-|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|
-| cos=0 fmt=1 | 0 | 1 | tested | passed | 0.324 | 2/2 | 0.7099 | 0.0000 | 0.823 | 1.000 | yes |
-| cos=0.5 fmt=0.5 | 0.5 | 0.5 | tested | passed | 0.312 | 2/2 | 0.2072 | 0.2892 | 0.885 | 0.858 | yes |
-| cos=1 fmt=0 | 1 | 0 | tested | passed | 0.296 | 2/2 | 0.0000 | 1.0470 | 1.000 | 0.823 | yes |
-| parent cos | 1 | 0 | parent |   | 0.296 | 2/2 | 0.0000 | 1.0470 | 1.000 | 0.823 |   |
-| parent fmt | 0 | 1 | parent |   | 0.324 | 2/2 | 0.7099 | 0.0000 | 0.823 | 1.000 |   |
+| point | state | NLL | retrieved | KL cos | KL fmt | top1 cos | top1 fmt | selected |
+|---|---|---:|---:|---:|---:|---:|---:|---|
+| cos=0 fmt=1 | passed | 0.324 | 2/2 | 0.7099 | 0.0000 | 0.823 | 1.000 | yes |
+| cos=0.5 fmt=0.5 | passed | 0.312 | 2/2 | 0.2072 | 0.2892 | 0.885 | 0.858 | yes |
+| cos=1 fmt=0 | passed | 0.296 | 2/2 | 0.0000 | 1.0470 | 1.000 | 0.823 | yes |
+| parent cos | parent | 0.296 | 2/2 | 0.0000 | 1.0470 | 1.000 | 0.823 |   |
+| parent fmt | parent | 0.324 | 2/2 | 0.7099 | 0.0000 | 0.823 | 1.000 |   |
 """
 
 CARD_SECTION = """\
@@ -132,9 +132,9 @@ KL: mean per-token KL divergence from the nearest parent's next-token distributi
 """
 
 
-def table_text(family: Family) -> str:
+def table_text(family: Family, width: int = 200) -> str:
     out = io.StringIO()
-    print_table(family, Console(file=out, width=200, highlight=False))
+    print_table(family, Console(file=out, width=width, highlight=False))
     return unpadded(out.getvalue())
 
 
@@ -200,6 +200,8 @@ def test_states_follow_the_reports_at_hand(toy_family):
         ("merged", None, None, [], True),  # no smoke report (smoke disabled): not failed
         ("published", True, 0.29604971408843994, ["local:registry/toy-cos1-fmt0"], True),
     ]
+    assert [line.split(" | ")[:3] for line in markdown_table(family).splitlines()[2:5]] == [
+        ["| cos=0 fmt=1", "planned", "n/a"], ["| cos=0.5 fmt=0.5", "merged", "n/a"], ["| cos=1 fmt=0", "published", "0.296"]]
     # Without measured endpoints the smoke reports speak for the parents: NLL, retrieval, and exact against themselves.
     assert [(r.label, r.nll, r.retrieved, r.kl, r.top1) for r in family.parents] == [
         ("cos", 0.29604971408843994, Retrieved(retrieved=2, total=2), {"cos": 0.0}, {"cos": 1.0}),
@@ -225,9 +227,9 @@ def test_scores_come_from_the_eval_reports_of_points_and_parents(toy_family):
     ]
     assert [r.label for r in family.rows if r.selected] == ["cos=0.5 fmt=0.5"]
     assert markdown_table(family).splitlines()[:3] == [
-        "| model | cos | fmt | state | smoke | NLL | retrieved | KL cos | KL fmt | top-1 cos | top-1 fmt | passkey/acc | selected |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
-        "| cos=0 fmt=1 | 0 | 1 | tested | passed | 0.324 | 2/2 | 0.7099 | 0.0000 | 0.823 | 1.000 | 0.250 | no |",
+        "| point | state | NLL | retrieved | KL cos | KL fmt | top1 cos | top1 fmt | passkey/acc | selected |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| cos=0 fmt=1 | passed | 0.324 | 2/2 | 0.7099 | 0.0000 | 0.823 | 1.000 | 0.250 | no |",
     ]
     # The score is a fifth panel of the chart, and a column of the card's family section.
     svg = ET.fromstring(chart_bytes(family)[CHART_SVG])
@@ -262,12 +264,16 @@ def test_a_point_whose_smoke_failed_is_never_selected(family):
     assert labels(select(failed, parse_selection("passed"))) == ["cos=0 fmt=1", "cos=0.5 fmt=0.5"]
     assert labels(select(failed, parse_selection("best:nll"))) == ["cos=0.5 fmt=0.5"]
     assert labels(select(failed, parse_selection("best:top1:2"))) == ["cos=0 fmt=1", "cos=0.5 fmt=0.5"]
+    assert markdown_table(failed).splitlines()[4].startswith("| cos=1 fmt=0 | failed | 0.296 |")
 
 
 def test_a_point_without_the_metric_is_not_ranked(family):
     unmeasured = with_rows(family, **{"cos=1 fmt=0": {"nll": None}, "cos=0 fmt=1": {"nll": float("nan")}})
     assert labels(select(unmeasured, parse_selection("best:nll:3"))) == ["cos=0.5 fmt=0.5"]
     assert labels(select(family, parse_selection("best:score:passkey/acc"))) == []
+    broken = with_rows(family, **{"cos=0 fmt=1": {"kl": {"cos": float("nan"), "fmt": float("nan")}}})
+    assert labels(select(broken, parse_selection("best:kl"))) == ["cos=1 fmt=0"]
+    assert broken.points[0].nearest_parent is None
 
 
 def test_the_recipe_selection_or_its_override_marks_the_selected_rows(toy_family):
@@ -290,6 +296,8 @@ def test_metric_values_are_against_the_nearest_parent(family):
 
 def test_terminal_table(family):
     assert table_text(family) == TABLE
+    # A narrow terminal (a CI log) gets the table at its natural width, no number cut short.
+    assert table_text(family, width=60) == TABLE
 
 
 def test_markdown_table(family):
@@ -298,8 +306,8 @@ def test_markdown_table(family):
 
 def test_user_text_in_the_table_is_data(family):
     odd = with_rows(family, **{"cos=0 fmt=1": {"label": "[bold red]x|y[/] <b>"}})
-    assert "│ [bold red]x|y[/] <b> │   0 │   1 │ tested │" in table_text(odd)
-    assert markdown_table(odd).splitlines()[2].startswith("| [bold red]x\\|y[/] &lt;b&gt; | 0 | 1 |")
+    assert "│ [bold red]x|y[/] <b> │ passed │ 0.324 │" in table_text(odd)
+    assert markdown_table(odd).splitlines()[2].startswith("| [bold red]x\\|y[/] &lt;b&gt; | passed | 0.324 |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,3 +397,20 @@ def test_each_point_card_has_the_family_section_and_leaks_nothing(family, toy_fa
     first = render_card(items[0].point.recipe, items[0].provenance, items[0].smoke, family=family)
     assert "| **this model** | 0 | 1 | 0.324 | 2 of 2 | 0.0000 (`fmt`) |" in first
     assert "## Family" not in render_card(middle.point.recipe, middle.provenance, middle.smoke)
+
+
+def test_parents_are_named_by_alias_or_key_never_by_path():
+    recipe = parse_recipe(
+        "repo_id: team/m-cos{cos}\n"
+        "sources:\n  cos: {model: org/cos}\n"
+        "merge:\n  merge_method: linear\n  models:\n    - model: cos\n"
+        "    - {model: /data/private/fmt, parameters: {weight: 0.5}}\n  parameters: {normalize: true}\n"
+        "sweep:\n  family: f\n  grid: {cos: [0.25, 0.5]}\n", "s.yaml")
+    family = build_family(recipe, [PointReports(p, None, None) for p in recipe.points()])
+    assert [(r.kind, r.label, r.repo_id, r.weights, r.state, r.selected) for r in family.rows] == [
+        ("point", "cos=0.25", "team/m-cos0.25", {"cos": 0.25}, "planned", False),
+        ("point", "cos=0.5", "team/m-cos0.5", {"cos": 0.5}, "planned", False),
+        ("parent", "cos", "org/cos", {"cos": 1.0}, "parent", False),  # a Hub parent keeps its repo id
+        ("parent", "model_2", None, {"cos": 0.0}, "parent", False),
+    ]
+    assert "/data/private" not in reports.dumps(family)

@@ -354,7 +354,9 @@ def test_a_source_changed_between_the_merge_and_the_smoke_test_fails_the_publish
     assert str(refused.value) == (
         f"smoke test failed (weights: {changed}); nothing was published (fix the recipe, or publish anyway with --force)")
     assert not (tmp_path / ".registry" / "models").exists()
-    [build] = [p for p in (tmp_path / ".registry" / "build").iterdir() if not p.name.startswith(".")]  # keyed by the merge identity
+    # Keyed by the merge identity; `parents/` beside it holds the parents' cached smoke measurements.
+    [build] = [p for p in (tmp_path / ".registry" / "build").iterdir() if not p.name.startswith(".") and p.name != "parents"]
+    assert len(list((tmp_path / ".registry" / "build" / "parents").iterdir())) == 1  # fmt only: cos changed, so it is not run
     saved = reports.read(reports.Smoke, build)
     assert saved.passed is False and (saved.checks[0].name, saved.checks[0].status, saved.checks[0].reason) == (
         "weights", "failed", changed)

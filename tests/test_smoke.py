@@ -1120,3 +1120,29 @@ def test_a_second_merge_of_the_same_parents_loads_no_parent(toy_merges, tmp_path
         assert again.loaded == ("merged", "cos")
         assert again.parity == first.parity
         assert read_cache(pins["cos"], key) is not None
+
+
+def test_kl_is_parent_to_merge_exactly_zero_for_identical_distributions_and_empty_when_not_comparable():
+    import torch
+
+    from registry.comparison import Agreement, compare_logprobs
+
+    generator = torch.Generator().manual_seed(0)
+    parent = torch.log_softmax(torch.randn(6, 9, generator=generator), dim=-1)
+    merged = torch.log_softmax(torch.randn(6, 9, generator=generator), dim=-1)
+    assert compare_logprobs(parent, parent.clone()) == Agreement(0.0, 1.0)
+    found = compare_logprobs(parent, merged)
+    # The direction: KL(parent || merge), as torch's kl_div(input=log q, target=log p) computes it.
+    expected = torch.nn.functional.kl_div(merged, parent, log_target=True, reduction="batchmean")
+    assert found.kl == pytest.approx(float(expected), rel=1e-6)
+    assert found.top1 == float((parent.argmax(-1) == merged.argmax(-1)).double().mean())
+    # A token the parent rules out costs nothing; one the merge rules out and the parent does not is infinitely far.
+    ruled_out = parent.clone()
+    ruled_out[:, 0] = -math.inf
+    assert math.isfinite(compare_logprobs(ruled_out, merged).kl)
+    assert compare_logprobs(parent, ruled_out).kl == math.inf
+    assert math.isnan(compare_logprobs(parent, torch.full_like(merged, math.nan)).kl)
+    assert compare_logprobs(parent, merged[:, :8]) == Agreement(
+        None, None, "its vocabulary (9 tokens) differs from the merge's (8)")
+    assert compare_logprobs(parent, merged, ((1, 2),), ((1, 3),)) == Agreement(
+        None, None, "its tokenizer encodes the comparison prompts differently")
