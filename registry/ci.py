@@ -5,6 +5,8 @@ from the file system, so it sees renames and deletions and reads every file name
 changes their cards) and a change to `x.lock.json` touches `x.yaml`. `summary` validates each touched
 recipe, renders its card, compares its merge settings with the base version (`git show <base>:<path>`)
 and shows the dry run's smoke report when one was downloaded, all within GitHub's comment limit.
+A sweep recipe is one matrix entry per point (`point`, `label`, `family`, `repo_id`, a slug of its
+own), and its summary groups the points under one heading with the family table.
 """
 
 from __future__ import annotations
@@ -171,9 +173,10 @@ def lock_path(recipe: str) -> str:
     return str(p.with_name(p.stem + LOCK_SUFFIX))
 
 
-def slug(path: str) -> str:
-    """A name for artifacts and cache keys made from a recipe path: recipes-examples-toy.yaml."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", path).strip("-.") or "recipe"
+def slug(path: str, point: int | None = None) -> str:
+    """A name for artifacts and cache keys made from a recipe path: recipes-examples-toy.yaml (…-p3 for a sweep's point 3)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path).strip("-.") or "recipe"
+    return name if point is None else f"{name}-p{point}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +195,16 @@ class ChangedRecipe:
     plan: bool = False
     dry_run: bool = False
     notes: list[str] = field(default_factory=list)
+    repo_id: str = ""
+    family: str = ""  # a sweep's family name; "" for a plain recipe
+    points: list[tuple[int, str, str]] = field(default_factory=list)  # a sweep's (index, label, repo id)
 
-    def to_dict(self) -> dict[str, Any]:
-        """One matrix entry: flat strings and booleans, so workflow expressions can read every field."""
+    def to_dict(self, point: tuple[int, str, str] | None = None) -> dict[str, Any]:
+        """One matrix entry (the recipe's, or one point's of a sweep): flat strings and booleans, so workflow expressions can read every field."""
+        index, label, repo_id = point if point is not None else (None, "", self.repo_id)
         return {
             "recipe": self.recipe,
-            "slug": slug(self.recipe),
+            "slug": slug(self.recipe, index),
             "lock": lock_path(self.recipe),
             "reason": "; ".join(self.reasons),
             "renamed_from": self.renamed_from or "",
@@ -206,7 +213,15 @@ class ChangedRecipe:
             "plan": self.plan,
             "dry_run": self.dry_run,
             "note": "; ".join(self.notes),
+            "point": "" if index is None else str(index),
+            "label": label,
+            "family": self.family,
+            "repo_id": repo_id,
         }
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The matrix entries: one per point of a sweep, else one for the recipe."""
+        return [self.to_dict(p) for p in self.points] if self.points else [self.to_dict()]
 
 
 @dataclass
@@ -221,17 +236,25 @@ class Changes:
     templates: list[str]
 
     def matrix(self) -> dict[str, Any]:
-        """The `strategy.matrix` value for a job per changed recipe."""
-        return {"include": [r.to_dict() for r in self.recipes]}
+        """The `strategy.matrix` value for a job per changed recipe, one per point of a changed sweep."""
+        return {"include": [e for r in self.recipes for e in r.entries()]}
+
+    def families(self) -> dict[str, Any]:
+        """The `strategy.matrix` value for a job per changed sweep (the one that gathers its points)."""
+        return {"include": [{"recipe": r.recipe, "slug": slug(r.recipe), "family": r.family, "points": str(len(r.points))}
+                            for r in self.recipes if r.points]}
 
     def to_dict(self) -> dict[str, Any]:
         """Everything, as JSON-ready data."""
+        include = self.matrix()["include"]
+        families = self.families()["include"]
         return {
             "base": self.base,
             "base_sha": self.base_sha,
             "head_sha": self.head_sha,
-            "count": len(self.recipes),
-            "include": [r.to_dict() for r in self.recipes],
+            "count": len(include),
+            "include": include,
+            "families": families,
             "deleted": self.deleted,
             "templates": self.templates,
         }
@@ -322,6 +345,10 @@ def assess(entry: ChangedRecipe, root: Path, max_source_bytes: int, hub_size: Hu
         entry.valid = False
         entry.notes.append("invalid recipe: see registry validate")
         return
+    entry.repo_id = recipe.repo_id
+    if recipe.sweep is not None:
+        entry.family = recipe.sweep.family
+        entry.points = [(p.index, p.label, p.recipe.repo_id) for p in recipe.points()]
     if entry.example:
         # Example recipes merge the tiny checkpoints shipped in tests/fixtures/toy: small and offline.
         entry.plan = entry.dry_run = True
@@ -384,6 +411,22 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def point_build(recipe_path: Path, index: int) -> dict[str, str]:
+    """A sweep point's repo id, label, state and build folder (what its CI job uploads), as flat step outputs."""
+    from .plugins import get_evaluators, get_targets
+    from .sweep import pick, survey
+
+    recipe = load_recipe(recipe_path, targets=get_targets(), evaluators=get_evaluators())
+    if recipe.sweep is None:
+        raise UsageError(f"{recipe_path} has no sweep: section; --point picks a point of a sweep recipe")
+    pick(recipe, [index])  # a UsageError naming the valid range
+    found = survey(recipe)[index]
+    folder = found.model_dir
+    with_cwd = folder.relative_to(Path.cwd()) if folder.is_relative_to(Path.cwd()) else folder
+    return {"recipe": str(recipe_path), "point": str(index), "label": found.point.label, "family": recipe.sweep.family,
+            "repo_id": found.point.recipe.repo_id, "state": found.state, "folder": with_cwd.as_posix(), "id": folder.name}
+
+
 # ---------------------------------------------------------------------------------------------
 # GitHub Actions files
 
@@ -428,9 +471,12 @@ def _append(path: Path, text: str, name: str) -> None:
 def changes_outputs(changes: Changes) -> dict[str, str]:
     """The step outputs of `registry ci changed`, as the workflows read them."""
     compact = {"separators": (",", ":"), "ensure_ascii": False}
+    matrix, families = changes.matrix(), changes.families()
     return {
-        "matrix": json.dumps(changes.matrix(), **compact),
-        "count": str(len(changes.recipes)),
+        "matrix": json.dumps(matrix, **compact),
+        "count": str(len(matrix["include"])),
+        "families": json.dumps(families, **compact),
+        "family_count": str(len(families["include"])),
         "deleted": json.dumps(changes.deleted, **compact),
         "base": changes.base_sha,
     }
@@ -443,12 +489,17 @@ def changes_markdown(changes: Changes) -> str:
         lines += ["| Recipe | Why | Plan | Dry run | Notes |", "|---|---|---|---|---|"]
         for r in changes.recipes:
             why = reasons_markdown(r.reasons, table=True)
-            lines.append(f"| {code(r.recipe, table=True)} | {why} | {_yes(r.plan)} | {_yes(r.dry_run)} | {cell('; '.join(r.notes))} |")
+            recipe = code(r.recipe, table=True) + _family_note(r)
+            lines.append(f"| {recipe} | {why} | {_yes(r.plan)} | {_yes(r.dry_run)} | {cell('; '.join(r.notes))} |")
     else:
         lines.append("No recipe is touched.")
     if changes.deleted:
         lines += ["", "Deleted: " + ", ".join(code(p) for p in changes.deleted) + " (published models are left as they are)."]
     return "\n".join(lines) + "\n"
+
+
+def _family_note(r: ChangedRecipe) -> str:
+    return f" (family {code(r.family, table=True)}, {len(r.points)} points)" if r.points else ""
 
 
 def _yes(flag: bool) -> str:
@@ -570,10 +621,16 @@ class RecipeSummary:
     smoke_passed: bool | None = None
     card: str | None = None
     card_error: str | None = None
+    card_title: str = "README.md"
+    family: str | None = None  # a sweep's family name
+    points: list[dict[str, Any]] = field(default_factory=list)  # a sweep's points: index, label, repo id, dry run
+    family_table: str | None = None  # Markdown (family.markdown_table) from the points' dry-run reports at hand
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (the card text left out: it is in the Markdown)."""
         return {
+            "family": self.family,
+            "points": self.points,
             "recipe": self.recipe,
             "valid": self.valid,
             "repo_id": self.repo_id,
@@ -646,7 +703,15 @@ def recipe_diff(before: Recipe, after: Recipe) -> list[tuple[str, str, str]]:
     ):
         if b != a:
             rows.append((setting, _format_setting(b), _format_setting(a)))
+    if before.sweep is not None or after.sweep is not None:
+        old_points, new_points = (_point_labels(r) for r in (before, after))
+        if old_points != new_points:
+            rows.append(("sweep points", old_points, new_points))
     return rows
+
+
+def _point_labels(recipe: Recipe) -> str:
+    return "; ".join(p.label for p in recipe.points()) if recipe.sweep is not None else "no sweep"
 
 
 def _format_setting(value: Any) -> str:
@@ -664,9 +729,9 @@ class DryRunReports:
     problem: str | None = None
 
 
-def report_folder(recipe: str) -> str:
-    """The folder a recipe's dry-run reports land in: the workflow's artifact name, report-<slug>."""
-    return f"report-{slug(recipe)}"
+def report_folder(recipe: str, point: int | None = None) -> str:
+    """The folder a recipe's (or a sweep point's) dry-run reports land in: the workflow's artifact name, report-<slug>."""
+    return f"report-{slug(recipe, point)}"
 
 
 def find_reports(folder: Path | None) -> dict[str, DryRunReports]:
@@ -744,6 +809,9 @@ def _summarize(path: str, root: Path, changes: Changes | None, reports: Mapping[
     item.repo_id, item.sha256 = recipe.repo_id, recipe.sha256
     if changes is not None and changes.base_sha != ZERO_SHA:
         item.diff, item.diff_note = _base_diff(recipe, path, entry, root, changes.base_sha)
+    if recipe.sweep is not None:
+        _summarize_family(item, recipe, root, entry, reports)
+        return item
     report = reports.get(report_folder(path), DryRunReports())
     provenance, smoke = report.provenance, report.smoke
     if report.problem is not None:
@@ -759,6 +827,41 @@ def _summarize(path: str, root: Path, changes: Changes | None, reports: Mapping[
         item.dry_run = "no report found: the dry run failed or did not finish; see the recipe's job log"
     item.card, item.card_error = _card(recipe, root, provenance, smoke)
     return item
+
+
+def _summarize_family(item: RecipeSummary, recipe: Recipe, root: Path, entry: ChangedRecipe | None,
+                      reports: Mapping[str, DryRunReports]) -> None:
+    """A sweep: its points with their dry-run reports (where the matrix ran one), the family table, point 0's card."""
+    from .family import PointReports, build_family, markdown_table
+
+    points = recipe.points()
+    item.family = recipe.sweep.family if recipe.sweep else None
+    gathered, tested, passed, unreadable, missing = [], 0, 0, [], []
+    for point in points:
+        report = reports.get(report_folder(item.recipe, point.index), DryRunReports())
+        if report.problem is not None:
+            unreadable.append(f"point {point.index}: {report.problem}")
+            report = DryRunReports()
+        elif report.provenance is None and report.smoke is None:
+            missing.append(str(point.index))
+        tested += report.smoke is not None
+        passed += bool(report.smoke is not None and report.smoke.passed)
+        gathered.append(PointReports(point, report.provenance, report.smoke))
+        item.points.append({"index": point.index, "label": point.label, "repo_id": point.recipe.repo_id,
+                            "smoke_passed": report.smoke.passed if report.smoke is not None else None})
+    if entry is not None and not entry.dry_run:
+        item.dry_run = "not run: " + ("; ".join(entry.notes) or "not chosen for a dry run") + "; the points are listed unmerged"
+    elif entry is not None or tested or unreadable:
+        parts = [f"{tested} of {len(points)} points merged and smoke-tested on the CPU, {passed} passed"]
+        if missing:
+            several = len(missing) > 1
+            parts.append(f"no report for point{'s' if several else ''} {', '.join(missing)}: the dry run failed or did not "
+                         f"finish; see {'their job logs' if several else 'its job log'}")
+        item.dry_run = "; ".join(parts + unreadable)
+    item.family_table = markdown_table(build_family(recipe, gathered))
+    first = gathered[0]
+    item.card_title = f"point 0, {first.point.label}, README.md"
+    item.card, item.card_error = _card(first.point.recipe, root, first.provenance, first.smoke)
 
 
 def _problem_line(p: Any, path: str) -> str:
@@ -870,7 +973,8 @@ def _head(item: RecipeSummary, changes: Changes | None) -> str:
     if not item.valid:
         lines += [f"**Invalid**{why}", "", fenced("\n".join(item.problems), "text").rstrip("\n")]
         return "\n".join(lines) + "\n"
-    lines.append(f"**Valid** · {code(item.repo_id or '')} · recipe sha256 {code((item.sha256 or '')[:12])}{why}")
+    what = code(item.repo_id or "") if item.family is None else f"family {code(item.family)}, {len(item.points)} points"
+    lines.append(f"**Valid** · {what} · recipe sha256 {code((item.sha256 or '')[:12])}{why}")
     if item.diff_note:
         lines += ["", item.diff_note[0].upper() + item.diff_note[1:] + "."]  # Markdown already: see _base_diff
     elif item.diff is not None and changes is not None:
@@ -882,6 +986,8 @@ def _head(item: RecipeSummary, changes: Changes | None) -> str:
             lines += ["", f"Weights, dtype and normalize are unchanged against {base}."]
     if item.dry_run:
         lines += ["", f"**Dry run:** {cell(item.dry_run)}"]
+    if item.family_table is not None:
+        lines += ["", item.family_table.rstrip("\n")]
     if item.card_error:
         lines += ["", "**Card not rendered:**", "", fenced(item.card_error, "text").rstrip("\n")]
     return "\n".join(lines) + "\n"
@@ -893,6 +999,6 @@ def _card_block(item: RecipeSummary, preview: str) -> str:
     fence = "`" * max(3, longest_run(card, "`") + 1)
     body = preview if preview.endswith("\n") or not preview else preview + "\n"
     return (
-        f"\n<details><summary>Card preview (README.md, {len(card):,} characters)</summary>\n\n"
+        f"\n<details><summary>Card preview ({cell(item.card_title)}, {len(card):,} characters)</summary>\n\n"
         f"{fence}markdown\n{body}{fence}\n\n</details>\n"
     )

@@ -833,9 +833,27 @@ def ci_changed(
     out.print(f"{len(changes.recipes)} recipe(s) changed since {changes.base_sha[:12]} (merge base of {esc(changes.base)} and HEAD)")
     for r in changes.recipes:
         runs = ", ".join(name for name, on in (("plan", r.plan), ("dry run", r.dry_run)) if on) or "validate only"
-        out.print(f"  {esc(r.recipe)}  {esc('; '.join(r.reasons))}  \\[{runs}]")
+        family = f"  family {esc(r.family)}, {len(r.points)} points" if r.points else ""
+        out.print(f"  {esc(r.recipe)}  {esc('; '.join(r.reasons))}  \\[{runs}]{family}")
     for path in changes.deleted:
         out.print(f"  {esc(path)}  deleted")
+
+
+@ci_app.command("point")
+def ci_point(
+    recipe: Annotated[Path, typer.Argument(help="Sweep recipe file.")],
+    point: Annotated[int, typer.Option("--point", help="The point (0-based; `registry sweep show` lists them).")],
+    format: FormatOption = Format.text,
+) -> None:
+    """A sweep point's build folder, repo id and state (what its CI job uploads); writes $GITHUB_OUTPUT when set."""
+    from .ci import point_build, write_outputs
+
+    found = point_build(recipe, point)
+    write_outputs(found)
+    if format is Format.json:
+        emit_json(found)
+    else:
+        _console().print(f"point {found['point']} {esc(found['label'])}: {esc(found['repo_id'])}, {esc(found['state'])}, in {esc(found['folder'])}")
 
 
 @ci_app.command("summary")

@@ -162,7 +162,7 @@ def pr(upstream: Path, tmp_path: Path) -> Path:
 
 def entry(recipe: str, reason: str, *, example: bool = False, plan: bool = False, dry_run: bool = False,
           note: str = "local source 'a' is not in the checkout; local source 'b' is not in the checkout",
-          renamed_from: str = "") -> dict:
+          renamed_from: str = "", repo_id: str = "", point: str = "", label: str = "", family: str = "") -> dict:
     return {
         "recipe": recipe,
         "slug": ci.slug(recipe),
@@ -174,6 +174,10 @@ def entry(recipe: str, reason: str, *, example: bool = False, plan: bool = False
         "plan": plan,
         "dry_run": dry_run,
         "note": note,
+        "point": point,
+        "label": label,
+        "family": family,
+        "repo_id": repo_id,
     }
 
 
@@ -195,9 +199,10 @@ def test_changed_reports_added_modified_renamed_and_deleted_recipes_against_the_
     base = git(pr, "merge-base", "origin/main", "HEAD")
     assert base != git(pr, "rev-parse", "origin/main")  # main moved on: the merge base is what counts
     include = [
-        entry("recipes/added.yaml", "added"),
-        entry("recipes/alpha.yaml", "modified"),
-        entry("recipes/team/new_name.yaml", "renamed from recipes/old_name.yaml", renamed_from="recipes/old_name.yaml"),
+        entry("recipes/added.yaml", "added", repo_id="team/added"),
+        entry("recipes/alpha.yaml", "modified", repo_id="team/alpha"),
+        entry("recipes/team/new_name.yaml", "renamed from recipes/old_name.yaml", renamed_from="recipes/old_name.yaml",
+              repo_id="team/renamed"),
     ]
     assert json.loads(run.stdout) == {
         "base": "origin/main",
@@ -205,6 +210,7 @@ def test_changed_reports_added_modified_renamed_and_deleted_recipes_against_the_
         "head_sha": git(pr, "rev-parse", "HEAD"),
         "count": 3,
         "include": include,
+        "families": [],
         "deleted": ["recipes/gone.yaml"],
         "templates": [],
     }
@@ -212,6 +218,8 @@ def test_changed_reports_added_modified_renamed_and_deleted_recipes_against_the_
         "earlier=kept\n"
         f"matrix={compact({'include': include})}\n"
         "count=3\n"
+        'families={"include":[]}\n'
+        "family_count=0\n"
         'deleted=["recipes/gone.yaml"]\n'
         f"base={base}\n"
     )
@@ -705,12 +713,17 @@ def test_the_command_extraction_sees_every_registry_line() -> None:
     assert seen == {
         ("publish.yml", "ci changed"),
         ("publish.yml", "publish"),
+        ("publish.yml", "sweep build"),
+        ("publish.yml", "ci point"),
+        ("publish.yml", "sweep report"),
         ("recipe-pr.yml", "validate"),
         ("recipe-pr.yml", "ci changed"),
         ("recipe-pr.yml", "plan"),
         ("recipe-pr.yml", "card"),
         ("recipe-pr.yml", "merge"),
         ("recipe-pr.yml", "smoke"),
+        ("recipe-pr.yml", "sweep build"),
+        ("recipe-pr.yml", "ci point"),
         ("recipe-pr.yml", "ci summary"),
     }
 
@@ -751,7 +764,7 @@ def test_zizmor_finds_nothing_beyond_inline_suppressions_with_reasons() -> None:
     for name in ("publish.yml", "recipe-pr-comment.yml", "recipe-pr.yml"):
         assert f"completed {WORKFLOWS / name}" in run.stderr
     ignores = [m for p in WORKFLOWS.glob("*.yml") for m in re.findall(r"# zizmor: ignore\[[a-z-]+\](.*)", p.read_text())]
-    assert len(ignores) == 2
+    assert len(ignores) == 3
     assert all(len(reason.strip()) > 20 for reason in ignores)
 
 
@@ -767,7 +780,7 @@ PINS = {
 
 def test_actions_are_pinned_to_release_commits_named_beside_them() -> None:
     uses = [line.strip() for p in WORKFLOWS.glob("*.yml") for line in p.read_text().splitlines() if "uses:" in line]
-    assert len(uses) == 15
+    assert len(uses) == 18
     for line in uses:
         m = re.fullmatch(r"(?:- )?uses: ([\w-]+/[\w-]+)@([0-9a-f]{40}) # (v[\d.]+)", line)
         assert m, line
@@ -795,9 +808,18 @@ def test_workflow_policies() -> None:
     job = publish["jobs"]["publish"]
     assert job["environment"] == "hub-publish"
     with_token = [(j, s.get("name")) for j, s in steps(publish) if "secrets." in json.dumps(s)]
-    assert with_token == [("publish", "Publish")]
-    assert "HF_TOKEN" in next(s for _, s in steps(publish) if s.get("name") == "Publish")["env"]
-    assert "secrets" not in json.dumps({k: v for k, v in job.items() if k != "steps"})
+    assert with_token == [("publish", "Publish"), ("family", "Publish the family")]
+    for _, step in steps(publish):
+        if step.get("name") in ("Publish", "Publish the family"):
+            assert "HF_TOKEN" in step["env"]
+    # A plain recipe publishes in its matrix job; a sweep point only builds there, with no token.
+    assert next(s for _, s in steps(publish) if s.get("name") == "Publish")["if"] == "matrix.point == ''"
+    assert job["strategy"]["max-parallel"] == "${{ fromJSON(vars.REGISTRY_MAX_PARALLEL || '1') }}"
+    family = publish["jobs"]["family"]
+    assert family["environment"] == "hub-publish" and family["needs"] == ["changed", "publish"]
+    assert family["strategy"]["matrix"] == "${{ fromJSON(needs.changed.outputs.families) }}"
+    for held in (job, family):
+        assert "secrets" not in json.dumps({k: v for k, v in held.items() if k != "steps"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -936,3 +958,200 @@ def test_dry_run_reports_are_found_by_their_recipe_folder_and_a_bad_one_is_one_l
         f"{bad / 'provenance.json'}: unknown provenance.json format 1 (this registry reads format 2) "
         "(run `registry merge` again to rewrite it)"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: one matrix entry per point, a family job, the family table in the summary
+
+TOY_SWEEP = (ROOT / "recipes" / "examples" / "toy_sweep.yaml").read_text()
+# A team sweep whose sources live on the GPU machine: planned and built there, never on a hosted runner.
+FAMILY = ALPHA.replace("team/alpha", "team/alpha-a{a}-b{b}").replace("{model: a, parameters: {weight: 0.3}}", "{model: a}").replace(
+    "{model: b, parameters: {weight: 0.7}}", "{model: b}") + "sweep:\n  family: alpha-mix\n  grid:\n    a: [0.25, 0.75]\n    b: 1 - a\n"
+TOY_POINTS = [("0", "cos=0 fmt=1", "registry-examples/toy-cos0-fmt1"), ("1", "cos=0.25 fmt=0.75", "registry-examples/toy-cos0.25-fmt0.75"),
+              ("2", "cos=0.5 fmt=0.5", "registry-examples/toy-cos0.5-fmt0.5"), ("3", "cos=0.75 fmt=0.25", "registry-examples/toy-cos0.75-fmt0.25"),
+              ("4", "cos=1 fmt=0", "registry-examples/toy-cos1-fmt0")]
+TOY_NOTE = "example recipe: sources shipped in the repo"
+
+
+def point_entries(recipe: str, reason: str, points, family: str, **kwargs) -> list[dict]:
+    return [{**entry(recipe, reason, point=index, label=label, repo_id=repo_id, family=family, **kwargs),
+             "slug": f"{ci.slug(recipe)}-p{index}"} for index, label, repo_id in points]
+
+
+def test_a_changed_sweep_is_one_matrix_entry_per_point_and_a_plain_recipe_stays_one(pr: Path, tmp_path: Path) -> None:
+    commit(pr, "a toy family", {"recipes/examples/toy_sweep.yaml": TOY_SWEEP})
+    output, summary = tmp_path / "github_output", tmp_path / "step_summary"
+    run = registry("ci", "changed", "--base", "main", "--format", "json", cwd=pr,
+                   env={"GITHUB_OUTPUT": str(output), "GITHUB_STEP_SUMMARY": str(summary)})
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    sweep = "recipes/examples/toy_sweep.yaml"
+    include = [
+        entry("recipes/added.yaml", "added", repo_id="team/added"),
+        entry("recipes/alpha.yaml", "modified", repo_id="team/alpha"),
+        *point_entries(sweep, "added", TOY_POINTS, "toy-cos-fmt", example=True, plan=True, dry_run=True, note=TOY_NOTE),
+        entry("recipes/team/new_name.yaml", "renamed from recipes/old_name.yaml", renamed_from="recipes/old_name.yaml",
+              repo_id="team/renamed"),
+    ]
+    assert include[2]["slug"] == "recipes-examples-toy_sweep.yaml-p0"
+    assert data["include"] == include
+    assert data["count"] == 8
+    families = [{"recipe": sweep, "slug": "recipes-examples-toy_sweep.yaml", "family": "toy-cos-fmt", "points": "5"}]
+    assert data["families"] == families
+    outputs = parse_github_output(output.read_text())
+    assert outputs["count"] == "8" and outputs["family_count"] == "1"
+    assert json.loads(outputs["matrix"]) == {"include": include}
+    assert json.loads(outputs["families"]) == {"include": families}
+    # Flat strings and booleans only: workflow expressions read every field.
+    assert all(isinstance(v, (str, bool)) for e in include for v in e.values())
+    assert len({e["slug"] for e in include}) == len(include)
+    assert f"| `{sweep}` (family `toy-cos-fmt`, 5 points) | added | yes | yes | {TOY_NOTE} |\n" in summary.read_text()
+    text = registry("ci", "changed", "--base", "main", cwd=pr).stdout
+    assert f"  {sweep}  added  [plan, dry run]  family toy-cos-fmt, 5 points\n" in text
+
+
+def test_a_template_change_touches_every_point_of_every_sweep(upstream: Path) -> None:
+    commit(upstream, "a team family", {"recipes/family.yaml": FAMILY})
+    before = git(upstream, "rev-parse", "HEAD")
+    commit(upstream, "team card v2", {"templates/model_card.md.j2": TEMPLATE.replace("v1", "v2")})
+    data = json.loads(registry("ci", "changed", "--base", before, "--no-examples", "--format", "json", cwd=upstream).stdout)
+    points = [("0", "a=0.25 b=0.75", "team/alpha-a0.25-b0.75"), ("1", "a=0.75 b=0.25", "team/alpha-a0.75-b0.25")]
+    assert data["include"] == [
+        entry("recipes/alpha.yaml", "templates changed", repo_id="team/alpha"),
+        entry("recipes/beta.yaml", "templates changed", repo_id="team/beta"),
+        *point_entries("recipes/family.yaml", "templates changed", points, "alpha-mix"),
+        entry("recipes/gone.yaml", "templates changed", repo_id="team/gone"),
+        entry("recipes/old_name.yaml", "templates changed", repo_id="team/renamed"),
+    ]
+    assert (data["count"], data["families"]) == (6, [{"recipe": "recipes/family.yaml", "slug": "recipes-family.yaml",
+                                                       "family": "alpha-mix", "points": "2"}])
+
+
+def toy_smoke(passed: bool, nll: float, kl_cos: float, kl_fmt: float) -> dict:
+    return {
+        "format": 3, "passed": passed, "device": "cpu",
+        "checks": [{"name": "short", "status": "passed", "reason": "coherent", "details": {}},
+                   {"name": "long", "status": "passed" if passed else "failed", "reason": "retrieval", "details": {}}],
+        "long": [{"tokens": 256, "depth": 0.5, "status": "retrieved"}, {"tokens": 512, "depth": 0.5, "status": "retrieved" if passed else "missed"}],
+        "parity": [{"model": "merged", "nll": nll, "long_retrieved": 2 if passed else 1, "long_total": 2},
+                   {"model": "cos", "nll": 2.5, "long_retrieved": 2, "long_total": 2, "kl": kl_cos, "top1_agreement": 0.9},
+                   {"model": "fmt", "nll": 2.25, "long_retrieved": 2, "long_total": 2, "kl": kl_fmt, "top1_agreement": 0.8}],
+    }
+
+
+def test_summary_groups_a_sweep_under_one_heading_with_its_family_table(pr: Path, tmp_path: Path) -> None:
+    sweep = "recipes/examples/toy_sweep.yaml"
+    commit(pr, "a toy family", {sweep: TOY_SWEEP, "recipes/family.yaml": FAMILY})
+    reports = tmp_path / "reports"
+    # The dry runs of points 1 and 3 left reports (report-<slug>-p<K>, as the workflow names them); the others none.
+    for index, smoke in ((1, toy_smoke(True, 2.375, 0.125, 0.0625)), (3, toy_smoke(False, 9.5, 1.5, 2.25))):
+        folder = reports / f"report-recipes-examples-toy_sweep.yaml-p{index}"
+        folder.mkdir(parents=True)
+        (folder / "smoke.json").write_text(json.dumps(smoke))
+    run = registry("ci", "summary", sweep, "recipes/family.yaml", "--base", "main", "--reports", str(reports), cwd=pr)
+    assert run.returncode == 0, run.stderr
+    recipes = {path: load_recipe(pr / path) for path in (sweep, "recipes/family.yaml")}
+    old = Path.cwd()
+    os.chdir(pr)
+    try:
+        cards = {path: render_card(r.points()[0].recipe, None, None, [pr / "templates"]) for path, r in recipes.items()}
+    finally:
+        os.chdir(old)
+    base = git(pr, "merge-base", "main", "HEAD")
+
+    def preview(path: str, label: str) -> str:
+        return details(cards[path]).replace("Card preview (README.md,", f"Card preview (point 0, {label}, README.md,")
+
+    expected = (
+        "## Recipe check\n"
+        "\n"
+        "2 recipes checked, all valid.\n"
+        f"Compared with `main` at `{base[:12]}`.\n"
+        "\n"
+        "**Deleted:** `recipes/gone.yaml` (published models are left as they are).\n"
+        "\n"
+        f"### `{sweep}`\n"
+        "\n"
+        f"**Valid** · family `toy-cos-fmt`, 5 points · recipe sha256 `{recipes[sweep].sha256[:12]}` · added\n"
+        "\n"
+        "New recipe.\n"
+        "\n"
+        "**Dry run:** 2 of 5 points merged and smoke-tested on the CPU, 1 passed; no report for points 0, 2, 4: "
+        "the dry run failed or did not finish; see their job logs\n"
+        "\n"
+        "| point | state | NLL | retrieved | KL cos | KL fmt | top1 cos | top1 fmt | selected |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---|\n"
+        "| cos=0 fmt=1 | planned | n/a | n/a | n/a | n/a | n/a | n/a | no |\n"
+        "| cos=0.25 fmt=0.75 | passed | 2.375 | 2/2 | 0.1250 | 0.0625 | 0.900 | 0.800 | yes |\n"
+        "| cos=0.5 fmt=0.5 | planned | n/a | n/a | n/a | n/a | n/a | n/a | no |\n"
+        "| cos=0.75 fmt=0.25 | failed | 9.500 | 1/2 | 1.5000 | 2.2500 | 0.900 | 0.800 | no |\n"
+        "| cos=1 fmt=0 | planned | n/a | n/a | n/a | n/a | n/a | n/a | no |\n"
+        "| parent cos | parent | 2.500 | 2/2 | 0.0000 | n/a | 1.000 | n/a |   |\n"
+        "| parent fmt | parent | 2.250 | 2/2 | n/a | 0.0000 | n/a | 1.000 |   |\n"
+        + preview(sweep, "cos=0 fmt=1")
+        + "\n"
+        "### `recipes/family.yaml`\n"
+        "\n"
+        f"**Valid** · family `alpha-mix`, 2 points · recipe sha256 `{recipes['recipes/family.yaml'].sha256[:12]}` · added\n"
+        "\n"
+        "New recipe.\n"
+        "\n"
+        "**Dry run:** not run: local source 'a' is not in the checkout; local source 'b' is not in the checkout; "
+        "the points are listed unmerged\n"
+        "\n"
+        "| point | state | NLL | retrieved | selected |\n"
+        "|---|---|---:|---:|---|\n"
+        "| a=0.25 b=0.75 | planned | n/a | n/a | no |\n"
+        "| a=0.75 b=0.25 | planned | n/a | n/a | no |\n"
+        "| parent a | parent | n/a | n/a |   |\n"
+        "| parent b | parent | n/a | n/a |   |\n"
+        + preview("recipes/family.yaml", "a=0.25 b=0.75")
+    )
+    assert run.stdout == expected
+    data = json.loads(registry("ci", "summary", sweep, "--base", "main", "--reports", str(reports), "--format", "json", cwd=pr).stdout)
+    assert [(p["index"], p["repo_id"], p["smoke_passed"]) for p in data["recipes"][0]["points"]] == [
+        (0, TOY_POINTS[0][2], None), (1, TOY_POINTS[1][2], True), (2, TOY_POINTS[2][2], None), (3, TOY_POINTS[3][2], False),
+        (4, TOY_POINTS[4][2], None)]
+
+
+def test_a_sweep_diff_names_its_points() -> None:
+    before = parse_recipe(FAMILY)
+    after = parse_recipe(FAMILY.replace("a: [0.25, 0.75]", "a: [0.25, 0.5]"))
+    assert ci.recipe_diff(before, after) == [("sweep points", "a=0.25 b=0.75; a=0.75 b=0.25", "a=0.25 b=0.75; a=0.5 b=0.5")]
+    assert ci.recipe_diff(parse_recipe(ALPHA), before)[-1] == ("sweep points", "no sweep", "a=0.25 b=0.75; a=0.75 b=0.25")
+
+
+def test_points_built_on_separate_runners_are_published_by_the_family_job_without_torch(tmp_path: Path) -> None:
+    """publish.yml's flow on the CPU: each point job builds its point and hands over its build folder; the family job publishes them all."""
+    toy = ROOT / "tests" / "fixtures" / "toy"
+    recipe = tmp_path / "toy_sweep.yaml"
+    recipe.write_text(TOY_SWEEP.replace("../../tests/fixtures/toy", str(toy)).replace("[0, 0.25, 0.5, 0.75, 1]", "[0.25, 0.75]"))
+    gathered = tmp_path / "family" / "build"
+    gathered.mkdir(parents=True)
+    for point in (0, 1):
+        runner = {"REGISTRY_HOME": f"runner{point}"}
+        built = registry("sweep", "build", str(recipe), "--point", str(point), "--device", "cpu", cwd=tmp_path, env=runner)
+        assert built.returncode == 0, built.stderr
+        output = tmp_path / f"output{point}"
+        found = registry("ci", "point", str(recipe), "--point", str(point), "--format", "json", cwd=tmp_path,
+                         env={**runner, "GITHUB_OUTPUT": str(output)})
+        assert found.returncode == 0, found.stderr
+        outputs = parse_github_output(output.read_text())
+        assert outputs == json.loads(found.stdout)
+        assert re.fullmatch(r"[0-9a-f]{12}", outputs["id"])
+        assert (outputs["point"], outputs["label"], outputs["state"], outputs["folder"]) == (
+            str(point), ["cos=0.25 fmt=0.75", "cos=0.75 fmt=0.25"][point], "smoke passed", f"runner{point}/build/{outputs['id']}")
+        # The artifact holds <merge identity>/; downloading every point's with merge-multiple puts them in the build root.
+        shutil.move(tmp_path / outputs["folder"], gathered / outputs["id"])
+    # The family job: torch, transformers and mergekit cannot even be imported, so nothing is merged or smoke-tested.
+    block = "import sys\nfor m in ('torch', 'transformers', 'mergekit'): sys.modules[m] = None\nfrom registry.cli import main\nmain(sys.argv[1:])"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GITHUB_")}
+    environ.update({"REGISTRY_LOAD_PLUGINS": "", "REGISTRY_HOME": "family"})
+    run = subprocess.run([sys.executable, "-c", block, "publish", str(recipe), "--device", "cpu", "--format", "json"],
+                         cwd=tmp_path, capture_output=True, text=True, env=environ, timeout=300)
+    assert run.returncode == 0, run.stderr
+    points = json.loads(run.stdout)["points"]
+    assert [(p["state"], p["merge"], p["smoke"]["reused"]) for p in points] == [("published", "reused", True)] * 2
+    report = registry("sweep", "report", str(recipe), "--format", "markdown", cwd=tmp_path, env={"REGISTRY_HOME": "family"})
+    assert [line.split(" | ")[:2] for line in report.stdout.splitlines()[2:4]] == [
+        ["| cos=0.25 fmt=0.75", "published"], ["| cos=0.75 fmt=0.25", "published"]]
