@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from .errors import RegistryError, SmokeError
 from .identity import smoke_identity
@@ -834,42 +834,65 @@ _ROWS_ELEMENTS = 1 << 24  # compare big tensors in slices of about this many ele
 
 
 class _TensorFiles:
-    """Tensor name -> safetensors file of one checkpoint folder, opened lazily."""
+    """Tensor name -> where its bytes lie in one checkpoint folder; rows are read from the file, never mapped.
+
+    A mapped checkpoint stays resident (and counted in RSS) until the mapping closes: the merged model
+    and two sources at the reference size would hold 10 GB. Reading rows into buffers of their own keeps
+    the check at the rows it compares.
+    """
+
+    _DTYPES: ClassVar[dict[str, str]] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
     def __init__(self, folder: Path):
+        from .errors import SourceError
+        from .sources import index_shards, read_safetensors_header
+
         self.folder = folder
         index = folder / SHARD_INDEX
-        if index.is_file():
-            self.where = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            from safetensors import safe_open
-
-            self.where = {}
-            for file in sorted(folder.glob("*.safetensors")):
-                with safe_open(str(file), framework="pt") as f:
-                    self.where.update({k: file for k in f.keys()})  # noqa: SIM118 - a safe_open handle has keys() but is not iterable
-        if not self.where:
+        files = [folder / name for name in index_shards(index)] if index.is_file() else sorted(folder.glob("*.safetensors"))
+        self.info: dict[str, Any] = {}
+        try:
+            for file in files:
+                self.info.update(read_safetensors_header(file))
+        except SourceError as exc:
+            raise SmokeError(exc.message) from None
+        if not self.info:
             raise SmokeError(f"no safetensors weights in {folder}")
+        self.where = {name: folder / info.file for name, info in self.info.items()}
         self._open: dict[Path, Any] = {}
 
-    def handle(self, name: str) -> Any:
-        from safetensors import safe_open
-
-        file = self.where[name]
-        if file not in self._open:
-            self._open[file] = safe_open(str(file), framework="pt")
-        return self._open[file]
-
     def shape(self, name: str) -> list[int]:
-        return list(self.handle(name).get_slice(name).get_shape())
+        return list(self.info[name].shape)
 
     def dtype(self, name: str) -> str:
-        return {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(
-            self.handle(name).get_slice(name).get_dtype(), "other")
+        return self._DTYPES.get(self.info[name].dtype, "other")
 
     def rows(self, name: str, start: int, stop: int) -> Any:
-        sl = self.handle(name).get_slice(name)
-        return sl[start:stop] if len(sl.get_shape()) else self.handle(name).get_tensor(name)
+        import torch
+
+        from .sources import DTYPE_BYTES
+
+        info = self.info[name]
+        if info.dtype not in self._DTYPES:
+            raise SmokeError(f"{self.where[name]}: tensor {name} is {info.dtype}, not a floating-point tensor")
+        shape = info.shape
+        if shape:
+            start, stop = min(start, shape[0]), min(stop, shape[0])
+        else:
+            start, stop = 0, 1
+        row = math.prod(shape[1:]) * DTYPE_BYTES[info.dtype]
+        buffer = bytearray((stop - start) * row)
+        file = self.where[name]
+        if file not in self._open:
+            self._open[file] = file.open("rb")
+        handle = self._open[file]
+        handle.seek(info.offset + start * row)
+        if handle.readinto(buffer) != len(buffer):
+            raise SmokeError(f"{file}: shorter than its header says (tensor {name})")
+        if not buffer:
+            return torch.empty((0, *shape[1:]), dtype=getattr(torch, self._DTYPES[info.dtype]))
+        tensor = torch.frombuffer(buffer, dtype=getattr(torch, self._DTYPES[info.dtype]))
+        return tensor.reshape(stop - start, *shape[1:]) if shape else tensor.reshape(())
 
 
 @dataclass(frozen=True)
@@ -1391,11 +1414,16 @@ def parent_endpoints(recipe: Recipe, *, device: str = "auto", provenance: Proven
     from .comparison import compare_logprobs
 
     config = recipe.smoke
-    settings = SmokeSettings(Path("."), config, pick_device(device), False, recipe.merge.parameters.normalize,
-                             recipe.merge.dtype)
+    sources = merge_sources(recipe, provenance)
+    # The precision a smoke run of the merge chose, so the parents' cache entries it left are the ones read.
+    device = pick_device(device)
+    at_hand = next((s.path for s in sources if s.path is not None), None)
+    stored, hidden = stored_dtype(at_hand) if at_hand is not None else (None, None)
+    stored = recipe.merge.out_dtype or recipe.merge.dtype or stored
+    dtype, why = choose_dtype(config.dtype, device, stored, cpu_bf16_flag() if device == "cpu" else None, hidden)
+    settings = SmokeSettings(Path("."), config, device, False, recipe.merge.parameters.normalize, recipe.merge.dtype, dtype, why)
     records: dict[str, ParentRecord] = {}
     missing: dict[str, SourceModel] = {}
-    sources = merge_sources(recipe, provenance)
     for source in sources:
         if source.path is None:
             missing[source.name] = source
