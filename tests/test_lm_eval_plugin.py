@@ -35,22 +35,6 @@ ALL_KEYS = {"toy_passkey": TaskScores(version="1.0", samples=10, metrics={"exact
 # The plugin, installed like a third-party package
 
 
-@pytest.fixture(scope="session")
-def plugin_site(tmp_path_factory) -> Path:
-    """The plugin built from plugins/registry-lm-eval and pip-installed into a folder of its own (not the venv)."""
-    site = tmp_path_factory.mktemp("lm-eval-plugin-site")
-    run = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), str(PLUGIN)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert run.returncode == 0, run.stderr
-    assert (site / "registry_lm_eval-0.1.0.dist-info" / "entry_points.txt").read_text().split() == [
-        "[registry]", "lm-eval", "=", "registry_lm_eval",
-    ]
-    return site
-
-
 @pytest.fixture(scope="module")
 def evaluator_cls(plugin_site):
     """The `lm-eval` evaluator class, found through the `registry` entry point of the installed distribution."""

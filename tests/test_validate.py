@@ -375,8 +375,9 @@ def test_validate_json_is_machine_readable():
     ]
 
 
-def test_validate_defaults_to_recipes_folder():
-    run = registry("validate", "--format", "json")
+def test_validate_defaults_to_recipes_folder(plugin_site):
+    # The reference recipe's eval: section names the lm-eval evaluator, which its plugin provides.
+    run = registry("validate", "--format", "json", env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(plugin_site)])})
     assert run.returncode == 0, run.stdout + run.stderr
     files = [r["file"] for r in json.loads(run.stdout)["recipes"]]
     assert "recipes/cos_fmt.yaml" in files and any(f.startswith("recipes/examples/") for f in files)
@@ -416,17 +417,19 @@ def test_schema_command_prints_json_schema():
     assert json.loads(run.stdout)["title"] == "Recipe"
 
 
-def test_validate_imports_no_heavy_library():
+def test_validate_imports_no_heavy_library(plugin_site):
+    # With the lm-eval plugin the reference recipe's eval: section needs: validating its options imports no lm_eval either.
     code = (
         "import sys\n"
         "from registry.cli import main\n"
         "try:\n    main(['validate', 'recipes'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'mergekit', 'huggingface_hub', 'safetensors',\n"
-        "                           'registry.smoke', 'registry.sources', 'rich') if m in sys.modules)\n"
+        "                           'registry.smoke', 'registry.sources', 'rich', 'lm_eval') if m in sys.modules)\n"
         "assert 'registry.publish.hf' in sys.modules  # the plugins were loaded, so the check above means something\n"
         "print('HEAVY', heavy)\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(plugin_site)])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "HEAVY []"
 
