@@ -1085,7 +1085,9 @@ def test_a_second_merge_of_the_same_parents_loads_no_parent(toy_merges, tmp_path
     # Keyed by each parent's pin (the content sha256 `plan` pins) and the settings that shape its measurements.
     lock = json.loads((Path(__file__).parents[1] / "recipes" / "examples" / "toy_cos_fmt.lock.json").read_text())
     pins = {name: lock["sources"][name]["content_sha256"] for name in ("cos", "fmt")}
-    key = parent_settings_hash(recipe.smoke, SmokeSettings(good, recipe.smoke, "cpu", False, True, "bfloat16").parity_text(), "cpu")
+    # The device and the precision the run chose (float32 for the toy on CPU) shape the measurements too.
+    key = parent_settings_hash(recipe.smoke, SmokeSettings(good, recipe.smoke, "cpu", False, True, "bfloat16").parity_text(),
+                               f"cpu:{first.dtype}")
     cache = tmp_path / "home" / "build" / "parents"
     assert sorted(p.name for p in cache.iterdir()) == sorted(f"{pin[:12]}-{key[:12]}" for pin in pins.values())
     assert [p.name for p in (cache / f"{pins['cos'][:12]}-{key[:12]}").iterdir()] == ["parent.safetensors"]
@@ -1095,7 +1097,7 @@ def test_a_second_merge_of_the_same_parents_loads_no_parent(toy_merges, tmp_path
     notes: list[str] = []
     second = run_smoke(other, recipe, device="cpu", write=False, checks=builtin_checks(), progress=notes.append)
     assert second.loaded == ("merged",)
-    assert [n for n in notes if "parent" in n] == [
+    assert [n for n in notes if n.startswith("parent")] == [
         "parent 'cos': measurements from the cache", "parent 'fmt': measurements from the cache"]
     assert second.parity[1:] == first.parity[1:]  # every figure of the parents, KL included, to the bit
     assert _statuses(second) == {"weights": "failed", "short": "passed", "long": "passed", "parity": "passed"}
