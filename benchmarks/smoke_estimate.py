@@ -22,13 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 TOY = ROOT / "tests" / "fixtures" / "toy"
-REFERENCE_CONFIG = dict(
-    hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-    intermediate_size=8960, vocab_size=151936, max_position_embeddings=131072,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
-    use_sliding_window=False, rms_norm_eps=1e-6,
-)
+from smoke_long import REFERENCE_CONFIG  # noqa: E402 - the benchmarks folder is on the path above
 
 
 def main() -> int:
