@@ -33,7 +33,7 @@ from .recipe import SmokeConfig, WeightFilter, weight_for
 from .reports import Provenance, Smoke
 from .reports import read as read_report
 from .reports import write as write_report
-from .smoke_plan import SmokePlan, Throughput, choose_dtype, make_plan, model_cost
+from .smoke_plan import SmokePlan, Throughput, choose_dtype, make_plan, model_cost, model_shape
 from .sources import SHARD_INDEX, expand_local, folder_content_sha256
 
 if TYPE_CHECKING:
@@ -609,14 +609,8 @@ class NeedlePromptBuilder:
 
 def estimate_long_memory(model_config: Any, n_tokens: int, *, dtype_bytes: int, chunk_size: int | None = None) -> int:
     """Bytes a forward over `n_tokens` needs beyond the weights (KV cache, activations, attention), with margin."""
-    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    hidden = text_config.hidden_size
-    heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
-    layers = text_config.num_hidden_layers
-    inter = getattr(text_config, "intermediate_size", None) or 4 * hidden
-    vocab = text_config.vocab_size
+    m = model_shape(model_config)
+    hidden, heads, kv_heads, head_dim, layers, inter, vocab = m.hidden, m.heads, m.kv_heads, m.head_dim, m.layers, m.inter, m.vocab
     b = dtype_bytes
     n = n_tokens
     c = min(chunk_size or n, n)

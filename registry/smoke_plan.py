@@ -52,19 +52,37 @@ class Cost:
     per_pair: float  # 4 × layers × heads × head_dim: attention per (query, key) pair, all layers
 
 
-def model_cost(model_config: Any) -> Cost:
-    """The floating-point operations of the model described by `model_config` (a transformers config)."""
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder that its cost and memory follow from, read from its (text) config."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    inter: int
+    vocab: int
+
+
+def model_shape(model_config: Any) -> ModelShape:
+    """The decoder's sizes, with the defaults transformers applies where a config leaves one out."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden = text.hidden_size
     heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    layers = text.num_hidden_layers
-    inter = getattr(text, "intermediate_size", None) or 4 * hidden
+    return ModelShape(
+        hidden=hidden, heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or hidden // heads, layers=text.num_hidden_layers,
+        inter=getattr(text, "intermediate_size", None) or 4 * hidden, vocab=text.vocab_size,
+    )
+
+
+def model_cost(model_config: Any) -> Cost:
+    """The floating-point operations of the model described by `model_config` (a transformers config)."""
+    m = model_shape(model_config)
     # q and o are heads × head_dim wide, k and v kv_heads × head_dim; the MLP is gate, up and down.
-    per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter
-    return Cost(per_token=2.0 * layers * per_layer, head=2.0 * hidden * text.vocab_size,
-                per_pair=4.0 * layers * heads * head_dim)
+    per_layer = m.hidden * m.head_dim * (2 * m.heads + 2 * m.kv_heads) + 3 * m.hidden * m.inter
+    return Cost(per_token=2.0 * m.layers * per_layer, head=2.0 * m.hidden * m.vocab, per_pair=4.0 * m.layers * m.heads * m.head_dim)
 
 
 def prefill_seconds(cost: Cost, speed: Throughput, n: int, *, logits: int = 1) -> float:
