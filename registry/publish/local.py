@@ -104,11 +104,7 @@ class LocalTarget(Target):
                                  detail="already published", notes=notes, repo_id=bundle.repo_id)
         now = dt.datetime.now(dt.UTC)
         parent = self.home / "models" / bundle.repo_id
-        version = f"{now:%Y%m%dT%H%M%SZ}-{bundle.short_sha}"
-        for n in range(2, 100):  # the same recipe republished within a second
-            if not (parent / version).exists():
-                break
-            version = f"{now:%Y%m%dT%H%M%SZ}-{bundle.short_sha}-{n}"
+        version = _new_version(parent, now, bundle.short_sha)
         final = parent / version
         entry = _entry(bundle.repo_id, version, now, bundle.recipe_sha256, bundle.provenance.merge_identity,
                        final.relative_to(self.home).as_posix(), bundle.smoke.passed if bundle.smoke is not None else None,
@@ -154,12 +150,7 @@ class LocalTarget(Target):
                                  detail="family already recorded", notes=notes)
         now = dt.datetime.now(dt.UTC)
         parent = self.home / FAMILIES / family.family
-        sha12 = recorded[family.FILE]["sha256"][:12]
-        version = f"{now:%Y%m%dT%H%M%SZ}-{sha12}"
-        for n in range(2, 100):
-            if not (parent / version).exists():
-                break
-            version = f"{now:%Y%m%dT%H%M%SZ}-{sha12}-{n}"
+        version = _new_version(parent, now, recorded[family.FILE]["sha256"][:12])
         final = parent / version
         entry = {"family": family.family, "version": version, "recipe_sha256": family.recipe_sha256,
                  "published_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -183,6 +174,16 @@ class LocalTarget(Target):
         staging.close()
         return PublishResult(self.name, str(final), version, changed=True,
                              detail=f"family {family.family}: {len(points)} points", notes=notes)
+
+
+def _new_version(parent: Path, now: dt.datetime, sha12: str) -> str:
+    """A version folder name under `parent` not taken yet: `<UTC time>-<sha12>`, numbered when republished within a second."""
+    version = f"{now:%Y%m%dT%H%M%SZ}-{sha12}"
+    for n in range(2, 100):
+        if not (parent / version).exists():
+            break
+        version = f"{now:%Y%m%dT%H%M%SZ}-{sha12}-{n}"
+    return version
 
 
 def _entry(repo_id: str, version: str, when: dt.datetime, recipe_sha256: str, merge_id: str, path: str,
