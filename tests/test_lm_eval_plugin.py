@@ -14,10 +14,9 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-import pluggy
 import pytest
+from conftest import registered_through_entry_point
 
-from registry import hookspecs
 from registry.errors import RegistryError
 from registry.evaluate import EvalRequest, Evaluator
 from registry.reports import MetricScore, TaskScores
@@ -36,25 +35,9 @@ ALL_KEYS = {"toy_passkey": TaskScores(version="1.0", samples=10, metrics={"exact
 
 
 @pytest.fixture(scope="module")
-def evaluator_cls(plugin_site):
+def evaluator_cls(lm_eval_site):
     """The `lm-eval` evaluator class, found through the `registry` entry point of the installed distribution."""
-    sys.path.insert(0, str(plugin_site))
-    importlib.invalidate_caches()
-    try:
-        pm = pluggy.PluginManager("registry")
-        pm.add_hookspecs(hookspecs)
-        assert pm.load_setuptools_entrypoints("registry", name="lm-eval") == 1
-        [(_, dist)] = pm.list_plugin_distinfo()
-        assert (dist.project_name, dist.version) == ("registry-lm-eval", "0.1.0")
-        found: dict[str, type] = {}
-        pm.hook.register_evaluators(register=lambda evaluator: found.setdefault(evaluator.name, evaluator))
-    finally:
-        # The module stays imported, but other tests' plugin managers no longer find the distribution.
-        sys.path.remove(str(plugin_site))
-        importlib.invalidate_caches()
-    assert list(found) == ["lm-eval"]
-    assert str(plugin_site) in sys.modules[found["lm-eval"].__module__].__file__
-    return found["lm-eval"]
+    return registered_through_entry_point(lm_eval_site, "lm-eval", "registry-lm-eval", "register_evaluators")
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +155,7 @@ def test_a_group_reports_its_tasks_and_its_aggregate(evaluator_cls):
     }
 
 
-def test_evaluation_makes_no_network_connection(plugin_site):
+def test_evaluation_makes_no_network_connection(lm_eval_site):
     """A fresh process whose every socket connection and DNS lookup fails loudly (audit hook) scores the toy."""
     code = f"""
 import sys
@@ -191,7 +174,7 @@ scores = LmEvalEvaluator().evaluate(EvalRequest(model_dir=Path({str(TOY / "ft_co
 print(scores["toy_passkey"].metrics["exact_match,key"].value, attempts)
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(plugin_site)])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(lm_eval_site)])
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.splitlines()[-1] == "1.0 []"
@@ -378,14 +361,14 @@ def registry_cli(*args: str, site: Path | None, home: Path) -> subprocess.Comple
     return subprocess.run([sys.executable, "-m", "registry", *args], capture_output=True, text=True, cwd=home.parent, env=env, timeout=900)
 
 
-def test_publish_scores_the_merge_and_both_parents_into_eval_json_and_the_card_and_reuses_them(plugin_site, tmp_path):
+def test_publish_scores_the_merge_and_both_parents_into_eval_json_and_the_card_and_reuses_them(lm_eval_site, tmp_path):
     from huggingface_hub import ModelCard
 
     from registry import reports
 
     home = tmp_path / ".registry"
     recipe = publish_recipe(tmp_path / "recipes")
-    first = registry_cli("publish", str(recipe), "--target", "local", "--device", "cpu", "--format", "json", site=plugin_site, home=home)
+    first = registry_cli("publish", str(recipe), "--target", "local", "--device", "cpu", "--format", "json", site=lm_eval_site, home=home)
     assert first.returncode == 0, first.stderr[-3000:]
     outcome = json.loads(first.stdout)
     assert outcome["eval"] == {"passed": True, "reused": False, "evaluated": ["merged", "cos", "fmt"], "failed": []}
@@ -409,7 +392,7 @@ def test_publish_scores_the_merge_and_both_parents_into_eval_json_and_the_card_a
 
     # A summary edit re-publishes the card with the scores as they were: nothing is evaluated again.
     recipe.write_text(recipe.read_text().replace("summary: Toy merge", "summary: Edited toy merge"))
-    second = registry_cli("publish", str(recipe), "--target", "local", "--device", "cpu", "--format", "json", site=plugin_site, home=home)
+    second = registry_cli("publish", str(recipe), "--target", "local", "--device", "cpu", "--format", "json", site=lm_eval_site, home=home)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads(second.stdout)
     assert (again["merge"], again["eval"]) == ("skipped", {"passed": True, "reused": True, "evaluated": [], "failed": []})
@@ -418,7 +401,7 @@ def test_publish_scores_the_merge_and_both_parents_into_eval_json_and_the_card_a
     # A broken merge of the same parents (1/-1, no normalize): only it is scored (the parents' scores are
     # cached by their pins), it retrieves almost nothing and its gate stops the publish.
     broken = publish_recipe(tmp_path / "broken", weights=(1.0, -1.0), normalize=False)
-    refused = registry_cli("publish", str(broken), "--target", "local", "--device", "cpu", site=plugin_site, home=home)
+    refused = registry_cli("publish", str(broken), "--target", "local", "--device", "cpu", site=lm_eval_site, home=home)
     assert refused.returncode == 1, refused.stderr[-3000:]
     [line] = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert re.fullmatch(
@@ -429,11 +412,11 @@ def test_publish_scores_the_merge_and_both_parents_into_eval_json_and_the_card_a
     assert {p.name for p in folder.parent.iterdir()} == versions
 
 
-def test_validate_checks_the_plugins_options_and_names_the_package_when_it_is_missing(plugin_site, tmp_path):
+def test_validate_checks_the_plugins_options_and_names_the_package_when_it_is_missing(lm_eval_site, tmp_path):
     recipe = publish_recipe(tmp_path)
     recipe.write_text(recipe.read_text().replace("dtype: bfloat16}", "dtype: bf16, chat_template: true}"))
     home = tmp_path / ".registry"
-    run = registry_cli("validate", str(recipe), site=plugin_site, home=home)
+    run = registry_cli("validate", str(recipe), site=lm_eval_site, home=home)
     assert run.returncode == 1
     line = recipe.read_text().splitlines().index("  options: {include_path: evals, dtype: bf16, chat_template: true}") + 1
     assert (run.stdout + run.stderr).splitlines() == [
@@ -470,10 +453,10 @@ def test_a_dataset_missing_from_the_cache_is_one_error_saying_evaluation_is_offl
         "HF_HUB_OFFLINE=0 set, then run again)")
 
 
-def test_loading_the_plugin_imports_neither_lm_eval_nor_torch(plugin_site):
+def test_loading_the_plugin_imports_neither_lm_eval_nor_torch(lm_eval_site):
     """`registry validate` loads every plugin to check options: the plugin's modules import lm_eval and torch only to evaluate."""
     code = ("import sys, registry_lm_eval, registry_lm_eval.evaluator; "
             "print([m for m in ('lm_eval', 'torch', 'transformers', 'datasets') if m in sys.modules])")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(plugin_site)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(lm_eval_site)])}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert (run.returncode, run.stdout) == (0, "[]\n"), run.stderr

@@ -4,7 +4,6 @@ entry point, publishing into a real MLflow Model Registry (SQLite backend, local
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import socket
@@ -14,10 +13,9 @@ import time
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-import pluggy
 import pytest
+from conftest import install_plugin, registered_through_entry_point
 
-from registry import hookspecs
 from registry.errors import PublishError
 from registry.identity import card_identity
 from registry.publish import Bundle, Published, bundle_files
@@ -28,7 +26,6 @@ from registry.reports import write as write_report
 from registry.testing.fixtures import HUB_ORG, HUB_TOKEN
 
 ROOT = Path(__file__).parent.parent
-PLUGIN = ROOT / "plugins" / "registry-mlflow"
 MISSING_RECIPE = ROOT / "tests" / "recipes" / "invalid" / "38_plugin_target_missing.yaml"
 
 RECIPE = """\
@@ -61,22 +58,8 @@ CARD_BODY = "# {repo_id}\n\nA linear merge of two GRPO checkpoints.\n\n| check |
 
 @pytest.fixture(scope="session")
 def plugin_site(tmp_path_factory) -> Path:
-    """The plugin built from plugins/registry-mlflow and pip-installed into a folder of its own.
-
-    Not into the venv: every other test would then load it (the validation corpus expects `mlflow`
-    to be an unknown target). Subprocesses see it through PYTHONPATH, as an installed distribution.
-    """
-    site = tmp_path_factory.mktemp("plugin-site")
-    run = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), str(PLUGIN)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert run.returncode == 0, run.stderr
-    assert (site / "registry_mlflow-0.1.0.dist-info" / "entry_points.txt").read_text().split() == [
-        "[registry]", "mlflow", "=", "registry_mlflow",
-    ]
-    return site
+    """plugins/registry-mlflow, installed into a folder of its own (conftest.install_plugin)."""
+    return install_plugin(tmp_path_factory, "registry-mlflow", "registry_mlflow", "mlflow")
 
 
 def env_with(site: Path | None, **extra: str) -> dict[str, str]:
@@ -104,23 +87,7 @@ def registry(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.Co
 @pytest.fixture(scope="module")
 def target_cls(plugin_site):
     """The `mlflow` target class, found through the `registry` entry point of the installed distribution."""
-    sys.path.insert(0, str(plugin_site))
-    importlib.invalidate_caches()
-    try:
-        pm = pluggy.PluginManager("registry")
-        pm.add_hookspecs(hookspecs)
-        assert pm.load_setuptools_entrypoints("registry", name="mlflow") == 1
-        [(_, dist)] = pm.list_plugin_distinfo()
-        assert (dist.project_name, dist.version) == ("registry-mlflow", "0.1.0")
-        found: dict[str, type] = {}
-        pm.hook.register_targets(register=lambda target: found.setdefault(target.name, target))
-    finally:
-        # The module stays imported, but other tests' plugin managers no longer find the distribution.
-        sys.path.remove(str(plugin_site))
-        importlib.invalidate_caches()
-    assert list(found) == ["mlflow"]
-    assert str(plugin_site) in sys.modules[found["mlflow"].__module__].__file__
-    return found["mlflow"]
+    return registered_through_entry_point(plugin_site, "mlflow", "registry-mlflow", "register_targets")
 
 
 # ---------------------------------------------------------------------------------------------

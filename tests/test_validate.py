@@ -375,9 +375,9 @@ def test_validate_json_is_machine_readable():
     ]
 
 
-def test_validate_defaults_to_recipes_folder(plugin_site):
+def test_validate_defaults_to_recipes_folder(lm_eval_site):
     # The reference recipe's eval: section names the lm-eval evaluator, which its plugin provides.
-    run = registry("validate", "--format", "json", env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(plugin_site)])})
+    run = registry("validate", "--format", "json", env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(lm_eval_site)])})
     assert run.returncode == 0, run.stdout + run.stderr
     files = [r["file"] for r in json.loads(run.stdout)["recipes"]]
     assert "recipes/cos_fmt.yaml" in files and any(f.startswith("recipes/examples/") for f in files)
@@ -417,7 +417,7 @@ def test_schema_command_prints_json_schema():
     assert json.loads(run.stdout)["title"] == "Recipe"
 
 
-def test_validate_imports_no_heavy_library(plugin_site):
+def test_validate_imports_no_heavy_library(lm_eval_site):
     # With the lm-eval plugin the reference recipe's eval: section needs: validating its options imports no lm_eval either.
     code = (
         "import sys\n"
@@ -428,7 +428,7 @@ def test_validate_imports_no_heavy_library(plugin_site):
         "assert 'registry.publish.hf' in sys.modules  # the plugins were loaded, so the check above means something\n"
         "print('HEAVY', heavy)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(plugin_site)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(lm_eval_site)])}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "HEAVY []"
